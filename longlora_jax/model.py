@@ -1,0 +1,234 @@
+"""Llama-2 decoder in Flax linen, used functionally.
+
+`params` is a plain nested dict whose names mirror the HF module tree:
+
+  embed_tokens/embedding           [vocab, hidden]
+  layers/input_layernorm/weight    [layers, hidden]
+  layers/self_attn/{q,k,v,o}_proj/kernel   [layers, in, out]
+  layers/post_attention_layernorm/weight   [layers, hidden]
+  layers/mlp/{gate,up,down}_proj/kernel    [layers, in, out]
+  norm/weight                      [hidden]
+  lm_head/kernel                   [hidden, vocab]   (absent when tied)
+
+The layers are one `nn.scan` (stacked on a leading axis) so compile time does
+not grow with depth. Kernels are `[in, out]`, the transpose of torch's.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.attention import AttentionFn, get_attention
+from longlora_jax.config import LlamaConfig
+from longlora_jax.rope import apply_rope
+
+DType = Any
+
+# What each layer keeps for the backward pass. "dots" keeps the projection
+# matmul outputs (no batch dims) and recomputes attention and elementwise ops.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def project(x_BTD, kernel_DF, dtype: DType):
+  """`x @ kernel` in the compute dtype."""
+  return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
+
+
+def rms_norm(x_BTD, weight_D, eps: float):
+  """HF LlamaRMSNorm: statistics in float32, result in x's dtype."""
+  x32 = x_BTD.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
+
+
+class Dense(nn.Module):
+  features: int
+  dtype: DType
+  param_dtype: DType
+  std: float
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    kernel_DF = self.param("kernel", nn.initializers.normal(self.std),
+                           (x_BTD.shape[-1], self.features), self.param_dtype)
+    return project(x_BTD, kernel_DF, self.dtype)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  param_dtype: DType
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    weight_D = self.param("weight", nn.initializers.ones, (x_BTD.shape[-1],),
+                          self.param_dtype)
+    return rms_norm(x_BTD, weight_D, self.eps)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  attention_fn: AttentionFn
+  dtype: DType
+  param_dtype: DType
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    cfg = self.config
+    B, T, D = x_BTD.shape
+    N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dense = lambda features, name: Dense(
+        features, self.dtype, self.param_dtype, cfg.initializer_range,
+        name=name)
+    q_BTNH = dense(N * H, "q_proj")(x_BTD).reshape(B, T, N, H)
+    k_BTKH = dense(K * H, "k_proj")(x_BTD).reshape(B, T, K, H)
+    v_BTKH = dense(K * H, "v_proj")(x_BTD).reshape(B, T, K, H)
+    rope = dict(theta=cfg.rope_theta, factor=cfg.rope_factor)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, **rope)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, **rope)
+    out_BTNH = self.attention_fn(q_BTNH, k_BTKH, v_BTKH,
+                                 segment_ids_BT=segment_ids_BT)
+    return dense(D, "o_proj")(out_BTNH.reshape(B, T, N * H))
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  dtype: DType
+  param_dtype: DType
+
+  @nn.compact
+  def __call__(self, x_BTD):
+    cfg = self.config
+    dense = lambda features, name: Dense(
+        features, self.dtype, self.param_dtype, cfg.initializer_range,
+        name=name)
+    gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
+    up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
+    return dense(cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
+
+
+class DecoderLayer(nn.Module):
+  config: LlamaConfig
+  attention_fn: AttentionFn
+  dtype: DType
+  param_dtype: DType
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
+    h_BTD = norm("input_layernorm")(x_BTD)
+    x_BTD = x_BTD + Attention(cfg, self.attention_fn, self.dtype,
+                              self.param_dtype, name="self_attn")(
+                                  h_BTD, positions_BT, segment_ids_BT)
+    h_BTD = norm("post_attention_layernorm")(x_BTD)
+    x_BTD = x_BTD + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(h_BTD)
+    return x_BTD, None
+
+
+def _embed_init(std: float, pad_token_id: int | None):
+  """Normal(0, std) with the padding row zeroed, as transformers does."""
+  def init(key, shape, dtype):
+    table = nn.initializers.normal(std)(key, shape, dtype)
+    if pad_token_id is not None and 0 <= pad_token_id < shape[0]:
+      table = table.at[pad_token_id].set(0)
+    return table
+  return init
+
+
+class Decoder(nn.Module):
+  """Token ids to final normed hidden states (everything but the lm_head)."""
+  config: LlamaConfig
+  attention_fn: AttentionFn
+  dtype: DType
+  param_dtype: DType
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, input_ids_BT, positions_BT, segment_ids_BT):
+    cfg = self.config
+    x_BTD = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        embedding_init=_embed_init(cfg.initializer_range, cfg.pad_token_id),
+        name="embed_tokens")(input_ids_BT)
+    layer = DecoderLayer
+    if REMAT_POLICIES[self.remat] is not None:
+      layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat],
+                       prevent_cse=False)
+    layers = nn.scan(
+        layer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)
+    x_BTD, _ = layers(cfg, self.attention_fn, self.dtype, self.param_dtype,
+                      name="layers")(x_BTD, positions_BT, segment_ids_BT)
+    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_BTD)
+
+
+def init_params(config: LlamaConfig, key: jax.Array, dtype: DType = jnp.float32):
+  """Random parameters, initialised as transformers initialises Llama.
+
+  Linear and embedding weights ~ Normal(0, initializer_range), norms 1, the
+  padding embedding row 0. Use `jax.eval_shape(init_params, ...)` for shapes
+  without allocating.
+  """
+  body_key, head_key = jax.random.split(key)
+  decoder = Decoder(config, get_attention("full"), dtype, dtype)
+  params = dict(decoder.init(body_key, jnp.zeros((1, 1), jnp.int32),
+                             jnp.zeros((1, 1), jnp.int32), None)["params"])
+  if not config.tie_word_embeddings:
+    kernel_DV = nn.initializers.normal(config.initializer_range)(
+        head_key, (config.hidden_size, config.vocab_size), dtype)
+    params["lm_head"] = {"kernel": kernel_DV}
+  return params
+
+
+def hidden_states(config: LlamaConfig, params, input_ids_BT, *,
+                  attention: str | AttentionFn = "full", positions_BT=None,
+                  segment_ids_BT=None, dtype: DType | None = None,
+                  remat: str = "none"):
+  """Final normed hidden states `[batch, seq, hidden]` in the compute dtype.
+
+  Args:
+    attention: a name from `longlora_jax.attention.ATTENTION_FNS` or a
+      function with the attention signature.
+    positions_BT: RoPE positions; default 0..seq-1 for every row.
+    segment_ids_BT: packed-document ids; tokens attend only within their own
+      segment (when the attention function supports it).
+    dtype: compute dtype; default the parameters' dtype.
+    remat: per-layer rematerialisation, one of `REMAT_POLICIES`.
+  """
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {remat!r}; choose one of "
+                     f"{sorted(REMAT_POLICIES)}")
+  embedding = params["embed_tokens"]["embedding"]
+  dtype = dtype or embedding.dtype
+  B, T = input_ids_BT.shape
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  decoder = Decoder(config, get_attention(attention), dtype, embedding.dtype,
+                    remat)
+  body = {k: v for k, v in params.items() if k != "lm_head"}
+  return decoder.apply({"params": body}, input_ids_BT, positions_BT,
+                       segment_ids_BT)
+
+
+def lm_head(config: LlamaConfig, params, h_BTD):
+  """Float32 logits `[batch, seq, vocab]` from hidden states."""
+  if config.tie_word_embeddings:
+    return jnp.einsum("BTD,VD->BTV", h_BTD,
+                      params["embed_tokens"]["embedding"].astype(h_BTD.dtype),
+                      preferred_element_type=jnp.float32)
+  return jnp.einsum("BTD,DV->BTV", h_BTD,
+                    params["lm_head"]["kernel"].astype(h_BTD.dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def forward(config: LlamaConfig, params, input_ids_BT, **kwargs):
+  """Float32 logits `[batch, seq, vocab]`; kwargs as `hidden_states`."""
+  return lm_head(config, params, hidden_states(config, params, input_ids_BT,
+                                               **kwargs))

@@ -1,0 +1,33 @@
+import os
+
+# Tests run on the CPU with 8 virtual devices so sharding code is exercised
+# everywhere; set before JAX initialises its backends.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tests import reference  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+SHARED_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..",
+                                "shared", "fixtures", "llama2-tokenizer")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+  """name -> (checkpoint dir, transformers model), built once per session."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      directory = tmp_path_factory.mktemp(f"hf_{name}")
+      model = reference.save_hf_llama(directory, reference.TINY_CONFIGS[name])
+      cache[name] = (directory, model)
+    return cache[name]
+  return get

@@ -1,0 +1,60 @@
+"""Independent references for tests: tiny random Llama models made and saved
+by transformers (PyTorch, CPU), and their logits."""
+
+import numpy as np
+import torch
+import transformers
+
+# Tiny configurations covering what Llama-family checkpoints vary.
+TINY_CONFIGS = {
+    "mha": dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4),
+    "gqa": dict(vocab_size=128, hidden_size=64, intermediate_size=96,
+                num_hidden_layers=3, num_attention_heads=8,
+                num_key_value_heads=2),
+    "pi4": dict(vocab_size=128, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=32, rope_theta=500000.0,
+                rope_scaling={"type": "linear", "factor": 4.0}),
+    # Odd vocab, head_dim 20 not derived from hidden/heads, one kv head,
+    # tied embeddings and a padding token.
+    "odd_tied": dict(vocab_size=97, hidden_size=72, intermediate_size=80,
+                     num_hidden_layers=2, num_attention_heads=3,
+                     num_key_value_heads=1, head_dim=20,
+                     tie_word_embeddings=True, rms_norm_eps=1e-6,
+                     pad_token_id=0, rope_theta=2500.0),
+}
+
+
+def make_hf_llama(kwargs: dict, seed: int = 0) -> transformers.LlamaForCausalLM:
+  """A float32 transformers Llama with weights large enough to matter.
+
+  transformers' own init (std 0.02) gives near-uniform logits, which would
+  let a wrong model pass a tolerance test; so matrices get std 0.2 and norm
+  weights U(0.5, 1.5).
+  """
+  torch.manual_seed(seed)
+  config = transformers.LlamaConfig(**kwargs)
+  model = transformers.LlamaForCausalLM(config).float().eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if p.ndim == 1:
+        p.uniform_(0.5, 1.5)
+      else:
+        p.normal_(0.0, 0.2)
+  return model
+
+
+def save_hf_llama(directory, kwargs: dict, seed: int = 0, **save_kwargs):
+  model = make_hf_llama(kwargs, seed)
+  model.save_pretrained(directory, **save_kwargs)
+  return model
+
+
+def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
+  with torch.no_grad():
+    return model(torch.as_tensor(np.asarray(input_ids))).logits.float().numpy()
+
+
+def random_ids(vocab_size: int, batch: int, seq: int, seed: int = 0):
+  return np.random.default_rng(seed).integers(0, vocab_size, (batch, seq))
