@@ -209,6 +209,12 @@ def _torch_reader() -> Callable:
   return read
 
 
+def _to_device(array: np.ndarray) -> jax.Array:
+  # Waiting for the copy lets the host buffer go before the next one is
+  # filled; async transfers would otherwise pile host copies up.
+  return jax.device_put(array).block_until_ready()
+
+
 def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):
   """Loads a HF Llama checkpoint as `(LlamaConfig, params)`.
 
@@ -240,12 +246,13 @@ def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):
       tensor = tensor.T
     used.add(name)
     if layer is None:
-      flat[path] = jnp.asarray(tensor.astype(dtype))
+      flat[path] = _to_device(tensor.astype(dtype))
       continue
-    buf = buffers.setdefault(path, np.empty(expected[path], dtype))
-    buf[layer] = tensor
+    if path not in buffers:
+      buffers[path] = np.empty(expected[path], dtype)
+    buffers[path][layer] = tensor
     if layer == config.num_hidden_layers - 1:
-      flat[path] = jnp.asarray(buffers.pop(path))
+      flat[path] = _to_device(buffers.pop(path))
   extra = sorted(n for n in set(files) - used if not _IGNORED_KEYS.search(n)
                  and not (config.tie_word_embeddings and n == "lm_head.weight"))
   if extra:

@@ -53,7 +53,7 @@ def save_hf_llama(directory, kwargs: dict, seed: int = 0, **save_kwargs):
 
 def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
   with torch.no_grad():
-    return model(torch.as_tensor(np.asarray(input_ids))).logits.float().numpy()
+    return model(torch.tensor(np.asarray(input_ids))).logits.float().numpy()
 
 
 def random_ids(vocab_size: int, batch: int, seq: int, seed: int = 0):

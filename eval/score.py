@@ -1,0 +1,70 @@
+"""Score text with a Llama checkpoint: per-token loss, perplexity, next tokens.
+
+  python -m eval.score --ckpt demo
+  python -m eval.score --ckpt hf:meta-llama/Llama-2-7b-hf --text "Paris is"
+"""
+
+import argparse
+import functools
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax import cli
+from longlora_jax.errors import LongLoraError
+from longlora_jax.hf_io import load_hf, resolve_checkpoint
+from longlora_jax.model import forward
+
+DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
+                "Long context models read whole books at once.")
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--ckpt", default="demo",
+                 help="HF checkpoint directory, hf:ORG/NAME, or 'demo' (a "
+                      "tiny random model built locally)")
+  p.add_argument("--text", default=DEFAULT_TEXT)
+  p.add_argument("--dtype", default="float32",
+                 choices=("float32", "bfloat16", "float16"))
+  p.add_argument("--top-k", type=int, default=5)
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  from transformers import AutoTokenizer
+  if args.ckpt == "demo":
+    from longlora_jax.demo import demo_checkpoint
+    directory = demo_checkpoint()
+  else:
+    directory = resolve_checkpoint(args.ckpt)
+  config, params = load_hf(directory, dtype=args.dtype)
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+  except (OSError, ValueError) as e:
+    raise LongLoraError(f"{directory}: no usable tokenizer ({e})") from None
+  ids = tokenizer(args.text, return_tensors="np")["input_ids"]
+  if ids.shape[1] < 2:
+    raise LongLoraError("--text must encode to at least 2 tokens")
+  logits = jax.jit(functools.partial(forward, config))(params, jnp.asarray(ids))
+  logp = jax.nn.log_softmax(logits[0], axis=-1)
+  nll = -jnp.take_along_axis(logp[:-1], jnp.asarray(ids[0, 1:, None]), 1)[:, 0]
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"checkpoint   {Path(directory)}")
+  print(f"model        {n_params / 1e6:.2f}M params, {config.num_hidden_layers} "
+        f"layers, context {config.max_position_embeddings}, RoPE factor "
+        f"{config.rope_factor:g}")
+  print(f"tokens       {ids.shape[1]}")
+  print(f"loss         {float(nll.mean()):.4f} nats/token")
+  print(f"perplexity   {math.exp(float(nll.mean())):.2f}")
+  top = jnp.argsort(-logp[-1])[:args.top_k]
+  shown = ", ".join(f"{tokenizer.decode([int(t)])!r} {float(jnp.exp(logp[-1, t])):.3f}"
+                    for t in top)
+  print(f"next token   {shown}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, cwd):
+  env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+  return subprocess.run([sys.executable, "-m", "eval.score", *args], cwd=cwd,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_scores_demo_checkpoint(tmp_path):
+  result = _run(["--text", "hello hello hello"], tmp_path)
+  assert result.returncode == 0, result.stderr
+  lines = dict(line.split(None, 1) for line in result.stdout.splitlines())
+  # BOS + 17 bytes.
+  assert lines["tokens"] == "18"
+  # A random model is close to uniform over its 259 tokens.
+  assert 100 < float(lines["perplexity"]) < 700
+  assert (tmp_path / "runs" / "demo" / "base" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("ckpt,message", [
+    ("/does/not/exist", "error: /does/not/exist: no such directory"),
+    ("hf:nobody/nothing", "error: hf:nobody/nothing is not in the local Hugging Face cache"),
+])
+def test_user_errors_are_one_line(tmp_path, ckpt, message):
+  result = _run(["--ckpt", ckpt], tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.startswith(message)
+  assert "Traceback" not in result.stderr
