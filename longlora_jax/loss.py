@@ -1,0 +1,62 @@
+"""Causal-LM cross-entropy computed over sequence chunks.
+
+At 100k tokens and a 32k vocabulary the float32 logits alone are 12.8 GB, so
+they are never materialised: each chunk's logits are made, reduced to a loss
+and dropped, and the backward pass recomputes them chunk by chunk.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.config import LlamaConfig
+from longlora_jax.model import lm_head
+
+IGNORE_INDEX = -100
+
+
+def next_token_targets(labels_BT):
+  """Labels shifted left by one (position t predicts token t+1), as HF does.
+
+  The last position has no target and gets IGNORE_INDEX.
+  """
+  pad = jnp.full_like(labels_BT[:, :1], IGNORE_INDEX)
+  return jnp.concatenate([labels_BT[:, 1:], pad], axis=1)
+
+
+def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
+                          chunk_size: int = 2048):
+  """(sum of token losses, number of scored tokens), both float32 scalars.
+
+  Args:
+    h_BTD: final hidden states (`model.hidden_states`).
+    targets_BT: the token each position must predict; IGNORE_INDEX (-100)
+      positions are not scored (`next_token_targets` makes these from labels).
+    chunk_size: positions per chunk; the sequence is padded to a multiple.
+  """
+  B, T, D = h_BTD.shape
+  chunk = min(chunk_size, T)
+  pad = -T % chunk
+  if pad:
+    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)),
+                         constant_values=IGNORE_INDEX)
+  n = (T + pad) // chunk
+  h_NBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
+  targets_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint  # Keep only the chunk's inputs; recompute its logits.
+  def chunk_loss(h_BCD, targets_BC):
+    logits_BCV = lm_head(config, params, h_BCD)
+    valid_BC = targets_BC != IGNORE_INDEX
+    target_logit_BC = jnp.take_along_axis(
+        logits_BCV, jnp.where(valid_BC, targets_BC, 0)[..., None], axis=-1)[..., 0]
+    nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - target_logit_BC
+    return jnp.sum(jnp.where(valid_BC, nll_BC, 0.0)), jnp.sum(valid_BC)
+
+  def step(carry, xs):
+    loss, count = chunk_loss(*xs)
+    return (carry[0] + loss, carry[1] + count), None
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  (loss_sum, count), _ = jax.lax.scan(step, init, (h_NBCD, targets_NBC))
+  return loss_sum, count.astype(jnp.float32)

@@ -1,0 +1,134 @@
+"""Device mesh and parameter sharding rules (FSDP, optional tensor parallel).
+
+The mesh has three named axes: `data` (pure data parallel), `fsdp` (data
+parallel with parameters and optimizer state sharded) and `tensor`
+(projections split Megatron-style). The batch is split over data x fsdp.
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from longlora_jax.errors import LongLoraError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+# Megatron split: column-parallel projections split their output features,
+# row-parallel ones their input features, so each pair needs one all-reduce.
+_COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
+                    "lm_head")
+_ROW_PARALLEL = ("o_proj", "down_proj")
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+  """Axis sizes from e.g. "fsdp=8", "data=2,fsdp=-1" (-1: the rest)."""
+  sizes = dict.fromkeys(MESH_AXES, 1)
+  fill = None
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in MESH_AXES:
+      raise LongLoraError(f"mesh {spec!r}: unknown axis {name!r}; use "
+                          f"{', '.join(MESH_AXES)} (e.g. fsdp={num_devices})")
+    try:
+      size = int(value)
+    except ValueError:
+      raise LongLoraError(f"mesh {spec!r}: {part!r} needs an integer size, "
+                          "e.g. fsdp=8 or fsdp=-1") from None
+    if size == -1:
+      if fill is not None:
+        raise LongLoraError(f"mesh {spec!r}: only one axis may be -1")
+      fill = name
+    elif size < 1:
+      raise LongLoraError(f"mesh {spec!r}: axis sizes must be >= 1 or -1")
+    else:
+      sizes[name] = size
+  known = math.prod(sizes.values())
+  if fill is not None:
+    if num_devices % known:
+      raise LongLoraError(
+          f"mesh {spec!r}: the fixed axes use {known} devices, which does not "
+          f"divide the {num_devices} available")
+    sizes[fill] = num_devices // known
+  if math.prod(sizes.values()) != num_devices:
+    raise LongLoraError(
+        f"mesh {spec!r} has {math.prod(sizes.values())} devices but "
+        f"{num_devices} are available; e.g. use fsdp={num_devices} or "
+        "data=2,fsdp=-1")
+  return sizes
+
+
+def make_mesh(spec: str = "fsdp=-1", devices=None) -> Mesh:
+  """A mesh over all (global) devices, or `devices`, from a spec string."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = parse_mesh(spec, len(devices))
+  return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                       axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def _names(path) -> tuple[str, ...]:
+  """The dict keys and attribute names along a pytree key path."""
+  names = []
+  for key in path:
+    for attr in ("key", "name"):
+      if isinstance(getattr(key, attr, None), str):
+        names.append(getattr(key, attr))
+  return tuple(names)
+
+
+def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
+  """PartitionSpec of one parameter (or optimizer-state leaf) by its path.
+
+  Tensor parallel first (by module name), then FSDP: the largest remaining
+  dimension divisible by the fsdp size. The stacked layer axis is never
+  split, so `nn.scan` slices stay local. Leaves that nothing divides are
+  replicated.
+  """
+  names = _names(path)
+  spec = [None] * len(shape)
+  first = 1 if names and names[0] == "layers" and len(shape) > 1 else 0
+  free = list(range(first, len(shape)))
+  tensor = mesh.shape["tensor"]
+  if tensor > 1 and len(free) >= 2:
+    module = next((n for n in names if n in _COLUMN_PARALLEL + _ROW_PARALLEL),
+                  None)
+    # LoRA factors: the column-parallel split lands on B's outputs, the
+    # row-parallel one on A's inputs; the rank axis stays whole.
+    is_a, is_b = "a" in names[-1:], "b" in names[-1:]
+    axis = None
+    if module in _COLUMN_PARALLEL and not is_a:
+      axis = free[-1]
+    elif module in _ROW_PARALLEL and not is_b:
+      axis = free[0]
+    if axis is not None and shape[axis] % tensor == 0:
+      spec[axis] = "tensor"
+      free.remove(axis)
+  fsdp = mesh.shape["fsdp"]
+  if fsdp > 1:
+    divisible = [d for d in free if shape[d] % fsdp == 0]
+    if divisible:
+      spec[max(divisible, key=lambda d: shape[d])] = "fsdp"
+  return P(*spec)
+
+
+def shardings_like(tree, mesh: Mesh):
+  """NamedShardings for every leaf of `tree` (arrays or ShapeDtypeStructs)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: NamedSharding(mesh, param_spec(path, np.shape(x), mesh)),
+      tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  return mesh.shape["data"] * mesh.shape["fsdp"]

@@ -1,0 +1,84 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from longlora_jax import LongLoraError, init_params, preset
+from longlora_jax.sharding import (batch_sharding, make_mesh, param_spec,
+                                   parse_mesh, shardings_like)
+
+
+@pytest.mark.parametrize("spec,want", [
+    ("fsdp=8", dict(data=1, fsdp=8, tensor=1)),
+    ("fsdp=-1", dict(data=1, fsdp=8, tensor=1)),
+    ("data=2,fsdp=-1", dict(data=2, fsdp=4, tensor=1)),
+    ("data=2, fsdp=2, tensor=2", dict(data=2, fsdp=2, tensor=2)),
+    ("tensor=-1", dict(data=1, fsdp=1, tensor=8)),
+])
+def test_parse_mesh(spec, want):
+  assert parse_mesh(spec, 8) == want
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("fsdp=4", "has 4 devices but 8 are available"),
+    ("fsdp=3,data=-1", "the fixed axes use 3 devices, which does not divide the 8"),
+    ("pipeline=2", "unknown axis 'pipeline'"),
+    ("fsdp=-1,data=-1", "only one axis may be -1"),
+    ("fsdp=two", "needs an integer size"),
+    ("fsdp=0", "sizes must be >= 1"),
+])
+def test_bad_mesh(spec, message):
+  with pytest.raises(LongLoraError, match=message):
+    parse_mesh(spec, 8)
+
+
+def _specs(mesh_spec):
+  mesh = make_mesh(mesh_spec)
+  shapes = jax.eval_shape(lambda k: init_params(preset("llama2-7b"), k),
+                          jax.random.key(0))
+  specs = jax.tree_util.tree_map_with_path(
+      lambda path, x: param_spec(path, x.shape, mesh), shapes)
+  return specs
+
+
+def test_fsdp_rules_on_llama2_7b():
+  s = _specs("fsdp=8")
+  attn, mlp = s["layers"]["self_attn"], s["layers"]["mlp"]
+  assert attn["q_proj"]["kernel"] == P(None, "fsdp", None)  # [32, 4096, 4096]
+  assert mlp["down_proj"]["kernel"] == P(None, "fsdp", None)  # [32, 11008, 4096]
+  assert mlp["up_proj"]["kernel"] == P(None, None, "fsdp")  # [32, 4096, 11008]
+  assert s["layers"]["input_layernorm"]["weight"] == P(None, "fsdp")
+  assert s["embed_tokens"]["embedding"] == P("fsdp", None)  # 32000 rows
+  assert s["norm"]["weight"] == P("fsdp")
+
+
+def test_tensor_parallel_rules():
+  s = _specs("fsdp=4,tensor=2")
+  attn, mlp = s["layers"]["self_attn"], s["layers"]["mlp"]
+  assert attn["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+  assert attn["o_proj"]["kernel"] == P(None, "tensor", "fsdp")
+  assert mlp["gate_proj"]["kernel"] == P(None, "fsdp", "tensor")
+  assert mlp["down_proj"]["kernel"] == P(None, "tensor", "fsdp")
+  assert s["lm_head"]["kernel"] == P("fsdp", "tensor")
+
+
+def test_indivisible_dims_stay_replicated():
+  mesh = make_mesh("fsdp=8")
+  assert param_spec((), (3, 5), mesh) == P(None, None)
+  assert param_spec((), (), mesh) == P()
+
+
+def test_arrays_really_are_sharded():
+  cfg = preset("llama2-7b").__class__(
+      vocab_size=64, hidden_size=32, intermediate_size=48,
+      num_hidden_layers=2, num_attention_heads=4)
+  params = init_params(cfg, jax.random.key(0))
+  mesh = make_mesh("data=2,fsdp=4")
+  sharded = jax.device_put(params, shardings_like(params, mesh))
+  q = sharded["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert q.sharding.shard_shape(q.shape) == (2, 8, 32)
+  assert len(q.addressable_shards) == 8
+  np.testing.assert_array_equal(q, params["layers"]["self_attn"]["q_proj"]["kernel"])
+  batch = jax.device_put(jnp.zeros((8, 16), jnp.int32), batch_sharding(mesh))
+  assert batch.sharding.shard_shape(batch.shape) == (1, 16)
