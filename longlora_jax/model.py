@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from longlora_jax.attention import AttentionFn, get_attention
 from longlora_jax.config import LlamaConfig
+from longlora_jax.kv_cache import cached_attention
 from longlora_jax.rope import apply_rope
 
 DType = Any
@@ -78,7 +79,7 @@ class Attention(nn.Module):
   param_dtype: DType
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, layer):
     cfg = self.config
     B, T, D = x_BTD.shape
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -91,9 +92,19 @@ class Attention(nn.Module):
     rope = dict(theta=cfg.rope_theta, factor=cfg.rope_factor)
     q_BTNH = apply_rope(q_BTNH, positions_BT, **rope)
     k_BTKH = apply_rope(k_BTKH, positions_BT, **rope)
-    out_BTNH = self.attention_fn(q_BTNH, k_BTKH, v_BTKH,
-                                 segment_ids_BT=segment_ids_BT)
-    return dense(D, "o_proj")(out_BTNH.reshape(B, T, N * H))
+    if cache is None:
+      out_BTNH = self.attention_fn(q_BTNH, k_BTKH, v_BTKH,
+                                   segment_ids_BT=segment_ids_BT)
+    else:
+      # Generation: every row's chunk starts at the same cache position.
+      start = positions_BT[0, 0]
+      cache = {name: jax.lax.dynamic_update_slice(
+          cache[name], new[None].astype(cache[name].dtype),
+          (layer, 0, start, 0, 0))
+               for name, new in (("k", k_BTKH), ("v", v_BTKH))}
+      out_BTNH = cached_attention(q_BTNH, cache["k"][layer], cache["v"][layer],
+                                  start)
+    return dense(D, "o_proj")(out_BTNH.reshape(B, T, N * H)), cache
 
 
 class MLP(nn.Module):
@@ -119,16 +130,20 @@ class DecoderLayer(nn.Module):
   param_dtype: DType
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT):
+  def __call__(self, carry, positions_BT, segment_ids_BT, layer):
+    # The KV cache rides in the scan carry, so XLA updates it in place.
+    x_BTD, cache = carry
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
     h_BTD = norm("input_layernorm")(x_BTD)
-    x_BTD = x_BTD + Attention(cfg, self.attention_fn, self.dtype,
-                              self.param_dtype, name="self_attn")(
-                                  h_BTD, positions_BT, segment_ids_BT)
+    attn_BTD, cache = Attention(cfg, self.attention_fn, self.dtype,
+                                self.param_dtype, name="self_attn")(
+                                    h_BTD, positions_BT, segment_ids_BT,
+                                    cache, layer)
+    x_BTD = x_BTD + attn_BTD
     h_BTD = norm("post_attention_layernorm")(x_BTD)
     x_BTD = x_BTD + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(h_BTD)
-    return x_BTD, None
+    return (x_BTD, cache), None
 
 
 def _embed_init(std: float, pad_token_id: int | None):
@@ -150,7 +165,7 @@ class Decoder(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, input_ids_BT, positions_BT, segment_ids_BT):
+  def __call__(self, input_ids_BT, positions_BT, segment_ids_BT, cache=None):
     cfg = self.config
     x_BTD = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
@@ -163,10 +178,12 @@ class Decoder(nn.Module):
                        prevent_cse=False)
     layers = nn.scan(
         layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers)
-    x_BTD, _ = layers(cfg, self.attention_fn, self.dtype, self.param_dtype,
-                      name="layers")(x_BTD, positions_BT, segment_ids_BT)
-    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_BTD)
+        in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers)
+    (x_BTD, cache), _ = layers(
+        cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
+            (x_BTD, cache), positions_BT, segment_ids_BT,
+            jnp.arange(cfg.num_hidden_layers))
+    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_BTD), cache
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: DType = jnp.float32):
@@ -202,19 +219,39 @@ def hidden_states(config: LlamaConfig, params, input_ids_BT, *,
     dtype: compute dtype; default the parameters' dtype.
     remat: per-layer rematerialisation, one of `REMAT_POLICIES`.
   """
+  B, T = input_ids_BT.shape
+  if positions_BT is None:
+    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+  h_BTD, _ = _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT,
+                    None, attention=attention, dtype=dtype, remat=remat)
+  return h_BTD
+
+
+def extend_cache(config: LlamaConfig, params, input_ids_BT, cache, start, *,
+                 dtype: DType | None = None):
+  """Runs tokens at positions start..start+seq-1 over a KV cache.
+
+  Their keys and values are written into `cache` (see `kv_cache.init_cache`)
+  and they attend, causally and with full attention, to everything cached
+  before them. Returns (hidden states `[batch, seq, hidden]`, new cache).
+  """
+  B, T = input_ids_BT.shape
+  positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+  return _apply(config, params, input_ids_BT, positions_BT, None, cache,
+                attention="full", dtype=dtype, remat="none")
+
+
+def _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT, cache, *,
+           attention, dtype, remat):
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; choose one of "
                      f"{sorted(REMAT_POLICIES)}")
   embedding = params["embed_tokens"]["embedding"]
-  dtype = dtype or embedding.dtype
-  B, T = input_ids_BT.shape
-  if positions_BT is None:
-    positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-  decoder = Decoder(config, get_attention(attention), dtype, embedding.dtype,
-                    remat)
+  decoder = Decoder(config, get_attention(attention), dtype or embedding.dtype,
+                    embedding.dtype, remat)
   body = {k: v for k, v in params.items() if k != "lm_head"}
   return decoder.apply({"params": body}, input_ids_BT, positions_BT,
-                       segment_ids_BT)
+                       segment_ids_BT, cache)
 
 
 def lm_head(config: LlamaConfig, params, h_BTD):

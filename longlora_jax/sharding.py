@@ -89,7 +89,7 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
   """
   names = _names(path)
   spec = [None] * len(shape)
-  first = 1 if names and names[0] == "layers" and len(shape) > 1 else 0
+  first = 1 if "layers" in names and len(shape) > 1 else 0
   free = list(range(first, len(shape)))
   tensor = mesh.shape["tensor"]
   if tensor > 1 and len(free) >= 2:

@@ -1,0 +1,63 @@
+"""Key/value cache for generation, and attention of new tokens over it.
+
+The cache holds every layer's keys and values, `[layers, batch, length,
+kv_heads, head_dim]` (kv heads only under GQA). Its length is fixed when it
+is made, so prefill chunks and decode steps keep fixed shapes and compile
+once.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.config import LlamaConfig
+
+CACHE_BLOCK = 512  # Key block of the attention loop; cache lengths are multiples.
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16):
+  """An empty cache for `length` positions (rounded up to CACHE_BLOCK)."""
+  length = -(-length // CACHE_BLOCK) * CACHE_BLOCK
+  shape = (config.num_hidden_layers, batch, length,
+           config.num_key_value_heads, config.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def cached_attention(q_BCNH, k_BSKH, v_BSKH, start, *, block: int = CACHE_BLOCK):
+  """Causal attention of C new queries at positions start..start+C-1.
+
+  Keys at positions <= each query's are read from the cache in blocks with
+  an online softmax (float32), and the loop stops at the last block any
+  query can see, so a prefill chunk or a decode step costs O(start + C),
+  whatever the cache length, and no [C, length] score matrix is made.
+  """
+  B, C, N, H = q_BCNH.shape
+  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  G = N // K
+  q_BKGCH = (q_BCNH.reshape(B, C, K, G, H).transpose(0, 2, 3, 1, 4)
+             .astype(jnp.float32) * (H ** -0.5))
+  q_pos_C = start + jnp.arange(C)
+
+  def body(i, carry):
+    m_BKGC, l_BKGC, acc_BKGCH = carry
+    k_blk = jax.lax.dynamic_slice_in_dim(k_BSKH, i * block, block, axis=1)
+    v_blk = jax.lax.dynamic_slice_in_dim(v_BSKH, i * block, block, axis=1)
+    s_BKGCS = jnp.einsum("BKGCH,BSKH->BKGCS", q_BKGCH, k_blk.astype(jnp.float32))
+    k_pos_S = i * block + jnp.arange(block)
+    s_BKGCS = jnp.where(k_pos_S[None, :] <= q_pos_C[:, None], s_BKGCS, -jnp.inf)
+    # Block 0 always holds key 0, visible to every query, so m is finite
+    # after it and fully masked later blocks add exactly zero.
+    m_new = jnp.maximum(m_BKGC, s_BKGCS.max(-1))
+    p_BKGCS = jnp.exp(s_BKGCS - m_new[..., None])
+    corr = jnp.exp(m_BKGC - m_new)
+    l_BKGC = l_BKGC * corr + p_BKGCS.sum(-1)
+    acc_BKGCH = acc_BKGCH * corr[..., None] + jnp.einsum(
+        "BKGCS,BSKH->BKGCH", p_BKGCS, v_blk.astype(jnp.float32))
+    return m_new, l_BKGC, acc_BKGCH
+
+  init = (jnp.full((B, K, G, C), -jnp.inf), jnp.zeros((B, K, G, C)),
+          jnp.zeros((B, K, G, C, H)))
+  n_blocks = jnp.minimum((start + C + block - 1) // block, S // block)
+  _, l_BKGC, acc_BKGCH = jax.lax.fori_loop(0, n_blocks, body, init)
+  out_BKGCH = acc_BKGCH / l_BKGC[..., None]
+  return out_BKGCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
+      q_BCNH.dtype)

@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longlora_jax import LlamaConfig, forward, init_params, load_hf
+from longlora_jax.kv_cache import CACHE_BLOCK, cached_attention, init_cache
+from longlora_jax.model import extend_cache, lm_head
+from tests import reference
+
+
+def _attention_reference(q, k, v, start):
+  """Float64 softmax attention, query i at position start+i sees keys <= it."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, C, N, H = q.shape
+  K = k.shape[2]
+  out = np.zeros_like(q)
+  for b in range(B):
+    for n in range(N):
+      kv = n // (N // K)
+      for i in range(C):
+        visible = start + i + 1
+        s = k[b, :visible, kv] @ q[b, i, n] / np.sqrt(H)
+        p = np.exp(s - s.max())
+        out[b, i, n] = (p / p.sum()) @ v[b, :visible, kv]
+  return out
+
+
+@pytest.mark.parametrize("start,chunk", [(0, 1), (0, 70), (5, 1), (500, 30),
+                                         (1000, 24)])
+def test_cached_attention_matches_float64(start, chunk):
+  rng = np.random.default_rng(start)
+  S = 2 * CACHE_BLOCK
+  q = rng.normal(size=(2, chunk, 6, 16)).astype(np.float32)
+  k = rng.normal(size=(2, S, 2, 16)).astype(np.float32)
+  v = rng.normal(size=(2, S, 2, 16)).astype(np.float32)
+  # Garbage beyond what the queries may see must not matter.
+  k[:, start + chunk:] = 1e4
+  got = cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), start)
+  np.testing.assert_allclose(got, _attention_reference(q, k, v, start),
+                             atol=2e-5)
+
+
+def test_init_cache_shape_rounds_up():
+  cfg = LlamaConfig(vocab_size=8, hidden_size=16, intermediate_size=8,
+                    num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2)
+  cache = init_cache(cfg, batch=2, length=CACHE_BLOCK + 1)
+  assert cache["k"].shape == (3, 2, 2 * CACHE_BLOCK, 2, 4)
+  assert cache["v"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", ["gqa", "pi4"])
+def test_chunks_over_cache_equal_transformers(tiny_hf, name):
+  directory, hf_model = tiny_hf(name)
+  config, params = load_hf(directory, dtype="float32")
+  ids = reference.random_ids(config.vocab_size, 2, 90, seed=3)
+  cache = init_cache(config, 2, 120, jnp.float32)
+  pieces = []
+  for lo, hi in [(0, 40), (40, 41), (41, 90)]:
+    h, cache = extend_cache(config, params, jnp.asarray(ids[:, lo:hi]), cache, lo)
+    pieces.append(lm_head(config, params, h))
+  np.testing.assert_allclose(np.concatenate(pieces, axis=1),
+                             reference.hf_logits(hf_model, ids), atol=1e-4)
