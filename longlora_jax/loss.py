@@ -25,7 +25,7 @@ def next_token_targets(labels_BT):
 
 def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
                           chunk_size: int = 2048):
-  """(sum of token losses, number of scored tokens), both float32 scalars.
+  """Per row: (sum of token losses, number of scored tokens), float32 `[batch]`.
 
   Args:
     h_BTD: final hidden states (`model.hidden_states`).
@@ -51,12 +51,12 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
     target_logit_BC = jnp.take_along_axis(
         logits_BCV, jnp.where(valid_BC, targets_BC, 0)[..., None], axis=-1)[..., 0]
     nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - target_logit_BC
-    return jnp.sum(jnp.where(valid_BC, nll_BC, 0.0)), jnp.sum(valid_BC)
+    return jnp.sum(jnp.where(valid_BC, nll_BC, 0.0), -1), jnp.sum(valid_BC, -1)
 
   def step(carry, xs):
     loss, count = chunk_loss(*xs)
     return (carry[0] + loss, carry[1] + count), None
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+  init = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32))
   (loss_sum, count), _ = jax.lax.scan(step, init, (h_NBCD, targets_NBC))
   return loss_sum, count.astype(jnp.float32)
