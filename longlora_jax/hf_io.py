@@ -6,6 +6,7 @@ copy of the model; saving writes one shard at a time into a temporary
 directory that is renamed into place only when complete.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import CheckpointError
+from longlora_jax.lora import LoRA
 from longlora_jax.model import init_params
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -285,6 +287,9 @@ def _check_params(config: LlamaConfig, params) -> dict:
     if path not in expected:
       raise CheckpointError(f"params hold {name}, which a Llama with this "
                             "config does not have (merge LoRA first)")
+    if isinstance(flat[path], LoRA):
+      raise CheckpointError(f"params {name} is a LoRA adapter; merge() it "
+                            "first, or save the adapter with save_peft")
     if tuple(flat[path].shape) != tuple(expected[path]):
       raise CheckpointError(f"params {name} has shape {flat[path].shape}, "
                             f"but the config implies {expected[path]}")
@@ -307,12 +312,7 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
     dtype: dtype of the saved weights; default the parameters' dtype.
     overwrite: replace a non-empty `out_dir` (atomically).
   """
-  out = Path(out_dir).expanduser().absolute()
-  if out.exists() and not out.is_dir():
-    raise CheckpointError(f"{out}: exists and is not a directory")
-  if out.exists() and any(out.iterdir()) and not overwrite:
-    raise CheckpointError(f"{out}: exists and is not empty; choose another "
-                          "directory or pass overwrite=True")
+  out = _output_dir(out_dir, overwrite)
   flat = _check_params(config, params)
   dtype = as_dtype(dtype) if dtype else np.dtype(
       flat[("embed_tokens", "embedding")].dtype)
@@ -334,9 +334,7 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
     shards[-1].append(entry)
     size += nbytes
 
-  tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-  try:
-    tmp.mkdir(parents=True)
+  with _writing_dir(out) as tmp:
     weight_map = {}
     for i, shard in enumerate(tqdm(shards, desc="save_hf", unit="shard",
                                    disable=None, leave=False)):
@@ -364,11 +362,33 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
       for f in TOKENIZER_FILES:
         if (tokenizer_dir / f).exists():
           shutil.copyfile(tokenizer_dir / f, tmp / f)
+  return out
+
+
+def _output_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
+  """`out_dir` as an absolute path, refused if it holds files and not
+  `overwrite`."""
+  out = Path(out_dir).expanduser().absolute()
+  if out.exists() and not out.is_dir():
+    raise CheckpointError(f"{out}: exists and is not a directory")
+  if out.exists() and any(out.iterdir()) and not overwrite:
+    raise CheckpointError(f"{out}: exists and is not empty; choose another "
+                          "directory or pass overwrite=True")
+  return out
+
+
+@contextlib.contextmanager
+def _writing_dir(out: Path) -> Iterator[Path]:
+  """A temporary sibling of `out` to write into; it replaces `out` when the
+  block completes and is removed if it raises, so `out` is never partial."""
+  tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+  try:
+    tmp.mkdir(parents=True)
+    yield tmp
     _replace_dir(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return out
 
 
 def _write_json(file: Path, obj) -> None:
