@@ -23,12 +23,17 @@ import jax.numpy as jnp
 from longlora_jax.attention import AttentionFn, get_attention
 from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
+from longlora_jax.lora import LoRA, delta
 from longlora_jax.rope import apply_rope
+from longlora_jax.sharding import shard_batch
 
 DType = Any
 
 # What each layer keeps for the backward pass. "dots" keeps the projection
 # matmul outputs (no batch dims) and recomputes attention and elementwise ops.
+# Above this many tokens the MLP runs in sequence chunks (see DecoderLayer).
+MLP_CHUNK = 4096
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -37,7 +42,10 @@ REMAT_POLICIES = {
 
 
 def project(x_BTD, kernel_DF, dtype: DType):
-  """`x @ kernel` in the compute dtype."""
+  """`x @ kernel` in the compute dtype; for a `LoRA` kernel, `x @ w` plus its
+  low-rank update, so `w + ba` is never formed."""
+  if isinstance(kernel_DF, LoRA):
+    return project(x_BTD, kernel_DF.w, dtype) + delta(x_BTD, kernel_DF, dtype)
   return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
 
 
@@ -90,8 +98,9 @@ class Attention(nn.Module):
     k_BTKH = dense(K * H, "k_proj")(x_BTD).reshape(B, T, K, H)
     v_BTKH = dense(K * H, "v_proj")(x_BTD).reshape(B, T, K, H)
     rope = dict(theta=cfg.rope_theta, factor=cfg.rope_factor)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, **rope)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, **rope)
+    q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, **rope))
+    k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, **rope))
+    v_BTKH = shard_batch(v_BTKH)
     if cache is None:
       out_BTNH = self.attention_fn(q_BTNH, k_BTKH, v_BTKH,
                                    segment_ids_BT=segment_ids_BT)
@@ -104,6 +113,7 @@ class Attention(nn.Module):
                for name, new in (("k", k_BTKH), ("v", v_BTKH))}
       out_BTNH = cached_attention(q_BTNH, cache["k"][layer], cache["v"][layer],
                                   start)
+    out_BTNH = shard_batch(out_BTNH)
     return dense(D, "o_proj")(out_BTNH.reshape(B, T, N * H)), cache
 
 
@@ -133,6 +143,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, carry, positions_BT, segment_ids_BT, layer):
     # The KV cache rides in the scan carry, so XLA updates it in place.
     x_BTD, cache = carry
+    x_BTD = shard_batch(x_BTD)
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
     h_BTD = norm("input_layernorm")(x_BTD)
@@ -142,8 +153,29 @@ class DecoderLayer(nn.Module):
                                     cache, layer)
     x_BTD = x_BTD + attn_BTD
     h_BTD = norm("post_attention_layernorm")(x_BTD)
-    x_BTD = x_BTD + MLP(cfg, self.dtype, self.param_dtype, name="mlp")(h_BTD)
-    return (x_BTD, cache), None
+    mlp = MLP(cfg, self.dtype, self.param_dtype, name="mlp")
+    B, T, D = h_BTD.shape
+    chunk = mlp_chunk(T)
+    if chunk == T:
+      x_BTD = x_BTD + mlp(h_BTD)
+    else:
+      # Long sequences: the MLP runs over sequence chunks, each recomputed in
+      # the backward pass, so its [seq, intermediate] activations (several
+      # GB at 100k tokens) exist one chunk at a time.
+      step = nn.remat(lambda m, c, x: (c, m(x)), prevent_cse=False)
+      scan = nn.scan(step, variable_broadcast="params",
+                     split_rngs={"params": False}, in_axes=1, out_axes=1)
+      _, out_BNCD = scan(mlp, None, h_BTD.reshape(B, T // chunk, chunk, D))
+      x_BTD = x_BTD + out_BNCD.reshape(B, T, D)
+    return (shard_batch(x_BTD), cache), None
+
+
+def mlp_chunk(seq: int, target: int = MLP_CHUNK) -> int:
+  """Tokens per MLP chunk: the largest divisor of `seq` in (target/2,
+  target], or the whole sequence when it is short or has no such divisor."""
+  if seq <= target:
+    return seq
+  return next((c for c in range(target, target // 2, -1) if seq % c == 0), seq)
 
 
 def _embed_init(std: float, pad_token_id: int | None):

@@ -5,6 +5,8 @@ parallel with parameters and optimizer state sharded) and `tensor`
 (projections split Megatron-style). The batch is split over data x fsdp.
 """
 
+import contextlib
+import contextvars
 import math
 
 import jax
@@ -132,3 +134,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def batch_parallelism(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+# The mesh the model's activations are laid out on while a step is traced;
+# None outside `activation_mesh` (single device, tests, inference).
+_ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh):
+  """While tracing inside this block, `shard_batch` pins activations to
+  `mesh`'s batch axes."""
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def shard_batch(x):
+  """Pins `[batch, ...]` activations to data x fsdp (FSDP semantics).
+
+  Without it, GSPMD may follow the weights' fsdp split into the activations
+  and all-reduce whole [batch, seq, hidden] tensors on every device instead
+  of all-gathering each layer's weights.
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None:
+    return x
+  spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

@@ -1,0 +1,158 @@
+"""Per-device memory and FLOPs of the real train step, without a GPU.
+
+Compiles the sharded train step against abstract arrays (nothing is
+allocated) on fake CPU devices and prints XLA's memory analysis next to an
+analytic breakdown, and XLA's FLOP count next to the analytic one.
+
+  python -m eval.memory_plan --model llama2-7b --ctx 100000 --mesh fsdp=8
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default="llama2-7b",
+                 help="preset name (llama2-7b, llama2-13b, llama2-70b)")
+  p.add_argument("--ctx", type=int, default=100000, help="sequence length")
+  p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, data=2,fsdp=4")
+  p.add_argument("--batch", type=int, default=1, help="sequences per device")
+  p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+  p.add_argument("--attention", choices=("s2", "full"), default="s2")
+  p.add_argument("--remat", default="full")
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--lora", dest="mode", action="store_const", const="lora+",
+                    help="LoRA+ (default): adapters, embeddings and norms")
+  mode.add_argument("--full-ft", dest="mode", action="store_const", const="full")
+  p.set_defaults(mode="lora+")
+  p.add_argument("--json", action="store_true", help="print JSON only")
+  return p.parse_args(argv)
+
+
+def _devices_in(mesh_spec: str) -> int:
+  sizes = [int(part.split("=")[1]) for part in mesh_spec.split(",") if part]
+  if any(s < 1 for s in sizes):
+    return 8  # "-1" axes: plan on 8 devices.
+  n = 1
+  for s in sizes:
+    n *= s
+  return n
+
+
+def plan(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from longlora_jax import lora
+  from longlora_jax.config import preset
+  from longlora_jax.flops import step_flops
+  from longlora_jax.model import init_params
+  from longlora_jax.sharding import batch_parallelism, make_mesh
+  from longlora_jax.train_step import TrainConfig, init_state, jit_train_step
+
+  config = preset(args.model).with_context(args.ctx)
+  mesh = make_mesh(args.mesh)
+  tc = TrainConfig(attention=args.attention, remat=args.remat,
+                   accum_steps=args.accum)
+  group = args.ctx // 4 if args.attention == "s2" else None
+
+  def abstract_state(key):
+    params = init_params(config, key, dtype=jnp.bfloat16)
+    if args.mode == "full":
+      mask = jax.tree.map(lambda _: True, params)
+    else:
+      params = lora.add_lora(params, key=key)
+      mask = lora.trainable_mask(params)
+    return init_state(params, mask, tc)
+
+  state = jax.eval_shape(abstract_state, jax.random.key(0))
+  rows = args.batch * batch_parallelism(mesh)
+  batch = {"input_ids": jax.ShapeDtypeStruct((args.accum, rows, args.ctx),
+                                             jnp.int32)}
+  step, s_shard, b_shard = jit_train_step(config, tc, mesh, state, batch)
+  t0 = time.time()
+  with_shardings = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  lowered = step.lower(with_shardings(state, s_shard),
+                       with_shardings(batch, b_shard))
+  compiled = lowered.compile()
+  compile_s = time.time() - t0
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+
+  n_dev = mesh.size
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  gib = 2.0 ** 30
+  tokens_per_device = args.batch * args.accum * args.ctx
+  saved_per_layer = args.batch * args.ctx * config.hidden_size * 2  # bf16
+  analytic = step_flops(config, args.ctx, batch=rows * args.accum,
+                        group_size=group)
+  result = {
+      "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
+      "devices": n_dev, "attention": args.attention, "mode": args.mode,
+      "remat": args.remat, "batch_per_device": args.batch,
+      "accum": args.accum, "platform": jax.devices()[0].platform,
+      "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
+      "per_device_gib": {
+          "arguments": mem.argument_size_in_bytes / gib,
+          "outputs": mem.output_size_in_bytes / gib,
+          "aliased": mem.alias_size_in_bytes / gib,
+          "temporaries": mem.temp_size_in_bytes / gib,
+          "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
+      },
+      "breakdown_estimate_gib": {
+          "frozen_weights": nbytes(state.frozen) / n_dev / gib,
+          "trainable_fp32": nbytes(state.trainable) / n_dev / gib,
+          "optimizer_state": nbytes(state.opt_state) / n_dev / gib,
+          "layer_inputs_kept_for_backward":
+              config.num_hidden_layers * saved_per_layer / gib,
+      },
+      "trainable_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
+      "tokens_per_device_per_step": tokens_per_device,
+      "tflops_per_step": {
+          "xla_cost_analysis_per_device": cost.get("flops", float("nan")) / 1e12,
+          "analytic_total": analytic / 1e12,
+          "analytic_per_device": analytic / n_dev / 1e12,
+      },
+  }
+  return result
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
+  result = plan(args)
+  if args.json:
+    print(json.dumps(result, indent=2))
+    return
+  m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
+             result["tflops_per_step"])
+  print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
+        f"{result['attention']}  {result['mode']}  remat={result['remat']}  "
+        f"(compiled for {result['platform']} in {result['compile_seconds']} s, "
+        f"jax {result['jax']})")
+  print("per device (XLA memory analysis, GiB):")
+  for k, v in m.items():
+    print(f"  {k:<14} {v:8.2f}")
+  print("breakdown estimate (GiB):")
+  for k, v in b.items():
+    print(f"  {k:<32} {v:8.2f}")
+  print(f"trainable params {result['trainable_params']:,}")
+  print(f"TFLOPs per step: XLA {f['xla_cost_analysis_per_device']:.1f} per "
+        f"device; analytic {f['analytic_per_device']:.1f} per device, "
+        f"{f['analytic_total']:.1f} total")
+
+
+if __name__ == "__main__":
+  from longlora_jax import cli
+  cli.run(main)

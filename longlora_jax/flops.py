@@ -1,0 +1,48 @@
+"""Model FLOPs of a training step, for tokens/s, MFU and the memory plan.
+
+Convention (as MFU is usually reported): a matmul of [m, k] x [k, n] is
+2mkn FLOPs; the backward pass costs twice the forward, so a step is 3x the
+forward, even where LoRA skips the frozen weights' gradients. Attention
+counts only the score/value products the mask keeps (see
+`attention.attention_flops`).
+"""
+
+from longlora_jax.attention import attention_flops
+from longlora_jax.config import LlamaConfig
+
+# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H200": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA L40S": 362e12,
+    "NVIDIA A10G": 125e12,
+}
+
+
+def matmul_params(config: LlamaConfig) -> int:
+  """Weights that enter a matmul per token (all but the embedding lookup)."""
+  c = config
+  attn = c.hidden_size * c.head_dim * (2 * c.num_attention_heads
+                                       + 2 * c.num_key_value_heads)
+  mlp = 3 * c.hidden_size * c.intermediate_size
+  return c.num_hidden_layers * (attn + mlp) + c.hidden_size * c.vocab_size
+
+
+def step_flops(config: LlamaConfig, seq: int, *, batch: int = 1,
+               group_size: int | None = None, backward: bool = True) -> float:
+  """FLOPs of `batch` sequences of `seq` tokens; `group_size`: S²-Attn."""
+  dense = 2.0 * matmul_params(config) * batch * seq
+  attn = config.num_hidden_layers * attention_flops(
+      seq, config.num_attention_heads, config.head_dim, batch=batch,
+      group_size=group_size)
+  return (dense + attn) * (3 if backward else 1)
+
+
+def peak_flops(device) -> float | None:
+  """Peak dense bf16 FLOP/s of a device, None when unknown (e.g. CPU)."""
+  kind = getattr(device, "device_kind", "")
+  for prefix, value in PEAK_BF16_FLOPS.items():
+    if kind.startswith(prefix):
+      return value
+  return None

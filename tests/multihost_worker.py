@@ -1,0 +1,49 @@
+"""One process of the multi-process test (run by tests/test_distributed.py).
+
+Trains one step of a tiny model on a fixed global batch and, on process 0,
+writes the loss and the updated trainable parameters to argv[1].
+"""
+
+import sys
+
+from longlora_jax.distributed import global_batch, initialize_from_env, process_slice
+
+initialize_from_env()  # Before anything touches a device.
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from longlora_jax import LlamaConfig, init_params, lora  # noqa: E402
+from longlora_jax.sharding import make_mesh  # noqa: E402
+from longlora_jax.train_step import TrainConfig, init_state, jit_train_step  # noqa: E402
+
+CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                  num_hidden_layers=2, num_attention_heads=4,
+                  initializer_range=0.2)
+TC = TrainConfig(attention="s2", compute_dtype="float32", learning_rate=1e-2,
+                 warmup_steps=0, eps=1e-3, loss_chunk=8)
+
+
+def main(out_file):
+  params = lora.add_lora(init_params(CFG, jax.random.key(0)), key=jax.random.key(1))
+  state = init_state(params, lora.trainable_mask(params), TC)
+  rows = 8
+  ids = np.random.default_rng(0).integers(0, CFG.vocab_size, (1, rows, 32))
+  mesh = make_mesh("data=2,fsdp=-1")
+  step, s_shard, b_shard = jit_train_step(
+      CFG, TC, mesh, state, {"input_ids": jax.ShapeDtypeStruct(ids.shape, np.int32)})
+  state = jax.device_put(state, s_shard)
+  local = {"input_ids": ids[:, process_slice(rows)].astype(np.int32)}
+  batch = global_batch(local, b_shard, rows)
+  state, metrics = step(state, batch)
+  trainable = multihost_utils.process_allgather(state.trainable, tiled=True)
+  if jax.process_index() == 0:
+    leaves = {jax.tree_util.keystr(p): np.asarray(x) for p, x in
+              jax.tree_util.tree_flatten_with_path(trainable)[0]}
+    np.savez(out_file, loss=np.asarray(metrics["loss"]),
+             processes=jax.process_count(), devices=jax.device_count(), **leaves)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
