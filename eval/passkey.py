@@ -1,0 +1,87 @@
+"""Passkey retrieval accuracy against prompt length (the official protocol).
+
+  python -m eval.passkey --ckpt DIR --ctx 32768 --max-tokens 32000
+"""
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from eval.common import add_model_args, load_model, save_plot, write_json
+from longlora_jax import cli
+from longlora_jax.errors import LongLoraError
+from longlora_jax.generate import generate
+from longlora_jax.passkey import (answer_ids, filler_lengths, is_correct,
+                                  passkey_prompt)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_model_args(p)
+  p.add_argument("--max-tokens", type=int, default=32000,
+                 help="longest prompt, in tokens (approximately)")
+  p.add_argument("--interval", type=int, default=1000,
+                 help="prompt length step, in tokens (approximately)")
+  p.add_argument("--num-tests", type=int, default=10, help="trials per length")
+  p.add_argument("--chunk-size", type=int, default=2048,
+                 help="prefill tokens per step")
+  p.add_argument("--out", type=Path, default=Path("runs/passkey"),
+                 help="directory for passkey.json and passkey.png")
+  return p.parse_args(argv)
+
+
+def run(config, params, tokenizer, *, max_tokens, interval, num_tests,
+        chunk_size=2048, show_progress=True):
+  """[{tokens, accuracy, correct, trials}] per filler length."""
+  lengths = filler_lengths(max_tokens, interval)
+  if not lengths:
+    raise LongLoraError(f"--max-tokens {max_tokens} < --interval {interval}: "
+                        "nothing to evaluate")
+  if lengths[0] < 1:
+    raise LongLoraError(f"--interval {interval} gives prompts without filler "
+                        "(the protocol rounds to 1024 characters); use 274 or more")
+  rows = []
+  bar = tqdm(total=len(lengths) * num_tests, desc="passkey", unit="trial",
+             disable=not show_progress)
+  for n_filler in lengths:
+    correct, tokens = 0, 0
+    for trial in range(num_tests):
+      prompt, answer = passkey_prompt(n_filler, seed=trial)
+      ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]
+      expected = answer_ids(tokenizer, answer)
+      out = generate(config, params, ids, max_new_tokens=len(expected),
+                     eos_token_id=None, chunk_size=chunk_size)
+      correct += is_correct(out[0], expected)
+      tokens += ids.shape[1]
+      bar.update(1)
+    rows.append({"tokens": tokens // num_tests, "filler_chars": n_filler,
+                 "accuracy": correct / num_tests, "correct": correct,
+                 "trials": num_tests})
+    bar.set_postfix(tokens=rows[-1]["tokens"], acc=rows[-1]["accuracy"])
+  bar.close()
+  return rows
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  config, params, tokenizer, directory = load_model(args)
+  rows = run(config, params, tokenizer, max_tokens=args.max_tokens,
+             interval=args.interval, num_tests=args.num_tests,
+             chunk_size=args.chunk_size)
+  print(f"\npasskey retrieval: {directory} (RoPE factor {config.rope_factor:g})")
+  print(f"{'tokens':>8}  {'accuracy':>8}")
+  for r in rows:
+    print(f"{r['tokens']:>8}  {r['accuracy']:>8.2f}")
+  write_json(args.out / "passkey.json",
+             {"checkpoint": str(directory), "rope_factor": config.rope_factor,
+              "results": rows})
+  save_plot(args.out / "passkey.png", [r["tokens"] for r in rows],
+            [r["accuracy"] for r in rows], xlabel="prompt length (tokens)",
+            ylabel="accuracy", title=f"Passkey retrieval: {Path(directory).name}")
+  print(f"wrote {args.out / 'passkey.json'} and {args.out / 'passkey.png'}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,73 @@
+"""Perplexity of a checkpoint on a long corpus at several context lengths.
+
+  python -m eval.perplexity --ckpt DIR --data pg19_test.bin --seq-len 4096 8192 32768
+"""
+
+import argparse
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from eval.common import add_model_args, load_model, save_plot, write_json
+from longlora_jax import cli
+from longlora_jax.data import iter_texts, load_tokens, tokenize_documents
+from longlora_jax.perplexity import MODES, evaluate, window_starts
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_model_args(p)
+  p.add_argument("--data", required=True,
+                 help="token file (.bin uint16 / .npy), text file(s) or "
+                      "directory, or a HF dataset name")
+  p.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096])
+  p.add_argument("--stride", type=int, default=256,
+                 help="tokens between window starts")
+  p.add_argument("--mode", choices=MODES, default="official")
+  p.add_argument("--batch-size", type=int, default=1)
+  p.add_argument("--max-windows", type=int, default=None,
+                 help="evaluate this many evenly spaced windows per length "
+                      "(default: all, as the official protocol)")
+  p.add_argument("--max-tokens", type=int, default=None,
+                 help="when tokenising text, stop after this many tokens")
+  p.add_argument("--attention", default="chunked",
+                 help="full (dense, short contexts) or chunked (long)")
+  p.add_argument("--out", type=Path, default=Path("runs/perplexity"))
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  config, params, tokenizer, directory = load_model(args)
+  if Path(args.data).suffix in (".bin", ".npy"):
+    tokens = load_tokens(args.data)
+  else:
+    tokens = tokenize_documents(tokenizer, iter_texts(args.data),
+                                max_tokens=args.max_tokens)
+  print(f"{len(tokens):,} tokens from {args.data}")
+  results = []
+  for seq_len in args.seq_len:
+    n = len(window_starts(len(tokens), seq_len, args.stride, args.mode))
+    n = min(n, args.max_windows or n)
+    with tqdm(total=n, desc=f"ppl@{seq_len}", unit="window") as bar:
+      results.append(evaluate(
+          config, params, tokens, seq_len, stride=args.stride, mode=args.mode,
+          batch_size=args.batch_size, attention=args.attention,
+          max_windows=args.max_windows, progress=bar.update))
+  print(f"\nperplexity ({args.mode}): {directory} (RoPE factor "
+        f"{config.rope_factor:g})")
+  print(f"{'seq_len':>8}  {'windows':>7}  {'ppl':>9}")
+  for r in results:
+    print(f"{r['seq_len']:>8}  {r['windows']:>7}  {r['perplexity']:>9.3f}")
+  write_json(args.out / "perplexity.json",
+             {"checkpoint": str(directory), "data": str(args.data),
+              "rope_factor": config.rope_factor, "results": results})
+  save_plot(args.out / "perplexity.png", [r["seq_len"] for r in results],
+            [r["perplexity"] for r in results],
+            xlabel="evaluation context (tokens)", ylabel="perplexity",
+            title=f"Perplexity: {Path(directory).name}", logy=True)
+  print(f"wrote {args.out / 'perplexity.json'} and {args.out / 'perplexity.png'}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,39 @@
+"""Tokenise a text corpus into a flat token file (.bin uint16 or .npy).
+
+  python -m eval.tokenize --tokenizer DIR --data book.txt --out book.bin
+"""
+
+import argparse
+from pathlib import Path
+
+from longlora_jax import cli
+from longlora_jax.data import iter_texts, tokenize_documents, write_tokens
+from longlora_jax.errors import LongLoraError
+from longlora_jax.hf_io import resolve_checkpoint
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--tokenizer", required=True,
+                 help="checkpoint directory or hf:ORG/NAME with a tokenizer")
+  p.add_argument("--data", required=True,
+                 help="text file(s) directory, file, or HF dataset name")
+  p.add_argument("--text-field", default="text")
+  p.add_argument("--max-tokens", type=int, default=None)
+  p.add_argument("--out", type=Path, required=True)
+  args = p.parse_args(argv)
+  from transformers import AutoTokenizer
+  directory = resolve_checkpoint(args.tokenizer)
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+  except (OSError, ValueError) as e:
+    raise LongLoraError(f"{directory}: no usable tokenizer ({e})") from None
+  tokens = tokenize_documents(
+      tokenizer, iter_texts(args.data, text_field=args.text_field),
+      max_tokens=args.max_tokens)
+  write_tokens(args.out, tokens)
+  print(f"wrote {len(tokens):,} tokens to {args.out}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

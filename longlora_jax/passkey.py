@@ -1,0 +1,58 @@
+"""The passkey-retrieval protocol of the official LongLoRA evaluation.
+
+A passkey sentence is hidden at a random point of repeated filler text; the
+model must continue "The pass key is" with the number. Texts, lengths and
+random draws reproduce the official script (itself from landmark-attention),
+so accuracies are comparable with published ones.
+"""
+
+import numpy as np
+
+TASK = ("There is an important info hidden inside a lot of irrelevant text. "
+        "Find it and memorize them. I will quiz you about the important "
+        "information there.")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again.")
+QUESTION = "What is the pass key? The pass key is"
+_FILLER_TEXT = " ".join([FILLER] * 5000)
+
+
+def filler_lengths(max_tokens: int, interval: int) -> list[int]:
+  """Filler characters per evaluation step (about `interval` tokens apart)."""
+  return [int(3.75 * (i + 1) * interval // 1024 * 1024)
+          for i in range(max_tokens // interval)]
+
+
+def passkey_prompt(n_filler: int, seed: int) -> tuple[str, str]:
+  """(prompt, answer) for `n_filler` characters of filler and trial `seed`.
+
+  Draws from NumPy's legacy generator seeded with the trial index, in the
+  official order: the insertion point, then the key in [1, 50000).
+  """
+  if n_filler < 1:
+    raise ValueError(f"n_filler={n_filler}: the protocol needs at least one "
+                     "filler character (use an interval of 274 tokens or more)")
+  if n_filler > len(_FILLER_TEXT):
+    raise ValueError(f"n_filler={n_filler} exceeds the {len(_FILLER_TEXT)} "
+                     "characters of filler the protocol has")
+  rng = np.random.RandomState(seed)
+  n_prefix = rng.randint(0, n_filler)
+  n_suffix = n_filler - n_prefix
+  key = rng.randint(1, 50000)
+  info = f"The pass key is {key}. Remember it. {key} is the pass key."
+  lines = [TASK, _FILLER_TEXT[:n_prefix], info, _FILLER_TEXT[:n_suffix],
+           QUESTION]
+  return "\n".join(lines), str(key)
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+  """The answer's token ids as scored: tokenised alone, BOS dropped."""
+  ids = list(tokenizer(answer)["input_ids"])
+  if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]:
+    ids = ids[1:]
+  return ids
+
+
+def is_correct(generated: list[int], expected: list[int]) -> bool:
+  """Exact match of the greedy continuation with the answer's ids."""
+  return list(map(int, generated)) == list(map(int, expected))

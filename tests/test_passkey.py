@@ -1,0 +1,59 @@
+import os
+
+import pytest
+import transformers
+
+from longlora_jax.passkey import (answer_ids, filler_lengths, is_correct,
+                                  passkey_prompt)
+from tests.conftest import SHARED_TOKENIZER
+
+# The official script's texts, written out here independently.
+TASK = ("There is an important info hidden inside a lot of irrelevant text. "
+        "Find it and memorize them. I will quiz you about the important "
+        "information there.")
+FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
+          "There and back again.")
+
+
+def test_filler_lengths_follow_the_official_formula():
+  # int(3.75 * (i + 1) * 1000 // 1024 * 1024), worked by hand.
+  lengths = filler_lengths(32000, 1000)
+  assert len(lengths) == 32
+  assert lengths[:5] == [3072, 7168, 10240, 14336, 18432]
+  assert lengths[-1] == 119808
+  assert filler_lengths(4096, 2048) == [7168, 15360]
+
+
+# (trial seed, filler chars) -> (chars before the key, key): the first two
+# draws of numpy's legacy generator after numpy.random.seed(seed), as the
+# official script draws them.
+@pytest.mark.parametrize("seed,n,prefix,key", [
+    (0, 3072, 2732, 43568), (1, 3072, 1061, 33004), (7, 30720, 28847, 49690),
+    (3, 117760, 71530, 1689)])
+def test_prompt_matches_official_generator(seed, n, prefix, key):
+  prompt, answer = passkey_prompt(n, seed)
+  assert answer == str(key)
+  lines = prompt.split("\n")
+  assert len(lines) == 5
+  assert lines[0] == TASK
+  assert lines[2] == f"The pass key is {key}. Remember it. {key} is the pass key."
+  assert lines[4] == "What is the pass key? The pass key is"
+  assert len(lines[1]) == prefix and len(lines[3]) == n - prefix
+  assert lines[1] == (" ".join([FILLER] * 2000))[:prefix]
+  assert lines[3] == (" ".join([FILLER] * 2000))[:n - prefix]
+
+
+def test_zero_filler_is_an_error():
+  with pytest.raises(ValueError, match="at least one filler character"):
+    passkey_prompt(0, 0)
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER),
+                    reason="shared Llama-2 tokenizer fixture not present")
+def test_scoring_with_the_real_llama2_tokenizer():
+  tok = transformers.AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
+  expected = answer_ids(tok, "12345")
+  assert expected == [29871, 29896, 29906, 29941, 29946, 29945]
+  assert is_correct([29871, 29896, 29906, 29941, 29946, 29945], expected)
+  assert not is_correct([29871, 29896, 29906, 29941, 29946, 29946], expected)
+  assert not is_correct([29896, 29906, 29941, 29946, 29945], expected)
