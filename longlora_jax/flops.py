@@ -39,6 +39,17 @@ def step_flops(config: LlamaConfig, seq: int, *, batch: int = 1,
   return (dense + attn) * (3 if backward else 1)
 
 
+def paper_flops(config: LlamaConfig, seq: int, *,
+                group_size: int | None = None) -> float:
+  """Forward FLOPs as the LongLoRA paper counts them (Table: 7B at 65,536:
+  3118 TFLOPs full, 1429 S²): matmuls over all weights but the embedding,
+  and attention over whole (unmasked) seq x seq or group x group squares."""
+  attended = group_size or seq
+  attn = (4.0 * config.num_hidden_layers * config.num_attention_heads
+          * config.head_dim * seq * attended)
+  return 2.0 * matmul_params(config) * seq + attn
+
+
 def peak_flops(device) -> float | None:
   """Peak dense bf16 FLOP/s of a device, None when unknown (e.g. CPU)."""
   kind = getattr(device, "device_kind", "")

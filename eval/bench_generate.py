@@ -1,0 +1,94 @@
+"""Generation benchmark: prefill and decode tokens/s at long prompts.
+
+Random weights of a given shape (speed does not depend on their values):
+a prompt of each length is prefilled in chunks over the KV cache, then
+`--decode` tokens are generated one by one. Compilation is excluded (each
+shape runs once untimed first).
+
+  python -m eval.bench_generate --model llama2-7b --prompts 4096 16384 32768
+  python -m eval.bench_generate --hidden 512 --layers 8 --heads 8   # CPU-sized
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--model", default=None,
+                 help="preset (llama2-7b, ...); default: the --hidden etc. shape")
+  p.add_argument("--hidden", type=int, default=512)
+  p.add_argument("--layers", type=int, default=8)
+  p.add_argument("--heads", type=int, default=8)
+  p.add_argument("--kv-heads", type=int, default=None)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--prompts", type=int, nargs="+", default=[4096, 16384, 32768])
+  p.add_argument("--decode", type=int, default=32, help="new tokens per prompt")
+  p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                 help="default: bfloat16 on GPU, float32 on CPU")
+  p.add_argument("--json", metavar="OUT")
+  return p.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from longlora_jax.config import LlamaConfig, preset
+  from longlora_jax.generate import generate
+  from longlora_jax.model import init_params
+
+  platform = jax.devices()[0].platform
+  dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
+  if args.model:
+    config = preset(args.model)
+  else:
+    config = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden,
+        intermediate_size=int(args.hidden * 8 / 3) // 64 * 64,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads)
+  config = dataclasses.replace(config, eos_token_id=None).with_context(
+      max(args.prompts) + args.decode)
+  params = jax.jit(lambda k: init_params(config, k, dtype=jnp.dtype(dtype)))(
+      jax.random.key(0))
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  rows = []
+  for prompt in args.prompts:
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt))
+    run = lambda n: generate(config, params, ids, max_new_tokens=n,
+                             chunk_size=args.chunk)
+    run(2)  # compile prefill and decode
+    t0 = time.perf_counter()
+    run(1)
+    prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(args.decode + 1)
+    decode_s = time.perf_counter() - t0 - prefill_s
+    rows.append({"prompt": prompt, "prefill_s": prefill_s,
+                 "prefill_tok_s": prompt / prefill_s,
+                 "decode_tok_s": args.decode / decode_s})
+    print(f"prompt {prompt:>6}: prefill {prompt / prefill_s:9.0f} tok/s "
+          f"({prefill_s:.2f} s), decode {args.decode / decode_s:7.2f} tok/s",
+          flush=True)
+  result = {
+      "date": datetime.date.today().isoformat(), "jax": jax.__version__,
+      "device": jax.devices()[0].device_kind, "platform": platform,
+      "dtype": dtype, "params": n_params,
+      "config": dataclasses.asdict(config), "chunk": args.chunk,
+      "decode_tokens": args.decode, "results": rows,
+  }
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(result, f, indent=2)
+  return result
+
+
+if __name__ == "__main__":
+  main()
