@@ -17,7 +17,8 @@ import time
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="llama2-7b",
-                 help="preset name (llama2-7b, llama2-13b, llama2-70b)")
+                 help="preset name (llama2-7b, llama2-13b, llama2-70b) or a "
+                      "checkpoint directory / config.json")
   p.add_argument("--ctx", type=int, default=100000, help="sequence length")
   p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, data=2,fsdp=4")
   p.add_argument("--batch", type=int, default=1, help="sequences per device")
@@ -48,13 +49,14 @@ def plan(args) -> dict:
   import jax.numpy as jnp
 
   from longlora_jax import lora
-  from longlora_jax.config import preset
+  from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
   from longlora_jax.model import init_params
   from longlora_jax.sharding import batch_parallelism, make_mesh
   from longlora_jax.train_step import TrainConfig, init_state, jit_train_step
 
-  config = preset(args.model).with_context(args.ctx)
+  config = (preset(args.model) if args.model in PRESETS else
+            LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
   mesh = make_mesh(args.mesh)
   # Full attention at long context means the memory-efficient kernel; the
   # dense one ("full" in the registry) needs seq^2 memory.
