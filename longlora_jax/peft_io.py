@@ -24,6 +24,7 @@ only, plus `trainable_params.bin` (or .safetensors), a state dict in HF names
 accepted as well).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -245,10 +246,14 @@ def _check_factors(file, module, a_RD, b_FR, r, in_f, out_f) -> None:
 
 
 def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
-  """`params` (the base model's) with a PEFT LoRA adapter applied.
+  """(config, params): the base model with a PEFT LoRA adapter applied.
 
   Targeted kernels become `LoRA` nodes (factors in the kernel's dtype); the
   weights in modules_to_save or trainable_params.* replace the base ones.
+  A trained embedding with more rows than the base vocabulary (the official
+  LongLoRA releases add a [PAD] token: 32001 rows) grows the vocabulary as
+  their training did: the untied lm_head gains rows equal to the mean of its
+  existing rows, and the returned config has the new `vocab_size`.
 
   Args:
     adapter_dir: a local directory or `hf:ORG/NAME[@rev]`.
@@ -264,11 +269,12 @@ def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
   cfg = _read_adapter_config(directory / CONFIG_FILE)
   r, to_save = cfg["r"], cfg.get("modules_to_save")
   scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
+  sources = _tensor_sources(directory)
+  config, params = _grow_vocab(config, params, sources)
   flat = dict(_check_params(config, params))
   modules = _hf_modules(config)
   targeted = _targeted(cfg["target_modules"], modules, directory / CONFIG_FILE)
-  factors, extras = _classify(_tensor_sources(directory), modules, targeted,
-                              config)
+  factors, extras = _classify(sources, modules, targeted, config)
 
   updates = {}  # our path -> {layer or None: tensor, [in, out] for kernels}
   for module, (file, raw, read) in extras.items():
@@ -320,7 +326,30 @@ def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
         f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''} "
         f"{'is' if len(missing) == 1 else 'are'} in neither {ADAPTER_FILES[0]}"
         f" nor {' / '.join(TRAINABLE_FILES)}")
-  return traverse_util.unflatten_dict(flat)
+  return config, traverse_util.unflatten_dict(flat)
+
+
+def _grow_vocab(config: LlamaConfig, params, sources):
+  """Base (config, params) resized to the adapter's embedding rows, as the
+  official fine-tuning's `smart_tokenizer_and_embedding_resize` did."""
+  if "model.embed_tokens.weight" not in sources:
+    return config, params
+  file, raw, read = sources["model.embed_tokens.weight"]
+  rows, width = read(file, raw).shape
+  if rows <= config.vocab_size or width != config.hidden_size:
+    return config, params  # Same size, or _classify names the mismatch.
+  params = dict(params)
+  embed = params["embed_tokens"]["embedding"]
+  new = rows - config.vocab_size
+  # Placeholder rows: the adapter's embedding replaces the whole table.
+  params["embed_tokens"] = {"embedding": jnp.concatenate(
+      [embed, jnp.zeros((new, width), embed.dtype)])}
+  if not config.tie_word_embeddings:
+    head_DV = params["lm_head"]["kernel"]
+    mean_D1 = jnp.mean(head_DV.astype(jnp.float32), axis=1, keepdims=True)
+    params["lm_head"] = {"kernel": jnp.concatenate(
+        [head_DV, jnp.repeat(mean_D1, new, axis=1).astype(head_DV.dtype)], 1)}
+  return dataclasses.replace(config, vocab_size=rows), params
 
 
 def _targeted(target_modules, modules, file) -> list[str]:

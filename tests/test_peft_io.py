@@ -67,12 +67,22 @@ def _peft_adapter(directory, out, *, r=4, alpha=8, seed=0, **lora_kwargs):
   return model
 
 
-def _official_adapter(directory, out, *, prefixed=False, seed=0):
+def _official_adapter(directory, out, *, prefixed=False, seed=0, new_tokens=0):
   """The official LongLoRA layout, written as its get_trainable_weights.py
   does: LoRA factors in adapter_model.bin ("default." dropped), embed and
-  norm weights in trainable_params.bin with `base_model.model.` cut off."""
+  norm weights in trainable_params.bin with `base_model.model.` cut off.
+  `new_tokens`: grow the vocabulary first as its fine-tune.py does (new
+  input and output rows = the mean of the old ones)."""
   torch.manual_seed(seed)
-  model = peft.get_peft_model(_torch_base(directory), peft.LoraConfig(
+  base = _torch_base(directory)
+  if new_tokens:
+    vocab = base.config.vocab_size
+    base.resize_token_embeddings(vocab + new_tokens)
+    with torch.no_grad():
+      for emb in (base.get_input_embeddings().weight,
+                  base.get_output_embeddings().weight):
+        emb[vocab:] = emb[:vocab].mean(dim=0, keepdim=True)
+  model = peft.get_peft_model(base, peft.LoraConfig(
       r=4, lora_alpha=16, target_modules=ATTN, lora_dropout=0.0))
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -124,7 +134,7 @@ def test_save_peft_loads_in_pytorch(tiny_hf, tmp_path, name):
   np.testing.assert_allclose(reference.hf_logits(merged, _ids(config)), ours,
                              rtol=1e-4, atol=1e-4)
   # And back: bit-exact, in the saved dtype.
-  again = load_peft(config, base, out)
+  _, again = load_peft(config, base, out)
   for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(params)):
     np.testing.assert_array_equal(x, y)
   assert jax.tree.structure(again) == jax.tree.structure(params)
@@ -151,7 +161,7 @@ def test_save_plain_lora_and_bfloat16(tiny_hf, tmp_path):
   assert {v.dtype.name for v in saved.values()} == {"bfloat16"}
   cfg = json.loads((out / "adapter_config.json").read_text())
   assert cfg["modules_to_save"] is None and cfg["r"] == 8
-  loaded = load_peft(config, base, out)
+  _, loaded = load_peft(config, base, out)
   np.testing.assert_array_equal(loaded["embed_tokens"]["embedding"],
                                 base["embed_tokens"]["embedding"])
   node = loaded["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -171,7 +181,7 @@ def test_load_peft_adapter_made_by_peft(tiny_hf, tmp_path, name,
   config, base = load_hf(directory, dtype="float32")
   model = _peft_adapter(directory, tmp_path / "peft",
                         modules_to_save=modules_to_save, use_rslora=use_rslora)
-  params = load_peft(config, base, tmp_path / "peft")
+  _, params = load_peft(config, base, tmp_path / "peft")
   ours = _logits(config, params)
   assert np.abs(ours - _logits(config, base)).max() > 0.1
   np.testing.assert_allclose(ours, reference.hf_logits(model, _ids(config)),
@@ -190,12 +200,29 @@ def test_load_official_longlora_layout(tiny_hf, tmp_path, prefixed):
   model = _official_adapter(directory, tmp_path / "official", prefixed=prefixed)
   assert sorted(p.name for p in (tmp_path / "official").iterdir()) == [
       "adapter_config.json", "adapter_model.bin", "trainable_params.bin"]
-  params = load_peft(config, base, tmp_path / "official")
+  _, params = load_peft(config, base, tmp_path / "official")
   assert not np.array_equal(params["embed_tokens"]["embedding"],
                             base["embed_tokens"]["embedding"])
   np.testing.assert_allclose(_logits(config, params),
                              reference.hf_logits(model, _ids(config)),
                              rtol=1e-4, atol=1e-4)
+
+
+def test_official_release_with_added_pad_token_grows_the_vocab(tiny_hf, tmp_path):
+  # The published Llama-2-7b-longlora-* adapters were trained after adding a
+  # [PAD] token: their embedding has one more row than the base model.
+  directory, _ = tiny_hf("gqa")
+  config, base = load_hf(directory, dtype="float32")
+  model = _official_adapter(directory, tmp_path / "official", new_tokens=1)
+  grown, params = load_peft(config, base, tmp_path / "official")
+  assert grown.vocab_size == config.vocab_size + 1
+  assert params["lm_head"]["kernel"].shape == (config.hidden_size,
+                                               config.vocab_size + 1)
+  ids = reference.random_ids(grown.vocab_size, 2, 20, seed=3)
+  ids[0, 5] = config.vocab_size  # the new token
+  np.testing.assert_allclose(
+      np.asarray(forward(grown, params, jnp.asarray(ids))),
+      reference.hf_logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
 # ---- bad input ----
