@@ -64,3 +64,18 @@ def test_user_errors(demo, args, message):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(message)
   assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags,factor", [([], 1.0), (["--ctx", "1024"], 4.0),
+                                          (["--ctx", "1000"], 4.0),
+                                          (["--pi-factor", "6"], 6.0),
+                                          (["--ctx", "1024", "--pi-factor", "1"], 1.0)])
+def test_rope_factor_from_ctx_or_pi_factor(demo, flags, factor):
+  import argparse
+
+  from eval.common import add_model_args, load_model
+  parser = argparse.ArgumentParser()
+  add_model_args(parser)
+  config, _, _, _ = load_model(parser.parse_args(["--ckpt", str(demo), *flags]))
+  # The demo model's native context is 256: ceil(ctx / 256).
+  assert config.rope_factor == factor
