@@ -5,6 +5,8 @@ from longlora_jax.attention import (ATTENTION_FNS, attention_flops,
                                     causal_attention, get_attention)
 from longlora_jax.chunked_attention import chunked_causal_attention
 from longlora_jax.s2_attention import s2_attention, s2_group_size
+from longlora_jax.pallas_s2 import (BlockConfig, pallas_causal_attention,
+                                    pallas_s2_attention)
 from longlora_jax import lora
 from longlora_jax.config import PRESETS, LlamaConfig, RopeScaling, preset
 from longlora_jax.errors import CheckpointError, LongLoraError
@@ -17,11 +19,12 @@ from longlora_jax.peft_io import load_peft, save_peft
 from longlora_jax.rope import apply_rope
 
 __all__ = [
-    "ATTENTION_FNS", "CheckpointError", "LlamaConfig", "LongLoraError",
+    "ATTENTION_FNS", "BlockConfig", "CheckpointError", "LlamaConfig", "LongLoraError",
     "PRESETS", "REMAT_POLICIES", "RopeScaling", "add_lora", "apply_rope",
     "attention_flops", "causal_attention", "chunked_causal_attention",
     "extend_cache", "forward", "generate", "get_attention", "hidden_states",
     "init_params", "lm_head", "load_hf", "load_peft", "lora", "merge",
+    "pallas_causal_attention", "pallas_s2_attention",
     "preset", "resolve_checkpoint", "s2_attention", "s2_group_size",
     "save_hf", "save_peft", "trainable_mask",
 ]

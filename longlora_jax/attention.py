@@ -10,6 +10,7 @@ e.g. `functools.partial(s2_attention, variant="roll", group_size=2048)`.
   "full"     dense causal attention (this module), O(seq^2) memory
   "chunked"  flash-style attention in pure JAX (`chunked_attention`), O(seq)
   "s2"       shifted sparse attention, LongLoRA's S²-Attn (`s2_attention`)
+  "pallas"   fused causal flash attention for GPUs (`pallas_s2`)
 """
 
 from typing import Callable
@@ -87,12 +88,14 @@ def attention_flops(seq: int, num_heads: int, head_dim: int, *,
 # (longlora_jax/__init__.py imports it first).
 from longlora_jax.chunked_attention import chunked_causal_attention  # noqa: E402
 from longlora_jax.s2_attention import s2_attended_pairs, s2_attention  # noqa: E402
+from longlora_jax.pallas_s2 import pallas_causal_attention  # noqa: E402
 
 # Training uses S²-Attn; evaluation and generation use full attention.
 ATTENTION_FNS: dict[str, AttentionFn] = {
     "full": causal_attention,
     "chunked": chunked_causal_attention,
     "s2": s2_attention,
+    "pallas": pallas_causal_attention,  # fused kernel, GPU (Triton)
 }
 
 

@@ -34,7 +34,7 @@ from longlora_jax.chunked_attention import (DEFAULT_BLOCK,
                                             chunked_causal_attention)
 
 VARIANTS = ("flash", "roll")
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas", "pallas_interpret")
 
 
 def s2_group_size(seq: int, num_heads: int, group_size: int | None = None,
@@ -80,11 +80,15 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
       head h // (q_heads / kv_heads).
     group_size: tokens per group; default int(seq * group_ratio).
     variant: "flash" (no leak) or "roll" (the paper's, leaks; see above).
-    implementation: attention inside the groups. "auto": "xla" for groups of
-      at most `block_size` tokens, else "chunked". "xla": dense, memory
+    implementation: attention inside the groups. "auto": "pallas" on a GPU
+      when the kernel supports the shapes, else "xla" for groups of at most
+      `block_size` tokens and "chunked" for larger ones. "xla": dense, memory
       seq * G per head; "chunked": `chunked_causal_attention` with
       `block_size`, memory linear in seq for any G (e.g. G = 25k at 100k
-      tokens); "pallas": a fused kernel, not available yet.
+      tokens); "pallas": the fused Pallas Triton kernel
+      (`pallas_s2.pallas_s2_attention`, GPU, default tiles; no
+      `segment_ids_BT`, `block_size` unused); "pallas_interpret": the same
+      kernel through the Pallas interpreter (any backend, slow; for tests).
     segment_ids_BT: packed documents; tokens never attend across them.
   Returns:
     `[batch, seq, q_heads, head_dim]`.
@@ -96,9 +100,15 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}")
-  if implementation == "pallas":
-    raise NotImplementedError("S²-Attn implementation='pallas' is not "
-                              "available yet; use 'xla' or 'chunked'")
+  if implementation == "auto" and _kernel_fits(q_BTNH, segment_ids_BT):
+    implementation = "pallas"
+  if implementation in ("pallas", "pallas_interpret"):
+    # Imported here: the kernel module builds on this one.
+    from longlora_jax.pallas_s2 import pallas_s2_attention
+    return pallas_s2_attention(
+        q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
+        segment_ids_BT=segment_ids_BT,
+        interpret=implementation == "pallas_interpret")
   if N % K:
     raise ValueError(f"q_heads={N} is not a multiple of kv_heads={K}")
   if implementation == "auto":
@@ -134,6 +144,16 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
 
   out_gGnH = attend(q_gGnH, k_gGkH, v_gGkH, segment_ids_BT=segments_gG)
   return _merge_heads(out_gGnH.reshape(2 * B, T, N // 2, H), shift)
+
+
+def _kernel_fits(q_BTNH, segment_ids_BT) -> bool:
+  """Whether "auto" should take the fused kernel: GPU, no packed segments,
+  and shapes it supports."""
+  import jax
+  from longlora_jax import pallas_s2
+  T, H = q_BTNH.shape[1], q_BTNH.shape[3]
+  return (pallas_s2.AVAILABLE and jax.default_backend() == "gpu"
+          and segment_ids_BT is None and H in pallas_s2.HEAD_DIMS and T % 128 == 0)
 
 
 def _split_heads(x_BTND, shift):

@@ -179,7 +179,3 @@ def test_value_errors(kwargs, message):
     s2_attention(q, k, k, **kwargs)
 
 
-def test_pallas_is_not_available_yet():
-  q = jnp.zeros((1, 16, 4, 8))
-  with pytest.raises(NotImplementedError, match="pallas"):
-    s2_attention(q, q, q, implementation="pallas")

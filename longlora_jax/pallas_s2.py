@@ -1,0 +1,492 @@
+"""Fused S²-Attn in Pallas for the GPU Triton backend, forward and backward.
+
+The kernels read the model's own `q: [batch, seq, q_heads, head_dim]` and
+`k, v: [batch, seq, kv_heads, head_dim]` in place: no transposes, rolls,
+head splits or repeated K/V in HBM. The groups of `s2_attention` (see there)
+are index arithmetic: query head h uses groups starting at 0 if
+h < q_heads / 2, else at G/2 (first group [0, G/2)); "roll" adds, for the
+shifted heads' first G/2 queries, the wrapped keys [seq - G/2, seq). With no
+shift and G = seq every head is plain causal attention
+(`pallas_causal_attention`).
+
+Flash-attention-2 in three kernels (plus an XLA reduction for
+D = rowsum(dO * O)):
+
+  forward  grid (query block, batch, query head). Online softmax in float32
+           over the key blocks that hold the block's keys, in base 2 (exp2,
+           log2(e) folded into the scale); saves lse = log2-sum-exp.
+  dQ       same grid and key blocks; recomputes P from lse.
+  dK/dV    grid (key block, batch, kv head). Loops over the R = q_heads /
+           kv_heads query heads sharing the kv head, and for each over the
+           query blocks that see the key block, accumulating dK and dV in
+           float32 registers; each dK/dV block is written once. No atomics,
+           no per-query-head dK/dV buffer, no reduction afterwards; the cost
+           is R-way less parallelism in that kernel (R = 1 for Llama-2 7B).
+
+Key (query) blocks outside a head's groups are never loaded: K/V arrive as
+pointers to the whole sequence of one kv head (the index map picks kv head
+h // R) and the loops run over computed block ranges. Tiles entirely inside
+a group and below the diagonal skip the mask; the others apply it.
+
+Constraints (checked, ValueError): head_dim in `HEAD_DIMS`; q, k, v of one
+dtype; q_heads a multiple of kv_heads; every block a power of two >= 16
+(Triton tile shapes) that divides seq (blocks larger than seq are clamped to
+it). None on G beyond `s2_group_size` (even, divides seq): a block may hold
+several groups (G < block) or cross a group border (G/2 not a multiple of the
+block); such tiles are masked, so they cost compute, not correctness. The
+fastest case is G/2 a multiple of every block (e.g. G = 2048, blocks <= 128).
+Packed documents (`segment_ids_BT`) are not supported.
+
+`interpret=True` runs the same kernels through the Pallas interpreter on any
+backend (slow; for tests on CPU). The Triton backend is deprecated in jax
+0.11 (Mosaic GPU and jax-triton replace it); this module is the only place
+that knows about it, behind the attention signature, so another kernel can
+replace it. If Pallas Triton cannot be imported, `AVAILABLE` is False and the
+entry points raise ImportError when called; importing longlora_jax still works.
+"""
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from longlora_jax.s2_attention import VARIANTS, s2_group_size
+
+try:
+  from jax.experimental import pallas as pl
+  with warnings.catch_warnings():
+    # jax 0.11 deprecates Pallas Triton; the kernels still build with it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas import triton as plgpu
+  _IMPORT_ERROR = None
+except ImportError as e:  # depends on the installed jax
+  pl = plgpu = None
+  _IMPORT_ERROR = e
+
+AVAILABLE = _IMPORT_ERROR is None
+HEAD_DIMS = (64, 128)
+_MIN_BLOCK = 16  # Triton's smallest dot tile
+# A finite "minus infinity": a row whose first tiles are all masked gets
+# weights exp2(0) = 1 there, which the rescale exp2(_MASK - m) = 0 erases once
+# its own key arrives (always visited). -inf would give NaN (-inf - -inf).
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Tile sizes in tokens and Triton launch parameters.
+
+  `block_q`/`block_k`: forward tiles. `block_q_dkv`/`block_k_dkv`: dK/dV
+  kernel (one key block per program, loops over query blocks).
+  `block_q_dq`/`block_k_dq`: dQ kernel (one query block per program).
+  Defaults (`default_config`) start from the Triton fused-attention tutorial
+  and jax's Pallas GPU attention, with dK/dV key blocks of 64 so that its two
+  float32 accumulators fit in registers: all three kernels compile for sm_90
+  without register spills (checked offline with Triton 3.9 and ptxas, no
+  GPU; see BENCHMARKS.md). Not tuned by timing yet.
+  """
+  block_q: int = 128
+  block_k: int = 64
+  block_q_dkv: int = 32
+  block_k_dkv: int = 64
+  block_q_dq: int = 128
+  block_k_dq: int = 32
+  num_warps: int = 4
+  num_stages: int = 3
+  num_warps_bwd: int = 4
+  num_stages_bwd: int = 3
+
+  def blocks(self) -> dict[str, int]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+            if f.name.startswith("block_")}
+
+
+def default_config(head_dim: int) -> BlockConfig:
+  """Defaults per head_dim: 128 doubles the warps so the float32
+  accumulators ([block, head_dim] each) stay in registers."""
+  _check_head_dim(head_dim)
+  if head_dim == 64:
+    return BlockConfig()
+  return BlockConfig(num_warps=8, num_warps_bwd=8, num_stages_bwd=2)
+
+
+def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
+                        group_size: int | None = None,
+                        group_ratio: float = 0.25, variant: str = "flash",
+                        segment_ids_BT=None,
+                        config: BlockConfig | None = None,
+                        interpret: bool = False):
+  """S²-Attn by the fused kernels; same result as `s2_attention`.
+
+  Args:
+    q_BTNH: `[batch, seq, q_heads, head_dim]`; k_BTKH, v_BTKH: `[batch,
+      seq, kv_heads, head_dim]` (query head h reads kv head h // R).
+    group_size, group_ratio, variant: as in `s2_attention`.
+    segment_ids_BT: must be None (ValueError otherwise): no packed documents.
+    config: tiles and launch parameters; default `default_config(head_dim)`.
+    interpret: run through the Pallas interpreter (any backend, slow).
+  Returns:
+    `[batch, seq, q_heads, head_dim]` in q's dtype.
+  """
+  _check_no_segments(segment_ids_BT)
+  T, N = q_BTNH.shape[1:3]
+  G = s2_group_size(T, N, group_size, group_ratio)
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown S²-Attn variant {variant!r}; choose one of "
+                     f"{VARIANTS}")
+  groups = _Groups(seq=T, size=G, shift=G // 2, wrap=variant == "roll",
+                   heads=N)
+  return _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret)
+
+
+def pallas_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
+                            config: BlockConfig | None = None,
+                            interpret: bool = False):
+  """Plain causal flash attention by the same kernels (one group of seq
+  tokens, no shift), with the attention signature; e.g. for evaluation.
+
+  Raises ValueError if `segment_ids_BT` is given: the kernels do not support
+  packed documents (use "chunked" attention for them).
+  """
+  _check_no_segments(segment_ids_BT)
+  T, N = q_BTNH.shape[1:3]
+  groups = _Groups(seq=T, size=T, shift=0, wrap=False, heads=N)
+  return _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Groups:
+  """Which keys a query sees. Query heads h >= heads // 2 use group
+  boundaries at `shift` + multiples of `size` (plus 0), the others at
+  multiples of `size`; a query sees the keys from its group's start up to
+  itself. `wrap` (the "roll" variant): a shifted head's queries t < shift
+  also see the keys [seq - shift, seq)."""
+  seq: int
+  size: int
+  shift: int
+  wrap: bool
+  heads: int
+
+  def offset(self, head):
+    """Boundary offset (0 or shift) of a traced query head index."""
+    return (head >= self.heads // 2).astype(jnp.int32) * self.shift
+
+  def end(self, t, offset):
+    """The first group boundary after position t (may pass seq)."""
+    return lax.div(t + (self.size - offset), self.size) * self.size + offset
+
+  def start(self, t, offset):
+    """Start of t's group; the first shifted group is [0, shift)."""
+    return jnp.maximum(self.end(t, offset) - self.size, 0)
+
+  def visible(self, t_Q1, k_1K, offset):
+    """`[queries, keys]` bool: the one definition of the S² mask here."""
+    visible_QK = (k_1K <= t_Q1) & (k_1K >= self.start(t_Q1, offset))
+    if self.wrap:
+      visible_QK |= (t_Q1 < offset) & (k_1K >= self.seq - offset)
+    return visible_QK
+
+
+# Block ranges. Each returns (lo, a, b, hi, wrap): blocks [lo, a) and
+# [b, hi) need the mask, [a, b) are entirely visible, and wrap = (wrap_lo,
+# wrap_hi) are the roll variant's wrapped blocks not already in [lo, hi)
+# (None for the other groups: no loop at all).
+
+def _key_blocks(groups, q0, block_q, block_k, offset):
+  """Key blocks that the query block [q0, q0 + block_q) attends."""
+  q_last = q0 + block_q - 1
+  lo = lax.div(groups.start(q0, offset), block_k)
+  hi = lax.div(q_last, block_k) + 1
+  # Entirely visible: at or after the last row's group start and at or
+  # before the first row.
+  a = jnp.minimum(_cdiv(groups.start(q_last, offset), block_k), hi)
+  b = jnp.maximum(a, jnp.minimum(lax.div(q0 + 1, block_k), hi))
+  wrap = None
+  if groups.wrap:
+    wrap_lo = jnp.maximum(lax.div(groups.seq - offset, block_k), hi)
+    wrap = wrap_lo, _select(q0 < offset, groups.seq // block_k, wrap_lo)
+  return lo, a, b, hi, wrap
+
+
+def _query_blocks(groups, k0, block_k, block_q, offset):
+  """Query blocks that attend the key block [k0, k0 + block_k)."""
+  k_last = k0 + block_k - 1
+  lo = lax.div(k0, block_q)
+  hi = _cdiv(jnp.minimum(groups.end(k_last, offset), groups.seq), block_q)
+  # Entirely visible: every row at or after the last key, and in a group
+  # that starts at or before the first key.
+  a = jnp.minimum(_cdiv(k_last, block_q), hi)
+  b = jnp.maximum(a, jnp.minimum(lax.div(groups.end(k0, offset), block_q),
+                                 hi))
+  wrap = None
+  if groups.wrap:
+    wrap = jnp.int32(0), _select(k_last >= groups.seq - offset,
+                                 jnp.minimum(_cdiv(offset, block_q), lo), 0)
+  return lo, a, b, hi, wrap
+
+
+def _visit(ranges, body, carry):
+  """Runs `body(index, carry, masked=...)` over the blocks of `ranges`."""
+  lo, a, b, hi, wrap = ranges
+  loops = [(lo, a, True), (a, b, False), (b, hi, True)]
+  if wrap is not None:
+    loops.append((*wrap, True))
+  for start, stop, masked in loops:
+    carry = lax.fori_loop(start, stop,
+                          functools.partial(body, masked=masked), carry)
+  return carry
+
+
+def _cdiv(a, b):
+  return lax.div(a + (b - 1), b)
+
+
+def _select(condition, a, b):
+  """Scalar int32 select; jnp.where with Python ints fails to lower to
+  Triton (jax 0.10: i1 operands)."""
+  return lax.select(condition, jnp.asarray(a, jnp.int32),
+                    jnp.asarray(b, jnp.int32))
+
+
+def _positions(start, size, axis):
+  """`[size, 1]` (axis 0) or `[1, size]` (axis 1) int32 positions."""
+  shape = (size, 1) if axis == 0 else (1, size)
+  return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_k):
+  block_q, head_dim = q_ref.shape
+  q0 = pl.program_id(0) * block_q
+  offset = groups.offset(pl.program_id(2))
+  q_QH = q_ref[...]
+  t_Q1 = _positions(q0, block_q, 0)
+  scale = head_dim ** -0.5 * _LOG2E
+
+  def key_block(j, carry, masked):
+    acc_QH, m_Q, l_Q = carry
+    keys = pl.ds(j * block_k, block_k)
+    s_QK = plgpu.dot(q_QH, k_ref[keys, :], trans_b=True) * scale
+    if masked:
+      s_QK = jnp.where(
+          groups.visible(t_Q1, _positions(j * block_k, block_k, 1), offset),
+          s_QK, _MASK)
+    m_new = jnp.maximum(m_Q, s_QK.max(axis=1))
+    correction_Q = jnp.exp2(m_Q - m_new)
+    p_QK = jnp.exp2(s_QK - m_new[:, None])
+    l_Q = l_Q * correction_Q + p_QK.sum(axis=1)
+    acc_QH = acc_QH * correction_Q[:, None] + plgpu.dot(
+        p_QK.astype(v_ref.dtype), v_ref[keys, :])
+    return acc_QH, m_new, l_Q
+
+  init = (jnp.zeros((block_q, head_dim), jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc_QH, m_Q, l_Q = _visit(
+      _key_blocks(groups, q0, block_q, block_k, offset), key_block, init)
+  o_ref[...] = (acc_QH / l_Q[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m_Q + jnp.log2(l_Q)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               groups, block_k):
+  block_q, head_dim = q_ref.shape
+  q0 = pl.program_id(0) * block_q
+  offset = groups.offset(pl.program_id(2))
+  q_QH, do_QH = q_ref[...], do_ref[...]
+  lse_Q, delta_Q = lse_ref[...], delta_ref[...]
+  t_Q1 = _positions(q0, block_q, 0)
+  scale = head_dim ** -0.5
+
+  def key_block(j, dq_QH, masked):
+    keys = pl.ds(j * block_k, block_k)
+    k_KH = k_ref[keys, :]
+    s_QK = plgpu.dot(q_QH, k_KH, trans_b=True) * (scale * _LOG2E)
+    if masked:
+      s_QK = jnp.where(
+          groups.visible(t_Q1, _positions(j * block_k, block_k, 1), offset),
+          s_QK, _MASK)
+    p_QK = jnp.exp2(s_QK - lse_Q[:, None])
+    dp_QK = plgpu.dot(do_QH, v_ref[keys, :], trans_b=True)
+    ds_QK = p_QK * (dp_QK - delta_Q[:, None])
+    return dq_QH + plgpu.dot(ds_QK.astype(k_KH.dtype), k_KH)
+
+  dq_QH = _visit(_key_blocks(groups, q0, block_q, block_k, offset),
+                 key_block, jnp.zeros((block_q, head_dim), jnp.float32))
+  dq_ref[...] = (dq_QH * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, groups, block_q):
+  block_k, head_dim = k_ref.shape
+  R = q_ref.shape[1]
+  k0 = pl.program_id(0) * block_k
+  first_head = pl.program_id(2) * R
+  k_KH, v_KH = k_ref[...], v_ref[...]
+  k_1K = _positions(k0, block_k, 1)
+  scale = head_dim ** -0.5
+
+  def query_head(r, carry):
+    offset = groups.offset(first_head + r)
+
+    def query_block(i, carry, masked):
+      dk_KH, dv_KH = carry
+      queries = pl.ds(i * block_q, block_q)
+      q_QH, do_QH = q_ref[queries, r, :], do_ref[queries, r, :]
+      s_QK = plgpu.dot(q_QH, k_KH, trans_b=True) * (scale * _LOG2E)
+      if masked:
+        s_QK = jnp.where(
+            groups.visible(_positions(i * block_q, block_q, 0), k_1K, offset),
+            s_QK, _MASK)
+      p_QK = jnp.exp2(s_QK - lse_ref[r, queries][:, None])
+      dv_KH += plgpu.dot(p_QK.astype(do_QH.dtype), do_QH, trans_a=True)
+      dp_QK = plgpu.dot(do_QH, v_KH, trans_b=True)
+      ds_QK = p_QK * (dp_QK - delta_ref[r, queries][:, None])
+      dk_KH += plgpu.dot(ds_QK.astype(q_QH.dtype), q_QH, trans_a=True)
+      return dk_KH, dv_KH
+
+    return _visit(_query_blocks(groups, k0, block_k, block_q, offset),
+                  query_block, carry)
+
+  zeros = jnp.zeros((block_k, head_dim), jnp.float32)
+  dk_KH, dv_KH = lax.fori_loop(0, R, query_head, (zeros, zeros))
+  dk_ref[...] = (dk_KH * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_KH.astype(dv_ref.dtype)
+
+
+def _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
+  if not AVAILABLE:
+    raise ImportError(f"Pallas Triton is not available in this jax "
+                      f"({jax.__version__}): {_IMPORT_ERROR}")
+  config = _checked_config(q_BTNH, k_BTKH, v_BTKH, config)
+  return _fused(q_BTNH, k_BTKH, v_BTKH, groups, config, bool(interpret))
+
+
+def _checked_config(q_BTNH, k_BTKH, v_BTKH, config):
+  """The config with blocks clamped to seq; ValueError on what the kernels
+  cannot run."""
+  B, T, N, H = q_BTNH.shape
+  if k_BTKH.shape != v_BTKH.shape or k_BTKH.shape[:2] != (B, T) or (
+      k_BTKH.shape[3] != H):
+    raise ValueError(f"k {k_BTKH.shape} and v {v_BTKH.shape} must be "
+                     f"[batch, seq, kv_heads, head_dim] like q {q_BTNH.shape}")
+  if not q_BTNH.dtype == k_BTKH.dtype == v_BTKH.dtype:
+    raise ValueError(f"q, k, v need one dtype; got {q_BTNH.dtype}, "
+                     f"{k_BTKH.dtype}, {v_BTKH.dtype}")
+  if N % k_BTKH.shape[2]:
+    raise ValueError(f"q_heads={N} is not a multiple of "
+                     f"kv_heads={k_BTKH.shape[2]}")
+  _check_head_dim(H)
+  config = config or default_config(H)
+  config = dataclasses.replace(
+      config, **{name: min(b, T) for name, b in config.blocks().items()})
+  for name, block in config.blocks().items():
+    if block < _MIN_BLOCK or block & (block - 1) or T % block:
+      raise ValueError(
+          f"{name}={block} must be a power of two >= {_MIN_BLOCK} that "
+          f"divides seq={T} (blocks larger than seq are clamped to it)")
+  return config
+
+
+def _check_no_segments(segment_ids_BT):
+  if segment_ids_BT is not None:
+    raise ValueError("the Pallas attention kernels do not support "
+                     "segment_ids_BT (packed documents); use the 'chunked' "
+                     "or 'xla' implementations for them")
+
+
+def _check_head_dim(head_dim):
+  if head_dim not in HEAD_DIMS:
+    raise ValueError(f"the Pallas S²-Attn kernel supports head_dim in "
+                     f"{HEAD_DIMS}; got {head_dim}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
+  return _forward(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret)[0]
+
+
+def _forward(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
+  """Output `[batch, seq, q_heads, head_dim]` and float32 base-2
+  log-sum-exp `[batch, q_heads, seq]`."""
+  B, T, N, H = q_BTNH.shape
+  R = N // k_BTKH.shape[2]
+  bq = config.block_q
+  query_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
+  kv_spec = pl.BlockSpec((None, T, None, H),
+                         lambda i, b, h: (b, 0, lax.div(h, R), 0))
+  return pl.pallas_call(
+      functools.partial(_forward_kernel, groups=groups,
+                        block_k=config.block_k),
+      grid=(T // bq, B, N),
+      in_specs=[query_spec, kv_spec, kv_spec],
+      out_specs=[query_spec,
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+      out_shape=[jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
+                 jax.ShapeDtypeStruct((B, N, T), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name="s2_attention_forward",
+  )(q_BTNH, k_BTKH, v_BTKH)
+
+
+def _fused_fwd(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
+  out_BTNH, lse_BNT = _forward(q_BTNH, k_BTKH, v_BTKH, groups, config,
+                               interpret)
+  return out_BTNH, (q_BTNH, k_BTKH, v_BTKH, out_BTNH, lse_BNT)
+
+
+def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
+  q_BTNH, k_BTKH, v_BTKH, out_BTNH, lse_BNT = residuals
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  R = N // K
+  do_BTNH = do_BTNH.astype(q_BTNH.dtype)
+  # D = rowsum(dO * O): one fused XLA reduction, O(batch * seq * heads).
+  delta_BNT = jnp.swapaxes(
+      (do_BTNH.astype(jnp.float32) * out_BTNH.astype(jnp.float32)).sum(-1),
+      1, 2)
+  params = plgpu.CompilerParams(num_warps=config.num_warps_bwd,
+                                num_stages=config.num_stages_bwd)
+
+  bq = config.block_q_dq
+  query_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  kv_spec = pl.BlockSpec((None, T, None, H),
+                         lambda i, b, h: (b, 0, lax.div(h, R), 0))
+  dq_BTNH = pl.pallas_call(
+      functools.partial(_dq_kernel, groups=groups, block_k=config.block_k_dq),
+      grid=(T // bq, B, N),
+      in_specs=[query_spec, kv_spec, kv_spec, query_spec, row_spec, row_spec],
+      out_specs=query_spec,
+      out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
+      compiler_params=params, interpret=interpret,
+      name="s2_attention_dq",
+  )(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT)
+
+  bk = config.block_k_dkv
+  # One program per kv head sees all R query heads that read it.
+  heads_spec = pl.BlockSpec((None, T, R, H), lambda j, b, g: (b, 0, g, 0))
+  rows_spec = pl.BlockSpec((None, R, T), lambda j, b, g: (b, g, 0))
+  key_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, g: (b, j, g, 0))
+  dk_BTKH, dv_BTKH = pl.pallas_call(
+      functools.partial(_dkv_kernel, groups=groups,
+                        block_q=config.block_q_dkv),
+      grid=(T // bk, B, K),
+      in_specs=[heads_spec, key_spec, key_spec, heads_spec, rows_spec,
+                rows_spec],
+      out_specs=[key_spec, key_spec],
+      out_shape=[jax.ShapeDtypeStruct(k_BTKH.shape, k_BTKH.dtype),
+                 jax.ShapeDtypeStruct(v_BTKH.shape, v_BTKH.dtype)],
+      compiler_params=params, interpret=interpret,
+      name="s2_attention_dkv",
+  )(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT)
+  return dq_BTNH, dk_BTKH, dv_BTKH
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
