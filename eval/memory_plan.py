@@ -10,7 +10,6 @@ analytic breakdown, and XLA's FLOP count next to the analytic one.
 import argparse
 import json
 import os
-import sys
 import time
 
 

@@ -6,15 +6,12 @@
 import argparse
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from eval.common import add_model_args, load_model, save_plot, write_json
 from longlora_jax import cli
 from longlora_jax.errors import LongLoraError
-from longlora_jax.generate import generate
-from longlora_jax.passkey import (answer_ids, filler_lengths, is_correct,
-                                  passkey_prompt)
+from longlora_jax.passkey import filler_lengths, retrieval
 
 
 def parse_args(argv=None):
@@ -46,17 +43,10 @@ def run(config, params, tokenizer, *, max_tokens, interval, num_tests,
   bar = tqdm(total=len(lengths) * num_tests, desc="passkey", unit="trial",
              disable=not show_progress)
   for n_filler in lengths:
-    correct, tokens = 0, 0
-    for trial in range(num_tests):
-      prompt, answer = passkey_prompt(n_filler, seed=trial)
-      ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]
-      expected = answer_ids(tokenizer, answer)
-      out = generate(config, params, ids, max_new_tokens=len(expected),
-                     eos_token_id=None, chunk_size=chunk_size)
-      correct += is_correct(out[0], expected)
-      tokens += ids.shape[1]
-      bar.update(1)
-    rows.append({"tokens": tokens // num_tests, "filler_chars": n_filler,
+    correct, tokens = retrieval(config, params, tokenizer, n_filler,
+                                num_tests, chunk_size=chunk_size,
+                                on_trial=bar.update)
+    rows.append({"tokens": tokens, "filler_chars": n_filler,
                  "accuracy": correct / num_tests, "correct": correct,
                  "trials": num_tests})
     bar.set_postfix(tokens=rows[-1]["tokens"], acc=rows[-1]["accuracy"])

@@ -24,8 +24,8 @@ DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--ckpt", default="demo",
-                 help="HF checkpoint directory, hf:ORG/NAME, or 'demo' (a "
-                      "tiny random model built locally)")
+                 help="HF checkpoint directory, hf:ORG/NAME, or 'demo' (the "
+                      "built-in tiny model pretrained on Python source)")
   p.add_argument("--text", default=DEFAULT_TEXT)
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bfloat16", "float16"))

@@ -17,6 +17,10 @@ from longlora_jax.model import (REMAT_POLICIES, extend_cache, forward,
                                 hidden_states, init_params, lm_head)
 from longlora_jax.peft_io import load_peft, save_peft
 from longlora_jax.rope import apply_rope
+from longlora_jax.sharding import make_mesh
+from longlora_jax.train_step import (TrainConfig, TrainState, init_state,
+                                     jit_train_step, params_of)
+from longlora_jax import checkpoint, data, passkey, perplexity, sft
 
 __all__ = [
     "ATTENTION_FNS", "BlockConfig", "CheckpointError", "LlamaConfig", "LongLoraError",
@@ -26,5 +30,7 @@ __all__ = [
     "init_params", "lm_head", "load_hf", "load_peft", "lora", "merge",
     "pallas_causal_attention", "pallas_s2_attention",
     "preset", "resolve_checkpoint", "s2_attention", "s2_group_size",
-    "save_hf", "save_peft", "trainable_mask",
+    "save_hf", "save_peft", "trainable_mask", "make_mesh", "TrainConfig",
+    "TrainState", "init_state", "jit_train_step", "params_of", "checkpoint",
+    "data", "passkey", "perplexity", "sft",
 ]

@@ -1,56 +1,250 @@
-"""The built-in demo checkpoint: a tiny Llama with a byte-level tokenizer.
+"""The built-in demo: a tiny pretrained Llama, its data and its evaluation.
 
-Made locally (no network) so every command has something to run on.
+The base model is the project's own: a byte-level Llama with a native
+context of 256 tokens, pretrained by `python -m train.pretrain_demo` on the
+Python standard library's source (text every machine with Python has) and
+committed under `assets/demo-base/`. `python -m train.extend` with no
+arguments extends it to 1024 tokens on a laptop CPU.
+
+The standard library splits by a hash of each file's path: 1 in 20 files is
+held out for evaluation and never trained on; the rest is training data.
 """
 
 import json
+import os
+import shutil
+import sysconfig
+import uuid
+import zlib
 from pathlib import Path
 
-import jax
+import numpy as np
 
 from longlora_jax.config import LlamaConfig
-from longlora_jax.hf_io import save_hf
-from longlora_jax.model import init_params
+from longlora_jax.errors import LongLoraError
 
+ROOT = Path(__file__).resolve().parents[1]
+ASSET_DIR = ROOT / "assets" / "demo-base"
 DEMO_DIR = Path("runs") / "demo" / "base"
+DATA_DIR = Path("runs") / "demo" / "data"
 # 256 byte tokens after the three specials.
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+NATIVE_CONTEXT = 256
 DEMO_CONFIG = LlamaConfig(
     vocab_size=256 + len(SPECIAL_TOKENS), hidden_size=128,
     intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-    max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+    max_position_embeddings=NATIVE_CONTEXT, bos_token_id=1, eos_token_id=2,
     pad_token_id=0, tie_word_embeddings=False)
+# Directories of the standard library that are not its own prose and code:
+# installed packages (differ per machine), test suites, codec tables.
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test",
+              "encodings", "__pycache__"}
+_HELD_OUT_ONE_IN = 20
 
 
 def save_byte_tokenizer(directory: Path) -> None:
-  """A byte-level BPE tokenizer with no merges: one token per UTF-8 byte."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  """A byte-level tokenizer: one token per UTF-8 byte, BOS first.
+
+  Like Llama's SentencePiece tokenizer it prepends a space to the text (and
+  the decoder removes it), so "12345" alone encodes as the " 12345" that
+  follows "The pass key is": the passkey protocol compares those ids.
+  """
+  from tokenizers import (Tokenizer, decoders, models, normalizers,
+                          pre_tokenizers, processors)
   from transformers import PreTrainedTokenizerFast
-  byte_chars = pre_tokenizers.ByteLevel.alphabet()
   vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-  for ch in sorted(byte_chars):
+  for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
     vocab[ch] = len(vocab)
   tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  fast = PreTrainedTokenizerFast(
-      tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-      eos_token="</s>", add_bos_token=True)
+  tok.normalizer = normalizers.Prepend(" ")
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                               use_regex=False)
+  tok.decoder = decoders.Sequence([decoders.ByteLevel(),
+                                   decoders.Strip(" ", 1, 0)])
+  tok.post_processor = processors.TemplateProcessing(
+      single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>",
+                                 bos_token="<s>", eos_token="</s>")
   fast.save_pretrained(directory)
-  # Prepend BOS as Llama tokenizers do.
-  config_file = directory / "tokenizer_config.json"
+  # A class every transformers release knows (5.x writes its own name).
+  config_file = Path(directory) / "tokenizer_config.json"
   cfg = json.loads(config_file.read_text())
-  cfg["add_bos_token"] = True
-  config_file.write_text(json.dumps(cfg, indent=2))
+  cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+  config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
-def demo_checkpoint(directory: Path = DEMO_DIR, seed: int = 0) -> Path:
-  """A random tiny Llama in HF format (built once, then reused)."""
+def demo_checkpoint(directory: str | os.PathLike = DEMO_DIR) -> Path:
+  """The demo base model as a HF checkpoint directory (copied from the
+  committed asset on first use, and again whenever the asset changes)."""
   directory = Path(directory)
-  if (directory / "config.json").exists():
+  files = sorted(p.name for p in ASSET_DIR.glob("*") if p.is_file())
+  if "model.safetensors" not in files:
+    raise LongLoraError(
+        f"{ASSET_DIR}: the demo base model is missing; rebuild it with "
+        "`python -m train.pretrain_demo`")
+  if all((directory / f).exists() and (directory / f).read_bytes()
+         == (ASSET_DIR / f).read_bytes() for f in files):
     return directory
-  tokenizer_dir = directory.parent / "tokenizer"
-  if not (tokenizer_dir / "tokenizer.json").exists():
-    save_byte_tokenizer(tokenizer_dir)
-  params = init_params(DEMO_CONFIG, jax.random.key(seed))
-  return save_hf(DEMO_CONFIG, params, directory, tokenizer_from=tokenizer_dir)
+  tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir(parents=True)
+  for f in files:
+    shutil.copyfile(ASSET_DIR / f, tmp / f)
+  if directory.exists():
+    shutil.rmtree(directory)
+  tmp.rename(directory)
+  return directory
+
+
+# ---- data: the standard library's source ----
+
+def stdlib_files() -> tuple[list[Path], list[Path]]:
+  """(training files, held-out files) of this Python's standard library."""
+  root = Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(p for p in root.rglob("*.py")
+                 if not _SKIP_DIRS & set(p.relative_to(root).parts[:-1]))
+  if len(files) < 100:
+    raise LongLoraError(
+        f"{root}: found {len(files)} Python source files; the demo trains on "
+        "the standard library's source, which this Python does not ship")
+  held = lambda p: zlib.crc32(p.relative_to(root).as_posix().encode()) % (
+      _HELD_OUT_ONE_IN) == 0
+  return ([p for p in files if not held(p)], [p for p in files if held(p)])
+
+
+def demo_data(directory: str | os.PathLike = DATA_DIR,
+              seed: int = 0) -> tuple[Path, Path]:
+  """(train.jsonl, heldout.jsonl): the standard library split, one
+  {"text", "path"} record per file, training files in a seeded order."""
+  directory = Path(directory)
+  out = directory / "train.jsonl", directory / "heldout.jsonl"
+  if all(p.exists() for p in out):
+    return out
+  train, held = stdlib_files()
+  train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
+  directory.mkdir(parents=True, exist_ok=True)
+  for path, files in zip(out, (train, held)):
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      for p in files:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        f.write(json.dumps({"text": text, "path": p.name}) + "\n")
+    os.replace(tmp, path)
+  return out
+
+
+def retrieval_documents(n: int, seed: int = 0) -> list[str]:
+  """`n` short passkey documents (at most 256 bytes: the native context).
+
+  A real Llama-2 can retrieve a passkey within its native 4k context before
+  any extension; the demo's base model learns the same skill within its 256
+  tokens from these (a key sentence, filler before and after it, the
+  question and the answer), so the demo can measure whether the skill
+  survives at 4x the length. The official evaluation prompt adds a task line
+  and much more filler; its keys and filler positions are drawn differently.
+  """
+  from longlora_jax.passkey import FILLER, QUESTION
+  rng = np.random.default_rng([seed, 1])
+  text = " ".join([FILLER] * 4)
+  docs = []
+  for _ in range(n):
+    key = int(rng.integers(1, 50000))
+    before, after = rng.integers(0, 75, size=2)
+    docs.append(f"{text[:before]}The pass key is {key}. Remember it. {key} is "
+                f"the pass key.\n{text[:after]}\n{QUESTION} {key}.")
+  return docs
+
+
+# ---- evaluation ----
+
+def passkey_filler(tokenizer, prompt_tokens: int) -> int:
+  """Filler characters that make a passkey prompt about `prompt_tokens` long.
+
+  The official protocol sizes its filler for Llama's tokenizer (about 3.75
+  characters a token, in steps of 1024 characters); the demo's tokenizer
+  has one token per byte, so the filler is measured for it instead.
+  """
+  from longlora_jax.passkey import passkey_prompt
+  count = lambda n: len(tokenizer(passkey_prompt(n, seed=0)[0])["input_ids"])
+  fixed = count(1) - 1
+  per_char = (count(1001) - count(1)) / 1000
+  n = int((prompt_tokens - fixed) / per_char)
+  if n < 1:
+    raise LongLoraError(f"a passkey prompt needs more than {fixed} tokens; "
+                        f"{prompt_tokens} is too short")
+  return n
+
+
+def passkey_accuracy(config: LlamaConfig, params, tokenizer, n_filler: int,
+                     trials: int) -> tuple[float, int]:
+  """(accuracy, mean prompt tokens) of greedy passkey retrieval, official
+  prompts and scoring (`longlora_jax.passkey`) at one filler length."""
+  from longlora_jax.passkey import retrieval
+  correct, tokens = retrieval(config, params, tokenizer, n_filler, trials)
+  return correct / trials, tokens
+
+
+def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
+           trials: int = 20) -> dict:
+  """Perplexity at the native and extended context, and passkey accuracy
+  near both lengths, of the base model, the base model with position
+  interpolation but no training, and the extended model `extended_dir`.
+
+  Perplexity is the official protocol (`longlora_jax.perplexity`, windows
+  256 tokens apart, `windows` of them evenly spaced) on the held-out files.
+  """
+  from transformers import AutoTokenizer
+
+  from longlora_jax.data import document_tokens
+  from longlora_jax.hf_io import load_hf
+  from longlora_jax.perplexity import evaluate
+  config, params = load_hf(demo_checkpoint(), dtype="float32")
+  ext_config, ext_params = load_hf(extended_dir, dtype="float32")
+  tokenizer = AutoTokenizer.from_pretrained(extended_dir)
+  heldout = demo_data()[1]
+  docs = document_tokens(str(heldout), tokenizer, eos_id=config.eos_token_id)
+  tokens = np.concatenate([ids for _, ids in docs(0)])
+  native = config.max_position_embeddings
+  factor = ext_config.rope_factor
+  models = [("base model, no interpolation", config, params),
+            (f"base + PI x{factor:g}, no fine-tuning", config.with_context(ctx),
+             params),
+            (f"extended (LongLoRA, {Path(extended_dir).name})", ext_config,
+             ext_params)]
+  fillers = [passkey_filler(tokenizer, native + 16),
+             passkey_filler(tokenizer, ctx - 16)]
+  rows = []
+  for name, c, p in models:
+    row = {"model": name, "rope_factor": c.rope_factor}
+    for length in (native, ctx):
+      row[f"ppl@{length}"] = evaluate(
+          c, p, tokens, length, max_windows=windows, batch_size=8,
+          attention="full")["perplexity"]
+    for i, n_filler in enumerate(fillers):
+      acc, prompt = passkey_accuracy(c, p, tokenizer, n_filler, trials)
+      row[f"passkey{i}"] = {"accuracy": acc, "prompt_tokens": prompt}
+    rows.append(row)
+  return {"native": native, "ctx": ctx, "heldout": str(heldout),
+          "heldout_tokens": int(len(tokens)), "windows": windows,
+          "trials": trials, "rows": rows}
+
+
+def format_report(r: dict) -> str:
+  """The report as a table."""
+  p0, p1 = (r["rows"][0][f"passkey{i}"]["prompt_tokens"] for i in (0, 1))
+  head = (f"{'model':<36} {'ppl@' + str(r['native']):>9} "
+          f"{'ppl@' + str(r['ctx']):>9} {'passkey@~' + str(p0):>13} "
+          f"{'passkey@~' + str(p1):>14}")
+  lines = [head, "-" * len(head)]
+  for row in r["rows"]:
+    lines.append(
+        f"{row['model']:<36} {row['ppl@' + str(r['native'])]:>9.3f} "
+        f"{row['ppl@' + str(r['ctx'])]:>9.3f} "
+        f"{row['passkey0']['accuracy']:>13.0%} "
+        f"{row['passkey1']['accuracy']:>14.0%}")
+  lines.append(
+      f"perplexity: official protocol, {r['windows']} windows per length over "
+      f"{r['heldout_tokens']:,} held-out tokens (standard-library files never "
+      f"trained on); passkey: official prompts, {r['trials']} trials, filler "
+      "sized for this byte-level tokenizer so prompts land just above the "
+      "native context and just below the extended one")
+  return "\n".join(lines)

@@ -121,7 +121,7 @@ def _snapshot(repo: str, revision: str | None, patterns) -> Path:
                           "Hub (private repos need `hf auth login`)") from None
   except errors.RevisionNotFoundError:
     raise CheckpointError(f"hf:{repo}: no revision {revision!r}") from None
-  except (errors.LocalEntryNotFoundError, OSError) as e:
+  except (errors.LocalEntryNotFoundError, OSError):
     where = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
              else "the Hub cannot be reached")
     raise CheckpointError(

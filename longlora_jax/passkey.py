@@ -56,3 +56,22 @@ def answer_ids(tokenizer, answer: str) -> list[int]:
 def is_correct(generated: list[int], expected: list[int]) -> bool:
   """Exact match of the greedy continuation with the answer's ids."""
   return list(map(int, generated)) == list(map(int, expected))
+
+
+def retrieval(config, params, tokenizer, n_filler: int, trials: int, *,
+              chunk_size: int = 2048, on_trial=None) -> tuple[int, int]:
+  """(correct answers, mean prompt tokens) of `trials` greedy retrievals
+  with `n_filler` filler characters; `on_trial()` after each."""
+  from longlora_jax.generate import generate
+  correct, tokens = 0, 0
+  for trial in range(trials):
+    prompt, answer = passkey_prompt(n_filler, seed=trial)
+    ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]
+    expected = answer_ids(tokenizer, answer)
+    out = generate(config, params, ids, max_new_tokens=len(expected),
+                   eos_token_id=None, chunk_size=chunk_size)
+    correct += is_correct(out[0], expected)
+    tokens += ids.shape[1]
+    if on_trial is not None:
+      on_trial()
+  return correct, tokens // trials

@@ -11,10 +11,12 @@ and attention never crosses segments.
 """
 
 import dataclasses
+import itertools
 from typing import Iterable, Iterator
 
 import numpy as np
 
+from longlora_jax.data import Position, iter_records
 from longlora_jax.errors import LongLoraError
 from longlora_jax.loss import IGNORE_INDEX
 
@@ -109,3 +111,32 @@ def _row(examples: list[Example], ctx: int, pad_id: int) -> dict:
   positions[start:] = np.arange(ctx - start)
   return {"input_ids": ids, "labels": labels, "segment_ids": segments,
           "positions": positions}
+
+
+def load_examples(source: str, tokenizer, ctx: int, *,
+                  batch_records: int = 256) -> tuple[list[Example], int]:
+  """(examples, how many were truncated) of every record in `source` (a
+  .json/.jsonl/.parquet file, a directory of them or a HF dataset name)."""
+  examples = []
+  records = iter_records(source, fields=("instruction", "output"))
+  while batch := list(itertools.islice(records, batch_records)):
+    examples += [tokenize_example(tokenizer, r, ctx) for r in batch]
+  if not examples:
+    raise LongLoraError(f"{source}: no instruction records")
+  return examples, sum(e.truncated for e in examples)
+
+
+def sft_rows(examples: list[Example], ctx: int, pad_id: int, *, seed: int = 0,
+             start: Position = Position()) -> Iterator[tuple[dict, Position]]:
+  """Endless (packed row, position after it) pairs, epoch after epoch.
+
+  Each epoch packs the examples in an order seeded by (seed, epoch), so a
+  `Position` (its epoch and row) resumes the stream exactly.
+  """
+  epoch, row = start.epoch, start.row
+  while True:
+    order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+    rows = pack((examples[i] for i in order), ctx, pad_id)
+    for r, packed in enumerate(itertools.islice(rows, row, None), row):
+      yield packed, Position(epoch=epoch, row=r + 1)
+    epoch, row = epoch + 1, 0

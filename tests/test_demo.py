@@ -2,7 +2,9 @@ import json
 
 from transformers import AutoTokenizer
 
-from longlora_jax import LlamaConfig
+import pytest
+
+from longlora_jax import LlamaConfig, LongLoraError, demo
 from longlora_jax.demo import DEMO_CONFIG, demo_checkpoint
 
 
@@ -13,7 +15,10 @@ def test_demo_checkpoint_is_a_loadable_hf_model(tmp_path):
   text = "naïve café, 100% ✓"
   ids = tok(text)["input_ids"]
   assert ids[0] == DEMO_CONFIG.bos_token_id
-  assert len(ids) == 1 + len(text.encode("utf-8"))  # One token per byte.
+  # BOS, then one token per byte of the text with a space prepended (as
+  # Llama's tokenizer does), so " 12345" inside a prompt tokenises as alone.
+  assert len(ids) == 2 + len(text.encode("utf-8"))
+  assert ids[2:] == tok(" " + text)["input_ids"][3:]
   assert tok.decode(ids, skip_special_tokens=True) == text
   assert len(tok) == DEMO_CONFIG.vocab_size
   # Built once, then reused.
@@ -21,3 +26,19 @@ def test_demo_checkpoint_is_a_loadable_hf_model(tmp_path):
   assert demo_checkpoint(tmp_path / "demo") == directory
   assert (directory / "model.safetensors").stat().st_mtime_ns == stamp
   assert json.loads((directory / "config.json").read_text())["vocab_size"] == 259
+
+
+def test_missing_asset_names_the_rebuild_command(tmp_path, monkeypatch):
+  monkeypatch.setattr(demo, "ASSET_DIR", tmp_path / "nothing")
+  with pytest.raises(LongLoraError, match="python -m train.pretrain_demo"):
+    demo.demo_checkpoint(tmp_path / "demo")
+
+
+def test_retrieval_documents_fit_the_native_context():
+  docs = demo.retrieval_documents(2000, seed=3)
+  assert max(len(d.encode()) for d in docs) <= demo.NATIVE_CONTEXT
+  # Each states its key once in the hidden sentence and gives it as answer.
+  for d in docs[:50]:
+    key = d.rsplit(" ", 1)[1].rstrip(".")
+    assert f"The pass key is {key}. Remember it. {key} is the pass key." in d
+    assert d.endswith(f"What is the pass key? The pass key is {key}.")

@@ -1,9 +1,8 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import LlamaConfig, forward, init_params, load_hf
+from longlora_jax import LlamaConfig, load_hf
 from longlora_jax.kv_cache import CACHE_BLOCK, cached_attention, init_cache
 from longlora_jax.model import extend_cache, lm_head
 from tests import reference

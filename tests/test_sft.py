@@ -7,6 +7,7 @@ import pytest
 import transformers
 
 from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
+from longlora_jax import sft
 from longlora_jax.loss import IGNORE_INDEX
 from longlora_jax.sft import Example, format_prompt, pack, tokenize_example
 from tests.conftest import SHARED_TOKENIZER
@@ -109,3 +110,33 @@ def test_packed_examples_never_see_each_other(attention):
   if attention != "s2":  # S² sees only its group; full attention equals alone
     alone = np.asarray(forward(cfg, params, jnp.asarray(b.input_ids[None])))[0]
     np.testing.assert_allclose(base[13:30], alone, atol=1e-5)
+
+
+def test_sft_rows_resume_and_reshuffle_each_epoch():
+  examples = [sft.Example(np.full(n, n, np.int32), np.full(n, n, np.int32),
+                          False) for n in (3, 5, 2, 7, 4, 6)]
+  stream = sft.sft_rows(examples, 8, pad_id=0, seed=1)
+  pairs = [next(stream) for _ in range(12)]
+  again = sft.sft_rows(examples, 8, pad_id=0, seed=1, start=pairs[6][1])
+  for (want, _), (got, _) in zip(pairs[7:], again):
+    np.testing.assert_array_equal(want["input_ids"], got["input_ids"])
+  # Every example once per epoch; the two epochs in different orders.
+  epochs = [[r for r, p in pairs if p.epoch == e] for e in (0, 1)]
+  firsts = [[int(ids[0]) for ids in
+             (r["input_ids"][r["segment_ids"] == s] for r in rows
+              for s in range(1, r["segment_ids"].max() + 1))]
+            for rows in epochs]
+  assert sorted(firsts[0]) == sorted(firsts[1]) == [2, 3, 4, 5, 6, 7]
+  assert firsts[0] != firsts[1]
+
+
+def test_load_examples_counts_truncations(tmp_path):
+  import json
+  records = [{"instruction": "hi", "output": "yo"},  # 1 + 15 + 2 + 1 = 19
+             {"instruction": "x" * 40, "output": "long answer"}]
+  path = tmp_path / "r.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  examples, truncated = sft.load_examples(str(path), CharTokenizer(), 32)
+  assert truncated == 1
+  assert [len(e.input_ids) for e in examples] == [19, 32]
+  assert (examples[0].labels != IGNORE_INDEX).sum() == 3  # "yo" + EOS
