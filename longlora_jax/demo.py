@@ -132,28 +132,6 @@ def demo_data(directory: str | os.PathLike = DATA_DIR,
   return out
 
 
-def retrieval_documents(n: int, seed: int = 0) -> list[str]:
-  """`n` short passkey documents (at most 256 bytes: the native context).
-
-  A real Llama-2 can retrieve a passkey within its native 4k context before
-  any extension; the demo's base model learns the same skill within its 256
-  tokens from these (a key sentence, filler before and after it, the
-  question and the answer), so the demo can measure whether the skill
-  survives at 4x the length. The official evaluation prompt adds a task line
-  and much more filler; its keys and filler positions are drawn differently.
-  """
-  from longlora_jax.passkey import FILLER, QUESTION
-  rng = np.random.default_rng([seed, 1])
-  text = " ".join([FILLER] * 4)
-  docs = []
-  for _ in range(n):
-    key = int(rng.integers(1, 50000))
-    before, after = rng.integers(0, 75, size=2)
-    docs.append(f"{text[:before]}The pass key is {key}. Remember it. {key} is "
-                f"the pass key.\n{text[:after]}\n{QUESTION} {key}.")
-  return docs
-
-
 # ---- evaluation ----
 
 def passkey_filler(tokenizer, prompt_tokens: int) -> int:

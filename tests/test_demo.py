@@ -33,12 +33,3 @@ def test_missing_asset_names_the_rebuild_command(tmp_path, monkeypatch):
   with pytest.raises(LongLoraError, match="python -m train.pretrain_demo"):
     demo.demo_checkpoint(tmp_path / "demo")
 
-
-def test_retrieval_documents_fit_the_native_context():
-  docs = demo.retrieval_documents(2000, seed=3)
-  assert max(len(d.encode()) for d in docs) <= demo.NATIVE_CONTEXT
-  # Each states its key once in the hidden sentence and gives it as answer.
-  for d in docs[:50]:
-    key = d.rsplit(" ", 1)[1].rstrip(".")
-    assert f"The pass key is {key}. Remember it. {key} is the pass key." in d
-    assert d.endswith(f"What is the pass key? The pass key is {key}.")

@@ -3,19 +3,15 @@
   python -m train.pretrain_demo              # writes assets/demo-base/
 
 Trains `longlora_jax.demo.DEMO_CONFIG` at its native context (256 tokens)
-on the training split of the Python standard library's source mixed with
-short passkey documents (`demo.retrieval_documents`, about 8% of the tokens:
-the retrieval skill a real Llama-2 has within its native context), with the
+on the training split of the Python standard library's source, with the
 training engine of `train.extend` (full fine-tuning of every weight, full
 attention, AdamW with cosine decay), and saves it in Hugging Face format
 with the byte-level tokenizer. Deterministic on a given machine and Python;
-about 20 minutes on 2 CPU cores.
+18 minutes on 2 CPU cores (measured).
 """
 
 import argparse
 import dataclasses
-import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +24,7 @@ from tqdm.auto import tqdm
 from longlora_jax import cli, lora
 from longlora_jax.data import batches, document_tokens, packed_rows, prefetch
 from longlora_jax.demo import (ASSET_DIR, DATA_DIR, DEMO_CONFIG, demo_data,
-                               retrieval_documents, save_byte_tokenizer)
+                               save_byte_tokenizer)
 from longlora_jax.hf_io import save_hf
 from longlora_jax.model import init_params
 from longlora_jax.sharding import make_mesh
@@ -44,26 +40,7 @@ def parse_args(argv=None):
   p.add_argument("--batch", type=int, default=16, help="rows per step")
   p.add_argument("--lr", type=float, default=3e-3)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--retrieval-docs", type=int, default=4000,
-                 help="short passkey documents mixed into the data")
   return p.parse_args(argv)
-
-
-def pretraining_data(data_dir: Path, retrieval_docs: int, seed: int) -> Path:
-  """The standard library's training split and `retrieval_docs` passkey
-  documents, shuffled together into one .jsonl (written once)."""
-  train_file, _ = demo_data(data_dir, seed=seed)
-  out = data_dir / f"pretrain-{retrieval_docs}.jsonl"
-  if out.exists():
-    return out
-  lines = train_file.read_text(encoding="utf-8").splitlines()
-  lines += [json.dumps({"text": t}) for t in retrieval_documents(
-      retrieval_docs, seed)]
-  order = np.random.default_rng([seed, 2]).permutation(len(lines))
-  tmp = out.with_name(f".{out.name}.tmp")
-  tmp.write_text("".join(lines[i] + "\n" for i in order), encoding="utf-8")
-  os.replace(tmp, out)
-  return out
 
 
 def main(argv=None):
@@ -71,7 +48,7 @@ def main(argv=None):
   from transformers import AutoTokenizer
   config = DEMO_CONFIG
   ctx = config.max_position_embeddings
-  train_file = pretraining_data(args.data_dir, args.retrieval_docs, args.seed)
+  train_file, _ = demo_data(args.data_dir, seed=args.seed)
   with tempfile.TemporaryDirectory() as tok_dir:
     save_byte_tokenizer(Path(tok_dir))
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
