@@ -53,12 +53,12 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_plot(path: Path, xs, ys, *, xlabel: str, ylabel: str, title: str,
-              logy: bool = False) -> None:
+              logy: bool = False, marker: str | None = "o") -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(xs, ys, marker="o")
+  ax.plot(xs, ys, marker=marker)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)

@@ -72,6 +72,7 @@ def test_trains_checkpoints_and_exports(run, files):
   assert [m["step"] for m in _metrics(run)] == list(range(1, 9))
   assert np.mean(losses[-2:]) < losses[0] - 0.3
   assert sorted(os.listdir(run / "checkpoints")) == ["6", "8"]  # keep 2
+  assert (run / "loss.png").stat().st_size > 0
   spec = json.loads((run / "run.json").read_text())
   assert (spec["mode"], spec["attention"], spec["ctx"]) == ("lora+", "s2", 64)
   config = json.loads((run / "hf" / "config.json").read_text())

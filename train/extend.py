@@ -554,6 +554,8 @@ def main(argv=None, task: str = "extend", doc: str = __doc__) -> int:
       mngr.close()
   finally:
     data.close()
+  if jax.process_index() == 0:
+    _plot_loss(run_dir, spec)
   if signum is not None:
     print(f"\n{signal.Signals(signum).name}: stopped after step "
           f"{int(state.step)}; saved checkpoint {mngr_dir / str(int(state.step))}"
@@ -645,6 +647,18 @@ def _stop_on_nan(mngr, step, m, last_saved, run_dir):
           "no checkpoint was saved before it")
   raise LongLoraError(f"loss {m['loss']} (grad norm {m['grad_norm']}) at "
                       f"step {step}: training stopped; {kept}")
+
+
+def _plot_loss(run_dir: Path, spec: RunSpec) -> None:
+  """loss.png: the training loss per step, from metrics.jsonl."""
+  from eval.common import save_plot
+  metrics = [json.loads(line) for line in
+             (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+  if metrics:
+    save_plot(run_dir / "loss.png", [m["step"] for m in metrics],
+              [m["loss"] for m in metrics], xlabel="step",
+              ylabel="loss (nats/token)", marker=None,
+              title=f"{Path(spec.ckpt).name} -> {spec.ctx} tokens ({spec.task})")
 
 
 def _truncate_metrics(file: Path, step: int) -> None:
