@@ -152,15 +152,6 @@ def passkey_filler(tokenizer, prompt_tokens: int) -> int:
   return n
 
 
-def passkey_accuracy(config: LlamaConfig, params, tokenizer, n_filler: int,
-                     trials: int) -> tuple[float, int]:
-  """(accuracy, mean prompt tokens) of greedy passkey retrieval, official
-  prompts and scoring (`longlora_jax.passkey`) at one filler length."""
-  from longlora_jax.passkey import retrieval
-  correct, tokens = retrieval(config, params, tokenizer, n_filler, trials)
-  return correct / trials, tokens
-
-
 def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
            trials: int = 20) -> dict:
   """Perplexity at the native and extended context, and passkey accuracy
@@ -174,6 +165,7 @@ def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
 
   from longlora_jax.data import document_tokens
   from longlora_jax.hf_io import load_hf
+  from longlora_jax.passkey import retrieval
   from longlora_jax.perplexity import evaluate
   config, params = load_hf(demo_checkpoint(), dtype="float32")
   ext_config, ext_params = load_hf(extended_dir, dtype="float32")
@@ -198,8 +190,9 @@ def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
           c, p, tokens, length, max_windows=windows, batch_size=8,
           attention="full")["perplexity"]
     for i, n_filler in enumerate(fillers):
-      acc, prompt = passkey_accuracy(c, p, tokenizer, n_filler, trials)
-      row[f"passkey{i}"] = {"accuracy": acc, "prompt_tokens": prompt}
+      correct, prompt = retrieval(c, p, tokenizer, n_filler, trials)
+      row[f"passkey{i}"] = {"accuracy": correct / trials,
+                            "prompt_tokens": prompt}
     rows.append(row)
   return {"native": native, "ctx": ctx, "heldout": str(heldout),
           "heldout_tokens": int(len(tokens)), "windows": windows,

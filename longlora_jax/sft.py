@@ -113,14 +113,12 @@ def _row(examples: list[Example], ctx: int, pad_id: int) -> dict:
           "positions": positions}
 
 
-def load_examples(source: str, tokenizer, ctx: int, *,
-                  batch_records: int = 256) -> tuple[list[Example], int]:
+def load_examples(source: str, tokenizer,
+                  ctx: int) -> tuple[list[Example], int]:
   """(examples, how many were truncated) of every record in `source` (a
   .json/.jsonl/.parquet file, a directory of them or a HF dataset name)."""
-  examples = []
-  records = iter_records(source, fields=("instruction", "output"))
-  while batch := list(itertools.islice(records, batch_records)):
-    examples += [tokenize_example(tokenizer, r, ctx) for r in batch]
+  examples = [tokenize_example(tokenizer, r, ctx) for r in
+              iter_records(source, fields=("instruction", "output"))]
   if not examples:
     raise LongLoraError(f"{source}: no instruction records")
   return examples, sum(e.truncated for e in examples)

@@ -372,8 +372,10 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
             f"--ckpt {hf} --material FILE.txt --question \"...\"")
     else:
       interval = max(spec.ctx // 8, 274)  # The protocol needs >= 274 tokens.
-      data = (str(demo.demo_data()[1]) if spec.ckpt == "demo"
-              and spec.data == str(demo.demo_data()[0]) else spec.data)
+      data = spec.data
+      if spec.ckpt == "demo":
+        train, heldout = map(str, demo.demo_data())
+        data = heldout if data == train else data
       print(f"evaluate it with:\n"
             f"  python -m eval.perplexity --ckpt {hf} --data {data} "
             f"--seq-len {config.original_context} {spec.ctx}\n"

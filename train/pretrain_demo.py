@@ -11,13 +11,11 @@ with the byte-level tokenizer. Deterministic on a given machine and Python;
 """
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -80,8 +78,7 @@ def main(argv=None):
     data.close()
     print(f"pretrained {args.steps} steps in {time.time() - start:.0f}s, "
           f"last loss {float(metrics['loss']):.3f}")
-    params = jax.tree.map(lambda x: x.astype(jnp.float32), params_of(state))
-    out = save_hf(dataclasses.replace(config), params, args.out,
+    out = save_hf(config, params_of(state), args.out,
                   tokenizer_from=tok_dir, dtype="bfloat16", overwrite=True)
   print(f"wrote {out}")
 
