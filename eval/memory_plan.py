@@ -1,16 +1,25 @@
 """Per-device memory and FLOPs of the real train step, without a GPU.
 
 Compiles the sharded train step against abstract arrays (nothing is
-allocated) on fake CPU devices and prints XLA's memory analysis next to an
-analytic breakdown, and XLA's FLOP count next to the analytic one.
+allocated) and prints XLA's memory analysis next to an analytic breakdown,
+and XLA's FLOP count next to the analytic one. `--target h100|a100` compiles
+with XLA:GPU for compile-only devices of that GPU (JAX's CUDA plugin, no GPU
+needed); `--target cpu` with XLA:CPU on fake CPU devices, which keeps some
+bfloat16 buffers in float32 and so over-states GPU memory.
 
-  python -m eval.memory_plan --model llama2-7b --ctx 100000 --mesh fsdp=8
+  python -m eval.memory_plan --model llama2-7b --ctx 100000 --mesh fsdp=8 \
+      --target h100
 """
 
 import argparse
 import json
 import os
+import re
+import tempfile
 import time
+from pathlib import Path
+
+from eval.gpu_target import GPUS
 
 
 def parse_args(argv=None):
@@ -24,6 +33,9 @@ def parse_args(argv=None):
   p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
   p.add_argument("--remat", default="full")
+  p.add_argument("--target", choices=("cpu", *sorted(GPUS)), default="cpu",
+                 help="compiler: XLA:CPU on fake devices (default), or "
+                      "XLA:GPU for compile-only devices of this GPU")
   mode = p.add_mutually_exclusive_group()
   mode.add_argument("--lora", dest="mode", action="store_const", const="lora+",
                     help="LoRA+ (default): adapters, embeddings and norms")
@@ -43,10 +55,34 @@ def _devices_in(mesh_spec: str) -> int:
   return n
 
 
+_ALLOCATION = re.compile(r"^allocation \d+: size \d+, (.*)$")
+_VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
+
+
+def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
+  """The `k` largest buffers in XLA's temporary allocation, from its
+  buffer-assignment dump: [{"name", "shape", "gib"}], largest first.
+
+  Values sharing one (offset, size) are one buffer seen under several names
+  (a loop's carry and the op that updates it in place); the first is kept.
+  """
+  buffers, in_temp = {}, False
+  for line in buffer_assignment.splitlines():
+    if (m := _ALLOCATION.match(line)):
+      in_temp = "preallocated-temp" in m.group(1)
+    elif in_temp and (m := _VALUE.match(line)):
+      name, size, offset, shape = m.groups()
+      buffers.setdefault((int(offset), int(size)), (name, shape.split("{")[0]))
+  top = sorted(buffers.items(), key=lambda kv: -kv[0][1])[:k]
+  return [{"name": name, "shape": shape, "gib": size / 2**30}
+          for (_, size), (name, shape) in top]
+
+
 def plan(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from eval import gpu_target
   from longlora_jax import lora
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
@@ -56,7 +92,8 @@ def plan(args) -> dict:
 
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
-  mesh = make_mesh(args.mesh)
+  mesh = make_mesh(args.mesh, None if args.target == "cpu" else
+                   gpu_target.devices(args.target, _devices_in(args.mesh)))
   # Full attention at long context means the memory-efficient kernel; the
   # dense one ("full" in the registry) needs seq^2 memory.
   tc = TrainConfig(attention="s2" if args.attention == "s2" else "chunked",
@@ -82,11 +119,16 @@ def plan(args) -> dict:
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
   lowered = step.lower(with_shardings(state, s_shard),
                        with_shardings(batch, b_shard))
-  compiled = lowered.compile()
-  compile_s = time.time() - t0
+  with tempfile.TemporaryDirectory() as dump:
+    compiled = lowered.compile({"xla_dump_to": dump})
+    compile_s = time.time() - t0
+    # XLA names the file after the module and the pass; newer versions may
+    # not write it, and the plan stands without it.
+    found = sorted(Path(dump).glob("*buffer-assignment.txt"))
+    largest = largest_temporaries(found[0].read_text()) if found else []
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
   n_dev = mesh.size
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
@@ -99,7 +141,9 @@ def plan(args) -> dict:
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "mode": args.mode,
       "remat": args.remat, "batch_per_device": args.batch,
-      "accum": args.accum, "platform": jax.devices()[0].platform,
+      "accum": args.accum, "target": args.target,
+      "compiler": ("XLA:CPU" if args.target == "cpu" else
+                   f"XLA:GPU compile-only, {GPUS[args.target].name}"),
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
       "per_device_gib": {
           "arguments": mem.argument_size_in_bytes / gib,
@@ -116,6 +160,7 @@ def plan(args) -> dict:
           "layer_inputs_kept_for_backward":
               config.num_hidden_layers * saved_per_layer / gib,
       },
+      "largest_temporaries": largest,
       "trainable_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
       "tokens_per_device_per_step": tokens_per_device,
       "tflops_per_step": {
@@ -128,17 +173,6 @@ def plan(args) -> dict:
               paper_flops(config, args.ctx, group_size=group) / 1e12,
       },
   }
-  # XLA:CPU has no bfloat16 dynamic-update-slice: it keeps the scanned
-  # per-layer residual stack in float32 (on GPU it stays bfloat16). Report
-  # that buffer so the CPU figure can be read as a GPU estimate.
-  stack = (f"f32[{config.num_hidden_layers},{args.batch},{args.ctx},"
-           f"{config.hidden_size}]")
-  if result["platform"] == "cpu" and stack in compiled.as_text():
-    promoted = (config.num_hidden_layers * args.batch * args.ctx
-                * config.hidden_size * 2) / gib
-    result["cpu_float32_residual_stack_extra_gib"] = promoted
-    result["per_device_gib"]["total_with_bf16_residual_stack"] = (
-        result["per_device_gib"]["total"] - promoted)
   return result
 
 
@@ -157,7 +191,7 @@ def main(argv=None):
              result["tflops_per_step"])
   print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
         f"{result['attention']}  {result['mode']}  remat={result['remat']}  "
-        f"(compiled for {result['platform']} in {result['compile_seconds']} s, "
+        f"({result['compiler']}, compiled in {result['compile_seconds']} s, "
         f"jax {result['jax']})")
   print("per device (XLA memory analysis, GiB):")
   for k, v in m.items():
@@ -165,17 +199,24 @@ def main(argv=None):
   print("breakdown estimate (GiB):")
   for k, v in b.items():
     print(f"  {k:<32} {v:8.2f}")
+  print("largest temporaries (XLA buffer assignment, GiB):")
+  for t in result["largest_temporaries"]:
+    print(f"  {t['gib']:8.2f}  {t['shape']:<28} {t['name']}")
   print(f"trainable params {result['trainable_params']:,}")
   print(f"TFLOPs per step: analytic {f['analytic_per_device']:.1f} per device, "
         f"{f['analytic_total']:.1f} total (fwd+bwd, causal pairs); XLA cost "
         f"analysis {f['xla_cost_analysis_per_device']:.1f} per device (counts "
         f"each loop body once); paper convention (forward, unmasked) "
         f"{f['paper_convention_per_sequence']:.0f} per sequence")
-  if "cpu_float32_residual_stack_extra_gib" in result:
-    print(f"note: XLA:CPU keeps the scanned residual stack in float32 "
-          f"(+{result['cpu_float32_residual_stack_extra_gib']:.2f} GiB over "
-          f"bfloat16 on GPU): total with a bfloat16 stack "
-          f"{m['total_with_bf16_residual_stack']:.2f} GiB")
+  if result["target"] == "cpu":
+    print("note: XLA:CPU keeps bfloat16 buffers (the residual stack among "
+          "them) in float32, so this over-states GPU memory; --target h100 "
+          "or a100 compiles with XLA:GPU")
+  else:
+    gpu = GPUS[result["target"]]
+    print(f"{m['total']:.2f} of {gpu.memory_bytes / 2**30:.0f} GiB per "
+          f"{gpu.name} (before the CUDA context, library workspaces and "
+          f"allocator fragmentation)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The fused Pallas S²-Attn kernel: interpret mode on CPU against the pure-JAX
 S²-Attn and the float64 reference, its block ranges against the reference key
-sets, and the CUDA (Triton) lowering at Llama-2 7B shapes without a GPU."""
+sets, the CUDA (Triton) lowering at Llama-2 7B shapes, and XLA:GPU's compile
+of the kernels to A100 and H100 PTX, all without a GPU."""
 
 import re
 
@@ -282,3 +283,41 @@ def test_causal_and_gqa_lower_for_cuda():
     grads = jax.grad(lambda q, k, v: attention(q, k, v).astype(
         jnp.float32).sum(), (0, 1, 2))
     assert len(_triton_calls(_lower_for_cuda(grads, q, kv, kv))) == 3
+
+
+# Beyond lowering: XLA:GPU compiles the Triton kernels to PTX for a named GPU
+# (compile-only devices from JAX's CUDA plugin; no GPU), which checks tiles
+# against that GPU's shared memory and generates its tensor-core code.
+
+def _compile_for(target, fn, shapes, dump_dir):
+  gpu_target = pytest.importorskip("eval.gpu_target")
+  pytest.importorskip("jax_plugins.xla_cuda12",
+                      reason="needs jax[cuda12-local] (requirements-test.txt)")
+  device = jax.sharding.SingleDeviceSharding(gpu_target.devices(target, 1)[0])
+  args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
+          for s in shapes]
+  jax.jit(fn).trace(*args).lower().compile({"xla_dump_to": str(dump_dir)})
+  return {m.group(1): ptx for p in dump_dir.glob("*.ptx")
+          if (m := re.search(r"\.entry (\w+)", ptx := p.read_text()))}
+
+
+@pytest.mark.parametrize("target, arch, mma", [
+    ("a100", "sm_80", "mma.sync"), ("h100", "sm_90a", "wgmma.mma_async")])
+def test_kernels_compile_to_ptx_for_the_gpu(target, arch, mma, tmp_path):
+  grads = jax.grad(lambda q, k, v: pallas_s2_attention(
+      q, k, v, group_size=2048).astype(jnp.float32).sum(), (0, 1, 2))
+  kernels = _compile_for(target, grads, [LLAMA_7B] * 3, tmp_path)
+  names = ["s2_attention_forward", "s2_attention_dq", "s2_attention_dkv"]
+  assert set(names) <= set(kernels)
+  for name in names:
+    assert re.search(rf"^\.target {arch}\b", kernels[name], re.M)
+    assert mma in kernels[name]  # tensor cores (Hopper: warpgroup MMA)
+
+
+def test_tiles_too_big_for_the_gpu_fail_to_compile(tmp_path):
+  # 256 x 256 tiles of head_dim 128 in 4 stages need 448 KiB of shared memory;
+  # an A100 has 163 KiB per block.
+  config = BlockConfig(block_q=256, block_k=256, num_warps=8, num_stages=4)
+  with pytest.raises(Exception, match="Shared memory size limit exceeded"):
+    _compile_for("a100", lambda q, k, v: pallas_s2_attention(
+        q, k, v, group_size=2048, config=config), [LLAMA_7B] * 3, tmp_path)
