@@ -12,6 +12,7 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 """
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -87,6 +88,7 @@ def plan(args) -> dict:
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
   from longlora_jax.model import init_params
+  from longlora_jax.s2_attention import s2_attention, takes_fused_kernel
   from longlora_jax.sharding import batch_parallelism, make_mesh
   from longlora_jax.train_step import TrainConfig, init_state, jit_train_step
 
@@ -95,9 +97,14 @@ def plan(args) -> dict:
   mesh = make_mesh(args.mesh, None if args.target == "cpu" else
                    gpu_target.devices(args.target, _devices_in(args.mesh)))
   # Full attention at long context means the memory-efficient kernel; the
-  # dense one ("full" in the registry) needs seq^2 memory.
-  tc = TrainConfig(attention="s2" if args.attention == "s2" else "chunked",
-                   remat=args.remat, accum_steps=args.accum)
+  # dense one ("full" in the registry) needs seq^2 memory. S²-Attn: what a
+  # run on the target picks, the fused kernel on a GPU where it applies.
+  fused = (args.attention == "s2" and args.target != "cpu"
+           and takes_fused_kernel(config.head_dim, platform="gpu"))
+  attention = (functools.partial(s2_attention, implementation="pallas")
+               if fused else "s2" if args.attention == "s2" else "chunked")
+  tc = TrainConfig(attention=attention, remat=args.remat,
+                   accum_steps=args.accum)
   group = args.ctx // 4 if args.attention == "s2" else None
 
   def abstract_state(key):
@@ -139,7 +146,8 @@ def plan(args) -> dict:
                         group_size=group)
   result = {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
-      "devices": n_dev, "attention": args.attention, "mode": args.mode,
+      "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
+      "mode": args.mode,
       "remat": args.remat, "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
       "compiler": ("XLA:CPU" if args.target == "cpu" else
@@ -190,7 +198,8 @@ def main(argv=None):
   m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
              result["tflops_per_step"])
   print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
-        f"{result['attention']}  {result['mode']}  remat={result['remat']}  "
+        f"{result['attention']}{' (fused kernel)' * result['fused_kernel']}  "
+        f"{result['mode']}  remat={result['remat']}  "
         f"({result['compiler']}, compiled in {result['compile_seconds']} s, "
         f"jax {result['jax']})")
   print("per device (XLA memory analysis, GiB):")

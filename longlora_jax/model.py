@@ -25,7 +25,7 @@ from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
 from longlora_jax.lora import LoRA, delta
 from longlora_jax.rope import apply_rope
-from longlora_jax.sharding import shard_batch
+from longlora_jax.sharding import per_row_shard, shard_batch
 
 DType = Any
 
@@ -102,8 +102,8 @@ class Attention(nn.Module):
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, **rope))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
-      out_BTNH = self.attention_fn(q_BTNH, k_BTKH, v_BTKH,
-                                   segment_ids_BT=segment_ids_BT)
+      out_BTNH = per_row_shard(self.attention_fn)(
+          q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
     else:
       # Generation: every row's chunk starts at the same cache position.
       start = positions_BT[0, 0]

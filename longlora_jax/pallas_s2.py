@@ -30,8 +30,9 @@ a group and below the diagonal skip the mask; the others apply it.
 
 Constraints (checked, ValueError): head_dim in `HEAD_DIMS`; q, k, v of one
 dtype; q_heads a multiple of kv_heads; every block a power of two >= 16
-(Triton tile shapes) that divides seq (blocks larger than seq are clamped to
-it). None on G beyond `s2_group_size` (even, divides seq): a block may hold
+(Triton tile shapes). Any seq: when the blocks do not divide it (100,000
+tokens), q, k and v are padded at the end to a multiple of them, which costs
+a copy of each (and of the gradients) but no change to the result. None on G beyond `s2_group_size` (even, divides seq): a block may hold
 several groups (G < block) or cross a group border (G/2 not a multiple of the
 block); such tiles are masked, so they cost compute, not correctness. The
 fastest case is G/2 a multiple of every block (e.g. G = 2048, blocks <= 128).
@@ -188,7 +189,9 @@ class _Groups:
     """`[queries, keys]` bool: the one definition of the S² mask here."""
     visible_QK = (k_1K <= t_Q1) & (k_1K >= self.start(t_Q1, offset))
     if self.wrap:
-      visible_QK |= (t_Q1 < offset) & (k_1K >= self.seq - offset)
+      # k < seq: the keys past seq are padding (see `_attention`).
+      visible_QK |= (t_Q1 < offset) & (k_1K >= self.seq - offset) & (
+          k_1K < self.seq)
     return visible_QK
 
 
@@ -209,7 +212,7 @@ def _key_blocks(groups, q0, block_q, block_k, offset):
   wrap = None
   if groups.wrap:
     wrap_lo = jnp.maximum(lax.div(groups.seq - offset, block_k), hi)
-    wrap = wrap_lo, _select(q0 < offset, groups.seq // block_k, wrap_lo)
+    wrap = wrap_lo, _select(q0 < offset, _cdiv(groups.seq, block_k), wrap_lo)
   return lo, a, b, hi, wrap
 
 
@@ -359,15 +362,28 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
 
 
 def _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
+  """The kernels on q, k, v padded at the end to a multiple of the blocks.
+
+  Padding never reaches a real token: a real query sees no later key (the
+  roll variant's wrapped keys stop at `groups.seq`), and the padded queries'
+  rows of dO are zero, so they add nothing to dK and dV.
+  """
   if not AVAILABLE:
     raise ImportError(f"Pallas Triton is not available in this jax "
                       f"({jax.__version__}): {_IMPORT_ERROR}")
-  config = _checked_config(q_BTNH, k_BTKH, v_BTKH, config)
-  return _fused(q_BTNH, k_BTKH, v_BTKH, groups, config, bool(interpret))
+  config, padded = _checked_config(q_BTNH, k_BTKH, v_BTKH, config)
+  T = q_BTNH.shape[1]
+  if padded == T:
+    return _fused(q_BTNH, k_BTKH, v_BTKH, groups, config, bool(interpret))
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
+  out_BTNH = _fused(pad(q_BTNH), pad(k_BTKH), pad(v_BTKH), groups, config,
+                    bool(interpret))
+  return out_BTNH[:, :T]
 
 
 def _checked_config(q_BTNH, k_BTKH, v_BTKH, config):
-  """The config with blocks clamped to seq; ValueError on what the kernels
+  """(config with blocks clamped to the padded length, padded length: seq
+  rounded up to a multiple of every block); ValueError on what the kernels
   cannot run."""
   B, T, N, H = q_BTNH.shape
   if k_BTKH.shape != v_BTKH.shape or k_BTKH.shape[:2] != (B, T) or (
@@ -382,14 +398,18 @@ def _checked_config(q_BTNH, k_BTKH, v_BTKH, config):
                      f"kv_heads={k_BTKH.shape[2]}")
   _check_head_dim(H)
   config = config or default_config(H)
-  config = dataclasses.replace(
-      config, **{name: min(b, T) for name, b in config.blocks().items()})
   for name, block in config.blocks().items():
-    if block < _MIN_BLOCK or block & (block - 1) or T % block:
-      raise ValueError(
-          f"{name}={block} must be a power of two >= {_MIN_BLOCK} that "
-          f"divides seq={T} (blocks larger than seq are clamped to it)")
-  return config
+    if block < _MIN_BLOCK or block & (block - 1):
+      raise ValueError(f"{name}={block} must be a power of two >= "
+                       f"{_MIN_BLOCK}")
+  # Blocks are powers of two: a multiple of the largest is one of all. A
+  # short sequence pads to a power of two and the blocks shrink to it.
+  largest = max(config.blocks().values())
+  padded = (-(-T // largest) * largest if T > largest
+            else max(_MIN_BLOCK, 1 << (T - 1).bit_length()))
+  config = dataclasses.replace(
+      config, **{name: min(b, padded) for name, b in config.blocks().items()})
+  return config, padded
 
 
 def _check_no_segments(segment_ids_BT):

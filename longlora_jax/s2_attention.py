@@ -100,7 +100,8 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}")
-  if implementation == "auto" and _kernel_fits(q_BTNH, segment_ids_BT):
+  if implementation == "auto" and takes_fused_kernel(
+      H, packed=segment_ids_BT is not None):
     implementation = "pallas"
   if implementation in ("pallas", "pallas_interpret"):
     # Imported here: the kernel module builds on this one.
@@ -146,14 +147,15 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   return _merge_heads(out_gGnH.reshape(2 * B, T, N // 2, H), shift)
 
 
-def _kernel_fits(q_BTNH, segment_ids_BT) -> bool:
-  """Whether "auto" should take the fused kernel: GPU, no packed segments,
-  and shapes it supports."""
+def takes_fused_kernel(head_dim: int, *, packed: bool = False,
+                       platform: str | None = None) -> bool:
+  """Whether "auto" takes the fused kernel: on a GPU (`platform`, default
+  JAX's default backend), without packed segments, for a head_dim it has."""
   import jax
   from longlora_jax import pallas_s2
-  T, H = q_BTNH.shape[1], q_BTNH.shape[3]
-  return (pallas_s2.AVAILABLE and jax.default_backend() == "gpu"
-          and segment_ids_BT is None and H in pallas_s2.HEAD_DIMS and T % 128 == 0)
+  return (pallas_s2.AVAILABLE and not packed
+          and (platform or jax.default_backend()) == "gpu"
+          and head_dim in pallas_s2.HEAD_DIMS)
 
 
 def _split_heads(x_BTND, shift):

@@ -164,3 +164,26 @@ def shard_batch(x):
     return x
   spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def per_row_shard(attention_fn):
+  """`attention_fn` run on each device's own rows under `activation_mesh`.
+
+  Attention never mixes rows, but a fused kernel (a Pallas/Triton custom
+  call) has no partitioning rule, so GSPMD would replicate it: all-gather
+  q, k and v over the batch axes and compute every row on every device.
+  Heads stay whole (S²-Attn shifts half of all heads, not of a shard's).
+  """
+  def attend(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None):
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None or batch_parallelism(mesh) == 1:
+      return attention_fn(q_BTNH, k_BTKH, v_BTKH,
+                          segment_ids_BT=segment_ids_BT)
+    rows = P(BATCH_AXES)
+    local = lambda q, k, v, *seg: attention_fn(
+        q, k, v, segment_ids_BT=seg[0] if seg else None)
+    args = (q_BTNH, k_BTKH, v_BTKH) + (
+        () if segment_ids_BT is None else (segment_ids_BT,))
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows,) * len(args),
+                         out_specs=rows, check_vma=False)(*args)
+  return attend

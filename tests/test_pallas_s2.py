@@ -42,6 +42,11 @@ CASES = {
     "shared_kv_g96_b32x16": (1, 192, 4, 1, 64, 96, _config(32, 16)),
     # G = seq (the shifted heads still shift), default tiles clamped to seq.
     "g_eq_seq_default": (1, 128, 4, 2, 64, 128, None),
+    # seq not a multiple of the blocks (as 100,000 is not): padded to 224;
+    # G/2 = 25 crosses tiles.
+    "padded_g50_b32x16": (1, 200, 4, 2, 64, 50, _config(32, 16)),
+    # Shorter than the default tiles and not a power of two: padded to 128.
+    "padded_short_default": (2, 96, 4, 4, 64, 24, None),
 }
 
 
@@ -202,8 +207,6 @@ def test_mask_is_the_reference_key_sets(seq, group, variant):
      "block_q=24 must be a power of two"),
     (dict(config=BlockConfig(block_k=8)), ((1, 64, 4, 64), (1, 64, 4, 64)),
      "block_k=8 must be a power of two >= 16"),
-    (dict(), ((1, 96, 4, 64), (1, 96, 4, 64)),
-     "block_q=96 must be a power of two"),  # default 128 clamped to 96
     (dict(), ((1, 64, 6, 64), (1, 64, 4, 64)),
      "q_heads=6 is not a multiple of kv_heads=4"),
     (dict(group_size=24), ((1, 64, 4, 64), (1, 64, 4, 64)),

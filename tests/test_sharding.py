@@ -82,3 +82,39 @@ def test_arrays_really_are_sharded():
   np.testing.assert_array_equal(q, params["layers"]["self_attn"]["q_proj"]["kernel"])
   batch = jax.device_put(jnp.zeros((8, 16), jnp.int32), batch_sharding(mesh))
   assert batch.sharding.shard_shape(batch.shape) == (1, 16)
+
+
+def _rows_seen(mesh_spec, segments):
+  """Runs `per_row_shard` under a mesh; returns (batch sizes the attention
+  function saw, its output, the unsharded output)."""
+  from longlora_jax.attention import causal_attention
+  from longlora_jax.sharding import activation_mesh, per_row_shard
+  seen = []
+
+  def attention(q, k, v, *, segment_ids_BT=None):
+    seen.append((q.shape[0], None if segment_ids_BT is None
+                 else segment_ids_BT.shape[0]))
+    return causal_attention(q, k, v, segment_ids_BT=segment_ids_BT)
+
+  mesh = make_mesh(mesh_spec)
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((8, 16, 4, 8)), jnp.float32)
+             for _ in range(3))
+  seg = jnp.asarray(np.repeat([[0] * 9 + [1] * 7], 8, 0)) if segments else None
+
+  def sharded(q, k, v, seg):
+    with activation_mesh(mesh):
+      return per_row_shard(attention)(q, k, v, segment_ids_BT=seg)
+  out = jax.jit(sharded)(*(jax.device_put(x, batch_sharding(mesh, x.ndim))
+                           for x in (q, k, v)), seg)
+  return seen, out, causal_attention(q, k, v, segment_ids_BT=seg)
+
+
+@pytest.mark.parametrize("mesh_spec, rows", [
+    ("fsdp=8", 1), ("data=2,fsdp=2,tensor=2", 2), ("tensor=8", 8)])
+@pytest.mark.parametrize("segments", [False, True])
+def test_attention_runs_on_each_devices_own_rows(mesh_spec, rows, segments):
+  seen, out, want = _rows_seen(mesh_spec, segments)
+  # Traced once, on one device's rows (8 rows over data x fsdp devices).
+  assert seen == [(rows, rows if segments else None)]
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)

@@ -120,3 +120,41 @@ def test_bad_shapes_fail_before_compiling(rows, seq, message):
   state = _state()
   with pytest.raises(LongLoraError, match=message):
     jit_train_step(CFG, TC, make_mesh("fsdp=8"), state, _batch(1, rows, seq))
+
+
+def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
+  # XLA:GPU for 8 compile-only H100s (JAX's CUDA plugin, no GPU). The Triton
+  # custom call has no partitioning rule: unless each device calls it on
+  # its own rows, GSPMD all-gathers q, k, v and every device attends all 8.
+  pytest.importorskip("jax_plugins.xla_cuda12",
+                      reason="needs jax[cuda12-local] (requirements-test.txt)")
+  import functools
+  import re
+
+  from eval import gpu_target
+  from longlora_jax.s2_attention import s2_attention
+  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=1024)
+  tc = TrainConfig(attention=functools.partial(s2_attention,
+                                               implementation="pallas"))
+
+  def abstract_state():
+    params = lora.add_lora(init_params(cfg, jax.random.key(0), jnp.bfloat16),
+                           key=jax.random.key(1))
+    return init_state(params, lora.trainable_mask(params), tc)
+  state = jax.eval_shape(abstract_state)
+  batch = {"input_ids": jax.ShapeDtypeStruct((1, 8, 1024), jnp.int32)}
+  mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
+  step, s_shard, b_shard = jit_train_step(cfg, tc, mesh, state, batch)
+  put = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  hlo = step.lower(put(state, s_shard), put(batch, b_shard)).compile().as_text()
+  calls = [line for line in hlo.splitlines()
+           if "custom-call(" in line and "triton" in line]
+  assert len(calls) >= 3  # forward, dQ, dK/dV
+  for line in calls:
+    # Operands are [batch, seq, heads, head_dim]: one row per device.
+    rows = re.findall(r"bf16\[(\d+),1024,2,64\]", line)
+    assert rows and set(rows) == {"1"}, line
+  assert not re.search(r"all-gather[^\n]*bf16\[8,1024,2,64\]", hlo)
