@@ -32,8 +32,9 @@ Constraints (checked, ValueError): head_dim in `HEAD_DIMS`; q, k, v of one
 dtype; q_heads a multiple of kv_heads; every block a power of two >= 16
 (Triton tile shapes). Any seq: when the blocks do not divide it (100,000
 tokens), q, k and v are padded at the end to a multiple of them, which costs
-a copy of each (and of the gradients) but no change to the result. None on G beyond `s2_group_size` (even, divides seq): a block may hold
-several groups (G < block) or cross a group border (G/2 not a multiple of the
+a copy of each (and of the gradients) but no change to the result. None on
+G beyond `s2_group_size` (even, divides seq): a block may hold several
+groups (G < block) or cross a group border (G/2 not a multiple of the
 block); such tiles are masked, so they cost compute, not correctness. The
 fastest case is G/2 a multiple of every block (e.g. G = 2048, blocks <= 128).
 Packed documents (`segment_ids_BT`) are not supported.
