@@ -10,6 +10,11 @@ reproduce. Running still needs the real GPU.
 """
 
 import dataclasses
+import importlib.util
+
+# Whether JAX's CUDA plugin (the compiler) is installed; `devices` names the
+# install when it is not.
+AVAILABLE = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
 
 
 @dataclasses.dataclass(frozen=True)

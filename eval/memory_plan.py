@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval.gpu_target import GPUS
+from eval import gpu_target
 
 
 def parse_args(argv=None):
@@ -34,7 +34,8 @@ def parse_args(argv=None):
   p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
   p.add_argument("--remat", default="full")
-  p.add_argument("--target", choices=("cpu", *sorted(GPUS)), default="cpu",
+  p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
+                 default="cpu",
                  help="compiler: XLA:CPU on fake devices (default), or "
                       "XLA:GPU for compile-only devices of this GPU")
   mode = p.add_mutually_exclusive_group()
@@ -79,18 +80,46 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
           for (_, size), (name, shape) in top]
 
 
-def plan(args) -> dict:
+def lower_step(config, tc, mesh, *, ctx: int, mode: str = "lora+",
+               batch_per_device: int = 1, accum: int = 1):
+  """(lowered step, abstract state): the sharded train step of `config` and
+  `tc` on `mesh`, lowered against abstract arrays (nothing is allocated).
+  Weights bfloat16; `mode` "lora+" or "full" (every weight trains)."""
   import jax
   import jax.numpy as jnp
 
-  from eval import gpu_target
   from longlora_jax import lora
+  from longlora_jax.model import init_params
+  from longlora_jax.sharding import batch_parallelism
+  from longlora_jax.train_step import init_state, jit_train_step
+
+  def abstract_state(key):
+    params = init_params(config, key, dtype=jnp.bfloat16)
+    if mode == "full":
+      mask = jax.tree.map(lambda _: True, params)
+    else:
+      params = lora.add_lora(params, key=key)
+      mask = lora.trainable_mask(params)
+    return init_state(params, mask, tc)
+
+  state = jax.eval_shape(abstract_state, jax.random.key(0))
+  rows = batch_per_device * batch_parallelism(mesh)
+  batch = {"input_ids": jax.ShapeDtypeStruct((accum, rows, ctx), jnp.int32)}
+  step, s_shard, b_shard = jit_train_step(config, tc, mesh, state, batch)
+  with_shardings = lambda tree, sh: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+  return step.lower(with_shardings(state, s_shard),
+                    with_shardings(batch, b_shard)), state
+
+
+def plan(args) -> dict:
+  import jax
+
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
-  from longlora_jax.model import init_params
   from longlora_jax.s2_attention import s2_attention, takes_fused_kernel
   from longlora_jax.sharding import batch_parallelism, make_mesh
-  from longlora_jax.train_step import TrainConfig, init_state, jit_train_step
+  from longlora_jax.train_step import TrainConfig
 
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
@@ -107,25 +136,9 @@ def plan(args) -> dict:
                    accum_steps=args.accum)
   group = args.ctx // 4 if args.attention == "s2" else None
 
-  def abstract_state(key):
-    params = init_params(config, key, dtype=jnp.bfloat16)
-    if args.mode == "full":
-      mask = jax.tree.map(lambda _: True, params)
-    else:
-      params = lora.add_lora(params, key=key)
-      mask = lora.trainable_mask(params)
-    return init_state(params, mask, tc)
-
-  state = jax.eval_shape(abstract_state, jax.random.key(0))
-  rows = args.batch * batch_parallelism(mesh)
-  batch = {"input_ids": jax.ShapeDtypeStruct((args.accum, rows, args.ctx),
-                                             jnp.int32)}
-  step, s_shard, b_shard = jit_train_step(config, tc, mesh, state, batch)
   t0 = time.time()
-  with_shardings = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  lowered = step.lower(with_shardings(state, s_shard),
-                       with_shardings(batch, b_shard))
+  lowered, state = lower_step(config, tc, mesh, ctx=args.ctx, mode=args.mode,
+                              batch_per_device=args.batch, accum=args.accum)
   with tempfile.TemporaryDirectory() as dump:
     compiled = lowered.compile({"xla_dump_to": dump})
     compile_s = time.time() - t0
@@ -142,6 +155,7 @@ def plan(args) -> dict:
   gib = 2.0 ** 30
   tokens_per_device = args.batch * args.accum * args.ctx
   saved_per_layer = args.batch * args.ctx * config.hidden_size * 2  # bf16
+  rows = args.batch * batch_parallelism(mesh)
   analytic = step_flops(config, args.ctx, batch=rows * args.accum,
                         group_size=group)
   result = {
@@ -151,7 +165,8 @@ def plan(args) -> dict:
       "remat": args.remat, "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
       "compiler": ("XLA:CPU" if args.target == "cpu" else
-                   f"XLA:GPU compile-only, {GPUS[args.target].name}"),
+                   "XLA:GPU compile-only, "
+                   f"{gpu_target.GPUS[args.target].name}"),
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
       "per_device_gib": {
           "arguments": mem.argument_size_in_bytes / gib,
@@ -222,7 +237,7 @@ def main(argv=None):
           "them) in float32, so this over-states GPU memory; --target h100 "
           "or a100 compiles with XLA:GPU")
   else:
-    gpu = GPUS[result["target"]]
+    gpu = gpu_target.GPUS[result["target"]]
     print(f"{m['total']:.2f} of {gpu.memory_bytes / 2**30:.0f} GiB per "
           f"{gpu.name} (before the CUDA context, library workspaces and "
           f"allocator fragmentation)")

@@ -9,12 +9,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from eval import gpu_target
 from longlora_jax.errors import LongLoraError
 
-needs_plugin = pytest.mark.skipif(
-    not __import__("importlib").util.find_spec("jax_plugins.xla_cuda12"),
-    reason="needs jax[cuda12-local] (requirements-test.txt)")
-
-
-@needs_plugin
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs jax[cuda12-local] (requirements-test.txt)")
 @pytest.mark.parametrize("target, kind, arch", [
     ("h100", "NVIDIA H100 80GB HBM3", "sm_90a"),
     ("a100", "NVIDIA A100-SXM4-80GB", "sm_80"),

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from eval import memory_plan
+from eval import gpu_target, memory_plan
 from longlora_jax import LlamaConfig
 
 
@@ -52,9 +52,9 @@ def test_largest_temporaries_reads_xla_buffer_assignment():
       ("fusion.2", "bf16[3000]", 6000), ("fusion.5", "f32[500]", 2000)]
 
 
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs jax[cuda12-local] (requirements-test.txt)")
 def test_gpu_target_keeps_the_residual_stack_in_bfloat16(tmp_path):
-  pytest.importorskip("jax_plugins.xla_cuda12",
-                      reason="needs jax[cuda12-local] (requirements-test.txt)")
   # Long enough that the stack of layer inputs kept for the backward pass,
   # [layers, batch, ctx, hidden], is the largest buffer.
   cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,

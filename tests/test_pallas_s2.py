@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eval import gpu_target
 from longlora_jax import pallas_s2
 from longlora_jax.attention import causal_attention
 from longlora_jax.pallas_s2 import (BlockConfig, pallas_causal_attention,
@@ -293,9 +294,8 @@ def test_causal_and_gqa_lower_for_cuda():
 # against that GPU's shared memory and generates its tensor-core code.
 
 def _compile_for(target, fn, shapes, dump_dir):
-  gpu_target = pytest.importorskip("eval.gpu_target")
-  pytest.importorskip("jax_plugins.xla_cuda12",
-                      reason="needs jax[cuda12-local] (requirements-test.txt)")
+  if not gpu_target.AVAILABLE:
+    pytest.skip("needs jax[cuda12-local] (requirements-test.txt)")
   device = jax.sharding.SingleDeviceSharding(gpu_target.devices(target, 1)[0])
   args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
           for s in shapes]

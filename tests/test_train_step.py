@@ -1,10 +1,16 @@
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from eval import gpu_target
+from eval.memory_plan import lower_step
 from longlora_jax import LlamaConfig, LongLoraError, forward, init_params, lora
+from longlora_jax.s2_attention import s2_attention
 from longlora_jax.sharding import make_mesh
 from longlora_jax.train_step import (TrainConfig, init_state, jit_train_step,
                                      learning_rate, params_of)
@@ -122,34 +128,20 @@ def test_bad_shapes_fail_before_compiling(rows, seq, message):
     jit_train_step(CFG, TC, make_mesh("fsdp=8"), state, _batch(1, rows, seq))
 
 
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs jax[cuda12-local] (requirements-test.txt)")
 def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
   # XLA:GPU for 8 compile-only H100s (JAX's CUDA plugin, no GPU). The Triton
   # custom call has no partitioning rule: unless each device calls it on
   # its own rows, GSPMD all-gathers q, k, v and every device attends all 8.
-  pytest.importorskip("jax_plugins.xla_cuda12",
-                      reason="needs jax[cuda12-local] (requirements-test.txt)")
-  import functools
-  import re
-
-  from eval import gpu_target
-  from longlora_jax.s2_attention import s2_attention
   cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=2,
                     max_position_embeddings=1024)
   tc = TrainConfig(attention=functools.partial(s2_attention,
                                                implementation="pallas"))
-
-  def abstract_state():
-    params = lora.add_lora(init_params(cfg, jax.random.key(0), jnp.bfloat16),
-                           key=jax.random.key(1))
-    return init_state(params, lora.trainable_mask(params), tc)
-  state = jax.eval_shape(abstract_state)
-  batch = {"input_ids": jax.ShapeDtypeStruct((1, 8, 1024), jnp.int32)}
   mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
-  step, s_shard, b_shard = jit_train_step(cfg, tc, mesh, state, batch)
-  put = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  hlo = step.lower(put(state, s_shard), put(batch, b_shard)).compile().as_text()
+  lowered, _ = lower_step(cfg, tc, mesh, ctx=1024)
+  hlo = lowered.compile().as_text()
   calls = [line for line in hlo.splitlines()
            if "custom-call(" in line and "triton" in line]
   assert len(calls) >= 3  # forward, dQ, dK/dV
