@@ -28,7 +28,6 @@ masked-out work).
 
 import argparse
 import datetime
-import json
 import time
 
 
@@ -105,9 +104,9 @@ def skip_reason(method: str, backend: str, args) -> str | None:
   if method.endswith("cudnn") and backend != "gpu":
     return "cuDNN attention needs a CUDA GPU"
   if method.startswith("pallas"):
-    from longlora_jax import pallas_s2
+    from longlora_jax.attention import pallas_s2
     if not pallas_s2.AVAILABLE:
-      return f"Pallas Triton is not importable: {pallas_s2._IMPORT_ERROR}"
+      return f"Pallas Triton is not importable: {pallas_s2.IMPORT_ERROR}"
     if backend != "gpu" and not args.interpret:
       return "the Pallas Triton kernel needs a GPU (or --interpret)"
   return None
@@ -116,11 +115,11 @@ def skip_reason(method: str, backend: str, args) -> str | None:
 def attention_for(method: str, seq: int, args):
   import functools
 
-  from longlora_jax.attention import causal_attention
-  from longlora_jax.chunked_attention import chunked_causal_attention
-  from longlora_jax.pallas_s2 import (pallas_causal_attention,
-                                      pallas_s2_attention)
-  from longlora_jax.s2_attention import s2_attention
+  from longlora_jax.attention.chunked import chunked_causal_attention
+  from longlora_jax.attention.dense import causal_attention
+  from longlora_jax.attention.dispatch import s2_attention
+  from longlora_jax.attention.pallas_s2 import (pallas_causal_attention,
+                                                pallas_s2_attention)
 
   group = group_size(method, seq, args)
   s2 = functools.partial(s2_attention, group_size=group, variant=args.variant)
@@ -188,7 +187,7 @@ def measure(method: str, seq: int, args, dtype) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from longlora_jax.attention import attention_flops
+  from longlora_jax.flops import attention_flops
 
   kv_heads = args.kv_heads or args.heads
   group = group_size(method, seq, args)
@@ -316,9 +315,8 @@ def main(argv=None):
     print(f"  {method:<13} " + "  ".join(
         f"{r['seq']}:x{r['memory_ratio']}" for r in rows))
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(header, results=results, memory_ratios=ratios), f,
-                indent=1)
+    from longlora_jax.io.files import write_json
+    write_json(args.json, dict(header, results=results, memory_ratios=ratios))
     print(f"wrote {args.json}")
 
 

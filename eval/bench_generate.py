@@ -12,7 +12,6 @@ shape runs once untimed first).
 import argparse
 import dataclasses
 import datetime
-import json
 import time
 
 
@@ -85,8 +84,8 @@ def main(argv=None):
       "decode_tokens": args.decode, "results": rows,
   }
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2)
+    from longlora_jax.io.files import write_json
+    write_json(args.json, result)
   return result
 
 

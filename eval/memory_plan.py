@@ -12,7 +12,6 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 """
 
 import argparse
-import functools
 import json
 import os
 import re
@@ -20,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval import gpu_target
+from longlora_jax import gpu_target
 
 
 def parse_args(argv=None):
@@ -80,46 +79,15 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
           for (_, size), (name, shape) in top]
 
 
-def lower_step(config, tc, mesh, *, ctx: int, mode: str = "lora+",
-               batch_per_device: int = 1, accum: int = 1):
-  """(lowered step, abstract state): the sharded train step of `config` and
-  `tc` on `mesh`, lowered against abstract arrays (nothing is allocated).
-  Weights bfloat16; `mode` "lora+" or "full" (every weight trains)."""
-  import jax
-  import jax.numpy as jnp
-
-  from longlora_jax import lora
-  from longlora_jax.model import init_params
-  from longlora_jax.sharding import batch_parallelism
-  from longlora_jax.train_step import init_state, jit_train_step
-
-  def abstract_state(key):
-    params = init_params(config, key, dtype=jnp.bfloat16)
-    if mode == "full":
-      mask = jax.tree.map(lambda _: True, params)
-    else:
-      params = lora.add_lora(params, key=key)
-      mask = lora.trainable_mask(params)
-    return init_state(params, mask, tc)
-
-  state = jax.eval_shape(abstract_state, jax.random.key(0))
-  rows = batch_per_device * batch_parallelism(mesh)
-  batch = {"input_ids": jax.ShapeDtypeStruct((accum, rows, ctx), jnp.int32)}
-  step, s_shard, b_shard = jit_train_step(config, tc, mesh, state, batch)
-  with_shardings = lambda tree, sh: jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  return step.lower(with_shardings(state, s_shard),
-                    with_shardings(batch, b_shard)), state
-
-
 def plan(args) -> dict:
   import jax
 
+  from longlora_jax.attention.dispatch import AttentionSpec, takes_fused_kernel
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
-  from longlora_jax.s2_attention import s2_attention, takes_fused_kernel
   from longlora_jax.sharding import batch_parallelism, make_mesh
-  from longlora_jax.train_step import TrainConfig
+  from longlora_jax.training.recipe import TrainConfig
+  from longlora_jax.training.step import lower_step
 
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
@@ -130,15 +98,15 @@ def plan(args) -> dict:
   # run on the target picks, the fused kernel on a GPU where it applies.
   fused = (args.attention == "s2" and args.target != "cpu"
            and takes_fused_kernel(config.head_dim, platform="gpu"))
-  attention = (functools.partial(s2_attention, implementation="pallas")
-               if fused else "s2" if args.attention == "s2" else "chunked")
-  tc = TrainConfig(attention=attention, remat=args.remat,
-                   accum_steps=args.accum)
+  attention = (AttentionSpec(implementation="pallas") if fused else
+               AttentionSpec() if args.attention == "s2" else
+               AttentionSpec("full", implementation="chunked"))
+  tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum)
   group = args.ctx // 4 if args.attention == "s2" else None
 
   t0 = time.time()
   lowered, state = lower_step(config, tc, mesh, ctx=args.ctx, mode=args.mode,
-                              batch_per_device=args.batch, accum=args.accum)
+                              batch_per_device=args.batch)
   with tempfile.TemporaryDirectory() as dump:
     compiled = lowered.compile({"xla_dump_to": dump})
     compile_s = time.time() - t0

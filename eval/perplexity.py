@@ -8,8 +8,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model, save_plot, write_json
+from eval.common import add_model_args, load_model
 from longlora_jax import cli
+from longlora_jax.io.files import write_json
+from longlora_jax.plots import save_plot
 from longlora_jax.data import iter_texts, load_tokens, tokenize_documents
 from longlora_jax.perplexity import MODES, evaluate, window_starts
 

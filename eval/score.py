@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from longlora_jax import cli
 from longlora_jax.errors import LongLoraError
-from longlora_jax.hf_io import load_hf, resolve_checkpoint
+from longlora_jax.io.checkpoint import Checkpoint
 from longlora_jax.model import forward
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
@@ -35,17 +35,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
-  from transformers import AutoTokenizer
-  if args.ckpt == "demo":
-    from longlora_jax.demo import demo_checkpoint
-    directory = demo_checkpoint()
-  else:
-    directory = resolve_checkpoint(args.ckpt)
-  config, params = load_hf(directory, dtype=args.dtype)
-  try:
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-  except (OSError, ValueError) as e:
-    raise LongLoraError(f"{directory}: no usable tokenizer ({e})") from None
+  checkpoint = Checkpoint.open(args.ckpt)
+  config, directory = checkpoint.config, checkpoint.directory
+  params = checkpoint.params(args.dtype)
+  tokenizer = checkpoint.tokenizer
   ids = tokenizer(args.text, return_tensors="np")["input_ids"]
   if ids.shape[1] < 2:
     raise LongLoraError("--text must encode to at least 2 tokens")

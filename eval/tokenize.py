@@ -8,8 +8,8 @@ from pathlib import Path
 
 from longlora_jax import cli
 from longlora_jax.data import iter_texts, tokenize_documents, write_tokens
-from longlora_jax.errors import LongLoraError
-from longlora_jax.hf_io import resolve_checkpoint
+from longlora_jax.io.checkpoint import load_tokenizer
+from longlora_jax.io.hub import TOKENIZER_FILES, resolve_checkpoint
 
 
 def main(argv=None):
@@ -22,12 +22,8 @@ def main(argv=None):
   p.add_argument("--max-tokens", type=int, default=None)
   p.add_argument("--out", type=Path, required=True)
   args = p.parse_args(argv)
-  from transformers import AutoTokenizer
-  directory = resolve_checkpoint(args.tokenizer)
-  try:
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-  except (OSError, ValueError) as e:
-    raise LongLoraError(f"{directory}: no usable tokenizer ({e})") from None
+  tokenizer = load_tokenizer(resolve_checkpoint(args.tokenizer,
+                                                patterns=TOKENIZER_FILES))
   tokens = tokenize_documents(
       tokenizer, iter_texts(args.data, text_field=args.text_field),
       max_tokens=args.max_tokens)

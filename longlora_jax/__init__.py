@@ -1,36 +1,45 @@
-"""longlora_jax: LongLoRA context extension of Llama-2 in JAX/Flax."""
+"""longlora_jax: LongLoRA context extension of Llama models in JAX/Flax.
 
-# attention first: the chunked and S² modules build on it.
-from longlora_jax.attention import (ATTENTION_FNS, attention_flops,
-                                    causal_attention, get_attention)
-from longlora_jax.chunked_attention import chunked_causal_attention
-from longlora_jax.s2_attention import s2_attention, s2_group_size
-from longlora_jax.pallas_s2 import (BlockConfig, pallas_causal_attention,
-                                    pallas_s2_attention)
-from longlora_jax import lora
-from longlora_jax.config import PRESETS, LlamaConfig, RopeScaling, preset
-from longlora_jax.errors import CheckpointError, LongLoraError
-from longlora_jax.generate import generate
-from longlora_jax.hf_io import load_hf, resolve_checkpoint, save_hf
-from longlora_jax.lora import add_lora, merge, trainable_mask
-from longlora_jax.model import (REMAT_POLICIES, extend_cache, forward,
-                                hidden_states, init_params, lm_head)
-from longlora_jax.peft_io import load_peft, save_peft
-from longlora_jax.rope import apply_rope
-from longlora_jax.sharding import make_mesh
-from longlora_jax.train_step import (TrainConfig, TrainState, init_state,
-                                     jit_train_step, params_of)
-from longlora_jax import checkpoint, data, passkey, perplexity, sft
+The names below load lazily; the rest lives in the subpackages
+`longlora_jax.attention` (S²-Attn and causal attention), `longlora_jax.io`
+(checkpoints, adapters, files) and `longlora_jax.training` (the engine).
+"""
 
-__all__ = [
-    "ATTENTION_FNS", "BlockConfig", "CheckpointError", "LlamaConfig", "LongLoraError",
-    "PRESETS", "REMAT_POLICIES", "RopeScaling", "add_lora", "apply_rope",
-    "attention_flops", "causal_attention", "chunked_causal_attention",
-    "extend_cache", "forward", "generate", "get_attention", "hidden_states",
-    "init_params", "lm_head", "load_hf", "load_peft", "lora", "merge",
-    "pallas_causal_attention", "pallas_s2_attention",
-    "preset", "resolve_checkpoint", "s2_attention", "s2_group_size",
-    "save_hf", "save_peft", "trainable_mask", "make_mesh", "TrainConfig",
-    "TrainState", "init_state", "jit_train_step", "params_of", "checkpoint",
-    "data", "passkey", "perplexity", "sft",
-]
+from longlora_jax import _lazy
+
+__getattr__, __dir__ = _lazy.exports(__name__, {
+    # model
+    "LlamaConfig": "config",
+    "preset": "config",
+    "init_params": "model",
+    "forward": "model",
+    "hidden_states": "model",
+    "generate": "generate",
+    # checkpoints
+    "Checkpoint": "io.checkpoint",
+    "load_hf": "io.checkpoint",
+    "save_hf": "io.hf",
+    "load_peft": "io.peft",
+    "save_peft": "io.peft",
+    # LoRA
+    "add_lora": "lora",
+    "merge": "lora",
+    "trainable_mask": "lora",
+    # attention
+    "AttentionSpec": "attention.dispatch",
+    "get_attention": "attention.dispatch",
+    "s2_attention": "attention.dispatch",
+    # training
+    "TrainConfig": "training.recipe",
+    "RunSpec": "training.recipe",
+    "TrainState": "training.step",
+    "initial_state": "training.step",
+    "jit_train_step": "training.step",
+    "make_mesh": "sharding",
+    # errors
+    "LongLoraError": "errors",
+    "CheckpointError": "errors",
+}, submodules=("attention", "io", "training", "config", "model", "lora",
+               "generate", "kv_cache", "loss", "rope", "sharding", "flops",
+               "data", "sft", "passkey", "perplexity", "demo", "demo_report",
+               "distributed", "gpu_target", "plots", "errors", "cli"))

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from longlora_jax.errors import CheckpointError
+from longlora_jax.io.files import write_json
 
 # RoPE types this implementation computes exactly. Llama-2 and LongLoRA use
 # "default" and "linear" (position interpolation); the others change the
@@ -164,9 +165,8 @@ class LlamaConfig:
     return cls.from_hf_dict(d, source=str(file))
 
   def save(self, directory: str | os.PathLike, **extra) -> None:
-    with open(os.path.join(directory, "config.json"), "w") as f:
-      json.dump({**self.to_hf_dict(), **extra}, f, indent=2, sort_keys=True)
-      f.write("\n")
+    write_json(os.path.join(directory, "config.json"),
+               {**self.to_hf_dict(), **extra})
 
 
 def _parse_rope(d: dict[str, Any], source: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from longlora_jax.errors import LongLoraError
+from longlora_jax.io.files import atomic_path
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 
@@ -42,20 +43,19 @@ def load_tokens(path: str | os.PathLike) -> np.ndarray:
 def write_tokens(path: str | os.PathLike, tokens: np.ndarray) -> Path:
   """Writes .bin (uint16) or .npy, via a temporary name."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   tokens = np.asarray(tokens)
-  tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-  if path.suffix == ".bin":
-    if tokens.size and int(tokens.max()) > np.iinfo(np.uint16).max:
-      raise LongLoraError(f"{path}: token ids above 65535 do not fit .bin "
-                          "(uint16); write .npy instead")
-    tokens.astype("<u2").tofile(tmp)
-  elif path.suffix == ".npy":
-    np.save(tmp, tokens.astype(np.uint32 if tokens.max(initial=0) > 65535
-                               else np.uint16))
-  else:
+  if path.suffix not in (".bin", ".npy"):
     raise LongLoraError(f"{path}: choose a .bin or .npy output")
-  os.replace(tmp, path)
+  if path.suffix == ".bin" and tokens.size and (
+      int(tokens.max()) > np.iinfo(np.uint16).max):
+    raise LongLoraError(f"{path}: token ids above 65535 do not fit .bin "
+                        "(uint16); write .npy instead")
+  with atomic_path(path) as tmp:
+    if path.suffix == ".bin":
+      tokens.astype("<u2").tofile(tmp)
+    else:
+      np.save(tmp, tokens.astype(np.uint32 if tokens.max(initial=0) > 65535
+                                 else np.uint16))
   return path
 
 

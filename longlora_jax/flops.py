@@ -4,10 +4,10 @@ Convention (as MFU is usually reported): a matmul of [m, k] x [k, n] is
 2mkn FLOPs; the backward pass costs twice the forward, so a step is 3x the
 forward, even where LoRA skips the frozen weights' gradients. Attention
 counts only the score/value products the mask keeps (see
-`attention.attention_flops`).
+`attention_flops`).
 """
 
-from longlora_jax.attention import attention_flops
+from longlora_jax.attention.groups import s2_attended_pairs
 from longlora_jax.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix.
@@ -18,6 +18,29 @@ PEAK_BF16_FLOPS = {
     "NVIDIA L40S": 362e12,
     "NVIDIA A10G": 125e12,
 }
+
+
+def attention_flops(seq: int, num_heads: int, head_dim: int, *,
+                    batch: int = 1, group_size: int | None = None,
+                    variant: str = "flash", backward: bool = False) -> float:
+  """Matmul FLOPs of causal attention over `batch` sequences of `seq` tokens.
+
+  Convention: a [m, k] x [k, n] product costs 2mkn, and only the (query, key)
+  pairs the mask keeps count, so QK^T and PV cost 2 * head_dim each per pair
+  and head. Causal attention keeps seq * (seq + 1) / 2 pairs, about half the
+  square; S²-Attn (`group_size` set) keeps the causal pairs inside its groups
+  (`variant` as in `s2_attention`). `backward=True` returns forward plus
+  backward, whose four products (dV, dP, dQ, dK) cost twice the forward; the
+  recomputation of the scores in flash-style backwards is not counted, as MFU
+  is usually reported.
+  """
+  if group_size is None:
+    pairs = num_heads * seq * (seq + 1) // 2
+  else:
+    unshifted, shifted = s2_attended_pairs(seq, num_heads, group_size, variant)
+    pairs = num_heads // 2 * (unshifted + shifted)
+  forward = 4.0 * head_dim * pairs * batch
+  return 3 * forward if backward else forward
 
 
 def matmul_params(config: LlamaConfig) -> int:

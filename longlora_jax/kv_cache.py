@@ -32,32 +32,32 @@ def cached_attention(q_BCNH, k_BSKH, v_BSKH, start, *, block: int = CACHE_BLOCK)
   """
   B, C, N, H = q_BCNH.shape
   S, K = k_BSKH.shape[1], k_BSKH.shape[2]
-  G = N // K
-  q_BKGCH = (q_BCNH.reshape(B, C, K, G, H).transpose(0, 2, 3, 1, 4)
+  Q = N // K
+  q_BKQCH = (q_BCNH.reshape(B, C, K, Q, H).transpose(0, 2, 3, 1, 4)
              .astype(jnp.float32) * (H ** -0.5))
   q_pos_C = start + jnp.arange(C)
 
   def body(i, carry):
-    m_BKGC, l_BKGC, acc_BKGCH = carry
+    m_BKQC, l_BKQC, acc_BKQCH = carry
     k_blk = jax.lax.dynamic_slice_in_dim(k_BSKH, i * block, block, axis=1)
     v_blk = jax.lax.dynamic_slice_in_dim(v_BSKH, i * block, block, axis=1)
-    s_BKGCS = jnp.einsum("BKGCH,BSKH->BKGCS", q_BKGCH, k_blk.astype(jnp.float32))
+    s_BKQCS = jnp.einsum("BKQCH,BSKH->BKQCS", q_BKQCH, k_blk.astype(jnp.float32))
     k_pos_S = i * block + jnp.arange(block)
-    s_BKGCS = jnp.where(k_pos_S[None, :] <= q_pos_C[:, None], s_BKGCS, -jnp.inf)
+    s_BKQCS = jnp.where(k_pos_S[None, :] <= q_pos_C[:, None], s_BKQCS, -jnp.inf)
     # Block 0 always holds key 0, visible to every query, so m is finite
     # after it and fully masked later blocks add exactly zero.
-    m_new = jnp.maximum(m_BKGC, s_BKGCS.max(-1))
-    p_BKGCS = jnp.exp(s_BKGCS - m_new[..., None])
-    corr = jnp.exp(m_BKGC - m_new)
-    l_BKGC = l_BKGC * corr + p_BKGCS.sum(-1)
-    acc_BKGCH = acc_BKGCH * corr[..., None] + jnp.einsum(
-        "BKGCS,BSKH->BKGCH", p_BKGCS, v_blk.astype(jnp.float32))
-    return m_new, l_BKGC, acc_BKGCH
+    m_new = jnp.maximum(m_BKQC, s_BKQCS.max(-1))
+    p_BKQCS = jnp.exp(s_BKQCS - m_new[..., None])
+    corr = jnp.exp(m_BKQC - m_new)
+    l_BKQC = l_BKQC * corr + p_BKQCS.sum(-1)
+    acc_BKQCH = acc_BKQCH * corr[..., None] + jnp.einsum(
+        "BKQCS,BSKH->BKQCH", p_BKQCS, v_blk.astype(jnp.float32))
+    return m_new, l_BKQC, acc_BKQCH
 
-  init = (jnp.full((B, K, G, C), -jnp.inf), jnp.zeros((B, K, G, C)),
-          jnp.zeros((B, K, G, C, H)))
+  init = (jnp.full((B, K, Q, C), -jnp.inf), jnp.zeros((B, K, Q, C)),
+          jnp.zeros((B, K, Q, C, H)))
   n_blocks = jnp.minimum((start + C + block - 1) // block, S // block)
-  _, l_BKGC, acc_BKGCH = jax.lax.fori_loop(0, n_blocks, body, init)
-  out_BKGCH = acc_BKGCH / l_BKGC[..., None]
-  return out_BKGCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
+  _, l_BKQC, acc_BKQCH = jax.lax.fori_loop(0, n_blocks, body, init)
+  out_BKQCH = acc_BKQCH / l_BKQC[..., None]
+  return out_BKQCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
       q_BCNH.dtype)

@@ -41,8 +41,8 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
     targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)),
                          constant_values=IGNORE_INDEX)
   n = (T + pad) // chunk
-  h_NBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
-  targets_NBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+  h_cBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
+  targets_cBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
 
   @jax.checkpoint  # Keep only the chunk's inputs; recompute its logits.
   def chunk_loss(h_BCD, targets_BC):
@@ -58,5 +58,5 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
     return (carry[0] + loss, carry[1] + count), None
 
   init = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32))
-  (loss_sum, count), _ = jax.lax.scan(step, init, (h_NBCD, targets_NBC))
+  (loss_sum, count), _ = jax.lax.scan(step, init, (h_cBCD, targets_cBC))
   return loss_sum, count.astype(jnp.float32)

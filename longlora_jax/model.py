@@ -1,5 +1,18 @@
 """Llama-2 decoder in Flax linen, used functionally.
 
+Array names end in their axes, one letter each, the same everywhere in the
+project (`x_BTD` is [batch, seq, hidden]):
+
+  B batch            T query length      S key length
+  N query heads      K kv heads          Q query heads per kv head (N / K)
+  H head dim         D model dim         F MLP dim (or any output features)
+  V vocab            L layers            R LoRA rank
+  G S² group size    C chunk length
+
+A lowercase letter is a part or a count of the axis it follows from: `n`
+half of the heads, `h` half of the head dim, `g` groups folded into rows,
+`t`/`s` a block of queries/keys, `c` a number of chunks.
+
 `params` is a plain nested dict whose names mirror the HF module tree:
 
   embed_tokens/embedding           [vocab, hidden]
@@ -20,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention import AttentionFn, get_attention
+from longlora_jax.attention.dispatch import AttentionFn, get_attention
 from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
 from longlora_jax.lora import LoRA, delta
@@ -165,8 +178,8 @@ class DecoderLayer(nn.Module):
       step = nn.remat(lambda m, c, x: (c, m(x)), prevent_cse=False)
       scan = nn.scan(step, variable_broadcast="params",
                      split_rngs={"params": False}, in_axes=1, out_axes=1)
-      _, out_BNCD = scan(mlp, None, h_BTD.reshape(B, T // chunk, chunk, D))
-      x_BTD = x_BTD + out_BNCD.reshape(B, T, D)
+      _, out_BcCD = scan(mlp, None, h_BTD.reshape(B, T // chunk, chunk, D))
+      x_BTD = x_BTD + out_BcCD.reshape(B, T, D)
     return (shard_batch(x_BTD), cache), None
 
 
@@ -243,8 +256,8 @@ def hidden_states(config: LlamaConfig, params, input_ids_BT, *,
   """Final normed hidden states `[batch, seq, hidden]` in the compute dtype.
 
   Args:
-    attention: a name from `longlora_jax.attention.ATTENTION_FNS` or a
-      function with the attention signature.
+    attention: a name from `longlora_jax.attention.ATTENTION_FNS`, an
+      `AttentionSpec`, or a function with the attention signature.
     positions_BT: RoPE positions; default 0..seq-1 for every row.
     segment_ids_BT: packed-document ids; tokens attend only within their own
       segment (when the attention function supports it).

@@ -11,12 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from tests import reference  # noqa: E402
+from tests.references import hf_models  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-SHARED_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..",
-                                "shared", "fixtures", "llama2-tokenizer")
+# The repository root (commands run from it) and the shared test fixtures.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TOKENIZER = os.path.join(ROOT, "..", "shared", "fixtures",
+                                "llama2-tokenizer")
 
 
 @pytest.fixture(scope="session")
@@ -27,7 +29,7 @@ def tiny_hf(tmp_path_factory):
   def get(name):
     if name not in cache:
       directory = tmp_path_factory.mktemp(f"hf_{name}")
-      model = reference.save_hf_llama(directory, reference.TINY_CONFIGS[name])
+      model = hf_models.save_hf_llama(directory, hf_models.TINY_CONFIGS[name])
       cache[name] = (directory, model)
     return cache[name]
   return get

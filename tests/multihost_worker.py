@@ -16,13 +16,15 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 from longlora_jax import LlamaConfig, init_params, lora  # noqa: E402
 from longlora_jax.sharding import make_mesh  # noqa: E402
-from longlora_jax.train_step import TrainConfig, init_state, jit_train_step  # noqa: E402
+from longlora_jax.attention.dispatch import AttentionSpec  # noqa: E402
+from longlora_jax.training.recipe import TrainConfig  # noqa: E402
+from longlora_jax.training.step import init_state, jit_train_step  # noqa: E402
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                   num_hidden_layers=2, num_attention_heads=4,
                   initializer_range=0.2)
-TC = TrainConfig(attention="s2", compute_dtype="float32", learning_rate=1e-2,
-                 warmup_steps=0, eps=1e-3, loss_chunk=8)
+TC = TrainConfig(attention=AttentionSpec("s2"), dtype="float32", lr=1e-2,
+                 warmup=0, eps=1e-3, loss_chunk=8)
 
 
 def main(out_file):

@@ -6,7 +6,7 @@ import transformers
 
 from longlora_jax import CheckpointError, LlamaConfig, init_params, preset
 from longlora_jax.config import RopeScaling
-from tests.reference import TINY_CONFIGS
+from tests.references.hf_models import TINY_CONFIGS
 
 
 def _hf_dict(**kwargs):

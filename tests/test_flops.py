@@ -1,7 +1,8 @@
 import pytest
 
 from longlora_jax import LlamaConfig, preset
-from longlora_jax.flops import matmul_params, paper_flops, peak_flops, step_flops
+from longlora_jax.flops import (attention_flops, matmul_params, paper_flops,
+                                peak_flops, step_flops)
 
 
 def test_matmul_params_of_llama2_7b():
@@ -34,3 +35,40 @@ def test_peak_flops(kind, peak):
   class Device:
     device_kind = kind
   assert peak_flops(Device()) == peak
+
+
+def test_attention_flops_by_hand():
+  # seq 16, 2 heads of 4: QK^T and PV cost 2 * 4 FLOPs each per kept pair.
+  per_pair = 2 * 2 * 4
+  # Causal: 1 + 2 + ... + 16 = 136 pairs per head.
+  assert attention_flops(16, 2, 4) == 2 * 136 * per_pair == 4352
+  assert attention_flops(16, 2, 4, batch=3) == 3 * 4352
+  # Backward: dV, dP, dQ, dK, twice the forward; forward + backward = 3x.
+  assert attention_flops(16, 2, 4, backward=True) == 3 * 4352
+  # S², G = 4. Unshifted head: 4 groups of 4, 10 pairs each = 40.
+  # Shifted, "flash": groups 2, 4, 4, 4, 2 = 3 + 30 + 3 = 36.
+  # Shifted, "roll": 4 groups of 4 = 40.
+  assert attention_flops(16, 2, 4, group_size=4) == (40 + 36) * per_pair
+  assert attention_flops(16, 2, 4, group_size=4, variant="roll") == (
+      80 * per_pair)
+  assert attention_flops(16, 4, 4, group_size=4, backward=True) == (
+      3 * 2 * 76 * per_pair)
+  # Llama-2 7B at 8k, G = 2k: 16 heads with 4 groups, 16 with 3 groups and
+  # two of 1k; about (4 + 3 + 2 / 4) / 2 / 16 of the 8k causal square.
+  full = attention_flops(8192, 32, 128)
+  assert full == 32 * 8192 * 8193 / 2 * 4 * 128
+  s2 = attention_flops(8192, 32, 128, group_size=2048)
+  assert s2 == 16 * (7 * 2048 * 2049 / 2 + 2 * 1024 * 1025 / 2) * 4 * 128
+  assert s2 / full == pytest.approx(7.5 / 32, rel=1e-3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(group_size=6), "seq=16, group_size=6"),
+    (dict(group_size=4, num_heads=3), "q_heads=3 is odd"),
+    (dict(group_size=4, variant="shift"), "unknown S²-Attn variant"),
+])
+def test_attention_flops_value_errors(kwargs, message):
+  args = dict(seq=16, num_heads=2, head_dim=4) | kwargs
+  with pytest.raises(ValueError, match=message):
+    attention_flops(args.pop("seq"), args.pop("num_heads"),
+                    args.pop("head_dim"), **args)

@@ -9,7 +9,7 @@ import torch
 from longlora_jax import LlamaConfig, forward, init_params, load_hf
 from longlora_jax.config import RopeScaling
 from longlora_jax.generate import _extend, generate
-from tests import reference
+from tests.references import hf_models
 
 
 def _recompute_greedy(config, params, ids, n):
@@ -31,7 +31,7 @@ def test_cached_greedy_equals_recompute(kv_heads, factor):
                     rope_scaling=RopeScaling(factor) if factor > 1 else None,
                     eos_token_id=None)
   params = init_params(cfg, jax.random.key(kv_heads))
-  ids = reference.random_ids(cfg.vocab_size, 2, 150, seed=kv_heads)
+  ids = hf_models.random_ids(cfg.vocab_size, 2, 150, seed=kv_heads)
   # Prompt of 150 in chunks of 64: three prefill steps, the last padded.
   got = generate(cfg, params, ids, max_new_tokens=12, chunk_size=64)
   np.testing.assert_array_equal(got, _recompute_greedy(cfg, params, ids, 12))
@@ -40,7 +40,7 @@ def test_cached_greedy_equals_recompute(kv_heads, factor):
 def test_greedy_matches_transformers_generate(tiny_hf):
   directory, hf_model = tiny_hf("gqa")
   config, params = load_hf(directory, dtype="float32")
-  ids = reference.random_ids(config.vocab_size, 1, 30, seed=4)
+  ids = hf_models.random_ids(config.vocab_size, 1, 30, seed=4)
   want = hf_model.generate(torch.tensor(ids), max_new_tokens=8, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[:, 30:].numpy()
   got = generate(config, params, ids, max_new_tokens=8, eos_token_id=None)

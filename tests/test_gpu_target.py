@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eval import gpu_target
+from longlora_jax import gpu_target
 from longlora_jax.errors import LongLoraError
 
 @pytest.mark.skipif(not gpu_target.AVAILABLE,

@@ -5,7 +5,7 @@ import pytest
 from longlora_jax import LlamaConfig, load_hf
 from longlora_jax.kv_cache import CACHE_BLOCK, cached_attention, init_cache
 from longlora_jax.model import extend_cache, lm_head
-from tests import reference
+from tests.references import hf_models
 
 
 def _attention_reference(q, k, v, start):
@@ -53,11 +53,11 @@ def test_init_cache_shape_rounds_up():
 def test_chunks_over_cache_equal_transformers(tiny_hf, name):
   directory, hf_model = tiny_hf(name)
   config, params = load_hf(directory, dtype="float32")
-  ids = reference.random_ids(config.vocab_size, 2, 90, seed=3)
+  ids = hf_models.random_ids(config.vocab_size, 2, 90, seed=3)
   cache = init_cache(config, 2, 120, jnp.float32)
   pieces = []
   for lo, hi in [(0, 40), (40, 41), (41, 90)]:
     h, cache = extend_cache(config, params, jnp.asarray(ids[:, lo:hi]), cache, lo)
     pieces.append(lm_head(config, params, h))
   np.testing.assert_allclose(np.concatenate(pieces, axis=1),
-                             reference.hf_logits(hf_model, ids), atol=1e-4)
+                             hf_models.hf_logits(hf_model, ids), atol=1e-4)

@@ -11,14 +11,14 @@ from longlora_jax import (LlamaConfig, LongLoraError, forward, init_params,
                           preset)
 from longlora_jax import lora
 from longlora_jax.model import project
-from tests import reference
+from tests.references import hf_models
 
 # GQA, so q/o and k/v adapters differ in shape; std 0.2 so logits are not
 # near-uniform and a wrong model cannot pass a tolerance.
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
                      num_hidden_layers=3, num_attention_heads=8,
                      num_key_value_heads=2, initializer_range=0.2)
-IDS = jnp.asarray(reference.random_ids(CONFIG.vocab_size, 2, 24))
+IDS = jnp.asarray(hf_models.random_ids(CONFIG.vocab_size, 2, 24))
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from longlora_jax import (REMAT_POLICIES, LlamaConfig, forward, init_params,
+from longlora_jax.model import REMAT_POLICIES
+from longlora_jax import (LlamaConfig, forward, init_params,
                           load_hf)
-from tests import reference
+from tests.references import hf_models
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("remat",))
@@ -16,13 +17,13 @@ def _logits(config, params, ids, remat="none"):
   return forward(config, params, ids, remat=remat)
 
 
-@pytest.mark.parametrize("name", sorted(reference.TINY_CONFIGS))
+@pytest.mark.parametrize("name", sorted(hf_models.TINY_CONFIGS))
 @pytest.mark.parametrize("batch,seq", [(1, 1), (2, 17), (3, 64)])
 def test_logits_match_transformers(tiny_hf, name, batch, seq):
   directory, hf_model = tiny_hf(name)
   config, params = load_hf(directory, dtype=jnp.float32)
-  ids = reference.random_ids(config.vocab_size, batch, seq, seed=seq)
-  want = reference.hf_logits(hf_model, ids)
+  ids = hf_models.random_ids(config.vocab_size, batch, seq, seed=seq)
+  want = hf_models.hf_logits(hf_model, ids)
   got = np.asarray(_logits(config, params, jnp.asarray(ids)))
   assert got.dtype == np.float32 and got.shape == (batch, seq, config.vocab_size)
   assert np.abs(want).std() > 0.5  # Logits large enough for 1e-4 to matter.
@@ -34,17 +35,17 @@ def test_position_interpolation_matters(tiny_hf):
   # the parity test above really checks the RoPE scaling.
   directory, hf_model = tiny_hf("pi4")
   config, params = load_hf(directory, dtype=jnp.float32)
-  ids = reference.random_ids(config.vocab_size, 1, 48)
+  ids = hf_models.random_ids(config.vocab_size, 1, 48)
   unscaled = LlamaConfig(**{**config.__dict__, "rope_scaling": None})
   got = np.asarray(_logits(unscaled, params, jnp.asarray(ids)))
-  assert np.abs(got - reference.hf_logits(hf_model, ids)).max() > 1e-2
+  assert np.abs(got - hf_models.hf_logits(hf_model, ids)).max() > 1e-2
 
 
 @pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
 def test_remat_policies_same_values_and_grads(tiny_hf, remat):
   directory, hf_model = tiny_hf("gqa")
   config, params = load_hf(directory, dtype=jnp.float32)
-  ids = jnp.asarray(reference.random_ids(config.vocab_size, 2, 16))
+  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
 
   def loss(p):
     return jnp.mean(jax.nn.log_softmax(forward(config, p, ids, remat=remat)))
@@ -69,16 +70,16 @@ def test_segments_equal_separate_documents(tiny_hf):
   # transformers gives for each document alone.
   directory, hf_model = tiny_hf("gqa")
   config, params = load_hf(directory, dtype=jnp.float32)
-  a = reference.random_ids(config.vocab_size, 1, 11, seed=1)
-  b = reference.random_ids(config.vocab_size, 1, 9, seed=2)
+  a = hf_models.random_ids(config.vocab_size, 1, 11, seed=1)
+  b = hf_models.random_ids(config.vocab_size, 1, 9, seed=2)
   ids = np.concatenate([a, b], axis=1)
   segments = np.array([[0] * 11 + [1] * 9])
   positions = np.array([list(range(11)) + list(range(9))])
   got = np.asarray(forward(config, params, jnp.asarray(ids),
                            positions_BT=jnp.asarray(positions),
                            segment_ids_BT=jnp.asarray(segments)))
-  want = np.concatenate([reference.hf_logits(hf_model, a),
-                         reference.hf_logits(hf_model, b)], axis=1)
+  want = np.concatenate([hf_models.hf_logits(hf_model, a),
+                         hf_models.hf_logits(hf_model, b)], axis=1)
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
@@ -86,10 +87,10 @@ def test_bfloat16_params_and_compute(tiny_hf):
   directory, hf_model = tiny_hf("mha")
   config, params = load_hf(directory, dtype=jnp.bfloat16)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
-  ids = reference.random_ids(config.vocab_size, 2, 24)
+  ids = hf_models.random_ids(config.vocab_size, 2, 24)
   got = np.asarray(_logits(config, params, jnp.asarray(ids)))
   assert got.dtype == np.float32
-  want = reference.hf_logits(hf_model, ids)
+  want = hf_models.hf_logits(hf_model, ids)
   # bf16 has 8 mantissa bits: relative error of a few percent of the scale.
   assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
   # Mixed precision: fp32 compute on bf16 weights is closer.

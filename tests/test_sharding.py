@@ -87,7 +87,7 @@ def test_arrays_really_are_sharded():
 def _rows_seen(mesh_spec, segments):
   """Runs `per_row_shard` under a mesh; returns (batch sizes the attention
   function saw, its output, the unsharded output)."""
-  from longlora_jax.attention import causal_attention
+  from longlora_jax.attention.dense import causal_attention
   from longlora_jax.sharding import activation_mesh, per_row_shard
   seen = []
 

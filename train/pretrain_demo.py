@@ -4,8 +4,9 @@
 
 Trains `longlora_jax.demo.DEMO_CONFIG` at its native context (256 tokens)
 on the training split of the Python standard library's source, with the
-training engine of `train.extend` (full fine-tuning of every weight, full
-attention, AdamW with cosine decay), and saves it in Hugging Face format
+training engine of `longlora_jax.training` (full fine-tuning of every
+weight, full attention, AdamW with cosine decay), and saves it in Hugging
+Face format
 with the byte-level tokenizer. Deterministic on a given machine and Python;
 18 minutes on 2 CPU cores (measured).
 """
@@ -19,15 +20,17 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from longlora_jax import cli, lora
+from longlora_jax import cli
+from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.data import batches, document_tokens, packed_rows, prefetch
 from longlora_jax.demo import (ASSET_DIR, DATA_DIR, DEMO_CONFIG, demo_data,
                                save_byte_tokenizer)
-from longlora_jax.hf_io import save_hf
+from longlora_jax.io.hf import save_hf
 from longlora_jax.model import init_params
 from longlora_jax.sharding import make_mesh
-from longlora_jax.train_step import (TrainConfig, init_state, jit_train_step,
-                                     params_of)
+from longlora_jax.training.recipe import TrainConfig
+from longlora_jax.training.step import (initial_state, jit_train_step,
+                                        params_of)
 
 
 def parse_args(argv=None):
@@ -55,12 +58,12 @@ def main(argv=None):
     data = prefetch(batches(packed_rows(docs, ctx, seed=args.seed,
                                         source=str(train_file)),
                             (1, args.batch)))
-    tc = TrainConfig(attention="full", remat="none", compute_dtype="float32",
-                     learning_rate=args.lr, warmup_steps=100,
-                     schedule="cosine", total_steps=args.steps, b2=0.95,
-                     weight_decay=0.1, loss_chunk=ctx)
-    params = init_params(config, jax.random.key(args.seed))
-    state = init_state(params, lora.full_mask(params), tc)
+    tc = TrainConfig(attention=AttentionSpec("full", implementation="xla"),
+                     remat="none", dtype="float32", accum=1, lr=args.lr,
+                     warmup=100, schedule="cosine", steps=args.steps,
+                     beta2=0.95, weight_decay=0.1, loss_chunk=ctx)
+    state = initial_state(init_params(config, jax.random.key(args.seed)), tc,
+                          mode="full")
     mesh = make_mesh("fsdp=-1")
     first, _ = next(data)
     step, s_shard, b_shard = jit_train_step(

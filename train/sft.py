@@ -14,11 +14,13 @@ progress, HF and PEFT export, `python -m train.export`) is train.extend's.
 """
 
 from longlora_jax import cli
-from train import extend
+from longlora_jax.training import options, run
 
 
 def main(argv=None) -> int:
-  return extend.main(argv, task="sft", doc=__doc__)
+  args = options.parser("sft", __doc__).parse_args(argv)
+  return run.run(options.given(args), task="sft", resume=args.resume,
+                 out=args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""Memory-efficient causal attention: flash-attention-2 in pure JAX.
+
+The sequence is cut into blocks of `block_size` tokens. Each query block
+visits the key blocks at or below the diagonal (those above are skipped, so
+causal attention costs about half the square) with an online softmax, and
+keeps its log-sum-exp. The backward pass (a `jax.custom_vjp`) recomputes the
+probabilities block by block from that log-sum-exp. Neither pass holds more
+than one `[block, block]` score tile per head, so memory grows linearly with
+the sequence: 100k tokens fit where dense attention's seq^2 scores would not.
+It is the portable path on CPU and the fallback on GPU.
+
+Shapes: `q: [batch, seq, q_heads, head_dim]`, `k, v: [batch, seq, kv_heads,
+head_dim]`. Query heads are handled as `[kv_heads, Q]` (Q = q_heads /
+kv_heads), so K/V are never repeated. Softmax statistics, accumulators and
+gradients accumulate in float32; the products take the input dtype.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.attention.masks import attention_mask
+
+# Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
+# to run efficiently on GPU, tiles small next to the O(seq) activations.
+DEFAULT_BLOCK = 512
+
+
+def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
+                             block_size: int = DEFAULT_BLOCK):
+  """Causal attention with O(seq) memory in both passes ("chunked").
+
+  Same result as `dense.causal_attention`. The block is `block_size`,
+  or the largest divisor of the sequence between half of it and it (100k
+  tokens: 500), or the whole sequence when shorter. Otherwise the sequence
+  is padded at the end, after every real token, so causality alone hides the
+  padding (at the cost of padded copies of q, k, v).
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  if N % K:
+    raise ValueError(f"q_heads={N} is not a multiple of kv_heads={K}")
+  if block_size < 1:
+    raise ValueError(f"block_size={block_size} must be positive")
+  block = _block_for(T, block_size)
+  pad = -T % block
+  if pad:
+    pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    q_BTNH, k_BTKH, v_BTKH = map(pad_seq, (q_BTNH, k_BTKH, v_BTKH))
+    if segment_ids_BT is not None:
+      segment_ids_BT = pad_seq(segment_ids_BT)
+  q_BTKQH = q_BTNH.reshape(B, T + pad, K, N // K, H)
+  out_BTKQH = _flash(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT)
+  return out_BTKQH.reshape(B, T + pad, N, H)[:, :T]
+
+
+def _block_for(seq, block_size):
+  if seq <= block_size:
+    return seq
+  divisors = [b for b in range(block_size, block_size // 2, -1) if seq % b == 0]
+  return divisors[0] if divisors else block_size
+
+
+def _tile(x, index, block, axis):
+  return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
+
+
+def _masked_scores(q_BtKQH, k_BsKH, i, j, block, segment_ids_BT):
+  """Scaled float32 scores of query block i against key block j, -inf where
+  the mask hides the key: `[batch, kv_heads, Q, t, s]` (t, s: the query and
+  key blocks)."""
+  H = q_BtKQH.shape[-1]
+  s_BKQts = jnp.einsum("BtKQH,BsKH->BKQts", q_BtKQH, k_BsKH,
+                       preferred_element_type=jnp.float32) * (H ** -0.5)
+  pos = jnp.arange(block)
+  seg_q = seg_k = None
+  if segment_ids_BT is not None:
+    seg_q = _tile(segment_ids_BT, i, block, 1)
+    seg_k = _tile(segment_ids_BT, j, block, 1)
+  mask_Bts = attention_mask(i * block + pos, j * block + pos, seg_q, seg_k)
+  return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
+  return _forward(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT)[0]
+
+
+def _forward(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
+  """Output `[batch, seq, kv_heads, Q, head_dim]` and float32 log-sum-exp
+  `[batch, kv_heads, Q, seq]`."""
+  B, T, K, Q, H = q_BTKQH.shape
+  n = T // block
+
+  def query_block(i):
+    q_BtKQH = _tile(q_BTKQH, i, block, 1)
+
+    def key_block(j, carry):
+      m_BKQt, l_BKQt, acc_BKQtH = carry
+      s_BKQts = _masked_scores(q_BtKQH, _tile(k_BTKH, j, block, 1), i, j,
+                               block, segment_ids_BT)
+      m_new = jnp.maximum(m_BKQt, s_BKQts.max(-1))
+      # A row with no visible key yet (other segments only) keeps m = -inf;
+      # shifting by 0 instead makes its weights exp(-inf) = 0, not NaN.
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p_BKQts = jnp.exp(s_BKQts - m_safe[..., None])
+      correction = jnp.exp(m_BKQt - m_safe)
+      l_BKQt = l_BKQt * correction + p_BKQts.sum(-1)
+      acc_BKQtH = acc_BKQtH * correction[..., None] + jnp.einsum(
+          "BKQts,BsKH->BKQtH", p_BKQts.astype(v_BTKH.dtype),
+          _tile(v_BTKH, j, block, 1), preferred_element_type=jnp.float32)
+      return m_new, l_BKQt, acc_BKQtH
+
+    init = (jnp.full((B, K, Q, block), -jnp.inf), jnp.zeros((B, K, Q, block)),
+            jnp.zeros((B, K, Q, block, H)))
+    # Key blocks after the diagonal are never visited; each query sees its
+    # own key in block i, so l > 0 at the end.
+    m_BKQt, l_BKQt, acc_BKQtH = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out_BtKQH = (acc_BKQtH / l_BKQt[..., None]).transpose(0, 3, 1, 2, 4)
+    return out_BtKQH.astype(q_BTKQH.dtype), m_BKQt + jnp.log(l_BKQt)
+
+  out_nBtKQH, lse_nBKQt = jax.lax.map(query_block, jnp.arange(n))
+  out_BTKQH = jnp.moveaxis(out_nBtKQH, 0, 1).reshape(B, T, K, Q, H)
+  lse_BKQT = jnp.moveaxis(lse_nBKQt, 0, 3).reshape(B, K, Q, T)
+  return out_BTKQH, lse_BKQT
+
+
+def _flash_fwd(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
+  out_BTKQH, lse_BKQT = _forward(block, q_BTKQH, k_BTKH, v_BTKH,
+                                 segment_ids_BT)
+  return out_BTKQH, (q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT, out_BTKQH,
+                     lse_BKQT)
+
+
+def _flash_bwd(block, residuals, dout_BTKQH):
+  """Flash-attention-2 backward: an outer loop over key blocks accumulates
+  their dK and dV over the query blocks at or after them, and adds each
+  tile's share of dQ into one float32 dQ (O(seq), updated in place)."""
+  q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT, out_BTKQH, lse_BKQT = residuals
+  B, T, K, Q, H = q_BTKQH.shape
+  n = T // block
+  scale = H ** -0.5
+  dtype = q_BTKQH.dtype
+  # D = rowsum(dO * O), the softmax-Jacobian term shared by a row's tiles.
+  delta_BKQT = jnp.einsum("BTKQH,BTKQH->BKQT", dout_BTKQH, out_BTKQH,
+                          preferred_element_type=jnp.float32)
+
+  def key_block(dq_BTKQH, j):
+    k_BsKH = _tile(k_BTKH, j, block, 1)
+    v_BsKH = _tile(v_BTKH, j, block, 1)
+
+    def query_block(i, carry):
+      dq_BTKQH, dk_BsKH, dv_BsKH = carry
+      q_BtKQH = _tile(q_BTKQH, i, block, 1)
+      do_BtKQH = _tile(dout_BTKQH, i, block, 1)
+      s_BKQts = _masked_scores(q_BtKQH, k_BsKH, i, j, block, segment_ids_BT)
+      p_BKQts = jnp.exp(s_BKQts - _tile(lse_BKQT, i, block, 3)[..., None])
+      dv_BsKH += jnp.einsum("BKQts,BtKQH->BsKH", p_BKQts.astype(dtype),
+                            do_BtKQH, preferred_element_type=jnp.float32)
+      dp_BKQts = jnp.einsum("BtKQH,BsKH->BKQts", do_BtKQH, v_BsKH,
+                            preferred_element_type=jnp.float32)
+      ds_BKQts = (p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
+                  ).astype(dtype)
+      dk_BsKH += scale * jnp.einsum("BKQts,BtKQH->BsKH", ds_BKQts, q_BtKQH,
+                                    preferred_element_type=jnp.float32)
+      dq_BtKQH = _tile(dq_BTKQH, i, block, 1) + scale * jnp.einsum(
+          "BKQts,BsKH->BtKQH", ds_BKQts, k_BsKH,
+          preferred_element_type=jnp.float32)
+      dq_BTKQH = jax.lax.dynamic_update_slice_in_dim(dq_BTKQH, dq_BtKQH,
+                                                     i * block, axis=1)
+      return dq_BTKQH, dk_BsKH, dv_BsKH
+
+    zeros = jnp.zeros((B, block, K, H), jnp.float32)
+    # Query blocks before the diagonal cannot see key block j: skipped.
+    dq_BTKQH, dk_BsKH, dv_BsKH = jax.lax.fori_loop(
+        j, n, query_block, (dq_BTKQH, zeros, zeros))
+    # Complete after the inner loop: store in the input dtype.
+    return dq_BTKQH, (dk_BsKH.astype(k_BTKH.dtype),
+                      dv_BsKH.astype(v_BTKH.dtype))
+
+  dq_BTKQH, (dk_nBsKH, dv_nBsKH) = jax.lax.scan(
+      key_block, jnp.zeros((B, T, K, Q, H), jnp.float32), jnp.arange(n))
+  unblock = lambda x_nBsKH: jnp.moveaxis(x_nBsKH, 0, 1).reshape(B, T, K, H)
+  return dq_BTKQH.astype(dtype), unblock(dk_nBsKH), unblock(dv_nBsKH), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

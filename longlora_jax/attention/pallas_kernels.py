@@ -1,0 +1,235 @@
+"""The fused S²-Attn kernels' bodies (Pallas, GPU Triton backend) and the
+block arithmetic that decides which tiles they visit. `pallas_s2` launches
+them; see there for the algorithm and its constraints.
+
+Tiles: a query tile of `block_q` positions (suffix T) against a key tile of
+`block_k` positions (suffix S), head_dim H.
+"""
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax.numpy as jnp
+from jax import lax
+
+try:
+  from jax.experimental import pallas as pl
+  with warnings.catch_warnings():
+    # jax 0.11 deprecates Pallas Triton; the kernels still build with it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from jax.experimental.pallas import triton as plgpu
+  IMPORT_ERROR = None
+except ImportError as e:  # depends on the installed jax
+  pl = plgpu = None
+  IMPORT_ERROR = e
+
+AVAILABLE = IMPORT_ERROR is None
+# A finite "minus infinity": a row whose first tiles are all masked gets
+# weights exp2(0) = 1 there, which the rescale exp2(_MASK - m) = 0 erases once
+# its own key arrives (always visited). -inf would give NaN (-inf - -inf).
+_MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class Groups:
+  """Which keys a query sees. Query heads h >= heads // 2 use group
+  boundaries at `shift` + multiples of `size` (plus 0), the others at
+  multiples of `size`; a query sees the keys from its group's start up to
+  itself. `wrap` (the "roll" variant): a shifted head's queries t < shift
+  also see the keys [seq - shift, seq)."""
+  seq: int
+  size: int
+  shift: int
+  wrap: bool
+  heads: int
+
+  def offset(self, head):
+    """Boundary offset (0 or shift) of a traced query head index."""
+    return (head >= self.heads // 2).astype(jnp.int32) * self.shift
+
+  def end(self, t, offset):
+    """The first group boundary after position t (may pass seq)."""
+    return lax.div(t + (self.size - offset), self.size) * self.size + offset
+
+  def start(self, t, offset):
+    """Start of t's group; the first shifted group is [0, shift)."""
+    return jnp.maximum(self.end(t, offset) - self.size, 0)
+
+  def visible(self, qpos_T1, kpos_1S, offset):
+    """`[queries, keys]` bool: the one definition of the S² mask here."""
+    visible_TS = (kpos_1S <= qpos_T1) & (kpos_1S >= self.start(qpos_T1, offset))
+    if self.wrap:
+      # k < seq: the keys past seq are padding (see `_attention`).
+      visible_TS |= (qpos_T1 < offset) & (kpos_1S >= self.seq - offset) & (
+          kpos_1S < self.seq)
+    return visible_TS
+
+
+# Block ranges. Each returns (lo, a, b, hi, wrap): blocks [lo, a) and
+# [b, hi) need the mask, [a, b) are entirely visible, and wrap = (wrap_lo,
+# wrap_hi) are the roll variant's wrapped blocks not already in [lo, hi)
+# (None for the other groups: no loop at all).
+
+def key_blocks(groups, q0, block_q, block_k, offset):
+  """Key blocks that the query block [q0, q0 + block_q) attends."""
+  q_last = q0 + block_q - 1
+  lo = lax.div(groups.start(q0, offset), block_k)
+  hi = lax.div(q_last, block_k) + 1
+  # Entirely visible: at or after the last row's group start and at or
+  # before the first row.
+  a = jnp.minimum(_cdiv(groups.start(q_last, offset), block_k), hi)
+  b = jnp.maximum(a, jnp.minimum(lax.div(q0 + 1, block_k), hi))
+  wrap = None
+  if groups.wrap:
+    wrap_lo = jnp.maximum(lax.div(groups.seq - offset, block_k), hi)
+    wrap = wrap_lo, _select(q0 < offset, _cdiv(groups.seq, block_k), wrap_lo)
+  return lo, a, b, hi, wrap
+
+
+def query_blocks(groups, k0, block_k, block_q, offset):
+  """Query blocks that attend the key block [k0, k0 + block_k)."""
+  k_last = k0 + block_k - 1
+  lo = lax.div(k0, block_q)
+  hi = _cdiv(jnp.minimum(groups.end(k_last, offset), groups.seq), block_q)
+  # Entirely visible: every row at or after the last key, and in a group
+  # that starts at or before the first key.
+  a = jnp.minimum(_cdiv(k_last, block_q), hi)
+  b = jnp.maximum(a, jnp.minimum(lax.div(groups.end(k0, offset), block_q),
+                                 hi))
+  wrap = None
+  if groups.wrap:
+    wrap = jnp.int32(0), _select(k_last >= groups.seq - offset,
+                                 jnp.minimum(_cdiv(offset, block_q), lo), 0)
+  return lo, a, b, hi, wrap
+
+
+def _visit(ranges, body, carry):
+  """Runs `body(index, carry, masked=...)` over the blocks of `ranges`."""
+  lo, a, b, hi, wrap = ranges
+  loops = [(lo, a, True), (a, b, False), (b, hi, True)]
+  if wrap is not None:
+    loops.append((*wrap, True))
+  for start, stop, masked in loops:
+    carry = lax.fori_loop(start, stop,
+                          functools.partial(body, masked=masked), carry)
+  return carry
+
+
+def _cdiv(a, b):
+  return lax.div(a + (b - 1), b)
+
+
+def _select(condition, a, b):
+  """Scalar int32 select; jnp.where with Python ints fails to lower to
+  Triton (jax 0.10: i1 operands)."""
+  return lax.select(condition, jnp.asarray(a, jnp.int32),
+                    jnp.asarray(b, jnp.int32))
+
+
+def _positions(start, size, axis):
+  """`[size, 1]` (axis 0) or `[1, size]` (axis 1) int32 positions."""
+  shape = (size, 1) if axis == 0 else (1, size)
+  return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_k):
+  block_q, head_dim = q_ref.shape
+  q0 = pl.program_id(0) * block_q
+  offset = groups.offset(pl.program_id(2))
+  q_TH = q_ref[...]
+  qpos_T1 = _positions(q0, block_q, 0)
+  scale = head_dim ** -0.5 * _LOG2E
+
+  def key_block(j, carry, masked):
+    acc_TH, m_T, l_T = carry
+    keys = pl.ds(j * block_k, block_k)
+    s_TS = plgpu.dot(q_TH, k_ref[keys, :], trans_b=True) * scale
+    if masked:
+      s_TS = jnp.where(
+          groups.visible(qpos_T1, _positions(j * block_k, block_k, 1), offset),
+          s_TS, _MASK)
+    m_new = jnp.maximum(m_T, s_TS.max(axis=1))
+    correction_T = jnp.exp2(m_T - m_new)
+    p_TS = jnp.exp2(s_TS - m_new[:, None])
+    l_T = l_T * correction_T + p_TS.sum(axis=1)
+    acc_TH = acc_TH * correction_T[:, None] + plgpu.dot(
+        p_TS.astype(v_ref.dtype), v_ref[keys, :])
+    return acc_TH, m_new, l_T
+
+  init = (jnp.zeros((block_q, head_dim), jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+  acc_TH, m_T, l_T = _visit(
+      key_blocks(groups, q0, block_q, block_k, offset), key_block, init)
+  o_ref[...] = (acc_TH / l_T[:, None]).astype(o_ref.dtype)
+  lse_ref[...] = m_T + jnp.log2(l_T)
+
+
+def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               groups, block_k):
+  block_q, head_dim = q_ref.shape
+  q0 = pl.program_id(0) * block_q
+  offset = groups.offset(pl.program_id(2))
+  q_TH, do_TH = q_ref[...], do_ref[...]
+  lse_T, delta_T = lse_ref[...], delta_ref[...]
+  qpos_T1 = _positions(q0, block_q, 0)
+  scale = head_dim ** -0.5
+
+  def key_block(j, dq_TH, masked):
+    keys = pl.ds(j * block_k, block_k)
+    k_SH = k_ref[keys, :]
+    s_TS = plgpu.dot(q_TH, k_SH, trans_b=True) * (scale * _LOG2E)
+    if masked:
+      s_TS = jnp.where(
+          groups.visible(qpos_T1, _positions(j * block_k, block_k, 1), offset),
+          s_TS, _MASK)
+    p_TS = jnp.exp2(s_TS - lse_T[:, None])
+    dp_TS = plgpu.dot(do_TH, v_ref[keys, :], trans_b=True)
+    ds_TS = p_TS * (dp_TS - delta_T[:, None])
+    return dq_TH + plgpu.dot(ds_TS.astype(k_SH.dtype), k_SH)
+
+  dq_TH = _visit(key_blocks(groups, q0, block_q, block_k, offset),
+                 key_block, jnp.zeros((block_q, head_dim), jnp.float32))
+  dq_ref[...] = (dq_TH * scale).astype(dq_ref.dtype)
+
+
+def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, groups, block_q):
+  block_k, head_dim = k_ref.shape
+  Q = q_ref.shape[1]
+  k0 = pl.program_id(0) * block_k
+  first_head = pl.program_id(2) * Q
+  k_SH, v_SH = k_ref[...], v_ref[...]
+  kpos_1S = _positions(k0, block_k, 1)
+  scale = head_dim ** -0.5
+
+  def query_head(r, carry):
+    offset = groups.offset(first_head + r)
+
+    def query_block(i, carry, masked):
+      dk_SH, dv_SH = carry
+      queries = pl.ds(i * block_q, block_q)
+      q_TH, do_TH = q_ref[queries, r, :], do_ref[queries, r, :]
+      s_TS = plgpu.dot(q_TH, k_SH, trans_b=True) * (scale * _LOG2E)
+      if masked:
+        s_TS = jnp.where(
+            groups.visible(_positions(i * block_q, block_q, 0), kpos_1S,
+                           offset),
+            s_TS, _MASK)
+      p_TS = jnp.exp2(s_TS - lse_ref[r, queries][:, None])
+      dv_SH += plgpu.dot(p_TS.astype(do_TH.dtype), do_TH, trans_a=True)
+      dp_TS = plgpu.dot(do_TH, v_SH, trans_b=True)
+      ds_TS = p_TS * (dp_TS - delta_ref[r, queries][:, None])
+      dk_SH += plgpu.dot(ds_TS.astype(q_TH.dtype), q_TH, trans_a=True)
+      return dk_SH, dv_SH
+
+    return _visit(query_blocks(groups, k0, block_k, block_q, offset),
+                  query_block, carry)
+
+  zeros = jnp.zeros((block_k, head_dim), jnp.float32)
+  dk_SH, dv_SH = lax.fori_loop(0, Q, query_head, (zeros, zeros))
+  dk_ref[...] = (dk_SH * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_SH.astype(dv_ref.dtype)

@@ -1,0 +1,76 @@
+"""Opening a checkpoint: its location resolved once, then its config,
+tokenizer and parameters from the one object every command uses."""
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from longlora_jax.config import LlamaConfig
+from longlora_jax.errors import CheckpointError
+from longlora_jax.io.hf import read_params
+from longlora_jax.io.hub import resolve_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A Hugging Face Llama checkpoint: `Checkpoint.open(...)`.
+
+  name: as given (`hf:ORG/NAME[@revision]`, a directory, or `demo`);
+  directory: where its files are; config: its config.json.
+  """
+  name: str
+  directory: Path
+  config: LlamaConfig
+
+  @classmethod
+  def open(cls, name: str | os.PathLike) -> "Checkpoint":
+    """Resolves `name` (a directory, `hf:ORG/NAME[@revision]` through the
+    Hugging Face cache, or `demo`, the built-in tiny model) and reads its
+    config. Raises CheckpointError with the fix when it cannot."""
+    name = str(name)
+    if name == "demo":
+      from longlora_jax.demo import demo_checkpoint
+      directory = demo_checkpoint()
+    else:
+      directory = resolve_checkpoint(name)
+    return cls(name, directory, LlamaConfig.from_pretrained(directory))
+
+  def params(self, dtype=jnp.bfloat16, shardings=None):
+    """The weights as our parameter tree, in `dtype`; `shardings` (a tree
+    like the parameters) places each one as it is read."""
+    return read_params(self.directory, self.config, dtype, shardings)
+
+  @functools.cached_property
+  def tokenizer(self):
+    """Its tokenizer (transformers' AutoTokenizer)."""
+    return load_tokenizer(self.directory)
+
+  @property
+  def eos_id(self) -> int:
+    """The end-of-document token: the tokenizer's, else the config's."""
+    eos = self.tokenizer.eos_token_id
+    return int(np.atleast_1d(self.config.eos_token_id)[0]) if eos is None \
+        else eos
+
+
+def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):
+  """`(LlamaConfig, params)` of a HF Llama checkpoint: a local directory or
+  `hf:ORG/NAME[@rev]`; `dtype` bfloat16, float16 or float32 (or their
+  names). Raises CheckpointError when it is missing, malformed or not a
+  Llama."""
+  checkpoint = Checkpoint.open(path_or_id)
+  return checkpoint.config, checkpoint.params(dtype)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+  """transformers' AutoTokenizer of a directory (a checkpoint, or tokenizer
+  files alone)."""
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(directory)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{directory}: no usable tokenizer ({e})") from None

@@ -1,0 +1,104 @@
+"""A run's outputs: the merged model (HF format) and the PEFT adapter, from
+the end of training or from any saved checkpoint, and the commands that
+evaluate them."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax import lora
+from longlora_jax.config import LlamaConfig
+from longlora_jax.errors import CheckpointError, LongLoraError
+from longlora_jax.io.checkpoint import Checkpoint
+from longlora_jax.io.hf import save_hf
+from longlora_jax.io.peft import save_peft
+from longlora_jax.training import saving
+from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
+                                          target_config)
+from longlora_jax.training.step import initial_run_state, params_of
+
+
+def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
+                  params, targets: dict[str, Path], *, overwrite: bool = True
+                  ) -> dict[str, Path]:
+  """Writes `params` (the run's tree, LoRA nodes included) to each of
+  `targets`: "hf" the merged model (with `base`'s tokenizer), "peft" the
+  adapter; `config` carries the RoPE scaling. Each directory appears only
+  once complete."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    params = multihost_utils.process_allgather(params, tiled=True)
+  if jax.process_index() != 0:
+    return {}
+  if "peft" in targets and spec.mode == "full":
+    raise LongLoraError("a full fine-tuning run has no adapter; export it "
+                        "as --format hf")
+  dtype = jnp.dtype(spec.recipe.dtype)
+  written = {}
+  if "hf" in targets:
+    merged = jax.tree.map(lambda x: x.astype(dtype), lora.merge(params))
+    written["hf"] = save_hf(config, merged, targets["hf"],
+                            tokenizer_from=base.directory,
+                            dtype=dtype, overwrite=overwrite)
+  if "peft" in targets:
+    written["peft"] = save_peft(
+        config, params, targets["peft"], extra=MODES[spec.mode],
+        base_model_name_or_path=spec.ckpt, dtype=dtype, overwrite=overwrite)
+  return written
+
+
+def print_commands(spec: RunSpec, config: LlamaConfig,
+                   written: dict[str, Path]) -> None:
+  """How to evaluate (or chat with) what was written; `config` is the
+  trained one, with its RoPE scaling."""
+  if "hf" in written:
+    hf = written["hf"]
+    print(f"\nmerged model (HF format): {hf}")
+    if spec.task == "sft":
+      print("ask it about a long document with:\n  python -m eval.chat "
+            f"--ckpt {hf} --material FILE.txt --question \"...\"")
+    else:
+      interval = max(spec.ctx // 8, 274)  # The protocol needs >= 274 tokens.
+      data = spec.data
+      if spec.ckpt == "demo":
+        from longlora_jax.demo import demo_data
+        train, heldout = map(str, demo_data())
+        data = heldout if data == train else data
+      print(f"evaluate it with:\n"
+            f"  python -m eval.perplexity --ckpt {hf} --data {data} "
+            f"--seq-len {config.original_context} {spec.ctx}\n"
+            f"  python -m eval.passkey --ckpt {hf} --max-tokens {spec.ctx} "
+            f"--interval {interval}")
+  if "peft" in written:
+    # rope_theta inside too: transformers 5 reads it from there.
+    rope = {"type": "linear", "rope_type": "linear",
+            "factor": config.rope_factor, "rope_theta": config.rope_theta}
+    print(f"\nPEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
+          "load it on the base model with the RoPE scaling it was trained "
+          f"with:\n  LlamaForCausalLM.from_pretrained(BASE, rope_scaling={rope})"
+          f"\n  PeftModel.from_pretrained(model, '{written['peft']}')")
+
+
+def load_run(run_dir: Path, step: int | None = None):
+  """(spec, base checkpoint, extended config, params with LoRA nodes, step)
+  of a saved checkpoint of the run in `run_dir` (default: the newest)."""
+  spec = read_spec(run_dir)
+  directory = run_dir / "checkpoints"
+  mngr = saving.manager(directory, read_only=True) if directory.exists() \
+      else None
+  steps = sorted(mngr.all_steps()) if mngr else []
+  if not steps:
+    raise LongLoraError(f"{run_dir}: no checkpoints saved yet")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise LongLoraError(f"{run_dir}: no checkpoint of step {step}; saved: "
+                        f"{', '.join(map(str, steps))}")
+  base = Checkpoint.open(spec.ckpt)
+  if base.config.to_hf_dict() != spec.base_config:
+    raise CheckpointError(f"{spec.ckpt} is no longer the model {run_dir} was "
+                          "trained from (its config.json differs)")
+  state = initial_run_state(spec, base.params(spec.recipe.dtype))
+  state, _ = saving.restore(mngr, step, state)
+  mngr.close()
+  return spec, base, target_config(spec, base.config), params_of(state), step

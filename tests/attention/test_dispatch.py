@@ -1,0 +1,57 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longlora_jax import LlamaConfig, forward, init_params
+from longlora_jax.attention.chunked import chunked_causal_attention
+from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.dispatch import (ATTENTION_FNS, get_attention,
+                                             s2_attention)
+from longlora_jax.attention.pallas_s2 import pallas_causal_attention
+from tests.references import attention as ref
+
+
+def test_registry():
+  assert ATTENTION_FNS == {"full": causal_attention,
+                           "chunked": chunked_causal_attention,
+                           "s2": s2_attention,
+                           "pallas": pallas_causal_attention}
+  for name, fn in ATTENTION_FNS.items():
+    assert get_attention(name) is fn
+  custom = functools.partial(s2_attention, variant="roll")
+  assert get_attention(custom) is custom
+  with pytest.raises(ValueError, match="unknown attention 'dense'"):
+    get_attention("dense")
+
+
+_logits = jax.jit(forward, static_argnums=0,
+                  static_argnames=("attention",))
+
+
+def test_model_runs_with_each_attention():
+  config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, initializer_range=0.3)
+  params = init_params(config, jax.random.key(0))
+  rng = np.random.default_rng(6)
+  ids = jnp.asarray(rng.integers(0, 64, (2, 32)))
+  seg = jnp.asarray(ref.random_segments(rng, 2, 32))
+  logits = {name: np.asarray(_logits(config, params, ids, attention=name))
+            for name in ATTENTION_FNS if name != "pallas"}  # pallas: GPU only
+  full = logits["full"]
+  assert np.abs(full).std() > 0.3  # large enough for 1e-4 to matter
+  np.testing.assert_allclose(logits["chunked"], full, atol=1e-4, rtol=0)
+  with_seg = [_logits(config, params, ids, attention=name, segment_ids_BT=seg)
+              for name in ("full", "chunked")]
+  np.testing.assert_allclose(with_seg[1], with_seg[0], atol=1e-4, rtol=0)
+  # S², default groups of 8: the first G/2 = 4 tokens see the same keys as
+  # with full attention in every head; tokens past the first group do not.
+  np.testing.assert_allclose(logits["s2"][:, :4], full[:, :4], atol=1e-5)
+  assert np.abs(logits["s2"][:, 8:] - full[:, 8:]).max() > 1e-2
+  # Options through a callable.
+  roll = functools.partial(s2_attention, variant="roll", group_size=16,
+                           implementation="chunked", block_size=4)
+  assert np.isfinite(_logits(config, params, ids, attention=roll)).all()

@@ -1,0 +1,82 @@
+"""The evaluation commands end to end on the tiny demo checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eval import passkey, perplexity, tokenize
+from longlora_jax.demo import demo_checkpoint
+from tests.conftest import ROOT
+
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  return demo_checkpoint(tmp_path_factory.mktemp("demo") / "base")
+
+
+def test_passkey_cli(demo, tmp_path, capsys):
+  passkey.main(["--ckpt", str(demo), "--max-tokens", "600", "--interval",
+                "300", "--num-tests", "2", "--out", str(tmp_path),
+                "--dtype", "float32"])
+  result = json.loads((tmp_path / "passkey.json").read_text())
+  rows = result["results"]
+  assert [r["filler_chars"] for r in rows] == [1024, 2048]
+  assert all(r["trials"] == 2 and 0 <= r["accuracy"] <= 1 for r in rows)
+  # Byte tokens: each prompt is longer than its filler.
+  assert rows[0]["tokens"] > 1024 and rows[1]["tokens"] > 2048
+  assert (tmp_path / "passkey.png").stat().st_size > 1000
+  assert "accuracy" in capsys.readouterr().out
+
+
+def test_tokenize_then_perplexity_cli(demo, tmp_path, capsys):
+  (tmp_path / "book.txt").write_text("All happy families are alike. " * 60)
+  tokenize.main(["--tokenizer", str(demo), "--data", str(tmp_path / "book.txt"),
+                 "--out", str(tmp_path / "book.bin")])
+  # uint16 ids: BOS, the prepended space, one per byte.
+  assert (tmp_path / "book.bin").stat().st_size == 2 * (2 + 30 * 60)
+  perplexity.main(["--ckpt", str(demo), "--data", str(tmp_path / "book.bin"),
+                   "--seq-len", "128", "256", "--stride", "256",
+                   "--attention", "full", "--out", str(tmp_path / "ppl"),
+                   "--dtype", "float32"])
+  result = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
+  assert [r["seq_len"] for r in result["results"]] == [128, 256]
+  # The pretrained demo model on a repeated sentence: far below the 259 of
+  # a uniform guess.
+  assert all(1 < r["perplexity"] < 30 for r in result["results"]), result
+  assert (tmp_path / "ppl" / "perplexity.png").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval.passkey", "--ckpt", "/nope"], "error: /nope: no such directory"),
+    (["eval.perplexity", "--ckpt", "DEMO", "--data", "/nope.bin"],
+     "error: /nope.bin: no such file"),
+    (["eval.passkey", "--ckpt", "DEMO", "--interval", "100"],
+     "error: --interval 100 gives prompts without filler"),
+])
+def test_user_errors(demo, args, message):
+  args = [str(demo) if a == "DEMO" else a for a in args]
+  result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(message)
+  assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flags,factor", [([], 1.0), (["--ctx", "1024"], 4.0),
+                                          (["--ctx", "1000"], 4.0),
+                                          (["--pi-factor", "6"], 6.0),
+                                          (["--ctx", "1024", "--pi-factor", "1"], 1.0)])
+def test_rope_factor_from_ctx_or_pi_factor(demo, flags, factor):
+  import argparse
+
+  from eval.common import add_model_args, load_model
+  parser = argparse.ArgumentParser()
+  add_model_args(parser)
+  config, _, _, _ = load_model(parser.parse_args(["--ckpt", str(demo), *flags]))
+  # The demo model's native context is 256: ceil(ctx / 256).
+  assert config.rope_factor == factor

@@ -1,0 +1,238 @@
+"""python -m train.extend end to end on a tiny model (8 virtual CPU devices)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from longlora_jax import LongLoraError, forward
+from longlora_jax.demo import save_byte_tokenizer
+from longlora_jax.training import loop
+from longlora_jax.training.export import load_run
+from tests.references import hf_models
+from train import export, extend
+from tests.conftest import ROOT
+
+# Native context 32, extended to 64 (RoPE x2): S²-Attn groups of 16.
+TINY = dict(vocab_size=259, hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=32, bos_token_id=1, eos_token_id=2,
+            pad_token_id=0)
+WORDS = "the grass is green the sky is blue here we go there and back".split()
+
+
+def _model(directory, seed=0):
+  hf_models.save_hf_llama(directory, TINY, seed=seed)
+  save_byte_tokenizer(directory)
+  return directory
+
+
+def _data(path, n_docs, seed=0):
+  rng = np.random.default_rng(seed)
+  path.write_text("".join(
+      json.dumps({"text": " ".join(rng.choice(WORDS, rng.integers(3, 30)))})
+      + "\n" for _ in range(n_docs)))
+  return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("extend")
+  return {"model": _model(d / "model"), "other": _model(d / "other", seed=1),
+          # About 2,300 tokens: 36 rows of 64, so 6 steps of 8 rows run
+          # into a second pass over the data.
+          "data": _data(d / "docs.jsonl", 40), "tmp": d}
+
+
+def _args(files, out, *extra):
+  return ["--ckpt", str(files["model"]), "--ctx", "64", "--data",
+          str(files["data"]), "--out", str(out), "--dtype", "float32",
+          "--lr", "1e-2", "--warmup", "2", "--accum", "1", *extra]
+
+
+def _metrics(run):
+  return [json.loads(line) for line in (run / "metrics.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def run(files):
+  out = files["tmp"] / "run"
+  assert extend.main(_args(files, out, "--steps", "8", "--save-every",
+                           "3")) == 0
+  return out
+
+
+def test_trains_checkpoints_and_exports(run, files):
+  losses = [m["loss"] for m in _metrics(run)]
+  assert [m["step"] for m in _metrics(run)] == list(range(1, 9))
+  assert np.mean(losses[-2:]) < losses[0] - 0.3
+  assert sorted(os.listdir(run / "checkpoints")) == ["6", "8"]  # keep 2
+  assert (run / "loss.png").stat().st_size > 0
+  spec = json.loads((run / "run.json").read_text())
+  assert (spec["mode"], spec["recipe"]["attention"]["kind"], spec["ctx"]) == (
+      "lora+", "s2", 64)
+  config = json.loads((run / "hf" / "config.json").read_text())
+  assert config["rope_scaling"]["factor"] == 2.0
+  assert config["max_position_embeddings"] == 32
+
+  # The merged export, read by transformers, is the model that trained:
+  # our forward of the run's parameters with their LoRA nodes.
+  _, _, ext_config, params, step = load_run(run)
+  assert step == 8
+  ids = hf_models.random_ids(259, 2, 64, seed=3)
+  ours = np.asarray(forward(ext_config, params, ids))
+  hf = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+  np.testing.assert_allclose(hf_models.hf_logits(hf, ids), ours, atol=1e-4,
+                             rtol=1e-4)
+  tok = AutoTokenizer.from_pretrained(run / "hf")
+  out = hf.generate(**tok("the sky is", return_tensors="pt"),
+                    max_new_tokens=5, do_sample=False)
+  assert out.shape[1] == len(tok("the sky is")["input_ids"]) + 5
+
+  # The PEFT adapter on the base model (with the same RoPE scaling).
+  from peft import PeftModel
+  base = AutoModelForCausalLM.from_pretrained(
+      files["model"], dtype=torch.float32,
+      rope_scaling={"type": "linear", "rope_type": "linear", "factor": 2.0,
+                    "rope_theta": 10000.0})
+  peft = PeftModel.from_pretrained(base, run / "peft")
+  np.testing.assert_allclose(hf_models.hf_logits(peft, ids), ours, atol=1e-4,
+                             rtol=1e-4)
+
+
+class _StopAt:
+  """A tqdm stand-in that sends this process SIGTERM after step `n`."""
+
+  def __init__(self, n):
+    self.n_stop, self.tqdm = n, loop.tqdm
+
+  def __call__(self, *args, **kwargs):
+    bar = self.tqdm(*args, **kwargs)
+    update, n_stop = bar.update, self.n_stop
+
+    def stopping_update(k=1):
+      update(k)
+      if bar.n == n_stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+    bar.update = stopping_update
+    return bar
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(files, monkeypatch,
+                                                      capsys):
+  whole, parts = files["tmp"] / "whole", files["tmp"] / "parts"
+  assert extend.main(_args(files, whole, "--steps", "6")) == 0
+  monkeypatch.setattr(loop, "tqdm", _StopAt(3))
+  assert extend.main(_args(files, parts, "--steps", "6")) == 128 + signal.SIGTERM
+  assert "resume with: python -m train.extend --resume" in capsys.readouterr().out
+  assert sorted(os.listdir(parts / "checkpoints")) == ["3"]
+  assert not (parts / "hf").exists()
+  monkeypatch.undo()
+  assert extend.main(["--resume", "--out", str(parts)]) == 0
+  assert [m["step"] for m in _metrics(parts)] == list(range(1, 7))
+  for name in ("hf/model.safetensors", "peft/adapter_model.safetensors"):
+    assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
+  np.testing.assert_array_equal([m["loss"] for m in _metrics(whole)],
+                                [m["loss"] for m in _metrics(parts)])
+
+
+def _cli(args, cwd=ROOT):
+  return subprocess.Popen(
+      [sys.executable, "-m", "train.extend", *args], cwd=cwd, text=True,
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+
+
+def test_bad_input_is_one_line_and_writes_nothing(files, run):
+  tmp = files["tmp"] / "bad"
+  tmp.mkdir()
+  (tmp / "empty").mkdir()
+  (tmp / "no_weights").mkdir()
+  for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(files["model"] / f, tmp / "no_weights" / f)
+  (tmp / "short.jsonl").write_text('{"text": "the sky"}\n{"text": "is blue"}\n')
+  model, data = str(files["model"]), str(files["data"])
+  out = lambda name: ["--out", str(tmp / f"out_{name}")]
+  cases = {
+      "hub": (["--ckpt", "hf:nobody/nothing", "--ctx", "64", *out("hub")],
+              "hf:nobody/nothing is not in the local Hugging Face cache"),
+      "no_config": (["--ckpt", str(tmp / "empty"), "--ctx", "64",
+                     *out("no_config")], "config.json: not found"),
+      "no_weights": (["--ckpt", str(tmp / "no_weights"), "--ctx", "64",
+                      "--data", data, *out("no_weights")], "no weights found"),
+      "short_ctx": (["--ckpt", model, "--ctx", "32", *out("short_ctx")],
+                    "--ctx 32 is not larger than the checkpoint's context of "
+                    "32 tokens"),
+      "groups": (["--ckpt", model, "--ctx", "100", *out("groups")],
+                 "--ctx 100 does not split into S²-Attn groups of 0.25 x ctx "
+                 "tokens (an even group size that divides the context); "
+                 "nearest valid: 96 or 104"),
+      "no_data": (["--ckpt", model, "--ctx", "64", "--data",
+                   str(tmp / "nope.jsonl"), *out("no_data")],
+                  "nope.jsonl: no such file or directory"),
+      "little_data": (["--ckpt", model, "--ctx", "64", "--data",
+                       str(tmp / "short.jsonl"), *out("little_data")],
+                      "short.jsonl yields 18 tokens, fewer than one row of 64"),
+      "other_model": (["--resume", "--out", str(run), "--ckpt",
+                       str(files["other"])], f"{run} is a run of --ckpt"),
+      "other_ctx": (["--resume", "--out", str(run), "--ctx", "128"],
+                    f"{run} extends to --ctx 64, not 128"),
+      "nan": ([*_args(files, tmp / "nan", "--lr", "1e30", "--warmup", "0",
+                      "--save-every", "1", "--steps", "5")],
+              "at step 2: training stopped; the last good checkpoint is step 1"),
+  }
+  before = sorted(p.relative_to(run) for p in run.rglob("*"))
+  stamp = (run / "run.json").stat().st_mtime_ns
+  procs = {}
+  for name, (args, _) in cases.items():  # Four at a time: 2 cores.
+    procs[name] = _cli(args)
+    if len(procs) % 4 == 0:
+      list(procs.values())[-4].wait(timeout=300)
+  for name, (_, message) in cases.items():
+    _, stderr = procs[name].communicate(timeout=300)
+    assert procs[name].returncode == 2, (name, stderr)
+    lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], (name, stderr)
+    assert "Traceback" not in stderr, name
+    if name not in ("nan", "other_model", "other_ctx"):
+      assert not (tmp / f"out_{name}").exists(), name
+  assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+  assert (run / "run.json").stat().st_mtime_ns == stamp
+  # A NaN keeps the last good checkpoint and writes no model.
+  assert sorted(os.listdir(tmp / "nan" / "checkpoints")) == ["1"]
+  assert sorted(p.name for p in (tmp / "nan").iterdir()) == [
+      "checkpoints", "metrics.jsonl", "run.json"]
+
+
+def test_export_any_saved_step(run, files):
+  out = files["tmp"] / "step6"
+  export.main(["--run", str(run), "--step", "6", "--out", str(out)])
+  config = json.loads((out / "config.json").read_text())
+  assert config["rope_scaling"]["factor"] == 2.0
+  # Step 6's weights: not the final (step 8) model's.
+  hf6 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+  hf8 = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+  ids = hf_models.random_ids(259, 1, 64, seed=4)
+  _, _, ext_config, params6, _ = load_run(run, 6)
+  np.testing.assert_allclose(hf_models.hf_logits(hf6, ids),
+                             np.asarray(forward(ext_config, params6, ids)),
+                             atol=1e-4, rtol=1e-4)
+  assert not np.allclose(hf_models.hf_logits(hf6, ids),
+                         hf_models.hf_logits(hf8, ids), atol=1e-3)
+  export.main(["--run", str(run), "--out", str(files["tmp"] / "peft8"),
+               "--format", "peft"])
+  assert (files["tmp"] / "peft8" / "adapter_model.safetensors").read_bytes() \
+      == (run / "peft" / "adapter_model.safetensors").read_bytes()
+  with pytest.raises(LongLoraError, match="no checkpoint of step 7; saved: 6, 8"):
+    export.main(["--run", str(run), "--step", "7", "--out",
+                 str(files["tmp"] / "step7")])
+  with pytest.raises(LongLoraError, match="exists and is not empty"):
+    export.main(["--run", str(run), "--out", str(out)])
+  assert not (files["tmp"] / "step7").exists()

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from eval import memory_plan
+from longlora_jax import gpu_target
+from longlora_jax import LlamaConfig
+
+
+def test_tiny_plan_runs_and_counts(tmp_path):
+  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256)
+  cfg.save(tmp_path)
+  args = memory_plan.parse_args(["--model", str(tmp_path), "--ctx", "1024",
+                                 "--mesh", "fsdp=8"])
+  result = memory_plan.plan(args)
+  json.dumps(result)  # serialisable for --json
+  m = result["per_device_gib"]
+  assert m["temporaries"] > 0 and m["total"] >= m["temporaries"]
+  # LoRA r=8 on q, k, v, o (2 layers, 64 -> 64): 2 * 4 * 8 * (64 + 64);
+  # embedding 256 * 64; norms 2 * 2 * 64 + 64.
+  assert result["trainable_params"] == 8192 + 16384 + 320
+  # Weights are split 8 ways: frozen bf16 bytes / 8.
+  frozen = (2 * (4 * 64 * 64 + 3 * 64 * 128) + 64 * 256) * 2
+  assert abs(result["breakdown_estimate_gib"]["frozen_weights"] * 2**30
+             - frozen / 8) < 1
+  assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  full = memory_plan.plan(memory_plan.parse_args(
+      ["--model", str(tmp_path), "--ctx", "1024", "--attention", "full"]))
+  assert (result["tflops_per_step"]["analytic_total"]
+          < full["tflops_per_step"]["analytic_total"])
+
+
+BUFFER_ASSIGNMENT = """BufferAssignment:
+allocation 0: size 4096, parameter 0, shape |f32[1024]| at ShapeIndex {}:
+ value: <3 p.1 @0> (size=4096,offset=0): f32[1024]{0}
+allocation 1: size 9000, preallocated-temp:
+ value: <7 fusion.2 @0> (size=6000,offset=0): bf16[3000]{0}
+ value: <8 while.1{1} (phi) @0> (size=6000,offset=0): bf16[3000]{0}
+ value: <9 fusion.5 @0> (size=2000,offset=6000): f32[500]{0}
+ value: <10 add.3 @0> (size=1000,offset=8000): s8[1000]{0}
+allocation 2: size 8, constant:
+ value: <11 constant.1 @0> (size=8,offset=0): s64[]
+"""
+
+
+def test_largest_temporaries_reads_xla_buffer_assignment():
+  # The parameter (4096 B) and the constant are not temporaries; the while
+  # carry aliases fusion.2 (same offset and size) and is the same buffer.
+  top = memory_plan.largest_temporaries(BUFFER_ASSIGNMENT, k=2)
+  assert [(t["name"], t["shape"], t["gib"] * 2**30) for t in top] == [
+      ("fusion.2", "bf16[3000]", 6000), ("fusion.5", "f32[500]", 2000)]
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs jax[cuda12-local] (requirements-test.txt)")
+def test_gpu_target_keeps_the_residual_stack_in_bfloat16(tmp_path):
+  # Long enough that the stack of layer inputs kept for the backward pass,
+  # [layers, batch, ctx, hidden], is the largest buffer.
+  cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                    num_hidden_layers=4, num_attention_heads=2,
+                    max_position_embeddings=2048)
+  cfg.save(tmp_path)
+  argv = ["--model", str(tmp_path), "--ctx", "8192", "--mesh", "fsdp=8"]
+  largest = lambda target: memory_plan.plan(memory_plan.parse_args(
+      argv + ["--target", target]))["largest_temporaries"][0]
+  gpu = largest("h100")
+  assert gpu["shape"] == "bf16[4,1,8192,256]"
+  assert gpu["gib"] * 2**30 == 4 * 8192 * 256 * 2
+  # What the GPU target is for: XLA:CPU keeps the same stack in float32.
+  assert largest("cpu")["shape"] == "f32[4,1,8192,256]"

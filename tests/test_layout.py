@@ -1,0 +1,151 @@
+"""The shape of the code: imports form a DAG, every attention module imports
+on its own, commands stand alone, library tests stay off the commands."""
+
+import ast
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "longlora_jax"
+ATTENTION = sorted(p.stem for p in (PACKAGE / "attention").glob("*.py")
+                   if p.stem != "__init__")
+
+
+def _module_name(path: Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, *, top_level_only: bool) -> set[str]:
+  """Modules `path` imports (`from a import b` counts a.b when it is a
+  module), at module level or anywhere."""
+  tree = ast.parse(path.read_text())
+  nodes = tree.body if top_level_only else list(ast.walk(tree))
+  found = set()
+  for node in nodes:
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      found.add(node.module)
+      found.update(f"{node.module}.{a.name}" for a in node.names)
+  return found
+
+
+def _library_graph(top_level_only: bool) -> dict[str, set[str]]:
+  modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+  return {name: {m for m in _imports(path, top_level_only=top_level_only)
+                 if m in modules and m != name}
+          for name, path in modules.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+  state, stack = {}, []
+
+  def visit(node):
+    state[node] = "open"
+    stack.append(node)
+    for nxt in sorted(graph[node]):
+      if state.get(nxt) == "open":
+        return stack[stack.index(nxt):] + [nxt]
+      if nxt not in state and (found := visit(nxt)):
+        return found
+    state[node] = "done"
+    stack.pop()
+    return None
+
+  for node in sorted(graph):
+    if node not in state and (found := visit(node)):
+      return found
+  return None
+
+
+def test_library_imports_form_a_dag():
+  # Module-level imports decide whether an order of imports can fail; the
+  # imports inside functions (lazy, for optional or heavy dependencies) are
+  # checked too, apart from the lazy package exports (`_lazy`).
+  assert _cycle(_library_graph(top_level_only=True)) is None
+  everywhere = _library_graph(top_level_only=False)
+  for package in ("longlora_jax", "longlora_jax.attention", "longlora_jax.io",
+                  "longlora_jax.training"):
+    everywhere[package] = set()  # __init__: lazy name -> module table only
+  assert _cycle(everywhere) is None
+
+
+def test_attention_package_is_layered():
+  # Leaves import no other attention module; dispatch is the only module
+  # that imports the implementations it chooses between.
+  graph = _library_graph(top_level_only=False)
+  inside = lambda m: {d.rsplit(".", 1)[1] for d in graph[
+      f"longlora_jax.attention.{m}"] if d.startswith("longlora_jax.attention.")}
+  assert inside("masks") == inside("groups") == set()
+  assert inside("dense") == inside("chunked") == {"masks"}
+  assert inside("pallas_kernels") == set()
+  assert inside("s2") == {"dense", "chunked"}
+  assert inside("pallas_s2") == {"groups", "pallas_kernels"}
+  assert not any("dispatch" in inside(m) for m in ATTENTION)
+
+
+def _fresh_import(*modules: str) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  code = "; ".join(f"import {m}" for m in modules)
+  return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_every_attention_module_imports_first_and_alone():
+  # In one fresh interpreter per module: that module first, then the rest
+  # in reverse order (with the DAG above, no order can fail).
+  for first in ATTENTION:
+    rest = [m for m in reversed(ATTENTION) if m != first]
+    names = [f"longlora_jax.attention.{m}" for m in (first, *rest)]
+    result = _fresh_import(*names)
+    assert result.returncode == 0, (first, result.stderr[-2000:])
+
+
+def test_importing_the_package_loads_no_framework():
+  code = ("import sys, longlora_jax, longlora_jax.attention, "
+          "longlora_jax.training, longlora_jax.io; "
+          "print(sorted(m for m in ('jax', 'optax', 'orbax', 'flax', "
+          "'transformers') if m in sys.modules))")
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]"
+
+
+def _commands() -> dict[str, Path]:
+  return {_module_name(p): p for d in ("train", "eval")
+          for p in (ROOT / d).glob("*.py")
+          if "__main__" in p.read_text()}
+
+
+def test_no_command_imports_another_command():
+  commands = _commands()
+  assert {"train.extend", "train.sft", "eval.passkey"} <= set(commands)
+  for name, path in commands.items():
+    imported = _imports(path, top_level_only=False) & set(commands)
+    assert not imported - {name}, (name, imported)
+
+
+@pytest.mark.parametrize("folder", ["attention", "io", "training", "."])
+def test_library_tests_do_not_import_commands(folder):
+  tests = [p for p in (ROOT / "tests" / folder).glob("*.py")]
+  assert tests
+  for path in tests:
+    bad = {m for m in _imports(path, top_level_only=False)
+           if m.split(".")[0] in ("train", "eval")}
+    assert not bad, (path.name, bad)
+
+
+def test_no_file_is_long():
+  sources = itertools.chain(*((ROOT / d).rglob("*.py") for d in (
+      "longlora_jax", "train", "eval", "tests")))
+  long = {str(p.relative_to(ROOT)): n for p in sources
+          if (n := len(p.read_text().splitlines())) > 420}
+  assert not long
