@@ -17,9 +17,8 @@ Methods:
   pallas               the fused Pallas S²-Attn kernel (`pallas_s2`); off
                        GPU only with --interpret (Pallas interpreter, slow)
   pallas_causal        the same kernel with one group (causal attention)
-  s2_cudnn             roll + reshape + `jax.nn.dot_product_attention(
-                       implementation="cudnn")` per group (the paper's
-                       Algorithm 1, i.e. the "roll" groups); GPU only
+  s2_cudnn             S²-Attn as grouped cuDNN flash attention
+                       (`attention.cudnn_s2`, --variant); GPU only
   full_cudnn           causal cuDNN attention over the whole sequence; GPU
 FLOP/s counts only the pairs each method must attend
 (`attention_flops(..., group_size=G, variant=...)`: no recomputation, no
@@ -58,7 +57,7 @@ def parse_args(argv=None):
   p.add_argument("--group-size", type=int, default=None,
                  help="a fixed S²-Attn group size instead of the ratio")
   p.add_argument("--variant", default="flash", choices=("flash", "roll"),
-                 help="S²-Attn groups for s2_xla, s2_chunked and pallas")
+                 help="S²-Attn groups of every S² method")
   p.add_argument("--block", type=int, default=512, help="chunked block size")
   p.add_argument("--forward", action="store_true",
                  help="also time the forward pass alone")
@@ -96,10 +95,6 @@ def group_size(method: str, seq: int, args) -> int | None:
   return args.group_size or int(seq * args.group_ratio)
 
 
-def variant_of(method: str, args) -> str:
-  return "roll" if method == "s2_cudnn" else args.variant
-
-
 def skip_reason(method: str, backend: str, args) -> str | None:
   if method.endswith("cudnn") and backend != "gpu":
     return "cuDNN attention needs a CUDA GPU"
@@ -116,6 +111,7 @@ def attention_for(method: str, seq: int, args):
   import functools
 
   from longlora_jax.attention.chunked import chunked_causal_attention
+  from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
   from longlora_jax.attention.dense import causal_attention
   from longlora_jax.attention.dispatch import s2_attention
   from longlora_jax.attention.pallas_s2 import (pallas_causal_attention,
@@ -135,7 +131,8 @@ def attention_for(method: str, seq: int, args):
                                   interpret=args.interpret),
       "pallas_causal": functools.partial(pallas_causal_attention,
                                          interpret=args.interpret),
-      "s2_cudnn": functools.partial(s2_cudnn_attention, group_size=group),
+      "s2_cudnn": functools.partial(cudnn_s2_attention, group_size=group,
+                                    variant=args.variant),
       "full_cudnn": cudnn_causal_attention,
   }[method]
 
@@ -144,32 +141,6 @@ def cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH):
   import jax
   return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
                                       implementation="cudnn")
-
-
-def s2_cudnn_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int,
-                       implementation: str | None = "cudnn"):
-  """S²-Attn as the paper's Algorithm 1: roll the second half of the heads
-  by -G/2, fold the groups into the batch, causal cuDNN attention, unfold
-  and roll back ("roll" groups). Each step is a copy in HBM; that is the
-  baseline the fused kernel avoids. `implementation=None` runs it anywhere
-  (XLA), to check it against `s2_attention(variant="roll")`."""
-  import jax
-  import jax.numpy as jnp
-
-  B, T, N, H = q_BTNH.shape
-  G, half = group_size, group_size // 2
-
-  def split(x_BTnH):  # kv heads split as in s2_attention (even kv_heads)
-    n = x_BTnH.shape[2] // 2
-    shifted = jnp.roll(x_BTnH[:, :, n:], -half, axis=1)
-    both = jnp.concatenate([x_BTnH[:, :, :n], shifted])
-    return both.reshape(2 * B * T // G, G, n, H)
-
-  out_gGnH = jax.nn.dot_product_attention(
-      split(q_BTNH), split(k_BTKH), split(v_BTKH), is_causal=True,
-      implementation=implementation)
-  first, second = jnp.split(out_gGnH.reshape(2 * B, T, N // 2, H), 2)
-  return jnp.concatenate([first, jnp.roll(second, half, axis=1)], axis=2)
 
 
 def _timed(compiled, inputs, repeats):
@@ -191,15 +162,13 @@ def measure(method: str, seq: int, args, dtype) -> dict:
 
   kv_heads = args.kv_heads or args.heads
   group = group_size(method, seq, args)
-  variant = variant_of(method, args)
+  variant = args.variant
   result = dict(method=method, seq=seq, group_size=group,
                 variant=variant if group else None, time_s=None,
                 fwd_time_s=None, peak_bytes=None)
   reason = skip_reason(method, jax.default_backend(), args)
   if reason:
     return dict(result, skipped=reason)
-  if method == "s2_cudnn" and kv_heads % 2:
-    return dict(result, skipped="s2_cudnn splits the kv heads in halves")
   attn = attention_for(method, seq, args)
   count = lambda backward: attention_flops(
       seq, args.heads, args.head_dim, batch=args.batch, group_size=group,

@@ -12,6 +12,7 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -82,7 +83,7 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
 def plan(args) -> dict:
   import jax
 
-  from longlora_jax.attention.dispatch import AttentionSpec, takes_fused_kernel
+  from longlora_jax.attention.dispatch import AttentionSpec, fused_for
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
   from longlora_jax.sharding import batch_parallelism, make_mesh
@@ -96,17 +97,19 @@ def plan(args) -> dict:
   # Full attention at long context means the memory-efficient kernel; the
   # dense one ("full" in the registry) needs seq^2 memory. S²-Attn: what a
   # run on the target picks, the fused kernel on a GPU where it applies.
-  fused = (args.attention == "s2" and args.target != "cpu"
-           and takes_fused_kernel(config.head_dim, platform="gpu"))
-  attention = (AttentionSpec(implementation="pallas") if fused else
+  fused = (fused_for(config.head_dim, "bfloat16", platform="gpu")
+           if args.attention == "s2" and args.target != "cpu" else None)
+  attention = (AttentionSpec(implementation=fused) if fused else
                AttentionSpec() if args.attention == "s2" else
                AttentionSpec("full", implementation="chunked"))
   tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum)
   group = args.ctx // 4 if args.attention == "s2" else None
 
   t0 = time.time()
-  lowered, state = lower_step(config, tc, mesh, ctx=args.ctx, mode=args.mode,
-                              batch_per_device=args.batch)
+  with (gpu_target.assume_cudnn() if args.target != "cpu"
+        else contextlib.nullcontext()):
+    lowered, state = lower_step(config, tc, mesh, ctx=args.ctx,
+                                mode=args.mode, batch_per_device=args.batch)
   with tempfile.TemporaryDirectory() as dump:
     compiled = lowered.compile({"xla_dump_to": dump})
     compile_s = time.time() - t0
@@ -181,7 +184,8 @@ def main(argv=None):
   m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
              result["tflops_per_step"])
   print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
-        f"{result['attention']}{' (fused kernel)' * result['fused_kernel']}  "
+        f"{result['attention']}"
+        f"{f' ({fused})' if (fused := result['fused_kernel']) else ''}  "
         f"{result['mode']}  remat={result['remat']}  "
         f"({result['compiler']}, compiled in {result['compile_seconds']} s, "
         f"jax {result['jax']})")

@@ -10,14 +10,21 @@ counts only the score/value products the mask keeps (see
 from longlora_jax.attention.groups import s2_attended_pairs
 from longlora_jax.config import LlamaConfig
 
-# Dense bf16 peak FLOP/s per device, by `jax.Device.device_kind` prefix.
-PEAK_BF16_FLOPS = {
-    "NVIDIA H200": 989e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA A100": 312e12,
-    "NVIDIA L40S": 362e12,
-    "NVIDIA A10G": 125e12,
-}
+# Dense bf16 peak FLOP/s per device (NVIDIA data sheets, without sparsity),
+# by the first name that `jax.Device.device_kind` contains: the PCIe and NVL
+# parts run at lower clocks than the SXM ones their names start like.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+)
 
 
 def attention_flops(seq: int, num_heads: int, head_dim: int, *,
@@ -76,7 +83,6 @@ def paper_flops(config: LlamaConfig, seq: int, *,
 def peak_flops(device) -> float | None:
   """Peak dense bf16 FLOP/s of a device, None when unknown (e.g. CPU)."""
   kind = getattr(device, "device_kind", "")
-  for prefix, value in PEAK_BF16_FLOPS.items():
-    if kind.startswith(prefix):
-      return value
-  return None
+  if not kind.startswith("NVIDIA"):
+    return None
+  return next((value for name, value in PEAK_BF16_FLOPS if name in kind), None)

@@ -9,12 +9,26 @@ reproduce. Running still needs the real GPU.
   devices = gpu_target.devices("h100", 8)   # then a Mesh over them
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 
-# Whether JAX's CUDA plugin (the compiler) is installed; `devices` names the
-# install when it is not.
-AVAILABLE = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+# JAX's CUDA plugins (each carries XLA:GPU): CUDA 12 and CUDA 13.
+PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # no jax_plugins package at all
+    return False
+
+
+# Whether one of them (the compiler) is installed; `devices` names the
+# install when none is.
+AVAILABLE = any(map(_installed, PLUGINS))
+# The cuDNN version the targets declare (dnn_version_info below).
+CUDNN_VERSION = 90800
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,3 +115,24 @@ def devices(target: str, count: int) -> list:
         f"nvidia-cuda-runtime-cu12, or use --target cpu "
         f"({type(e).__name__}: {e})") from None
   return list(topology.devices)
+
+
+@contextlib.contextmanager
+def assume_cudnn():
+  """While tracing for a GPU that is not here: JAX's cuDNN attention asks
+  the local libcudnn for its version (which only feeds feature checks); a
+  host without one answers with the targets' `CUDNN_VERSION`."""
+  try:
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+    original = cudnn_attention.check_cudnn_version
+  except (ImportError, AttributeError):  # another jax: nothing to pin
+    yield
+    return
+  try:
+    original()
+  except RuntimeError:
+    cudnn_attention.check_cudnn_version = lambda: CUDNN_VERSION
+  try:
+    yield
+  finally:
+    cudnn_attention.check_cudnn_version = original

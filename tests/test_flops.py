@@ -29,7 +29,13 @@ def test_step_flops_by_hand():
 
 
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12),
+                                       ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H100 NVL", 835e12),
+                                       ("NVIDIA GH200 480GB", 989e12),
+                                       ("NVIDIA H200", 989e12),
                                        ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("NVIDIA A100 80GB PCIe", 312e12),
+                                       ("NVIDIA RTX A6000", None),
                                        ("cpu", None)])
 def test_peak_flops(kind, peak):
   class Device:

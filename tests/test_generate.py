@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from longlora_jax import LlamaConfig, forward, init_params, load_hf
 from longlora_jax.config import RopeScaling
 from longlora_jax.generate import _extend, generate
 from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
 
 
 def _recompute_greedy(config, params, ids, n):

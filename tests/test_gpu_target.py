@@ -22,7 +22,7 @@ def test_compiles_sharded_code_for_the_named_gpu(target, kind, arch,
   sharding = NamedSharding(Mesh(np.array(devices), ("x",)), P("x"))
   x = jax.ShapeDtypeStruct((4096, 512), jnp.bfloat16, sharding=sharding)
   compiled = jax.jit(lambda x: jnp.tanh(x) * 2).trace(x).lower().compile(
-      {"xla_dump_to": str(tmp_path)})
+      {"xla_dump_to": str(tmp_path), "xla_dump_emitter_re": ".*"})
   # Each device holds a quarter of the rows: 1024 x 512 bfloat16.
   assert compiled.memory_analysis().argument_size_in_bytes == 1024 * 512 * 2
   ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))

@@ -2,9 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import peft
 import pytest
-import torch
 from flax import traverse_util
 
 from longlora_jax import (LlamaConfig, LongLoraError, forward, init_params,
@@ -12,6 +10,7 @@ from longlora_jax import (LlamaConfig, LongLoraError, forward, init_params,
 from longlora_jax import lora
 from longlora_jax.model import project
 from tests.references import hf_models
+from tests.references.hf_models import peft, torch  # None without PyTorch
 
 # GQA, so q/o and k/v adapters differ in shape; std 0.2 so logits are not
 # near-uniform and a wrong model cannot pass a tolerance.
@@ -48,6 +47,7 @@ def base():
 
 
 def test_step0_identity_and_peft_init(base):
+  hf_models.require("torch", "peft")
   params = lora.add_lora(base, rank=8, alpha=16, key=jax.random.key(1))
   np.testing.assert_array_equal(forward(CONFIG, params, IDS),
                                 forward(CONFIG, base, IDS))

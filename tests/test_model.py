@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from longlora_jax.model import REMAT_POLICIES
 from longlora_jax import (LlamaConfig, forward, init_params,
                           load_hf)
 from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("remat",))

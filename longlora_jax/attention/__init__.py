@@ -6,7 +6,8 @@ Modules, each importing only those above it:
   masks, groups          visibility; S² group arithmetic (plain Python)
   dense, chunked         causal attention, dense and flash-style
   pallas_kernels         the fused kernels' bodies and block arithmetic
-  s2, pallas_s2          S²-Attn by reshape/roll; the fused kernels
+  s2, pallas_s2,         S²-Attn by reshape/roll; the fused Pallas kernels;
+  cudnn_s2               grouped cuDNN flash attention
   dispatch               names, `AttentionSpec`, "auto"
 """
 
@@ -18,12 +19,13 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "ATTENTION_FNS": "dispatch",
     "get_attention": "dispatch",
     "s2_attention": "dispatch",
-    "takes_fused_kernel": "dispatch",
+    "fused_for": "dispatch",
     "causal_attention": "dense",
     "chunked_causal_attention": "chunked",
     "pallas_s2_attention": "pallas_s2",
     "pallas_causal_attention": "pallas_s2",
+    "cudnn_s2_attention": "cudnn_s2",
     "s2_group_size": "groups",
     "VARIANTS": "groups",
 }, submodules=("masks", "groups", "dense", "chunked", "pallas_kernels", "s2",
-               "pallas_s2", "dispatch"))
+               "pallas_s2", "cudnn_s2", "dispatch"))

@@ -18,8 +18,9 @@ import functools
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 
-from longlora_jax.attention import pallas_s2
+from longlora_jax.attention import cudnn_s2, pallas_s2
 from longlora_jax.attention.chunked import (DEFAULT_BLOCK,
                                             chunked_causal_attention)
 from longlora_jax.attention.dense import causal_attention
@@ -28,7 +29,13 @@ from longlora_jax.attention.s2 import s2_by_reshape
 
 AttentionFn = Callable[..., jax.Array]
 KINDS = ("s2", "full")
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "pallas", "pallas_interpret")
+# What "auto" prefers on an NVIDIA GPU, fastest first: on an H100 grouped
+# cuDNN attention's forward + backward takes 0.71x, 0.52x and 0.44x the
+# Pallas kernel's time at 8k, 16k and 32k tokens (BENCHMARKS.md); the
+# kernel runs what cuDNN does not take (float32 inputs).
+FUSED_PREFERENCE = ("cudnn", "pallas")
+IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked",
+                   "pallas_interpret")
 
 
 def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
@@ -43,15 +50,18 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
       head h // (q_heads / kv_heads).
     group_size: tokens per group; default int(seq * group_ratio).
     variant: "flash" (no leak) or "roll" (the paper's, leaks; see `groups`).
-    implementation: attention inside the groups. "auto": "pallas" on a GPU
-      when the kernel supports the shapes, else "xla" for groups of at most
-      `block_size` tokens and "chunked" for larger ones. "xla": dense, memory
-      seq * G per head; "chunked": `chunked_causal_attention` with
-      `block_size`, memory linear in seq for any G (e.g. G = 25k at 100k
-      tokens); "pallas": the fused Pallas Triton kernel
+    implementation: attention inside the groups. "auto": on an NVIDIA GPU
+      the fused implementation that takes the shapes (`fused_for`), else
+      "xla" for groups of at most `block_size` tokens and "chunked" for
+      larger ones. "cudnn": grouped cuDNN flash attention
+      (`cudnn_s2.cudnn_s2_attention`; bfloat16/float16, no
+      `segment_ids_BT`); "pallas": the fused Pallas Triton kernel
       (`pallas_s2.pallas_s2_attention`, GPU, default tiles; no
-      `segment_ids_BT`, `block_size` unused); "pallas_interpret": the same
-      kernel through the Pallas interpreter (any backend, slow; for tests).
+      `segment_ids_BT`, `block_size` unused); "xla": dense, memory seq * G
+      per head; "chunked": `chunked_causal_attention` with `block_size`,
+      memory linear in seq for any G (e.g. G = 25k at 100k tokens);
+      "pallas_interpret": the Pallas kernel through the Pallas interpreter
+      (any backend, slow; for tests).
     segment_ids_BT: packed documents; tokens never attend across them.
   Returns:
     `[batch, seq, q_heads, head_dim]`.
@@ -63,9 +73,13 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "
                      f"choose one of {IMPLEMENTATIONS}")
   if implementation == "auto":
-    implementation = ("pallas" if takes_fused_kernel(
-        H, packed=segment_ids_BT is not None) else
+    implementation = fused_for(H, q_BTNH.dtype,
+                               packed=segment_ids_BT is not None) or (
         "xla" if G <= block_size else "chunked")
+  if implementation == "cudnn":
+    return cudnn_s2.cudnn_s2_attention(
+        q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
+        segment_ids_BT=segment_ids_BT)
   if implementation in ("pallas", "pallas_interpret"):
     return pallas_s2.pallas_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
@@ -76,13 +90,29 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                        segment_ids_BT=segment_ids_BT)
 
 
-def takes_fused_kernel(head_dim: int, *, packed: bool = False,
-                       platform: str | None = None) -> bool:
-  """Whether "auto" takes the fused kernel: on a GPU (`platform`, default
-  JAX's default backend), without packed segments, for a head_dim it has."""
-  return (pallas_s2.AVAILABLE and not packed
-          and (platform or jax.default_backend()) == "gpu"
-          and head_dim in pallas_s2.HEAD_DIMS)
+def fused_for(head_dim: int, dtype, *, packed: bool = False,
+              platform: str | None = None) -> str | None:
+  """The fused implementation "auto" takes on this backend, or None: on an
+  NVIDIA GPU (`platform`, default JAX's default backend), without packed
+  segments, the first of `FUSED_PREFERENCE` that takes `head_dim` and
+  `dtype`."""
+  if packed or not on_nvidia_gpu(platform):
+    return None
+  takes = {
+      "cudnn": jnp.dtype(dtype) in map(jnp.dtype, cudnn_s2.DTYPES)
+               and head_dim in cudnn_s2.HEAD_DIMS,
+      "pallas": pallas_s2.AVAILABLE and head_dim in pallas_s2.HEAD_DIMS,
+  }
+  return next((name for name in FUSED_PREFERENCE if takes[name]), None)
+
+
+def on_nvidia_gpu(platform: str | None) -> bool:
+  """`platform` "gpu" (a compile-only NVIDIA target), or JAX's default
+  backend on an NVIDIA GPU (ROCm reports "gpu" too)."""
+  if platform is not None:
+    return platform == "gpu"
+  return (jax.default_backend() == "gpu"
+          and jax.devices()[0].device_kind.startswith("NVIDIA"))
 
 
 @dataclasses.dataclass(frozen=True)

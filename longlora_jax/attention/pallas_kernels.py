@@ -14,10 +14,13 @@ import warnings
 import jax.numpy as jnp
 from jax import lax
 
+# jax 0.11 deprecates Pallas Triton (docs/kernels.md) and warns at every
+# lowering of a kernel from 0.12; the kernels still build with it.
+warnings.filterwarnings("ignore", message=".*Triton backend is deprecated",
+                        category=DeprecationWarning)
 try:
   from jax.experimental import pallas as pl
   with warnings.catch_warnings():
-    # jax 0.11 deprecates Pallas Triton; the kernels still build with it.
     warnings.simplefilter("ignore", DeprecationWarning)
     from jax.experimental.pallas import triton as plgpu
   IMPORT_ERROR = None
@@ -58,14 +61,17 @@ class Groups:
     """Start of t's group; the first shifted group is [0, shift)."""
     return jnp.maximum(self.end(t, offset) - self.size, 0)
 
-  def visible(self, qpos_T1, kpos_1S, offset):
-    """`[queries, keys]` bool: the one definition of the S² mask here."""
-    visible_TS = (kpos_1S <= qpos_T1) & (kpos_1S >= self.start(qpos_T1, offset))
+  def visible(self, qpos, kpos, offset):
+    """Bool, whether each query position sees each key position (query and
+    key positions broadcast against each other: `[T, 1]` and `[1, S]` give
+    `[T, S]`, `[1, T]` and `[S, 1]` give `[S, T]`): the one definition of
+    the S² mask here."""
+    visible = (kpos <= qpos) & (kpos >= self.start(qpos, offset))
     if self.wrap:
       # k < seq: the keys past seq are padding (see `_attention`).
-      visible_TS |= (qpos_T1 < offset) & (kpos_1S >= self.seq - offset) & (
-          kpos_1S < self.seq)
-    return visible_TS
+      visible |= (qpos < offset) & (kpos >= self.seq - offset) & (
+          kpos < self.seq)
+    return visible
 
 
 # Block ranges. Each returns (lo, a, b, hi, wrap): blocks [lo, a) and
@@ -169,7 +175,7 @@ def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_k):
 
 
 def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
-               groups, block_k):
+              groups, block_k):
   block_q, head_dim = q_ref.shape
   q0 = pl.program_id(0) * block_q
   offset = groups.offset(pl.program_id(2))
@@ -197,13 +203,16 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
 
 
 def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, groups, block_q):
+               dv_ref, *, groups, block_q):
+  """Key-major: the tiles are [key, query] (P^T, dP^T, dS^T), so that both
+  accumulating products take their operands as stored and no register tile
+  is transposed."""
   block_k, head_dim = k_ref.shape
   Q = q_ref.shape[1]
   k0 = pl.program_id(0) * block_k
   first_head = pl.program_id(2) * Q
   k_SH, v_SH = k_ref[...], v_ref[...]
-  kpos_1S = _positions(k0, block_k, 1)
+  kpos_S1 = _positions(k0, block_k, 0)
   scale = head_dim ** -0.5
 
   def query_head(r, carry):
@@ -213,17 +222,17 @@ def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref,
       dk_SH, dv_SH = carry
       queries = pl.ds(i * block_q, block_q)
       q_TH, do_TH = q_ref[queries, r, :], do_ref[queries, r, :]
-      s_TS = plgpu.dot(q_TH, k_SH, trans_b=True) * (scale * _LOG2E)
+      s_ST = plgpu.dot(k_SH, q_TH, trans_b=True) * (scale * _LOG2E)
       if masked:
-        s_TS = jnp.where(
-            groups.visible(_positions(i * block_q, block_q, 0), kpos_1S,
+        s_ST = jnp.where(
+            groups.visible(_positions(i * block_q, block_q, 1), kpos_S1,
                            offset),
-            s_TS, _MASK)
-      p_TS = jnp.exp2(s_TS - lse_ref[r, queries][:, None])
-      dv_SH += plgpu.dot(p_TS.astype(do_TH.dtype), do_TH, trans_a=True)
-      dp_TS = plgpu.dot(do_TH, v_SH, trans_b=True)
-      ds_TS = p_TS * (dp_TS - delta_ref[r, queries][:, None])
-      dk_SH += plgpu.dot(ds_TS.astype(q_TH.dtype), q_TH, trans_a=True)
+            s_ST, _MASK)
+      p_ST = jnp.exp2(s_ST - lse_ref[r, queries][None, :])
+      dv_SH += plgpu.dot(p_ST.astype(do_TH.dtype), do_TH)
+      dp_ST = plgpu.dot(v_SH, do_TH, trans_b=True)
+      ds_ST = p_ST * (dp_ST - delta_ref[r, queries][None, :])
+      dk_SH += plgpu.dot(ds_ST.astype(q_TH.dtype), q_TH)
       return dk_SH, dv_SH
 
     return _visit(query_blocks(groups, k0, block_k, block_q, offset),

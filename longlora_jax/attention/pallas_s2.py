@@ -19,7 +19,9 @@ D = rowsum(dO * O)):
   dK/dV    grid (key block, batch, kv head). Loops over the Q = q_heads /
            kv_heads query heads sharing the kv head, and for each over the
            query blocks that see the key block, accumulating dK and dV in
-           float32 registers; each dK/dV block is written once. No atomics,
+           float32 registers, in key-major tiles (P^T, dS^T) so that no
+           register tile is transposed; each dK/dV block is written once.
+           No atomics,
            no per-query-head dK/dV buffer, no reduction afterwards; the cost
            is Q-way less parallelism in that kernel (Q = 1 for Llama-2 7B).
 
@@ -75,7 +77,8 @@ class BlockConfig:
   and jax's Pallas GPU attention, with dK/dV key blocks of 64 so that its two
   float32 accumulators fit in registers: all three kernels compile for sm_90
   without register spills (checked offline with Triton 3.9 and ptxas, no
-  GPU; see BENCHMARKS.md). Not tuned by timing yet.
+  GPU). On an H100 the backward is 3x slower than cuDNN's; `eval.gpu_check`
+  times alternatives (its tile sweep). See BENCHMARKS.md, docs/kernels.md.
   """
   block_q: int = 128
   block_k: int = 64
@@ -93,12 +96,19 @@ class BlockConfig:
             if f.name.startswith("block_")}
 
 
-def default_config(head_dim: int) -> BlockConfig:
-  """Defaults per head_dim: 128 doubles the warps so the float32
-  accumulators ([block, head_dim] each) stay in registers."""
+def default_config(head_dim: int, dtype=jnp.bfloat16) -> BlockConfig:
+  """Defaults per head_dim and dtype: 128 doubles the warps so the float32
+  accumulators ([block, head_dim] each) stay in registers. Float32 inputs
+  at 128 take fewer pipeline stages so that every kernel fits an A100's
+  166,912 bytes of shared memory per block, at "highest" matmul precision
+  too (three forward stages ask for 196,608, two backward ones 180,224;
+  compiled for an A100 without one)."""
   _check_head_dim(head_dim)
   if head_dim == 64:
     return BlockConfig()
+  if jnp.dtype(dtype).itemsize == 4:
+    return BlockConfig(num_warps=8, num_stages=2, num_warps_bwd=8,
+                       num_stages_bwd=1)
   return BlockConfig(num_warps=8, num_warps_bwd=8, num_stages_bwd=2)
 
 
@@ -115,7 +125,8 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
       seq, kv_heads, head_dim]` (query head h reads kv head h // Q).
     group_size, group_ratio, variant: as in `s2_attention`.
     segment_ids_BT: must be None (ValueError otherwise): no packed documents.
-    config: tiles and launch parameters; default `default_config(head_dim)`.
+    config: tiles and launch parameters; default `default_config(head_dim,
+      dtype)`.
     interpret: run through the Pallas interpreter (any backend, slow).
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype.
@@ -180,7 +191,7 @@ def _checked_config(q_BTNH, k_BTKH, v_BTKH, config):
     raise ValueError(f"q_heads={N} is not a multiple of "
                      f"kv_heads={k_BTKH.shape[2]}")
   _check_head_dim(H)
-  config = config or default_config(H)
+  config = config or default_config(H, q_BTNH.dtype)
   for name, block in config.blocks().items():
     if block < _MIN_BLOCK or block & (block - 1):
       raise ValueError(f"{name}={block} must be a power of two >= "

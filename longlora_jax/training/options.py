@@ -2,7 +2,8 @@
 the mapping between a flat dict of options (what the command line gives)
 and a `RunSpec`. An option's name is the field it sets (`--lr` sets
 `TrainConfig.lr`), except the attention options, which set `AttentionSpec`
-fields (`--full-attn`: kind, `--group-ratio`, `--s2-variant`: variant)."""
+fields (`--full-attn`: kind, `--group-ratio`, `--s2-variant`: variant,
+`--s2-impl`: implementation)."""
 
 import argparse
 import dataclasses
@@ -10,6 +11,9 @@ from pathlib import Path
 
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
+from longlora_jax.errors import LongLoraError
+
+S2_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
 from longlora_jax.training.recipe import (LONGALPACA, REDPAJAMA, RunSpec,
                                           TrainConfig)
 
@@ -23,7 +27,7 @@ DEMO = dict(ctx=1024, steps=200, batch=8, accum=1, lr=2e-3, dtype="float32",
 RESUMABLE = ("steps", "lr", "save_every", "keep")
 # Option -> AttentionSpec field.
 _ATTENTION = {"attention": "kind", "group_ratio": "group_ratio",
-              "s2_variant": "variant"}
+              "s2_variant": "variant", "s2_impl": "implementation"}
 _RECIPE = tuple(f.name for f in dataclasses.fields(TrainConfig)
                 if f.name != "attention")
 _RUN = tuple(f.name for f in dataclasses.fields(RunSpec)
@@ -37,6 +41,10 @@ def make_spec(options: dict, *, task: str, base_config: dict) -> RunSpec:
   if unknown:
     raise ValueError(f"unknown run options {sorted(unknown)}")
   pick = lambda names: {k: options[k] for k in names if k in options}
+  if options.get("attention") == "full" and options.get("s2_impl", "auto") != (
+      "auto"):
+    raise LongLoraError("--s2-impl chooses how S²-Attn runs; drop it with "
+                        "--full-attn")
   attention = AttentionSpec(**{_ATTENTION[k]: v
                                for k, v in pick(_ATTENTION).items()})
   recipe = TrainConfig(attention=attention, **pick(_RECIPE))
@@ -111,6 +119,12 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                  f"fraction of --ctx ({d('group_ratio')})")
   p.add_argument("--s2-variant", choices=VARIANTS,
                  help=f"({d('s2_variant')})")
+  p.add_argument("--s2-impl", choices=S2_IMPLEMENTATIONS,
+                 help="S²-Attn implementation: auto (the fastest that takes "
+                      "the shapes here), cudnn (grouped cuDNN attention, "
+                      "NVIDIA), pallas (the fused Pallas/Triton kernel), xla "
+                      "(dense groups), chunked (flash-style, any group size)"
+                      f" ({d('s2_impl')})")
   p.add_argument("--mesh", help="device mesh (fsdp=-1: all devices on "
                  "fsdp; e.g. data=2,fsdp=4)")
   p.add_argument("--batch", type=int, help="micro-batch per data-parallel "

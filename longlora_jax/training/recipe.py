@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from longlora_jax import lora
-from longlora_jax.attention.dispatch import AttentionSpec
+from longlora_jax.attention import cudnn_s2, pallas_s2
+from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
 from longlora_jax.attention.groups import s2_group_size
 from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import LongLoraError
@@ -169,6 +170,28 @@ def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
         f"--ctx {spec.ctx} does not split into S²-Attn groups of "
         f"{attention.group_ratio:g} x ctx tokens (an even group size that "
         f"divides the context); nearest valid: {nearest or 'none'}")
+
+
+def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
+  """An explicit S²-Attn implementation that cannot run here, refused
+  before anything loads."""
+  attention = spec.recipe.attention
+  impl = attention.implementation
+  if attention.kind != "s2" or impl not in ("cudnn", "pallas"):
+    return
+  fix = "; use --s2-impl auto (or xla, chunked)"
+  if not on_nvidia_gpu(None):
+    raise LongLoraError(f"--s2-impl {impl} needs an NVIDIA GPU{fix}")
+  if spec.task == "sft":
+    raise LongLoraError(f"--s2-impl {impl} cannot keep the packed examples "
+                        f"of train.sft apart{fix}")
+  if impl == "cudnn" and spec.recipe.dtype not in ("bfloat16", "float16"):
+    raise LongLoraError(f"--s2-impl cudnn runs bfloat16 only (--dtype "
+                        f"{spec.recipe.dtype}){fix}")
+  dims = cudnn_s2.HEAD_DIMS if impl == "cudnn" else pallas_s2.HEAD_DIMS
+  if config.head_dim not in dims:
+    raise LongLoraError(f"--s2-impl {impl} does not take head_dim "
+                        f"{config.head_dim}{fix}")
 
 
 def check_counts(spec: RunSpec) -> None:

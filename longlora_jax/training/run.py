@@ -4,6 +4,7 @@ feed, the sharded step and the loop, then the exports."""
 
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import jax
@@ -23,8 +24,9 @@ from longlora_jax.training.loop import loop, plot_loss, truncate_metrics
 from longlora_jax.training.options import (DEMO, RESUMABLE, make_spec,
                                            options_of)
 from longlora_jax.training.recipe import (LONGALPACA, RUN_FILE, RunSpec,
-                                          check_counts, check_ctx, read_spec,
-                                          target_config, write_spec)
+                                          check_attention, check_counts,
+                                          check_ctx, read_spec, target_config,
+                                          write_spec)
 from longlora_jax.training.step import (initial_run_state, jit_train_step,
                                         params_of)
 
@@ -115,6 +117,7 @@ def prepare(given: dict, *, task: str, resume: bool, run_dir: Path,
           f"{run_dir} is not empty; continue its run with --resume, or "
           "choose another --out")
   check_ctx(spec, base.config)
+  check_attention(spec, base.config)
   check_counts(spec)
   return spec, base
 
@@ -170,6 +173,12 @@ def run(given: dict, *, task: str, resume: bool = False,
     step_fn, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh,
                                                state, shape)
     state = jax.device_put(state, s_shard)
+    # Compiled before the first step, so that its time and MFU are a step's.
+    tick = time.time()
+    step_fn = step_fn.lower(state, jax.tree.map(
+        lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+        shape, b_shard)).compile()
+    compile_s = time.time() - tick
 
     if not resume and run_dir.exists():
       shutil.rmtree(run_dir)  # The demo's previous default run: start afresh.
@@ -188,7 +197,8 @@ def run(given: dict, *, task: str, resume: bool = False,
             f"{attention}, "
             f"{lora.count_params(state.trainable) / 1e6:.2f}M trainable "
             f"parameters; {rows * spec.recipe.accum} x {spec.ctx} tokens per "
-            f"step on {mesh.size} device(s); run directory {run_dir}")
+            f"step on {mesh.size} device(s), compiled in {compile_s:.1f} s; "
+            f"run directory {run_dir}")
       state, signum = loop(spec, config, mesh, state, step_fn, b_shard,
                            first, data, mngr, step0, run_dir)
     finally:

@@ -132,7 +132,7 @@ def train_step(state: TrainState, batch, *, config: LlamaConfig,
   metrics = {
       "loss": jnp.sum(losses) / jnp.maximum(tokens, 1.0),
       "tokens": tokens,
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "learning_rate": learning_rate(tc)(state.step),
   }
   return new_state, metrics
@@ -211,5 +211,9 @@ def lower_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, *, ctx: int,
   step, s_shard, b_shard = jit_train_step(config, tc, mesh, state, batch)
   with_shardings = lambda tree, sh: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-  return step.lower(with_shardings(state, s_shard),
-                    with_shardings(batch, b_shard)), state
+  # Under the mesh: jax >= 0.11 lowers a Pallas Triton kernel for the GPU
+  # kind of the context mesh's devices (else of the default device, which
+  # compiling for a GPU on a CPU host is not), also outside a shard_map.
+  with jax.set_mesh(mesh):
+    return step.lower(with_shardings(state, s_shard),
+                      with_shardings(batch, b_shard)), state

@@ -8,8 +8,9 @@ import pytest
 from longlora_jax import LlamaConfig, forward, init_params
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.dense import causal_attention
-from longlora_jax.attention.dispatch import (ATTENTION_FNS, get_attention,
-                                             s2_attention)
+from longlora_jax.attention import dispatch
+from longlora_jax.attention.dispatch import (ATTENTION_FNS, fused_for,
+                                             get_attention, s2_attention)
 from longlora_jax.attention.pallas_s2 import pallas_causal_attention
 from tests.references import attention as ref
 
@@ -55,3 +56,35 @@ def test_model_runs_with_each_attention():
   roll = functools.partial(s2_attention, variant="roll", group_size=16,
                            implementation="chunked", block_size=4)
   assert np.isfinite(_logits(config, params, ids, attention=roll)).all()
+
+
+@pytest.mark.parametrize("preference", [("pallas", "cudnn"),
+                                        ("cudnn", "pallas")])
+def test_auto_takes_a_fused_implementation_only_on_a_gpu_for_its_shapes(
+    preference, monkeypatch):
+  from longlora_jax.attention import pallas_s2
+  assert pallas_s2.AVAILABLE
+  monkeypatch.setattr(dispatch, "FUSED_PREFERENCE", preference)
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert fused_for(128, bf16, platform="gpu") == preference[0]
+  assert fused_for(64, jnp.float16, platform="gpu") == preference[0]
+  assert fused_for(96, bf16, platform="gpu") == "cudnn"  # no Pallas tiles
+  assert fused_for(128, f32, platform="gpu") == "pallas"  # cuDNN: 16-bit
+  assert fused_for(100, bf16, platform="gpu") is None  # neither
+  assert fused_for(96, f32, platform="gpu") is None
+  assert fused_for(128, bf16, packed=True, platform="gpu") is None
+  assert fused_for(128, bf16, platform="cpu") is None
+  assert fused_for(128, bf16) is None  # the tests run on the CPU
+
+
+@pytest.mark.parametrize("kind,nvidia", [("NVIDIA H100 80GB HBM3", True),
+                                         ("AMD Instinct MI300X", False)])
+def test_auto_takes_fused_paths_on_nvidia_gpus_only(kind, nvidia,
+                                                    monkeypatch):
+  # ROCm reports the platform "gpu" too; cuDNN and the tuned kernel are
+  # NVIDIA's.
+  class Device:
+    device_kind = kind
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+  assert (fused_for(128, jnp.bfloat16) is not None) == nvidia

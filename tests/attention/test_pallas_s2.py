@@ -235,24 +235,21 @@ def test_value_errors_causal_and_dtype():
 
 
 # CUDA lowering on a CPU-only machine: Pallas -> Triton IR in a custom call.
-# With jaxlib <= 0.10.2 the IR goes to XLA:GPU uncompiled, so this runs
-# anywhere; later jaxlibs compile it during lowering, which needs the CUDA
-# plugin (skipped without one).
+# jax >= 0.11 reads the GPU's kind from the context mesh's abstract device
+# (else from the default device, here the CPU): under an abstract mesh of
+# one H100 it lowers with no GPU and no CUDA plugin; jax 0.10 assumed sm_90.
 
 LLAMA_7B = jax.ShapeDtypeStruct((1, 8192, 32, 128), jnp.bfloat16)
 _COPIES = re.compile(r"stablehlo\.(concatenate|pad|slice|dynamic_slice|"
                      r"gather|reverse)\b")
+_H100 = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
 
 
 def _lower_for_cuda(fn, *args):
-  try:
+  with jax.sharding.use_abstract_mesh(_H100):
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-  except Exception as e:  # noqa: BLE001 - decide below whether to skip
-    from jax._src.lib import version as jaxlib_version
-    if jaxlib_version > (0, 10, 2) and jax.default_backend() != "gpu":
-      pytest.skip(f"jaxlib {jaxlib_version} compiles Triton while lowering "
-                  f"and needs a GPU plugin: {type(e).__name__}: {e}")
-    raise
 
 
 def _triton_calls(lowered):
@@ -296,10 +293,15 @@ def test_causal_and_gqa_lower_for_cuda():
 def _compile_for(target, fn, shapes, dump_dir):
   if not gpu_target.AVAILABLE:
     pytest.skip("needs jax[cuda12-local] (requirements-test.txt)")
-  device = jax.sharding.SingleDeviceSharding(gpu_target.devices(target, 1)[0])
+  devices = gpu_target.devices(target, 1)
+  device = jax.sharding.SingleDeviceSharding(devices[0])
   args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
           for s in shapes]
-  jax.jit(fn).trace(*args).lower().compile({"xla_dump_to": str(dump_dir)})
+  # The mesh names the GPU the Triton kernels are for (jax >= 0.11); XLA
+  # >= 0.11 dumps PTX only for the kernels xla_dump_emitter_re matches.
+  with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("x",))):
+    lowered = jax.jit(fn).trace(*args).lower()
+  lowered.compile({"xla_dump_to": str(dump_dir), "xla_dump_emitter_re": ".*"})
   return {m.group(1): ptx for p in dump_dir.glob("*.ptx")
           if (m := re.search(r"\.entry (\w+)", ptx := p.read_text()))}
 
@@ -324,3 +326,15 @@ def test_tiles_too_big_for_the_gpu_fail_to_compile(tmp_path):
   with pytest.raises(Exception, match="Shared memory size limit exceeded"):
     _compile_for("a100", lambda q, k, v: pallas_s2_attention(
         q, k, v, group_size=2048, config=config), [LLAMA_7B] * 3, tmp_path)
+
+
+def test_float32_defaults_fit_an_a100(tmp_path):
+  # At head_dim 128 three forward stages of float32 tiles need 196,608
+  # bytes, and at "highest" precision (the tests' default) two backward
+  # stages 180,224; the defaults take fewer.
+  q = jax.ShapeDtypeStruct(LLAMA_7B.shape, jnp.float32)
+  grads = jax.grad(lambda q, k, v: pallas_s2_attention(
+      q, k, v, group_size=2048).sum(), (0, 1, 2))
+  kernels = _compile_for("a100", grads, [q] * 3, tmp_path)
+  assert {"s2_attention_forward", "s2_attention_dq",
+          "s2_attention_dkv"} <= set(kernels)

@@ -177,16 +177,3 @@ def test_value_errors(kwargs, message):
   k = jnp.zeros((1, seq, 1, 8))
   with pytest.raises(ValueError, match=re.escape(message)):
     s2_attention(q, k, k, **kwargs)
-
-
-
-
-def test_auto_takes_the_fused_kernel_only_on_a_gpu_for_its_shapes():
-  from longlora_jax.attention import pallas_s2
-  from longlora_jax.attention.dispatch import takes_fused_kernel
-  assert takes_fused_kernel(128, platform="gpu") == pallas_s2.AVAILABLE
-  assert takes_fused_kernel(64, platform="gpu") == pallas_s2.AVAILABLE
-  assert not takes_fused_kernel(128, platform="cpu")
-  assert not takes_fused_kernel(96, platform="gpu")  # no such kernel
-  assert not takes_fused_kernel(128, packed=True, platform="gpu")
-  assert not takes_fused_kernel(128)  # the tests run on the CPU

@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longlora_jax import LongLoraError, forward
@@ -17,6 +16,7 @@ from longlora_jax.demo import save_byte_tokenizer
 from longlora_jax.training import loop
 from longlora_jax.training.export import load_run
 from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
 from train import export, extend
 from tests.conftest import ROOT
 
@@ -184,6 +184,14 @@ def test_bad_input_is_one_line_and_writes_nothing(files, run):
                        str(files["other"])], f"{run} is a run of --ckpt"),
       "other_ctx": (["--resume", "--out", str(run), "--ctx", "128"],
                     f"{run} extends to --ctx 64, not 128"),
+      "pallas_on_cpu": (["--ckpt", model, "--ctx", "64", "--s2-impl",
+                         "pallas", *out("pallas_on_cpu")],
+                        "--s2-impl pallas needs an NVIDIA GPU; use --s2-impl "
+                        "auto (or xla, chunked)"),
+      "impl_full": (["--ckpt", model, "--ctx", "64", "--full-attn",
+                     "--s2-impl", "xla", *out("impl_full")],
+                    "--s2-impl chooses how S²-Attn runs; drop it with "
+                    "--full-attn"),
       "nan": ([*_args(files, tmp / "nan", "--lr", "1e30", "--warmup", "0",
                       "--save-every", "1", "--steps", "5")],
               "at step 2: training stopped; the last good checkpoint is step 1"),

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
 from longlora_jax import CheckpointError, forward, load_hf, save_hf
 from longlora_jax.config import RopeScaling
 from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
 from tests.conftest import SHARED_TOKENIZER
 
 

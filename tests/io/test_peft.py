@@ -4,9 +4,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import peft
 import pytest
-import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
@@ -15,6 +13,7 @@ from longlora_jax import (CheckpointError, forward, init_params, load_hf,
 from longlora_jax import lora
 from longlora_jax.io.peft import load_peft, save_peft
 from tests.references import hf_models
+from tests.references.hf_models import peft, torch  # None without PyTorch
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PREFIX = "base_model.model."
@@ -29,6 +28,7 @@ def _logits(config, params):
 
 
 def _torch_base(directory):
+  hf_models.require("torch", "peft")
   # A fresh copy: PEFT wraps the model it is given in place.
   return transformers.LlamaForCausalLM.from_pretrained(
       directory, dtype=torch.float32).eval()
@@ -52,6 +52,7 @@ def _trained(params, seed=0):
 def _peft_adapter(directory, out, *, r=4, alpha=8, seed=0, **lora_kwargs):
   """An adapter made by PEFT itself, with random lora_B (and changed
   modules_to_save copies); returns the PyTorch logits it gives."""
+  hf_models.require("torch", "peft")
   torch.manual_seed(seed)
   model = peft.get_peft_model(_torch_base(directory), peft.LoraConfig(
       r=r, lora_alpha=alpha, target_modules=ATTN, lora_dropout=0.0,
@@ -73,6 +74,7 @@ def _official_adapter(directory, out, *, prefixed=False, seed=0, new_tokens=0):
   norm weights in trainable_params.bin with `base_model.model.` cut off.
   `new_tokens`: grow the vocabulary first as its fine-tune.py does (new
   input and output rows = the mean of the old ones)."""
+  hf_models.require("torch", "peft")
   torch.manual_seed(seed)
   base = _torch_base(directory)
   if new_tokens:

@@ -1,9 +1,33 @@
 """Independent references for tests: tiny random Llama models made and saved
-by transformers (PyTorch, CPU), and their logits."""
+by transformers (PyTorch, CPU), and their logits.
+
+PyTorch and PEFT are optional (the CI leg on the newest JAX has no CPU
+PyTorch wheel): `torch` and `peft` are None without them, and a test that
+needs them skips through `require`.
+"""
+
+import importlib
 
 import numpy as np
-import torch
+import pytest
 import transformers
+
+
+def _optional(name):
+  try:
+    return importlib.import_module(name)
+  except ModuleNotFoundError:
+    return None
+
+
+torch = _optional("torch")
+peft = _optional("peft")
+
+
+def require(*names):
+  """Skips the calling test unless each module in `names` is installed."""
+  for name in names:
+    pytest.importorskip(name, reason=f"needs {name} (the PyTorch reference)")
 
 # Tiny configurations covering what Llama-family checkpoints vary.
 TINY_CONFIGS = {
@@ -26,13 +50,14 @@ TINY_CONFIGS = {
 }
 
 
-def make_hf_llama(kwargs: dict, seed: int = 0) -> transformers.LlamaForCausalLM:
+def make_hf_llama(kwargs: dict, seed: int = 0) -> "transformers.LlamaForCausalLM":
   """A float32 transformers Llama with weights large enough to matter.
 
   transformers' own init (std 0.02) gives near-uniform logits, which would
   let a wrong model pass a tolerance test; so matrices get std 0.2 and norm
   weights U(0.5, 1.5).
   """
+  require("torch")
   torch.manual_seed(seed)
   config = transformers.LlamaConfig(**kwargs)
   model = transformers.LlamaForCausalLM(config).float().eval()
@@ -52,6 +77,7 @@ def save_hf_llama(directory, kwargs: dict, seed: int = 0, **save_kwargs):
 
 
 def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
+  require("torch")
   with torch.no_grad():
     return model(torch.tensor(np.asarray(input_ids))).logits.float().numpy()
 

@@ -150,3 +150,26 @@ def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
     rows = re.findall(r"bf16\[(\d+),1024,2,64\]", line)
     assert rows and set(rows) == {"1"}, line
   assert not re.search(r"all-gather[^\n]*bf16\[8,1024,2,64\]", hlo)
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
+def test_cudnn_s2_runs_on_each_devices_rows_when_compiled_for_gpu():
+  # The same for grouped cuDNN S²-Attn, `auto`'s choice on a GPU: with one
+  # row per device its main call holds the 4 + 3 groups of G = 256 of one
+  # row ([7, 256, heads / 2, 64]), not of all 8 (56).
+  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=1024)
+  tc = TrainConfig(attention=AttentionSpec(implementation="cudnn"), accum=1)
+  mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
+  with gpu_target.assume_cudnn():
+    lowered, _ = lower_step(cfg, tc, mesh, ctx=1024)
+  hlo = lowered.compile().as_text()
+  calls = [line for line in hlo.splitlines()
+           if "custom-call(" in line and "__cudnn$fmha" in line]
+  assert len(calls) == 6  # forward, its recomputation, backward: 2 each
+  shapes = {shape for line in calls
+            for shape in re.findall(r"bf16\[(\d+),(\d+),1,64\]", line)}
+  assert shapes == {("7", "256"), ("2", "128")}, shapes
+  assert not re.search(r"all-gather[^\n]*bf16\[8,1024,2,64\]", hlo)

@@ -1,0 +1,67 @@
+import json
+import os
+import subprocess
+import sys
+
+from eval.gpu_check import failures, summarize
+from tests.conftest import ROOT
+
+
+def test_smoke_run_checks_every_section(tmp_path):
+  # Tiny sizes on the CPU, the Pallas kernel through its interpreter and
+  # the cuDNN grouping through XLA: what a GPU box runs, section by section.
+  env = {**os.environ, "PYTHONPATH": ROOT}
+  proc = subprocess.run(
+      [sys.executable, "-m", "eval.gpu_check", "--smoke", "--out",
+       str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  report = json.loads((tmp_path / "gpu_check.json").read_text())
+  sections = report["sections"]
+  assert {k: v["status"] for k, v in sections.items()} == dict.fromkeys(
+      ["env", "correctness", "train_pallas", "train_cudnn", "bench", "sweep",
+       "plan"], "ok")
+  checks = sections["correctness"]["checks"]
+  assert len(checks) == 14 and {c["status"] for c in checks} == {"pass"}
+  assert {c["name"].split("_")[0] for c in checks} == {"pallas", "cudnn"}
+  assert all(max(c["rel_err"].values()) < 2e-2 for c in checks)
+  assert all(d["compiled"] == d["expected"] == "xla"
+             for d in sections["correctness"]["dispatch"].values())
+  runs = sections["train_pallas"]["runs"] + sections["train_cudnn"]["runs"]
+  assert [r["implementation"] for r in runs] == ["pallas_interpret", "xla"]
+  # The same model and data: the fused kernel trains like the XLA path.
+  assert abs(runs[0]["losses"][0] - runs[1]["losses"][0]) < 1e-2
+  assert {c["method"] for c in sections["bench"]["results"]} == {
+      "pallas", "s2_xla", "full"}
+  assert sections["sweep"]["configs"][0]["max_rel_err_vs_default"] == 0
+  assert sections["plan"]["per_device_gib"]["total"] > 0
+  summary = (tmp_path / "gpu_check.md").read_text()
+  assert summary.endswith("correctness: all checks passed\n")
+  assert "| pallas_7b_bfloat16_flash | pass |" in summary
+
+
+def test_a_failed_check_fails_the_command():
+  report = {"smoke": False, "sections": {
+      "correctness": {"status": "ok", "checks": [
+          {"name": "pallas_7b_bfloat16_flash", "status": "pass",
+           "rel_err": {"out": 1e-3}},
+          {"name": "cudnn_7b_bfloat16_flash", "status": "FAIL",
+           "rel_err": {"out": 0.5}}],
+          "dispatch": {"h128_bfloat16": {"compiled": "xla",
+                                         "expected": "pallas"}}},
+      "train_cudnn": {"status": "ok", "runs": [dict(
+          implementation="cudnn", ctx=8192, finite=False, tokens_per_s=1.0,
+          mfu=None, step_s=1.0, peak_gib=1.0, planned_gib=1.0,
+          compile_s=1.0)]},
+      "bench": {"status": "timeout after 120 s"}}}
+  assert failures(report) == [
+      "cudnn_7b_bfloat16_flash",
+      "auto h128_bfloat16: compiled xla, expected pallas",
+      "cudnn train loss at ctx 8192"]
+  summary = summarize(report)
+  assert "bench timeout after 120 s" in summary
+  assert summary.endswith("correctness: FAILED: cudnn_7b_bfloat16_flash, "
+                          "auto h128_bfloat16: compiled xla, expected "
+                          "pallas, cudnn train loss at ctx 8192\n")
+  no_correctness = {"smoke": True, "sections": {"env": {"status": "ok"}}}
+  assert failures(no_correctness) == []

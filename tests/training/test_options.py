@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from longlora_jax.attention.dispatch import AttentionSpec
+from longlora_jax.errors import LongLoraError
+from longlora_jax.training import options
+from longlora_jax.training.recipe import RunSpec, TrainConfig
+
+
+def test_the_command_line_spells_the_recipe():
+  args = options.parser("extend", "doc").parse_args(
+      ["--ckpt", "m", "--ctx", "64", "--lr", "1e-3", "--steps", "7",
+       "--accum", "2", "--beta2", "0.95", "--dtype", "float32",
+       "--group-ratio", "0.5", "--s2-variant", "roll", "--s2-impl", "chunked",
+       "--lora-rank", "4"])
+  spec = options.make_spec(options.given(args), task="extend",
+                           base_config={"model_type": "llama"})
+  assert spec.recipe == TrainConfig(
+      attention=AttentionSpec("s2", variant="roll", group_ratio=0.5,
+                              implementation="chunked"),
+      lr=1e-3, steps=7, accum=2, beta2=0.95, dtype="float32")
+  assert (spec.ckpt, spec.ctx, spec.lora_rank) == ("m", 64, 4)
+  # Options -> spec -> options, and the spec through run.json's JSON.
+  assert options.make_spec(options.options_of(spec), task="extend",
+                           base_config=spec.base_config) == spec
+  assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_defaults_are_the_official_recipe():
+  spec = options.make_spec({"ckpt": "m", "ctx": 8192}, task="extend",
+                           base_config={})
+  r = spec.recipe
+  assert (r.lr, r.warmup, r.steps, r.accum, r.weight_decay, r.dtype,
+          r.remat) == (2e-5, 20, 1000, 8, 0.0, "bfloat16", "full")
+  assert r.attention == AttentionSpec("s2", "flash", 0.25, "auto")
+  assert (spec.mode, spec.lora_rank, spec.lora_alpha, spec.batch) == (
+      "lora+", 8, 16.0, 1)
+  assert options.default("lr") == 2e-5
+  assert options.default("s2_variant") == "flash"
+  assert options.default("attention") == "s2"
+
+
+def test_full_attention_with_an_s2_implementation_is_refused():
+  with pytest.raises(LongLoraError, match="drop it with --full-attn"):
+    options.make_spec({"ckpt": "m", "ctx": 64, "attention": "full",
+                       "s2_impl": "pallas"}, task="extend", base_config={})
+  spec = options.make_spec({"ckpt": "m", "ctx": 64, "attention": "full"},
+                           task="extend", base_config={})
+  assert spec.recipe.attention.kind == "full"
+  with pytest.raises(ValueError, match="unknown run options"):
+    options.make_spec({"ckpt": "m", "ctx": 64, "learning_rate": 1},
+                      task="extend", base_config={})
