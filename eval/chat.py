@@ -60,7 +60,7 @@ def main(argv=None):
   material = args.material.read_text(encoding="utf-8", errors="replace")
   prompt = CHAT_PROMPT.format(material=material, question=args.question)
   ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]
-  limit = config.max_position_embeddings * config.rope_factor
+  limit = config.context
   print(f"prompt: {ids.shape[1]:,} tokens (model context {int(limit):,})",
         file=sys.stderr)
   if ids.shape[1] > limit:

@@ -113,7 +113,7 @@ def _xla_reference(G, variant):
 def _float64_reference(G, variant):
   def want(q, k, v, w):
     B, T, N = q.shape[:3]
-    keys = [ref.s2_keys(T, G, h >= N // 2, variant) for h in range(N)]
+    keys = ref.s2_head_keys(T, G, N, variant)
     up = lambda x: np.asarray(x.astype(jnp.float32))
     return ref.attention(up(q), up(k), up(v),
                          ref.mask_from_keys(keys, None, B), np.asarray(w))

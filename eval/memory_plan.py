@@ -26,8 +26,9 @@ from longlora_jax import gpu_target
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--model", default="llama2-7b",
-                 help="preset name (llama2-7b, llama2-13b, llama2-70b) or a "
-                      "checkpoint directory / config.json")
+                 help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
+                      "qwen2.5-7b, mistral-7b) or a checkpoint directory / "
+                      "config.json")
   p.add_argument("--ctx", type=int, default=100000, help="sequence length")
   p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, data=2,fsdp=4")
   p.add_argument("--batch", type=int, default=1, help="sequences per device")

@@ -7,7 +7,7 @@ counts only the score/value products the mask keeps (see
 `attention_flops`).
 """
 
-from longlora_jax.attention.groups import s2_attended_pairs
+from longlora_jax.attention.groups import s2_attended_pairs, shifted_heads
 from longlora_jax.config import LlamaConfig
 
 # Dense bf16 peak FLOP/s per device (NVIDIA data sheets, without sparsity),
@@ -44,8 +44,9 @@ def attention_flops(seq: int, num_heads: int, head_dim: int, *,
   if group_size is None:
     pairs = num_heads * seq * (seq + 1) // 2
   else:
-    unshifted, shifted = s2_attended_pairs(seq, num_heads, group_size, variant)
-    pairs = num_heads // 2 * (unshifted + shifted)
+    unshifted, shifted = s2_attended_pairs(seq, group_size, variant)
+    first, n_shifted = shifted_heads(num_heads)
+    pairs = first * unshifted + n_shifted * shifted
   forward = 4.0 * head_dim * pairs * batch
   return 3 * forward if backward else forward
 

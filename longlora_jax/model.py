@@ -37,7 +37,7 @@ from longlora_jax.attention.dispatch import AttentionFn, get_attention
 from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
 from longlora_jax.lora import LoRA, delta
-from longlora_jax.rope import apply_rope
+from longlora_jax.rope import apply_rope, rope_frequencies
 from longlora_jax.sharding import per_row_shard, shard_batch
 
 DType = Any
@@ -74,12 +74,17 @@ class Dense(nn.Module):
   dtype: DType
   param_dtype: DType
   std: float
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x_BTD):
     kernel_DF = self.param("kernel", nn.initializers.normal(self.std),
                            (x_BTD.shape[-1], self.features), self.param_dtype)
-    return project(x_BTD, kernel_DF, self.dtype)
+    y_BTF = project(x_BTD, kernel_DF, self.dtype)
+    if self.use_bias:  # zeros at init, as transformers initialises them
+      y_BTF += self.param("bias", nn.initializers.zeros, (self.features,),
+                          self.param_dtype).astype(self.dtype)
+    return y_BTF
 
 
 class RMSNorm(nn.Module):
@@ -104,15 +109,20 @@ class Attention(nn.Module):
     cfg = self.config
     B, T, D = x_BTD.shape
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    dense = lambda features, name: Dense(
-        features, self.dtype, self.param_dtype, cfg.initializer_range,
+    dense = lambda features, name, bias: Dense(
+        features, self.dtype, self.param_dtype, cfg.initializer_range, bias,
         name=name)
-    q_BTNH = dense(N * H, "q_proj")(x_BTD).reshape(B, T, N, H)
-    k_BTKH = dense(K * H, "k_proj")(x_BTD).reshape(B, T, K, H)
-    v_BTKH = dense(K * H, "v_proj")(x_BTD).reshape(B, T, K, H)
-    rope = dict(theta=cfg.rope_theta, factor=cfg.rope_factor)
-    q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, **rope))
-    k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, **rope))
+    q_BTNH = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, N, H)
+    k_BTKH = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
+    v_BTKH = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
+    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
+      q_BTNH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(
+          q_BTNH)
+      k_BTKH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(
+          k_BTKH)
+    inv_freq_h, scale = rope_frequencies(cfg, positions_BT)
+    q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, inv_freq_h, scale))
+    k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
       out_BTNH = per_row_shard(self.attention_fn)(
@@ -127,7 +137,8 @@ class Attention(nn.Module):
       out_BTNH = cached_attention(q_BTNH, cache["k"][layer], cache["v"][layer],
                                   start)
     out_BTNH = shard_batch(out_BTNH)
-    return dense(D, "o_proj")(out_BTNH.reshape(B, T, N * H)), cache
+    out_BTD = dense(D, "o_proj", cfg.o_bias)(out_BTNH.reshape(B, T, N * H))
+    return out_BTD, cache
 
 
 class MLP(nn.Module):
@@ -265,6 +276,7 @@ def hidden_states(config: LlamaConfig, params, input_ids_BT, *,
     remat: per-layer rematerialisation, one of `REMAT_POLICIES`.
   """
   B, T = input_ids_BT.shape
+  config.check_length(T)
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   h_BTD, _ = _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT,

@@ -29,7 +29,8 @@ def tiny_hf(tmp_path_factory):
   def get(name):
     if name not in cache:
       directory = tmp_path_factory.mktemp(f"hf_{name}")
-      model = hf_models.save_hf_llama(directory, hf_models.TINY_CONFIGS[name])
+      configs = {**hf_models.TINY_CONFIGS, **hf_models.FAMILY_CONFIGS}
+      model = hf_models.save_hf_llama(directory, configs[name])
       cache[name] = (directory, model)
     return cache[name]
   return get

@@ -1,11 +1,14 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 import transformers
 
-from longlora_jax import CheckpointError, LlamaConfig, init_params, preset
+from longlora_jax import (CheckpointError, LlamaConfig, forward, init_params,
+                          preset)
 from longlora_jax.config import RopeScaling
+from tests.references import hf_models
 from tests.references.hf_models import TINY_CONFIGS
 
 
@@ -95,12 +98,20 @@ def test_presets_shapes():
 
 
 @pytest.mark.parametrize("patch,message", [
-    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "only Llama"),
-    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope type 'yarn'"),
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+     "model_type='gpt2'.*supported families: llama, mistral, qwen2, qwen3"),
+    ({"model_type": "mixtral"}, "no MoE, Gemma, Phi or multimodal"),
+    ({"model_type": "gemma"}, "model_type='gemma'"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}},
+     "rope type 'longrope' is not supported"),
     ({"rope_scaling": {"type": "linear"}}, "needs a factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     "needs low_freq_factor and high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                          "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
     ({"num_key_value_heads": 3}, "not a multiple"),
 ])
 def test_bad_configs(patch, message):
@@ -115,3 +126,99 @@ def test_bad_configs(patch, message):
 def test_missing_keys_named():
   with pytest.raises(CheckpointError, match="hidden_size"):
     LlamaConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10})
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.FAMILY_CONFIGS))
+def test_reads_and_writes_each_family_as_transformers_does(name):
+  kwargs = dict(hf_models.FAMILY_CONFIGS[name])
+  hf = transformers.AutoConfig.for_model(kwargs.pop("model_type", "llama"),
+                                         **kwargs)
+  cfg = LlamaConfig.from_hf_dict(hf.to_dict())
+  assert cfg.model_type == hf.model_type
+  assert cfg.head_dim == hf.head_dim
+  assert cfg.qk_norm == (hf.model_type == "qwen3")
+  assert cfg.qkv_bias == (hf.model_type == "qwen2"
+                          or bool(getattr(hf, "attention_bias", False)))
+  assert cfg.o_bias == bool(getattr(hf, "attention_bias", False))
+  assert cfg.rope_type == hf.rope_parameters["rope_type"]
+  back = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+  assert type(back) is type(hf)
+  for key in ("hidden_size", "num_key_value_heads", "head_dim",
+              "tie_word_embeddings", "max_position_embeddings",
+              "sliding_window"):
+    assert getattr(back, key, None) == getattr(hf, key, None), key
+  # (transformers keeps the 4.x spelling's "type" beside "rope_type".)
+  rope = lambda c: {k: v for k, v in c.rope_parameters.items()
+                    if v is not None and k != "type"}
+  assert rope(back) == rope(hf)
+  assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_linear_scaling_keeps_the_format_transformers_4_34_validates():
+  # transformers 4.34-4.42 (the official LongLoRA pins 4.34) refuse a
+  # `rope_scaling` with other keys than `type` and `factor`.
+  d = LlamaConfig(rope_scaling=RopeScaling(8.0)).to_hf_dict()
+  assert d["rope_scaling"] == {"type": "linear", "factor": 8.0}
+  llama3 = LlamaConfig(rope_scaling=RopeScaling(
+      8.0, "llama3", original_max_position_embeddings=8192,
+      low_freq_factor=1.0, high_freq_factor=4.0)).to_hf_dict()
+  # 4.43's format (rope_type and every parameter), and 5.x's.
+  assert llama3["rope_scaling"] == {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  assert llama3["rope_parameters"] == {**llama3["rope_scaling"],
+                                       "rope_theta": 10000.0}
+
+
+def test_sliding_windows_are_read_and_long_sequences_refused():
+  base = dict(vocab_size=10, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=1, num_attention_heads=2)
+  mistral = LlamaConfig.from_hf_dict(
+      {**base, "model_type": "mistral", "sliding_window": 24})
+  qwen_off = LlamaConfig.from_hf_dict(
+      {**base, "model_type": "qwen2", "use_sliding_window": False,
+       "sliding_window": 24})
+  qwen_on = LlamaConfig.from_hf_dict(
+      {**base, "model_type": "qwen2", "use_sliding_window": True,
+       "sliding_window": 24, "max_window_layers": 1})
+  assert (mistral.sliding_window, qwen_off.sliding_window,
+          qwen_on.sliding_window) == (24, None, 24)
+  mistral.check_length(24)
+  qwen_off.check_length(10**6)
+  for cfg in (mistral, qwen_on):
+    with pytest.raises(CheckpointError, match="sliding window of 24 tokens.*"
+                       "25 tokens are more. Use a checkpoint without"):
+      cfg.check_length(25)
+  params = init_params(mistral, jax.random.key(0))
+  with pytest.raises(CheckpointError, match="sliding window"):
+    forward(mistral, params, jnp.zeros((1, 25), jnp.int32))
+
+
+def test_extension_keeps_llama3_and_yarn_and_interpolates_the_rest():
+  llama31 = preset("llama3.1-8b")
+  assert (llama31.original_context, llama31.context) == (8192, 131072)
+  x4 = llama31.with_context(400_000)  # ceil(400k / 131072) = 4
+  assert (x4.rope_type, x4.rope_factor, x4.max_position_embeddings,
+          x4.context) == ("llama3", 32.0, 524288, 524288)
+  assert x4.rope_scaling.original_max_position_embeddings == 8192
+  assert llama31.with_context(100_000) == llama31  # already long enough
+  linear = llama31.with_context(400_000, "linear")
+  assert (linear.rope_type, linear.rope_factor,
+          linear.max_position_embeddings) == ("linear", 49.0, 8192)
+  yarn = LlamaConfig(rope_scaling=RopeScaling(
+      4.0, "yarn", original_max_position_embeddings=32768),
+      max_position_embeddings=32768)
+  assert yarn.context == 131072
+  assert yarn.with_context(262144).rope_factor == 8.0
+  assert yarn.with_context(262144).max_position_embeddings == 32768
+  assert yarn.with_context(262144).context == 262144
+  llama2 = preset("llama2-7b")
+  assert llama2.with_context(100_000).rope_factor == 25.0
+  assert llama2.with_context(100_000).rope_type == "linear"
+  y = llama2.with_context(32768, "yarn")
+  # max_position_embeddings stays the pretraining length, which
+  # transformers 4.43-4.44 read as yarn's original context.
+  assert (y.rope_type, y.rope_factor, y.max_position_embeddings,
+          y.rope_scaling.original_max_position_embeddings, y.context) == (
+              "yarn", 8.0, 4096, 4096, 32768)
+  assert LlamaConfig(rope_scaling=RopeScaling(8.0)).context == 32768

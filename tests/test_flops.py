@@ -66,11 +66,13 @@ def test_attention_flops_by_hand():
   s2 = attention_flops(8192, 32, 128, group_size=2048)
   assert s2 == 16 * (7 * 2048 * 2049 / 2 + 2 * 1024 * 1025 / 2) * 4 * 128
   assert s2 / full == pytest.approx(7.5 / 32, rel=1e-3)
+  # Odd heads: of 3, the first 2 keep the groups (40 pairs each at seq 16,
+  # G = 4) and the last 1 is shifted (36).
+  assert attention_flops(16, 3, 4, group_size=4) == (2 * 40 + 36) * per_pair
 
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(group_size=6), "seq=16, group_size=6"),
-    (dict(group_size=4, num_heads=3), "q_heads=3 is odd"),
     (dict(group_size=4, variant="shift"), "unknown S²-Attn variant"),
 ])
 def test_attention_flops_value_errors(kwargs, message):

@@ -82,11 +82,12 @@ def test_attention_package_is_layered():
   graph = _library_graph(top_level_only=False)
   inside = lambda m: {d.rsplit(".", 1)[1] for d in graph[
       f"longlora_jax.attention.{m}"] if d.startswith("longlora_jax.attention.")}
-  assert inside("masks") == inside("groups") == set()
+  assert inside("masks") == inside("groups") == inside("heads") == set()
   assert inside("dense") == inside("chunked") == {"masks"}
   assert inside("pallas_kernels") == set()
-  assert inside("s2") == {"dense", "chunked"}
+  assert inside("s2") == {"dense", "chunked", "heads"}
   assert inside("pallas_s2") == {"groups", "pallas_kernels"}
+  assert inside("cudnn_s2") == {"groups", "heads"}
   assert not any("dispatch" in inside(m) for m in ATTENTION)
 
 

@@ -30,6 +30,26 @@ def test_logits_match_transformers(tiny_hf, name, batch, seq):
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", sorted(hf_models.FAMILY_CONFIGS))
+@pytest.mark.parametrize("batch,seq", [(1, 12), (3, 40), (2, 100)])
+def test_families_match_transformers(tiny_hf, name, batch, seq):
+  # Below and above each model's original context (16 to 32 tokens), where
+  # the RoPE types differ. Dynamic NTK depends on the longest sequence a
+  # transformers model has seen, so each length gets a fresh one.
+  directory, _ = tiny_hf(name)
+  hf_models.require("torch")
+  import transformers
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=torch.float32).eval()
+  config, params = load_hf(directory, dtype=jnp.float32)
+  assert config.model_type == hf_model.config.model_type
+  ids = hf_models.random_ids(config.vocab_size, batch, seq, seed=seq)
+  want = hf_models.hf_logits(hf_model, ids)
+  got = np.asarray(_logits(config, params, jnp.asarray(ids)))
+  assert np.abs(want).std() > 0.5
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
 def test_position_interpolation_matters(tiny_hf):
   # Negative control: the same weights without the factor are far off, so
   # the parity test above really checks the RoPE scaling.

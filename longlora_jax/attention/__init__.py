@@ -4,6 +4,7 @@ kernel) and the dispatch between them.
 Modules, each importing only those above it:
 
   masks, groups          visibility; S² group arithmetic (plain Python)
+  heads                  S²'s two halves of the query heads
   dense, chunked         causal attention, dense and flash-style
   pallas_kernels         the fused kernels' bodies and block arithmetic
   s2, pallas_s2,         S²-Attn by reshape/roll; the fused Pallas kernels;
@@ -27,5 +28,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "cudnn_s2_attention": "cudnn_s2",
     "s2_group_size": "groups",
     "VARIANTS": "groups",
-}, submodules=("masks", "groups", "dense", "chunked", "pallas_kernels", "s2",
-               "pallas_s2", "cudnn_s2", "dispatch"))
+}, submodules=("masks", "groups", "heads", "dense", "chunked",
+               "pallas_kernels", "s2", "pallas_s2", "cudnn_s2", "dispatch"))

@@ -19,8 +19,10 @@ group's diagonal. With n = N/2 query heads per half:
 
 GQA: with an even number K of kv heads, the first K/2 serve the first half of
 the query heads and the rest the second, so each call gets its own kv heads
-and cuDNN's GQA does the rest; with K odd every kv head is duplicated once,
-as `s2` does. Copies: half of the heads of a [B, T, N, H] array is strided in
+and cuDNN's GQA does the rest; odd head counts go through
+`heads.even_halves`, as in `s2`.
+
+Copies: half of the heads of a [B, T, N, H] array is strided in
 memory, so each of q, k, v is written once into the call layout and the
 output once back (one fusion each; "flash" adds three small ones for the
 half groups). Compiled for an H100 this is the same bytes as the paper's
@@ -35,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.heads import even_halves
 
 DTYPES = (jnp.bfloat16, jnp.float16)
 # What cuDNN's fused attention takes on every NVIDIA GPU since Ampere.
@@ -63,15 +66,13 @@ def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                      "for them")
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
-  G = s2_group_size(T, N, group_size, group_ratio)
+  G = s2_group_size(T, group_size, group_ratio)
   check_variant(variant)
   if N % K:
     raise ValueError(f"q_heads={N} is not a multiple of kv_heads={K}")
   half, g = G // 2, T // G
   # Shifted groups in the main call: all T/G for "roll", T/G - 1 for "flash".
   shifted = g if variant == "roll" else g - 1
-  if K % 2:
-    k_BTKH, v_BTKH = (jnp.repeat(x, 2, axis=2) for x in (k_BTKH, v_BTKH))
 
   def to_groups(x_BTMH):
     """`[B, T, M, H]` -> (`[B * groups, G, M/2, H]`, the half groups
@@ -95,8 +96,8 @@ def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   attend = lambda q, k, v: jax.nn.dot_product_attention(
       q, k, v, scale=H ** -0.5, is_causal=True, implementation=implementation)
   (q_bGnH, q_edges), (k_bGkH, k_edges), (v_bGkH, v_edges) = (
-      to_groups(x) for x in (q_BTNH, k_BTKH, v_BTKH))
-  n = N // 2
+      to_groups(x) for x in even_halves(q_BTNH, k_BTKH, v_BTKH))
+  n = q_bGnH.shape[2]
   out_BgGnH = attend(q_bGnH, k_bGkH, v_bGkH).reshape(B, g + shifted, G, n, H)
   unshifted_BTnH = out_BgGnH[:, :g].reshape(B, T, n, H)
   shifted_BTnH = out_BgGnH[:, g:].reshape(B, shifted * G, n, H)
@@ -107,4 +108,4 @@ def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     shifted_BTnH = jnp.concatenate(
         [edges_B2hnH[:, 0], shifted_BTnH, edges_B2hnH[:, 1]], axis=1)
   out_BTNH = jnp.concatenate([unshifted_BTnH, shifted_BTnH], axis=2)
-  return out_BTNH.astype(q_BTNH.dtype)
+  return out_BTNH[:, :, :N].astype(q_BTNH.dtype)

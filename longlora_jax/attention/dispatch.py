@@ -67,7 +67,7 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     `[batch, seq, q_heads, head_dim]`.
   """
   H = q_BTNH.shape[3]
-  G = s2_group_size(q_BTNH.shape[1], q_BTNH.shape[2], group_size, group_ratio)
+  G = s2_group_size(q_BTNH.shape[1], group_size, group_ratio)
   check_variant(variant)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "

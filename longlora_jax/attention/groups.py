@@ -1,9 +1,12 @@
 """S²-Attn's group arithmetic, in plain Python (no arrays).
 
 The sequence is cut into groups of G tokens (default seq/4) and each token
-attends causally inside its group only. The first half of the query heads
-uses the groups [0, G), [G, 2G), ...; the second half uses groups shifted by
-G/2, so information crosses group borders. Two variants of the shifted
+attends causally inside its group only. Of N query heads the first
+N - floor(N/2) use the groups [0, G), [G, 2G), ...; the last floor(N/2) use
+groups shifted by G/2 (`shifted_heads`), so information crosses group
+borders. With an even N that is half and half, as in the paper; with an odd
+N (SmolLM2-135M has 9) the unshifted half has the extra head, as the
+official code's `chunk(2)` of the heads gives. Two variants of the shifted
 groups:
 
   "flash" (default): [0, G/2), [G/2, 3G/2), ..., [seq - G/2, seq), half-size
@@ -16,7 +19,8 @@ groups:
     tokens of the sequence: it LEAKS the future into the past. Offered for
     fidelity to the paper only.
 
-Every implementation (`s2`, `pallas_s2`) and the FLOP count read these.
+Every implementation (`s2`, `pallas_s2`, `cudnn_s2`) and the FLOP count
+read these.
 """
 
 VARIANTS = ("flash", "roll")
@@ -28,12 +32,12 @@ def check_variant(variant: str) -> None:
                      f"{VARIANTS}")
 
 
-def s2_group_size(seq: int, num_heads: int, group_size: int | None = None,
+def s2_group_size(seq: int, group_size: int | None = None,
                   group_ratio: float = 0.25) -> int:
   """The group size for `seq` tokens: `group_size`, else int(seq * ratio).
 
   Raises ValueError unless the groups tile the sequence and have even size
-  (the shift is G/2) and the query heads split into two halves.
+  (the shift is G/2).
   """
   G = int(seq * group_ratio) if group_size is None else group_size
   if G < 2 or G % 2 or seq % G:
@@ -41,16 +45,19 @@ def s2_group_size(seq: int, num_heads: int, group_size: int | None = None,
               f"group_size=int(seq * group_ratio={group_ratio})={G}")
     raise ValueError(f"S²-Attn needs an even group size that divides the "
                      f"sequence; got seq={seq}, {origin}")
-  if num_heads % 2:
-    raise ValueError(f"S²-Attn shifts half of the query heads; "
-                     f"q_heads={num_heads} is odd")
   return G
 
 
-def s2_attended_pairs(seq: int, num_heads: int, group_size: int,
+def shifted_heads(num_heads: int) -> tuple[int, int]:
+  """(first shifted query head, number of shifted heads): the last
+  floor(N/2) of N heads."""
+  return num_heads - num_heads // 2, num_heads // 2
+
+
+def s2_attended_pairs(seq: int, group_size: int,
                       variant: str = "flash") -> tuple[int, int]:
   """(query, key) pairs that one unshifted and one shifted head attend."""
-  G = s2_group_size(seq, num_heads, group_size)
+  G = s2_group_size(seq, group_size)
   check_variant(variant)
   causal = lambda n: n * (n + 1) // 2
   unshifted = seq // G * causal(G)

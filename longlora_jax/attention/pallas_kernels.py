@@ -38,7 +38,7 @@ _LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class Groups:
-  """Which keys a query sees. Query heads h >= heads // 2 use group
+  """Which keys a query sees. The last heads // 2 query heads use group
   boundaries at `shift` + multiples of `size` (plus 0), the others at
   multiples of `size`; a query sees the keys from its group's start up to
   itself. `wrap` (the "roll" variant): a shifted head's queries t < shift
@@ -50,8 +50,10 @@ class Groups:
   heads: int
 
   def offset(self, head):
-    """Boundary offset (0 or shift) of a traced query head index."""
-    return (head >= self.heads // 2).astype(jnp.int32) * self.shift
+    """Boundary offset of a traced query head index: shift for the last
+    floor(heads / 2) heads (`groups.shifted_heads`), else 0."""
+    first_shifted = self.heads - self.heads // 2
+    return (head >= first_shifted).astype(jnp.int32) * self.shift
 
   def end(self, t, offset):
     """The first group boundary after position t (may pass seq)."""

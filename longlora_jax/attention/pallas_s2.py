@@ -133,7 +133,7 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
   """
   _check_no_segments(segment_ids_BT)
   T, N = q_BTNH.shape[1:3]
-  G = s2_group_size(T, N, group_size, group_ratio)
+  G = s2_group_size(T, group_size, group_ratio)
   check_variant(variant)
   groups = Groups(seq=T, size=G, shift=G // 2, wrap=variant == "roll",
                   heads=N)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.heads import even_halves
 
 INNER = ("xla", "chunked")
 
@@ -35,17 +36,9 @@ def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
             functools.partial(chunked_causal_attention, block_size=block_size))
   shift = G // 2
 
-  # With an odd number of kv heads the middle one serves query heads of both
-  # halves (read unshifted by one, shifted by the other). Two copies of every
-  # kv head, one per half of its query heads, let each half keep the uniform
-  # [kv_heads, Q] layout: K/V memory doubles, never grows per query head
-  # (unless q_heads = 2 * kv_heads). Even kv heads split without copies.
-  copies = 1 if K % 2 == 0 else 2
-  if copies > 1:
-    k_BTKH, v_BTKH = (jnp.repeat(x, copies, axis=2) for x in (k_BTKH, v_BTKH))
   fold = lambda x_2BT: x_2BT.reshape(2 * B * T // G, G, *x_2BT.shape[2:])
   q_gGnH, k_gGkH, v_gGkH = (fold(_split_heads(x, shift))
-                            for x in (q_BTNH, k_BTKH, v_BTKH))
+                            for x in even_halves(q_BTNH, k_BTKH, v_BTKH))
 
   segments_gG = None
   if segment_ids_BT is not None or variant == "flash":
@@ -61,7 +54,8 @@ def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
     segments_gG = fold(jnp.concatenate([seg_BT, shifted_BT]))
 
   out_gGnH = attend(q_gGnH, k_gGkH, v_gGkH, segment_ids_BT=segments_gG)
-  return _merge_heads(out_gGnH.reshape(2 * B, T, N // 2, H), shift)
+  n = q_gGnH.shape[2]
+  return _merge_heads(out_gGnH.reshape(2 * B, T, n, H), shift)[:, :, :N]
 
 
 def _split_heads(x_BTNH, shift):

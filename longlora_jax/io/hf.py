@@ -44,7 +44,8 @@ def hf_name(path: tuple[str, ...], layer: int | None = None) -> str:
   modules = list(path[:-1])
   if modules[0] == "layers":
     modules.insert(1, str(layer))
-  name = ".".join(modules) + ".weight"
+  leaf = "bias" if path[-1] == "bias" else "weight"
+  name = ".".join(modules) + "." + leaf
   return name if modules[0] == "lm_head" else "model." + name
 
 

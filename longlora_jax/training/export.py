@@ -71,12 +71,11 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
             f"  python -m eval.passkey --ckpt {hf} --max-tokens {spec.ctx} "
             f"--interval {interval}")
   if "peft" in written:
-    # rope_theta inside too: transformers 5 reads it from there.
-    rope = {"type": "linear", "rope_type": "linear",
-            "factor": config.rope_factor, "rope_theta": config.rope_theta}
+    rope = config.to_hf_dict()["rope_parameters"]
     print(f"\nPEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
           "load it on the base model with the RoPE scaling it was trained "
-          f"with:\n  LlamaForCausalLM.from_pretrained(BASE, rope_scaling={rope})"
+          f"with:\n  AutoModelForCausalLM.from_pretrained(BASE, "
+          f"rope_parameters={rope})"
           f"\n  PeftModel.from_pretrained(model, '{written['peft']}')")
 
 

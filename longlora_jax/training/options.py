@@ -127,6 +127,12 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                       f" ({d('s2_impl')})")
   p.add_argument("--mesh", help="device mesh (fsdp=-1: all devices on "
                  "fsdp; e.g. data=2,fsdp=4)")
+  p.add_argument("--rope", choices=("auto", "linear", "yarn"),
+                 help="how RoPE reaches --ctx: linear position interpolation "
+                      "by ceil(ctx / original context) (LongLoRA's), or YaRN "
+                      "with that factor; auto: linear, except that a llama3 "
+                      "or yarn config keeps its type with the factor times "
+                      f"ceil(ctx / its context) ({d('rope')})")
   p.add_argument("--batch", type=int, help="micro-batch per data-parallel "
                  f"device ({d('batch')}; demo {DEMO['batch']})")
   p.add_argument("--accum", type=int, help="gradient accumulation steps "

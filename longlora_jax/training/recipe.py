@@ -72,7 +72,8 @@ class RunSpec:
 
   ckpt: the base checkpoint (`hf:ORG/NAME`, a directory or `demo`); ctx:
   the context it trains at; task: "extend" (packed documents) or "sft"
-  (instructions); mode: "lora+", "lora" or "full"; batch: sequences per
+  (instructions); mode: "lora+", "lora" or "full"; rope: how RoPE
+  extends ("auto", "linear" or "yarn", see `target_config`); batch: sequences per
   data-parallel device per micro-batch; base_config: the base checkpoint's
   config.json, to recognise it on resume.
   """
@@ -86,6 +87,7 @@ class RunSpec:
   lora_rank: int = 8
   lora_alpha: float = 16.0
   mesh: str = "fsdp=-1"
+  rope: str = "auto"
   batch: int = 1
   seed: int = 0
   save_every: int = 100
@@ -119,13 +121,15 @@ def write_spec(run_dir: Path, spec: RunSpec) -> None:
 
 
 def target_config(spec: RunSpec, config: LlamaConfig) -> LlamaConfig:
-  """The base config with the RoPE scaling the run trains with: linear PI by
-  ceil(ctx / original context). Fine-tuning keeps a larger factor the
-  checkpoint already has (an extended model tuned on shorter rows)."""
-  target = config.with_context(spec.ctx)
-  if spec.task == "sft" and config.rope_factor >= target.rope_factor:
+  """The base config with the RoPE scaling the run trains with
+  (`LlamaConfig.with_context` with `spec.rope`: by default linear PI by
+  ceil(ctx / original context), or a llama3/yarn config's own type).
+  Fine-tuning keeps a checkpoint that is already long enough as it is (an
+  extended model tuned on shorter rows)."""
+  if spec.task == "sft" and config.context >= spec.ctx:
     return config
-  return target
+  return config.with_context(spec.ctx, None if spec.rope == "auto"
+                             else spec.rope)
 
 
 def group_size(spec: RunSpec) -> int | None:
@@ -138,24 +142,22 @@ def group_size(spec: RunSpec) -> int | None:
 def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
   """--ctx against the checkpoint and the S²-Attn groups, with the nearest
   valid contexts when it does not split into groups."""
-  original = config.original_context
+  original = config.context
   if spec.task == "extend" and spec.ctx <= original:
     raise LongLoraError(
         f"--ctx {spec.ctx} is not larger than the checkpoint's context of "
         f"{original} tokens; extend it, e.g. --ctx {2 * original} or --ctx "
         f"{4 * original}")
+  try:
+    config.check_length(spec.ctx)
+  except LongLoraError as e:
+    raise LongLoraError(f"--ctx {spec.ctx}: {e}") from None
   attention = spec.recipe.attention
   if attention.kind != "s2":
     return
-  if config.num_attention_heads % 2:
-    raise LongLoraError(
-        f"S²-Attn shifts half of the attention heads, and this model has "
-        f"{config.num_attention_heads}; train with --full-attn")
-
   def valid(ctx):
     try:
-      s2_group_size(ctx, config.num_attention_heads,
-                    group_ratio=attention.group_ratio)
+      s2_group_size(ctx, group_ratio=attention.group_ratio)
       return ctx > original or spec.task == "sft"
     except ValueError:
       return False

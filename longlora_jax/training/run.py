@@ -52,7 +52,7 @@ def _new_spec(given: dict, task: str, base: Checkpoint) -> RunSpec:
   if "ctx" not in options:
     raise LongLoraError(
         "--ctx is required: " + ("the context to extend to, e.g. --ctx "
-                                 f"{4 * base.config.original_context}"
+                                 f"{4 * base.config.context}"
                                  if task == "extend" else
                                  "the tokens per training row"))
   return make_spec(options, task=task, base_config=base.config.to_hf_dict())
@@ -192,8 +192,8 @@ def run(given: dict, *, task: str, resume: bool = False,
         truncate_metrics(run_dir, int(state.step))
       attention = ("S²-Attn" if spec.recipe.attention.kind == "s2"
                    else "full attention")
-      print(f"{spec.ckpt}: context {base.config.original_context} -> "
-            f"{spec.ctx} (RoPE x{config.rope_factor:g}), {spec.mode}, "
+      print(f"{spec.ckpt}: context {base.config.context} -> {spec.ctx} "
+            f"(RoPE {config.rope_type} x{config.rope_factor:g}), {spec.mode}, "
             f"{attention}, "
             f"{lora.count_params(state.trainable) / 1e6:.2f}M trainable "
             f"parameters; {rows * spec.recipe.accum} x {spec.ctx} tokens per "

@@ -163,8 +163,7 @@ def check_batch(config: LlamaConfig, tc: TrainConfig,
         f"of {ways}")
   if tc.attention.kind == "s2":
     try:
-      s2_group_size(seq, config.num_attention_heads,
-                    group_ratio=tc.attention.group_ratio)
+      s2_group_size(seq, group_ratio=tc.attention.group_ratio)
     except ValueError as e:
       # Groups of ctx/4 with an even half-shift: ctx must be a multiple of 8.
       hint = (f"; use a context that is a multiple of 8, e.g. "

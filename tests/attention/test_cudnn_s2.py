@@ -20,6 +20,9 @@ SHAPES = [
     (1, 16, 4, 1, 16, 8),    # one kv head shared by both halves; G = seq
     (3, 24, 6, 3, 6, 128),   # odd kv heads (middle one shared), odd shift
     (1, 32, 2, 2, 8, 64),    # one head per half
+    (1, 16, 9, 3, 4, 8),     # odd heads: SmolLM2-135M's 9 on 3
+    (2, 24, 14, 2, 8, 8),    # 14 on 2
+    (1, 16, 7, 7, 16, 8),    # 7 heads, MHA
 ]
 
 
@@ -34,7 +37,7 @@ def test_matches_reference_float32(shape, variant):
   options = (("group_size", G), ("variant", variant),
              ("implementation", "xla"))
   out, grads = ref.value_and_grads(cudnn_s2_attention, options, q, k, v, w)
-  keys = [ref.s2_keys(T, G, h >= N // 2, variant) for h in range(N)]
+  keys = ref.s2_head_keys(T, G, N, variant)
   want, want_grads = ref.attention(q, k, v, ref.mask_from_keys(keys, None, B),
                                    w)
   ref.assert_close(out, want, atol=1e-5)

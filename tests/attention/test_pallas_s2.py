@@ -48,6 +48,11 @@ CASES = {
     "padded_g50_b32x16": (1, 200, 4, 2, 64, 50, _config(32, 16)),
     # Shorter than the default tiles and not a power of two: padded to 128.
     "padded_short_default": (2, 96, 4, 4, 64, 24, None),
+    # Odd and uneven head counts (the last floor(N/2) heads shift): 9 on 3
+    # (SmolLM2-135M), 14 on 2, 7 on 7.
+    "odd_9_on_3": (1, 64, 9, 3, 64, 16, _config(16, 16)),
+    "uneven_14_on_2": (1, 64, 14, 2, 64, 32, _config(32, 16)),
+    "odd_7_mha": (1, 64, 7, 7, 64, 64, _config(16, 32)),
 }
 
 
@@ -62,7 +67,7 @@ def _inputs(batch, seq, q_heads, kv_heads, head_dim, dtype, seed=0):
 
 def _s2_reference(q, k, v, w, group, variant):
   B, T, N, _ = q.shape
-  keys = [ref.s2_keys(T, group, h >= N // 2, variant) for h in range(N)]
+  keys = ref.s2_head_keys(T, group, N, variant)
   return ref.attention(q.astype(jnp.float32), k.astype(jnp.float32),
                        v.astype(jnp.float32), ref.mask_from_keys(keys, None, B),
                        w)

@@ -15,14 +15,17 @@ SHAPES = [
     (3, 32, 8, 2, 16),   # GQA, kv heads split between the halves
     (1, 16, 4, 1, 16),   # one kv head shared by both halves; G = seq
     (3, 24, 6, 3, 6),    # odd kv heads (middle one shared), odd shift 3
+    # Odd and uneven head counts (the last floor(N/2) heads shift):
+    (1, 16, 9, 3, 4),    # SmolLM2-135M's 9 on 3
+    (2, 24, 14, 2, 8),   # 14 on 2: 7 query heads per kv head
+    (1, 16, 7, 7, 16),   # 7 heads, MHA, G = seq
 ]
 # Blocks of 5: groups of 4 are one block, 6 -> 3, 8 and 16 -> 4, 14 pads to 15.
 IMPLEMENTATIONS = {"xla": (), "chunked": (("block_size", 5),)}
 
 
 def _reference_mask(batch, seq, q_heads, group, variant, segment_ids=None):
-  keys = [ref.s2_keys(seq, group, h >= q_heads // 2, variant)
-          for h in range(q_heads)]
+  keys = ref.s2_head_keys(seq, group, q_heads, variant)
   return ref.mask_from_keys(keys, segment_ids, batch)
 
 
@@ -167,13 +170,14 @@ def test_roll_leaks_exactly_where_the_paper_does():
     (dict(group_size=0), "group_size=0"),
     (dict(group_ratio=0.0625), "group_size=int(seq * group_ratio=0.0625)=1"),
     (dict(group_size=3, _seq=15), "seq=15, group_size=3"),  # odd G
-    (dict(_heads=3), "q_heads=3 is odd"),
+    (dict(_heads=3, _kv_heads=2), "q_heads=3 is not a multiple of "
+                                  "kv_heads=2"),
     (dict(variant="shift"), "unknown S²-Attn variant 'shift'"),
     (dict(implementation="cuda"), "unknown S²-Attn implementation 'cuda'"),
 ])
 def test_value_errors(kwargs, message):
   seq, heads = kwargs.pop("_seq", 16), kwargs.pop("_heads", 4)
   q = jnp.zeros((1, seq, heads, 8))
-  k = jnp.zeros((1, seq, 1, 8))
+  k = jnp.zeros((1, seq, kwargs.pop("_kv_heads", 1), 8))
   with pytest.raises(ValueError, match=re.escape(message)):
     s2_attention(q, k, k, **kwargs)

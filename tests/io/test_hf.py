@@ -42,23 +42,29 @@ def _logits(config, params, ids):
   return np.asarray(forward(config, params, jnp.asarray(ids)))
 
 
-@pytest.mark.parametrize("name", sorted(hf_models.TINY_CONFIGS))
+@pytest.mark.parametrize("name", sorted(hf_models.TINY_CONFIGS)
+                         + sorted(hf_models.FAMILY_CONFIGS))
 def test_round_trip_through_transformers(tiny_hf, tmp_path, name):
   directory, hf_model = tiny_hf(name)
   config, params = load_hf(directory, dtype="float32")
   out = save_hf(config, params, tmp_path / "out")
-  reloaded = transformers.LlamaForCausalLM.from_pretrained(
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       out, dtype=torch.float32).eval()
+  assert type(reloaded) is type(hf_model)
   ids = hf_models.random_ids(config.vocab_size, 2, 40)
   np.testing.assert_array_equal(hf_models.hf_logits(reloaded, ids),
                                 hf_models.hf_logits(hf_model, ids))
   saved = json.loads((out / "config.json").read_text())
-  if config.rope_scaling:
-    assert saved["rope_scaling"] == {"type": "linear", "rope_type": "linear",
-                                     "factor": 4.0}
-    assert reloaded.config.rope_parameters["factor"] == 4.0
+  if config.rope_type == "linear":
+    # Exactly the two keys transformers 4.34-4.42 accept.
+    assert saved["rope_scaling"] == {"type": "linear", "factor": 4.0}
+  # (transformers keeps the 4.x spelling's "type" beside "rope_type".)
+  rope = lambda c: {k: v for k, v in c.rope_parameters.items()
+                    if v is not None and k != "type"}
+  assert rope(reloaded.config) == rope(hf_model.config)
   gen = json.loads((out / "generation_config.json").read_text())
-  assert gen["bos_token_id"] == 1 and gen["eos_token_id"] == 2
+  for key in ("bos_token_id", "eos_token_id"):
+    assert gen.get(key) == getattr(hf_model.config, key, None)
   assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
 
 
@@ -221,7 +227,8 @@ def _damage(directory, what):
     ("missing_dir", "no such directory"),
     ("no_config", r"config.json: not found"),
     ("bad_json", r"config.json: not valid JSON"),
-    ("gpt2", r"config.json: model_type='gpt2'.*only Llama"),
+    ("gpt2", r"config.json: model_type='gpt2'.*not supported; supported "
+             "families: llama, mistral, qwen2, qwen3"),
     ("wrong_shape", r"model.safetensors: tensor model.layers.1.mlp.up_proj.weight has shape \(7, 64\), but config.json implies \(128, 64\)"),
     ("missing_tensor", "tensor model.layers.1.self_attn.k_proj.weight is missing"),
     ("extra_tensor", "q_proj.lora_A.weight"),

@@ -40,6 +40,14 @@ def s2_keys(seq, group, shifted, variant):
           for t in range(seq)]
 
 
+def s2_head_keys(seq, group, heads, variant):
+  """Per query head, `s2_keys`: the official code splits the heads with
+  `chunk(2)`, so the first ceil(heads / 2) keep the groups and the last
+  floor(heads / 2) are shifted."""
+  unshifted = (heads + 1) // 2
+  return [s2_keys(seq, group, h >= unshifted, variant) for h in range(heads)]
+
+
 def mask_from_keys(keys_per_head, segment_ids=None, batch=1):
   """`[batch, heads, seq, seq]` bool from per-head key lists and documents."""
   heads, seq = len(keys_per_head), len(keys_per_head[0])

@@ -50,17 +50,74 @@ TINY_CONFIGS = {
 }
 
 
-def make_hf_llama(kwargs: dict, seed: int = 0) -> "transformers.LlamaForCausalLM":
-  """A float32 transformers Llama with weights large enough to matter.
+# Tiny models of each supported family and RoPE type (`model_type` picks
+# the transformers class; Llama without it). Original contexts of 16-32
+# tokens, so that tests run below and above them.
+FAMILY_CONFIGS = {
+    "llama3_1": dict(vocab_size=128, hidden_size=64, intermediate_size=96,
+                     num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64,
+                     rope_parameters={
+                         "rope_type": "llama3", "factor": 8.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 16,
+                         "rope_theta": 500000.0}),
+    "llama_yarn_bias": dict(vocab_size=128, hidden_size=64,
+                            intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, head_dim=24,
+                            attention_bias=True, max_position_embeddings=32,
+                            rope_parameters={
+                                "rope_type": "yarn", "factor": 4.0,
+                                "original_max_position_embeddings": 32,
+                                "rope_theta": 10000.0}),
+    "llama_dynamic": dict(vocab_size=128, hidden_size=64,
+                          intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=32,
+                          rope_parameters={"rope_type": "dynamic",
+                                           "factor": 2.0,
+                                           "rope_theta": 10000.0}),
+    # SmolLM2-135M's head layout: 9 query heads over 3 kv heads.
+    "llama_9_heads": dict(vocab_size=128, hidden_size=72,
+                          intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=9, num_key_value_heads=3,
+                          tie_word_embeddings=True,
+                          max_position_embeddings=32),
+    "mistral": dict(model_type="mistral", vocab_size=128, hidden_size=64,
+                    intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2,
+                    sliding_window=None, max_position_embeddings=32,
+                    rope_theta=1000000.0),
+    "qwen2_yarn": dict(model_type="qwen2", vocab_size=128, hidden_size=64,
+                       intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=6, num_key_value_heads=2,
+                       head_dim=16, use_sliding_window=False,
+                       max_position_embeddings=32, rms_norm_eps=1e-6,
+                       rope_parameters={
+                           "rope_type": "yarn", "factor": 4.0,
+                           "original_max_position_embeddings": 32,
+                           "rope_theta": 1000000.0}),
+    "qwen3": dict(model_type="qwen3", vocab_size=128, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  tie_word_embeddings=True, use_sliding_window=False,
+                  max_position_embeddings=32, rope_theta=1000000.0),
+}
+
+
+def make_hf_llama(kwargs: dict, seed: int = 0) -> "transformers.PreTrainedModel":
+  """A float32 transformers model of `kwargs`' family (`model_type`,
+  default Llama) with weights large enough to matter.
 
   transformers' own init (std 0.02) gives near-uniform logits, which would
   let a wrong model pass a tolerance test; so matrices get std 0.2 and norm
-  weights U(0.5, 1.5).
+  weights and biases U(0.5, 1.5).
   """
   require("torch")
   torch.manual_seed(seed)
-  config = transformers.LlamaConfig(**kwargs)
-  model = transformers.LlamaForCausalLM(config).float().eval()
+  kwargs = dict(kwargs)
+  config = transformers.AutoConfig.for_model(
+      kwargs.pop("model_type", "llama"), **kwargs)
+  model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if p.ndim == 1:

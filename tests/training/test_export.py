@@ -1,0 +1,79 @@
+"""A run of each model family exports what it trained: the merged model in
+transformers and the PEFT adapter on the base model give our logits."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longlora_jax import forward
+from longlora_jax.demo import save_byte_tokenizer
+from longlora_jax.io.checkpoint import Checkpoint
+from longlora_jax.sharding import make_mesh
+from longlora_jax.training.export import write_outputs
+from longlora_jax.training.options import make_spec
+from longlora_jax.training.recipe import target_config
+from longlora_jax.training.step import (initial_run_state, jit_train_step,
+                                        params_of)
+from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
+
+
+# Family -> context to extend to (twice its context): llama3 and yarn keep
+# their type, the 9-head model trains S²-Attn with an odd head count.
+CASES = {"llama3_1": 128, "qwen2_yarn": 256, "qwen3": 64,
+         "llama_9_heads": 64}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_trained_family_exports_to_transformers_and_peft(tiny_hf, tmp_path,
+                                                         name):
+  original, _ = tiny_hf(name)
+  hf_models.require("torch", "peft")
+  import peft
+  import transformers
+  directory = tmp_path / "base"  # the model with a tokenizer to export
+  shutil.copytree(original, directory)
+  save_byte_tokenizer(directory)
+  base = Checkpoint.open(directory)
+  ctx = CASES[name]
+  spec = make_spec({"ckpt": str(directory), "ctx": ctx, "dtype": "float32",
+                    "remat": "none", "lr": 1e-2, "warmup": 0, "accum": 1,
+                    "lora_rank": 4}, task="extend",
+                   base_config=base.config.to_hf_dict())
+  config = target_config(spec, base.config)
+  assert config.rope_type == base.config.rope_type or (
+      config.rope_type == "linear")
+  state = initial_run_state(spec, base.params("float32"))
+  rng = np.random.default_rng(0)
+  batch = {"input_ids": jnp.asarray(
+      rng.integers(0, config.vocab_size, (1, 1, ctx)), jnp.int32)}
+  mesh = make_mesh("fsdp=1", jax.devices()[:1])
+  step, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh, state,
+                                          batch)
+  state = jax.device_put(state, s_shard)
+  for _ in range(2):
+    state, metrics = step(state, jax.device_put(batch, b_shard))
+  assert np.isfinite(float(metrics["loss"]))
+  params = params_of(state)
+  written = write_outputs(spec, base, config, params,
+                          {"hf": tmp_path / "hf", "peft": tmp_path / "peft"})
+
+  ids = hf_models.random_ids(config.vocab_size, 2, ctx, seed=1)
+  ours = np.asarray(forward(config, params, jnp.asarray(ids)))
+  merged = transformers.AutoModelForCausalLM.from_pretrained(
+      written["hf"], dtype=torch.float32).eval()
+  np.testing.assert_allclose(hf_models.hf_logits(merged, ids), ours,
+                             atol=1e-4, rtol=1e-4)
+  on_base = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=torch.float32,
+      rope_parameters=config.to_hf_dict()["rope_parameters"],
+      max_position_embeddings=config.max_position_embeddings)
+  adapted = peft.PeftModel.from_pretrained(on_base, written["peft"]).eval()
+  np.testing.assert_allclose(hf_models.hf_logits(adapted, ids), ours,
+                             atol=1e-4, rtol=1e-4)
+  # What is compared moved: two steps changed the model's logits.
+  untrained = forward(config, base.params("float32"), jnp.asarray(ids))
+  assert np.abs(np.asarray(untrained) - ours).max() > 1e-3
