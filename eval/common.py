@@ -4,7 +4,8 @@ import dataclasses
 
 from longlora_jax.config import RopeScaling
 from longlora_jax.errors import LongLoraError
-from longlora_jax.io.checkpoint import Checkpoint
+from longlora_jax.io.checkpoint import Checkpoint, param_shardings
+from longlora_jax.sharding import make_mesh
 
 
 def add_model_args(parser) -> None:
@@ -19,6 +20,21 @@ def add_model_args(parser) -> None:
                            "paper's extended PI: a 32k model evaluated at 48k)")
   parser.add_argument("--dtype", default="bfloat16",
                       choices=("bfloat16", "float32", "float16"))
+  add_mesh_arg(parser)
+
+
+def add_mesh_arg(parser) -> None:
+  parser.add_argument("--mesh", default="fsdp=-1",
+                      help="device mesh the weights (and the KV cache) are "
+                           "sharded over, e.g. fsdp=8 or fsdp=4,tensor=2 "
+                           "(default: every device on fsdp)")
+
+
+def sharded_params(checkpoint: Checkpoint, dtype, mesh: str):
+  """The weights straight into their shards on the --mesh: no device holds
+  the whole model."""
+  return checkpoint.params(dtype, param_shardings(checkpoint.config,
+                                                  make_mesh(mesh)))
 
 
 def load_model(args):
@@ -33,5 +49,5 @@ def load_model(args):
         if args.pi_factor > 1 else None)
   elif args.ctx and config.rope_scaling is None:
     config = config.with_context(args.ctx)
-  params = checkpoint.params(args.dtype)
+  params = sharded_params(checkpoint, args.dtype, args.mesh)
   return config, params, checkpoint.tokenizer, checkpoint.directory

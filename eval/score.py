@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from eval.common import add_mesh_arg, sharded_params
 from longlora_jax import cli
 from longlora_jax.errors import LongLoraError
 from longlora_jax.io.checkpoint import Checkpoint
@@ -30,6 +31,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bfloat16", "float16"))
   p.add_argument("--top-k", type=int, default=5)
+  add_mesh_arg(p)
   return p.parse_args(argv)
 
 
@@ -37,7 +39,7 @@ def main(argv=None):
   args = parse_args(argv)
   checkpoint = Checkpoint.open(args.ckpt)
   config, directory = checkpoint.config, checkpoint.directory
-  params = checkpoint.params(args.dtype)
+  params = sharded_params(checkpoint, args.dtype, args.mesh)
   tokenizer = checkpoint.tokenizer
   ids = tokenizer(args.text, return_tensors="np")["input_ids"]
   if ids.shape[1] < 2:

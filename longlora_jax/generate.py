@@ -84,8 +84,11 @@ def generate(config: LlamaConfig, params, input_ids, *, max_new_tokens: int,
   n_chunks = -(-P // chunk)
   padded = np.zeros((B, n_chunks * chunk), np.int32)
   padded[:, :P] = ids
-  dtype = cache_dtype or params["embed_tokens"]["embedding"].dtype
-  cache = init_cache(config, B, max(P + max_new_tokens, n_chunks * chunk), dtype)
+  embedding = params["embed_tokens"]["embedding"]
+  # Weights sharded over a mesh: the cache is sharded over it too.
+  mesh = getattr(embedding.sharding, "mesh", None)
+  cache = init_cache(config, B, max(P + max_new_tokens, n_chunks * chunk),
+                     cache_dtype or embedding.dtype, mesh)
   # Padding written past the prompt is never attended: decode overwrites
   # each position before any query can see it.
   for c in range(n_chunks):

@@ -8,18 +8,30 @@ once.
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longlora_jax.config import LlamaConfig
+from longlora_jax.sharding import BATCH_AXES, batch_parallelism
 
 CACHE_BLOCK = 512  # Key block of the attention loop; cache lengths are multiples.
 
 
-def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16):
-  """An empty cache for `length` positions (rounded up to CACHE_BLOCK)."""
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16,
+               mesh=None):
+  """An empty cache for `length` positions (rounded up to CACHE_BLOCK); on
+  `mesh`, its rows split over the batch axes and its kv heads over the
+  tensor axis, where they divide."""
   length = -(-length // CACHE_BLOCK) * CACHE_BLOCK
   shape = (config.num_hidden_layers, batch, length,
            config.num_key_value_heads, config.head_dim)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  sharding = None
+  if mesh is not None:
+    rows = BATCH_AXES if batch % batch_parallelism(mesh) == 0 else None
+    heads = ("tensor" if config.num_key_value_heads % mesh.shape["tensor"] == 0
+             else None)
+    sharding = NamedSharding(mesh, P(None, rows, None, heads, None))
+  zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+  return {"k": zeros(), "v": zeros()}
 
 
 def cached_attention(q_BCNH, k_BSKH, v_BSKH, start, *, block: int = CACHE_BLOCK):

@@ -24,6 +24,8 @@ def parse_args(argv=None):
                  help="the model (or adapter) directory to write")
   p.add_argument("--format", choices=("hf", "peft"), default="hf",
                  help="hf: merged model; peft: LoRA adapter + embed/norms")
+  p.add_argument("--mesh", help="device mesh the run's weights are sharded "
+                 "over while exporting (default: the run's own --mesh)")
   return p.parse_args(argv)
 
 
@@ -32,7 +34,7 @@ def main(argv=None):
   if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
     raise LongLoraError(f"--out {args.out} exists and is not empty; choose "
                         "another directory")
-  spec, base, config, params, step = load_run(args.run, args.step)
+  spec, base, config, params, step = load_run(args.run, args.step, args.mesh)
   written = write_outputs(spec, base, config, params, {args.format: args.out},
                           overwrite=False)
   print(f"{args.run}: step {step} exported")

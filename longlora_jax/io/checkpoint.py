@@ -6,12 +6,15 @@ import functools
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import CheckpointError
-from longlora_jax.io.hf import read_params
+from longlora_jax.sharding import shardings_like
+from longlora_jax.io.hf import expected_shapes, read_params
 from longlora_jax.io.hub import resolve_checkpoint
 
 
@@ -41,7 +44,8 @@ class Checkpoint:
 
   def params(self, dtype=jnp.bfloat16, shardings=None):
     """The weights as our parameter tree, in `dtype`; `shardings` (a tree
-    like the parameters) places each one as it is read."""
+    like the parameters, e.g. `param_shardings(config, mesh)`) places each
+    device's part as it is read, and no whole tensor on any one device."""
     return read_params(self.directory, self.config, dtype, shardings)
 
   @functools.cached_property
@@ -74,3 +78,12 @@ def load_tokenizer(directory: str | os.PathLike):
     return AutoTokenizer.from_pretrained(directory)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
+
+
+def param_shardings(config: LlamaConfig, mesh):
+  """The parameters' shardings on `mesh` by the sharding rules
+  (`sharding.param_spec`), from their shapes alone: decided before any byte
+  is read, and the same as a train state's for its frozen weights."""
+  return shardings_like(traverse_util.unflatten_dict({
+      path: jax.ShapeDtypeStruct(shape, jnp.float32)
+      for path, shape in expected_shapes(config).items()}), mesh)

@@ -6,6 +6,7 @@ copy of the model; saving writes one shard at a time into a temporary
 directory that is renamed into place only when complete.
 """
 
+import contextlib
 import functools
 import os
 import re
@@ -25,7 +26,7 @@ from longlora_jax.errors import CheckpointError
 from longlora_jax.io.files import atomic_dir, output_dir, write_json
 from longlora_jax.io.hub import TOKENIZER_FILES, resolve_checkpoint
 from longlora_jax.io.weights import open_weights
-from longlora_jax.lora import LoRA
+from longlora_jax.lora import LoRA, merge
 from longlora_jax.model import init_params
 
 # Buffers some old checkpoints saved; recomputed from the config, not loaded.
@@ -78,10 +79,29 @@ def as_dtype(dtype) -> np.dtype:
 
 # ---- reading ----
 
-def _to_device(array: np.ndarray, sharding=None) -> jax.Array:
-  # Waiting for the copy lets the host buffer go before the next one is
-  # filled; async transfers would otherwise pile host copies up.
-  return jax.device_put(array, sharding).block_until_ready()
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_layer(stack_LXY, layer_1XY, layer):
+  """`stack[layer] = layer_1XY[0]`, in place (the stack is donated)."""
+  return jax.lax.dynamic_update_slice_in_dim(stack_LXY, layer_1XY, layer, 0)
+
+
+def _place(shape, sharding, read, dtype, stacked: bool) -> jax.Array:
+  """A parameter of `shape` in `sharding`, each device's part read directly:
+  `read(layer or None, index)` gives the array at `index` (a tuple of
+  slices over the parameter's per-layer axes). A stacked layer parameter is
+  filled one layer at a time into its place on the devices, so the host
+  holds at most one layer's part for one device."""
+  if stacked:
+    layer_shape = (1, *shape[1:])
+    out = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    for layer in range(shape[0]):
+      part = jax.make_array_from_callback(
+          layer_shape, sharding,
+          lambda index, layer=layer: read(layer, index[1:])[None])
+      out = _set_layer(out, part, layer)
+    return out.block_until_ready()
+  return jax.make_array_from_callback(
+      shape, sharding, lambda index: read(None, index)).block_until_ready()
 
 
 def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
@@ -92,46 +112,50 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
 
   Args:
     dtype: parameter dtype (bfloat16, float16 or float32; or their names).
-    shardings: a tree like the parameters of `jax.sharding.Sharding`s; each
-      parameter goes to its sharding as soon as it is read (default: the
-      default device).
+    shardings: a tree like the parameters of `jax.sharding.Sharding`s
+      (default: every parameter on the default device). Each device reads
+      only its own part of each tensor (safetensors slices; one layer at a
+      time), so no process holds a whole stacked tensor, let alone the
+      model, and a process reads only what its devices hold.
   """
   dtype = as_dtype(dtype)
-  files, read = open_weights(directory)
+  weights = open_weights(directory)
   expected = expected_shapes(config)
   placement = (traverse_util.flatten_dict(shardings) if shardings is not None
                else {})
-  flat, used, buffers = {}, set(), {}
-  tensors = list(hf_tensors(config, expected))
-  for name, path, layer, hf_shape in tqdm(tensors, desc="load_hf",
-                                          unit="tensor", disable=None,
-                                          leave=False):
-    if name not in files:
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  names = {}  # path -> [hf name per layer, or one]
+  for name, path, layer, hf_shape in hf_tensors(config, expected):
+    if name not in weights.files:
       raise CheckpointError(f"{directory}: tensor {name} is missing from the "
                             "weights")
-    tensor = read(name)
-    if tuple(tensor.shape) != hf_shape:
+    if tuple(weights.shape(name)) != hf_shape:
       raise CheckpointError(
-          f"{files[name]}: tensor {name} has shape {tuple(tensor.shape)}, but "
-          f"config.json implies {hf_shape}")
-    if path[-1] == "kernel":
-      tensor = tensor.T
-    used.add(name)
-    if layer is None:
-      buffers[path] = tensor.astype(dtype)
-    else:
-      if path not in buffers:
-        buffers[path] = np.empty(expected[path], dtype)
-      buffers[path][layer] = tensor
-    if layer is None or layer == config.num_hidden_layers - 1:
-      flat[path] = _to_device(buffers.pop(path), placement.get(path))
-  extra = sorted(n for n in set(files) - used if not _IGNORED_KEYS.search(n)
-                 and not (config.tie_word_embeddings and n == "lm_head.weight"))
+          f"{weights.files[name]}: tensor {name} has shape "
+          f"{tuple(weights.shape(name))}, but config.json implies {hf_shape}")
+    names.setdefault(path, []).append(name)
+  used = {n for layer_names in names.values() for n in layer_names}
+  extra = sorted(n for n in set(weights.files) - used
+                 if not _IGNORED_KEYS.search(n) and not (
+                     config.tie_word_embeddings and n == "lm_head.weight"))
   if extra:
     raise CheckpointError(
         f"{directory}: weights hold tensors a plain Llama does not have "
         f"({', '.join(extra[:4])}{', ...' if len(extra) > 4 else ''}); merge "
         "adapters before loading")
+  flat = {}
+  for path in tqdm(names, desc="load_hf", unit="tensor", disable=None,
+                   leave=False):
+    kernel = path[-1] == "kernel"
+
+    def read(layer, index, path=path, kernel=kernel):
+      # Our kernels are [in, out], HF's [out, in]: slice theirs, transpose.
+      name = names[path][0 if layer is None else layer]
+      part = weights.read(name, tuple(index)[::-1] if kernel else
+                          tuple(index))
+      return np.asarray(part.T if kernel else part).astype(dtype, copy=False)
+    flat[path] = _place(expected[path], placement.get(path, default), read,
+                        dtype, stacked=path[0] == "layers")
   return traverse_util.unflatten_dict(flat)
 
 
@@ -147,7 +171,9 @@ def _parse_size(size: int | str) -> int:
   return int(float(m[1]) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m[2]])
 
 
-def check_params(config: LlamaConfig, params) -> dict:
+def check_params(config: LlamaConfig, params, lora_ok: bool = False) -> dict:
+  """`params` flattened, checked against the shapes `config` implies; LoRA
+  nodes refused unless `lora_ok`."""
   flat = traverse_util.flatten_dict(params)
   expected = expected_shapes(config)
   for path in sorted(set(flat) | set(expected)):
@@ -157,20 +183,40 @@ def check_params(config: LlamaConfig, params) -> dict:
     if path not in expected:
       raise CheckpointError(f"params hold {name}, which a Llama with this "
                             "config does not have (merge LoRA first)")
-    if isinstance(flat[path], LoRA):
-      raise CheckpointError(f"params {name} is a LoRA adapter; merge() it "
-                            "first, or save the adapter with save_peft")
-    if tuple(flat[path].shape) != tuple(expected[path]):
-      raise CheckpointError(f"params {name} has shape {flat[path].shape}, "
-                            f"but the config implies {expected[path]}")
+    if isinstance(flat[path], LoRA) and not lora_ok:
+      raise CheckpointError(f"params {name} is a LoRA adapter; save it with "
+                            "merge_lora=True, or the adapter with save_peft")
+    shape = (flat[path].w if isinstance(flat[path], LoRA) else
+             flat[path]).shape
+    if tuple(shape) != tuple(expected[path]):
+      raise CheckpointError(f"params {name} has shape {shape}, but the "
+                            f"config implies {expected[path]}")
   return flat
+
+
+def to_host(value) -> np.ndarray:
+  """An array, however sharded, whole on this host. In a multi-process run
+  it is a collective: every process calls it for the same arrays."""
+  if getattr(value, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(value))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def _slice(value, layer):
+  """One layer of a stacked parameter (all of it for `layer` None); a LoRA
+  node's layer merged into a plain kernel, on the devices that hold it."""
+  if layer is not None:
+    value = jax.tree.map(lambda x: x[layer], value)
+  return merge(value) if isinstance(value, LoRA) else value
 
 
 def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
             tokenizer_from: str | os.PathLike | None = None, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False,
+            merge_lora: bool = False,
             generation_config: dict[str, Any] | None = None) -> Path:
-  """Writes a HF checkpoint that `transformers` loads as LlamaForCausalLM.
+  """Writes a HF checkpoint that `transformers` loads (the config's family).
 
   Writes `config.json` (with the RoPE scaling the model uses, in both the
   transformers 4 and 5 spellings), `model.safetensors` (or shards plus
@@ -178,14 +224,22 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
   `generation_config.json`, and the tokenizer files of `tokenizer_from` (a
   directory or `hf:` id). The directory appears only once complete.
 
+  The parameters may be sharded over devices and processes: one tensor
+  (one layer of a stacked one) at a time comes to the host, so the host
+  holds at most one output shard file, never the model. In a multi-process
+  run every process calls this and process 0 writes.
+
   Args:
     dtype: dtype of the saved weights; default the parameters' dtype.
     overwrite: replace a non-empty `out_dir` (atomically).
+    merge_lora: write LoRA nodes merged (w + scale * a @ b), a layer at a
+      time, instead of refusing them.
   """
   out = output_dir(out_dir, overwrite)
-  flat = check_params(config, params)
+  flat = check_params(config, params, lora_ok=merge_lora)
   dtype = as_dtype(dtype) if dtype else np.dtype(
       flat[("embed_tokens", "embedding")].dtype)
+  writing = jax.process_index() == 0
   tokenizer_dir = None
   if tokenizer_from is not None:
     tokenizer_dir = resolve_checkpoint(tokenizer_from, patterns=TOKENIZER_FILES)
@@ -193,8 +247,7 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
       raise CheckpointError(f"{tokenizer_from}: no tokenizer files "
                             f"({', '.join(TOKENIZER_FILES)})")
 
-  shapes = {path: x.shape for path, x in flat.items()}
-  tensors = list(hf_tensors(config, shapes))
+  tensors = list(hf_tensors(config, expected_shapes(config)))
   shards, size, limit = [[]], 0, _parse_size(max_shard_size)
   for entry in tensors:
     nbytes = int(np.prod(entry[3])) * dtype.itemsize
@@ -204,21 +257,24 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
     shards[-1].append(entry)
     size += nbytes
 
-  with atomic_dir(out) as tmp:
+  with atomic_dir(out) if writing else contextlib.nullcontext() as tmp:
     weight_map = {}
     for i, shard in enumerate(tqdm(shards, desc="save_hf", unit="shard",
-                                   disable=None, leave=False)):
+                                   disable=None if writing else True,
+                                   leave=False)):
       file = ("model.safetensors" if len(shards) == 1 else
               f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
       arrays = {}
       for name, path, layer, _ in shard:
-        value = flat[path] if layer is None else flat[path][layer]
-        value = np.asarray(jax.device_get(value)).astype(dtype)
+        value = to_host(_slice(flat[path], layer)).astype(dtype, copy=False)
         arrays[name] = np.ascontiguousarray(
             value.T if path[-1] == "kernel" else value)
         weight_map[name] = file
-      save_file(arrays, str(tmp / file), metadata={"format": "pt"})
+      if writing:
+        save_file(arrays, str(tmp / file), metadata={"format": "pt"})
       del arrays
+    if not writing:
+      return out
     if len(shards) > 1:
       total = sum(int(np.prod(t[3])) * dtype.itemsize for t in tensors)
       write_json(tmp / "model.safetensors.index.json",

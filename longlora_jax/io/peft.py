@@ -42,7 +42,7 @@ from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import CheckpointError
 from longlora_jax.io.files import atomic_dir, output_dir, write_json
 from longlora_jax.io.hf import (as_dtype, check_params, expected_shapes,
-                                hf_tensors)
+                                hf_tensors, to_host)
 from longlora_jax.io.hub import resolve_checkpoint
 from longlora_jax.io.weights import safetensors_reader, torch_reader
 
@@ -120,8 +120,13 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
   saved = {m: (path, layer) for m, (path, layer, _) in modules.items()
            if lora.is_lora(flat[path])
            or _in_modules_to_save(m, modules_to_save)}
-  # Only what is saved comes to the host, not the frozen base weights.
-  host = jax.device_get({path: flat[path] for path, _ in saved.values()})
+  # Only what is saved comes to the host (every process takes part when
+  # the parameters are sharded over several), not the frozen base weights.
+  host = {}
+  for path, _ in saved.values():
+    x = flat[path]
+    host[path] = (lora.LoRA(None, to_host(x.a), to_host(x.b), x.scale)
+                  if lora.is_lora(x) else to_host(x))
   cast = (lambda x: x.astype(as_dtype(dtype))) if dtype else (lambda x: x)
   tensors, targets = {}, set()
   for module, (path, layer) in saved.items():
@@ -154,9 +159,11 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
     adapter_config["ensure_weight_tying"] = True
     tensors[f"{_PREFIX}lm_head.weight"] = tensors[
         f"{_PREFIX}model.embed_tokens.weight"].copy()
-  with atomic_dir(out) as tmp:
-    save_file(tensors, str(tmp / ADAPTER_FILES[0]), metadata={"format": "pt"})
-    write_json(tmp / CONFIG_FILE, adapter_config)
+  if jax.process_index() == 0:
+    with atomic_dir(out) as tmp:
+      save_file(tensors, str(tmp / ADAPTER_FILES[0]),
+                metadata={"format": "pt"})
+      write_json(tmp / CONFIG_FILE, adapter_config)
   return out
 
 

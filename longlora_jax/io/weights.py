@@ -1,11 +1,14 @@
 """Reading checkpoint weights tensor by tensor: safetensors (single or
 sharded) and PyTorch `.bin` files (when torch is installed)."""
 
+import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
 
 import ml_dtypes
+import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from longlora_jax.errors import CheckpointError
@@ -24,8 +27,19 @@ def _read_index(file: Path) -> dict[str, Path]:
   return files
 
 
-def open_weights(directory: Path) -> tuple[dict[str, Path], Callable]:
-  """(tensor name -> file, read(name) -> np.ndarray) for a checkpoint dir."""
+@dataclasses.dataclass(frozen=True)
+class Weights:
+  """A checkpoint's tensors: `files` (name -> file), `shape(name)` without
+  reading data, and `read(name, index)`, the part of one tensor that the
+  tuple of slices `index` selects (safetensors reads only those bytes)."""
+  files: dict[str, Path]
+  shape: Callable[[str], tuple[int, ...]]
+  read: Callable[..., np.ndarray]
+
+
+def open_weights(directory: Path) -> Weights:
+  """The weights of a checkpoint directory (safetensors, single or sharded,
+  or PyTorch .bin)."""
   st_index = directory / "model.safetensors.index.json"
   st_single = directory / "model.safetensors"
   pt_index = directory / "pytorch_model.bin.index.json"
@@ -43,27 +57,48 @@ def open_weights(directory: Path) -> tuple[dict[str, Path], Callable]:
     raise CheckpointError(
         f"{directory}: no weights found (expected model.safetensors, "
         "model.safetensors.index.json or pytorch_model*.bin)")
-  return files, lambda name: reader(files[name], name)
+  return Weights(files, lambda name: reader(files[name], name, "shape"),
+                 lambda name, index=...: reader(files[name], name, index))
+
+
+def _failing(file: Path, kind: str, fix: str):
+  """A context turning a reader's errors into one CheckpointError."""
+  @contextlib.contextmanager
+  def guard():
+    try:
+      yield
+    except CheckpointError:
+      raise
+    except Exception as e:  # the libraries raise many types for bad files
+      raise CheckpointError(f"{file}: cannot read {kind} ({type(e).__name__}: "
+                            f"{e}){fix}") from None
+  return guard()
 
 
 def safetensors_reader() -> Callable:
-  """read(file, name) -> array; read(file, None) -> the file's tensor names."""
+  """read(file, name, index=...) -> the array (or its `index` part);
+  read(file, name, "shape") -> its shape; read(file, None) -> the file's
+  tensor names."""
   handles = {}
 
-  def read(file: Path, name: str | None):
-    try:
+  def read(file: Path, name: str | None, index=...):
+    with _failing(file, "safetensors", "; the file is truncated or corrupt, "
+                  "download it again"):
       if file not in handles:
         handles[file] = safe_open(str(file), framework="numpy")
       handle = handles[file]
-      return list(handle.keys()) if name is None else handle.get_tensor(name)
-    except (SafetensorError, OSError, ValueError) as e:
-      raise CheckpointError(
-          f"{file}: cannot read safetensors ({e}); the file is truncated or "
-          "corrupt, download it again") from None
+      if name is None:
+        return list(handle.keys())
+      part = handle.get_slice(name)
+      if isinstance(index, str):
+        return tuple(part.get_shape())
+      return part[index] if index is not ... else handle.get_tensor(name)
   return read
 
 
 def torch_reader() -> Callable:
+  """As `safetensors_reader`, over PyTorch .bin files (memory-mapped, one
+  file at a time: a slice costs reading the tensor)."""
   try:
     import torch
   except ImportError:
@@ -72,19 +107,19 @@ def torch_reader() -> Callable:
         "them, or convert the checkpoint to safetensors") from None
   state_dicts = {}
 
-  def read(file: Path, name: str | None):
+  def read(file: Path, name: str | None, index=...):
     if file not in state_dicts:
-      try:
+      with _failing(file, "PyTorch weights", ""):
         state_dicts.clear()  # Shards are read in order; keep one mapped.
         state_dicts[file] = torch.load(file, map_location="cpu",
                                        weights_only=True, mmap=True)
-      except Exception as e:  # torch raises many types for a bad file.
-        raise CheckpointError(f"{file}: cannot read PyTorch weights "
-                              f"({type(e).__name__}: {e})") from None
     state = state_dicts[file]
     if name is None:
       return list(state)
     tensor = state[name]
+    if isinstance(index, str):
+      return tuple(tensor.shape)
+    tensor = tensor[index] if index is not ... else tensor
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16 of its own.
       return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()

@@ -7,16 +7,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from longlora_jax import lora
 from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import CheckpointError, LongLoraError
-from longlora_jax.io.checkpoint import Checkpoint
+from longlora_jax.io.checkpoint import Checkpoint, param_shardings
 from longlora_jax.io.hf import save_hf
 from longlora_jax.io.peft import save_peft
+from longlora_jax.sharding import make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
                                           target_config)
-from longlora_jax.training.step import initial_run_state, params_of
+from longlora_jax.training.step import (initial_run_state, params_of,
+                                        state_shardings)
 
 
 def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
@@ -26,26 +27,22 @@ def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
   `targets`: "hf" the merged model (with `base`'s tokenizer), "peft" the
   adapter; `config` carries the RoPE scaling. Each directory appears only
   once complete."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params, tiled=True)
-  if jax.process_index() != 0:
-    return {}
   if "peft" in targets and spec.mode == "full":
     raise LongLoraError("a full fine-tuning run has no adapter; export it "
                         "as --format hf")
   dtype = jnp.dtype(spec.recipe.dtype)
   written = {}
+  # Every process takes part (the parameters may be sharded over them);
+  # process 0 writes, one tensor at a time, LoRA merged a layer at a time.
   if "hf" in targets:
-    merged = jax.tree.map(lambda x: x.astype(dtype), lora.merge(params))
-    written["hf"] = save_hf(config, merged, targets["hf"],
-                            tokenizer_from=base.directory,
-                            dtype=dtype, overwrite=overwrite)
+    written["hf"] = save_hf(config, params, targets["hf"],
+                            tokenizer_from=base.directory, dtype=dtype,
+                            overwrite=overwrite, merge_lora=True)
   if "peft" in targets:
     written["peft"] = save_peft(
         config, params, targets["peft"], extra=MODES[spec.mode],
         base_model_name_or_path=spec.ckpt, dtype=dtype, overwrite=overwrite)
-  return written
+  return written if jax.process_index() == 0 else {}
 
 
 def print_commands(spec: RunSpec, config: LlamaConfig,
@@ -79,9 +76,10 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
           f"\n  PeftModel.from_pretrained(model, '{written['peft']}')")
 
 
-def load_run(run_dir: Path, step: int | None = None):
+def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
   """(spec, base checkpoint, extended config, params with LoRA nodes, step)
-  of a saved checkpoint of the run in `run_dir` (default: the newest)."""
+  of a saved checkpoint of the run in `run_dir` (default: the newest),
+  sharded over `mesh` (default: the run's)."""
   spec = read_spec(run_dir)
   directory = run_dir / "checkpoints"
   mngr = saving.manager(directory, read_only=True) if directory.exists() \
@@ -97,7 +95,10 @@ def load_run(run_dir: Path, step: int | None = None):
   if base.config.to_hf_dict() != spec.base_config:
     raise CheckpointError(f"{spec.ckpt} is no longer the model {run_dir} was "
                           "trained from (its config.json differs)")
-  state = initial_run_state(spec, base.params(spec.recipe.dtype))
-  state, _ = saving.restore(mngr, step, state)
+  device_mesh = make_mesh(mesh or spec.mesh)
+  state = initial_run_state(spec, base.params(
+      spec.recipe.dtype, param_shardings(base.config, device_mesh)))
+  state, _ = saving.restore(
+      mngr, step, jax.device_put(state, state_shardings(state, device_mesh)))
   mngr.close()
   return spec, base, target_config(spec, base.config), params_of(state), step

@@ -15,7 +15,7 @@ from longlora_jax.data import (Position, batches, document_tokens, packed_rows,
                                prefetch)
 from longlora_jax.distributed import initialize_from_env
 from longlora_jax.errors import LongLoraError
-from longlora_jax.io.checkpoint import Checkpoint
+from longlora_jax.io.checkpoint import Checkpoint, param_shardings
 from longlora_jax.io.files import write_json
 from longlora_jax.sharding import batch_parallelism, make_mesh
 from longlora_jax.training import saving
@@ -167,7 +167,10 @@ def run(given: dict, *, task: str, resume: bool = False,
                (spec.recipe.accum, rows))
   try:
     first = next(data)  # Bad data fails here, before anything is written.
-    state = initial_run_state(spec, base.params(spec.recipe.dtype))
+    # The weights go straight to their shards: no device, and no process,
+    # ever holds the whole model.
+    state = initial_run_state(spec, base.params(
+        spec.recipe.dtype, param_shardings(base.config, mesh)))
     shape = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32)
              for k, v in first[0].items()}
     step_fn, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh,

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import shutil
@@ -135,31 +136,40 @@ def test_legacy_rotary_buffer_ignored(tmp_path):
   load_hf(directory, dtype="float32")
 
 
-def test_loads_tensor_by_tensor(tmp_path, monkeypatch):
-  # The loader's own host working set is about one stacked tensor, not the
-  # model. Handing each finished tensor to a stand-in device that keeps
-  # nothing isolates it from what the real device (which on CPU may alias
-  # the numpy buffer) holds.
+def test_loads_layer_by_layer(tmp_path, monkeypatch):
+  # The loader's own host working set is about one layer's tensor, not a
+  # stacked tensor, let alone the model: each layer goes to its place on the
+  # device as soon as it is read. (tracemalloc sees the NumPy buffers, not
+  # XLA's device buffers, which on the CPU are host memory too.)
   from longlora_jax.io import hf as hf_io
   kwargs = dict(vocab_size=256, hidden_size=256, intermediate_size=512,
                 num_hidden_layers=8, num_attention_heads=4)
   model = hf_models.make_hf_llama(kwargs)
   model.save_pretrained(tmp_path / "m")
   model_bytes = sum(p.numel() * 4 for p in model.parameters())
-  handed = []
-  monkeypatch.setattr(hf_io, "_to_device",
-                      lambda a, sharding: handed.append(a.nbytes))
+  read_bytes = []
+  open_weights = hf_io.open_weights
+
+  def counting(directory):
+    weights = open_weights(directory)
+    read = lambda name, index=...: read_bytes.append(
+        (part := weights.read(name, index)).nbytes) or part
+    return dataclasses.replace(weights, read=read)
+  monkeypatch.setattr(hf_io, "open_weights", counting)
   load_hf(tmp_path / "m", dtype="float32")  # Warm import and trace caches.
-  handed.clear()
+  read_bytes.clear()
   tracemalloc.start()
   try:
-    load_hf(tmp_path / "m", dtype="float32")
+    params = load_hf(tmp_path / "m", dtype="float32")[1]
     _, peak = tracemalloc.get_traced_memory()
   finally:
     tracemalloc.stop()
-  assert sum(handed) == model_bytes
-  largest = 8 * 256 * 512 * 4
-  assert peak < 1.5 * largest < 0.35 * model_bytes, (peak, model_bytes)
+  assert sum(read_bytes) == model_bytes  # every weight read exactly once
+  layer = 256 * 512 * 4  # the largest tensor of one layer
+  assert peak < 1.5 * layer < 0.05 * model_bytes, (peak, model_bytes)
+  np.testing.assert_array_equal(
+      params["layers"]["mlp"]["up_proj"]["kernel"][3],
+      model.model.layers[3].mlp.up_proj.weight.detach().numpy().T)
 
 
 def test_hub_id_from_local_cache(tiny_hf, tmp_path, monkeypatch):
