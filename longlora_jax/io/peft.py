@@ -12,9 +12,12 @@
 
 The embedding and norms that LongLoRA trains go in as PEFT `modules_to_save`,
 not as the official release's separate `trainable_params.bin`: PEFT then
-restores them itself (so does the official merge script, which also goes
-through PeftModel.from_pretrained), writing needs no torch, and the keys are
-the official file's keys with the `base_model.model.` prefix.
+restores them itself, writing needs no torch, and the keys are the official
+file's keys with the `base_model.model.` prefix. The official merge script
+(merge_lora_weights_and_save_hf_model.py) does not restore them: it first
+adds a [PAD] token when the tokenizer has none and grows the vocabulary
+(Llama-2's to 32001), and PEFT then refuses the base-sized embedding. Merge
+with PEFT's `merge_and_unload` or `train.export --format hf` (README.md).
 
 `load_peft` reads that, other PEFT LoRA adapters of a Llama, and the official
 LongLoRA layout: `adapter_model.bin` (or .safetensors) with the LoRA factors

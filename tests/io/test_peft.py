@@ -27,11 +27,11 @@ def _logits(config, params):
   return np.asarray(forward(config, params, jnp.asarray(_ids(config))))
 
 
-def _torch_base(directory):
+def _torch_base(directory, **kwargs):
   hf_models.require("torch", "peft")
   # A fresh copy: PEFT wraps the model it is given in place.
   return transformers.LlamaForCausalLM.from_pretrained(
-      directory, dtype=torch.float32).eval()
+      directory, dtype=torch.float32, **kwargs).eval()
 
 
 def _trained(params, seed=0):
@@ -157,6 +157,30 @@ def test_save_peft_tied_embeddings(tiny_hf, tmp_path):
   model = peft.PeftModel.from_pretrained(_torch_base(directory), out).eval()
   np.testing.assert_allclose(hf_models.hf_logits(model, _ids(config)),
                              _logits(config, params), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_recipe_of_the_readme(tiny_hf, tmp_path):
+  # PEFT's merge_and_unload, on the base loaded in float32 with the RoPE
+  # scaling the adapter was trained with, saves the model that trained,
+  # and the same model as our merged export.
+  directory, _ = tiny_hf("mha")
+  config, base = load_hf(directory, dtype="float32")
+  config = config.with_context(4 * config.original_context)
+  params = _trained(lora.add_lora(base, rank=4, alpha=8, key=jax.random.key(5)))
+  adapter = save_peft(config, params, tmp_path / "adapter")
+  ours_merged = save_hf(config, lora.merge(params), tmp_path / "ours")
+  torch_base = _torch_base(directory, rope_parameters={
+      "rope_type": "linear", "factor": 4.0, "rope_theta": config.rope_theta})
+  merged = peft.PeftModel.from_pretrained(torch_base, adapter).merge_and_unload()
+  merged.save_pretrained(tmp_path / "merged")
+
+  ours = _logits(config, params)
+  unscaled = dataclasses.replace(config, rope_scaling=None)
+  assert np.abs(ours - _logits(unscaled, params)).max() > 0.1
+  for saved in (tmp_path / "merged", ours_merged):
+    np.testing.assert_allclose(
+        hf_models.hf_logits(_torch_base(saved), _ids(config)), ours,
+        rtol=1e-4, atol=1e-4)
 
 
 def test_save_plain_lora_and_bfloat16(tiny_hf, tmp_path):
