@@ -3,6 +3,7 @@ tokenizer and parameters from the one object every command uses."""
 
 import dataclasses
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -50,7 +51,7 @@ class Checkpoint:
 
   @functools.cached_property
   def tokenizer(self):
-    """Its tokenizer (transformers' AutoTokenizer)."""
+    """Its tokenizer (`load_tokenizer`)."""
     return load_tokenizer(self.directory)
 
   @property
@@ -71,11 +72,29 @@ def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):
 
 
 def load_tokenizer(directory: str | os.PathLike):
-  """transformers' AutoTokenizer of a directory (a checkpoint, or tokenizer
-  files alone)."""
-  from transformers import AutoTokenizer
+  """transformers' tokenizer of a directory (a checkpoint, or tokenizer files
+  alone); one with `tokenizer.model` and no `tokenizer.json` (what the
+  official LongLoRA merge script saves) encodes as SentencePiece does."""
+  import transformers
+  directory = Path(directory)
+  config_file = directory / "tokenizer_config.json"
   try:
-    return AutoTokenizer.from_pretrained(directory)
+    if ((directory / "tokenizer.model").exists()
+        and not (directory / "tokenizer.json").exists()):
+      # transformers 5's LlamaTokenizer ranks the BPE merges it builds from
+      # tokenizer.model by piece id, not score, so "▁▁" merges first and
+      # runs of spaces encode differently; its generic backend follows the
+      # SentencePiece model (transformers 4 lacks it and needs it not).
+      # legacy=True encodes each text between special tokens as
+      # SentencePiece does, leading spaces included. Llama prepends BOS.
+      backend = getattr(transformers, "TokenizersBackend",
+                        transformers.AutoTokenizer)
+      configured = config_file.exists() and "add_bos_token" in json.loads(
+          config_file.read_text())
+      return backend.from_pretrained(
+          directory, legacy=True,
+          **({} if configured else {"add_bos_token": True}))
+    return transformers.AutoTokenizer.from_pretrained(directory)
   except (OSError, ValueError) as e:
     raise CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
 

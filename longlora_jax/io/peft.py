@@ -12,9 +12,12 @@
 
 The embedding and norms that LongLoRA trains go in as PEFT `modules_to_save`,
 not as the official release's separate `trainable_params.bin`: PEFT then
-restores them itself (so does the official merge script, which also goes
-through PeftModel.from_pretrained), writing needs no torch, and the keys are
-the official file's keys with the `base_model.model.` prefix.
+restores them itself, writing needs no torch, and the keys are the official
+file's keys with the `base_model.model.` prefix. The official merge script
+(merge_lora_weights_and_save_hf_model.py) does not restore them: it first
+adds a [PAD] token when the tokenizer has none and grows the vocabulary
+(Llama-2's to 32001), and PEFT then refuses the base-sized embedding. Merge
+with PEFT's `merge_and_unload` or `train.export --format hf` (README.md).
 
 `load_peft` reads that, other PEFT LoRA adapters of a Llama, and the official
 LongLoRA layout: `adapter_model.bin` (or .safetensors) with the LoRA factors
@@ -207,7 +210,8 @@ def _read_adapter_config(file: Path) -> dict:
 
 def _tensor_sources(directory: Path) -> dict[str, tuple]:
   """Tensor name without `base_model.model.` -> (file, raw name, reader), over
-  the adapter weights and the official trainable_params file if present."""
+  the adapter weights and the official trainable_params file if present; a
+  tensor in both must be equal in both."""
   adapter = next((directory / f for f in ADAPTER_FILES
                   if (directory / f).exists()), None)
   if adapter is None:
@@ -222,10 +226,20 @@ def _tensor_sources(directory: Path) -> dict[str, tuple]:
     for raw in reader(file, None):
       name = raw.removeprefix(_PREFIX)
       if name in sources:
-        raise CheckpointError(f"{directory}: tensor {name} is held twice "
-                              f"({sources[name][0].name}, {file.name})")
-      sources[name] = (file, raw, reader)
+        _check_same(name, sources[name], (file, raw, reader))
+      else:
+        sources[name] = (file, raw, reader)
   return sources
+
+
+def _check_same(name, first, second) -> None:
+  # Today's PEFT saves a resized embedding (and lm_head) in the adapter file
+  # too, so an official run's trainable_params holds a second, equal copy.
+  (file_a, raw_a, read_a), (file_b, raw_b, read_b) = first, second
+  a, b = read_a(file_a, raw_a), read_b(file_b, raw_b)
+  if a.shape != b.shape or not np.array_equal(a, b):
+    raise CheckpointError(f"tensor {name} differs between {file_a} and "
+                          f"{file_b}: delete the stale copy from one of them")
 
 
 def _unknown_targets(target_modules, modules) -> list[str]:

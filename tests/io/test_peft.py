@@ -27,11 +27,11 @@ def _logits(config, params):
   return np.asarray(forward(config, params, jnp.asarray(_ids(config))))
 
 
-def _torch_base(directory):
+def _torch_base(directory, **kwargs):
   hf_models.require("torch", "peft")
   # A fresh copy: PEFT wraps the model it is given in place.
   return transformers.LlamaForCausalLM.from_pretrained(
-      directory, dtype=torch.float32).eval()
+      directory, dtype=torch.float32, **kwargs).eval()
 
 
 def _trained(params, seed=0):
@@ -68,12 +68,15 @@ def _peft_adapter(directory, out, *, r=4, alpha=8, seed=0, **lora_kwargs):
   return model
 
 
-def _official_adapter(directory, out, *, prefixed=False, seed=0, new_tokens=0):
+def _official_adapter(directory, out, *, prefixed=False, seed=0, new_tokens=0,
+                      peft_saves=False):
   """The official LongLoRA layout, written as its get_trainable_weights.py
   does: LoRA factors in adapter_model.bin ("default." dropped), embed and
   norm weights in trainable_params.bin with `base_model.model.` cut off.
   `new_tokens`: grow the vocabulary first as its fine-tune.py does (new
-  input and output rows = the mean of the old ones)."""
+  input and output rows = the mean of the old ones). `peft_saves`: the
+  adapter as its save_callback.py writes it with today's PEFT instead,
+  `model.save_pretrained`, which adds a resized embedding and lm_head."""
   hf_models.require("torch", "peft")
   torch.manual_seed(seed)
   base = _torch_base(directory)
@@ -93,10 +96,13 @@ def _official_adapter(directory, out, *, prefixed=False, seed=0, new_tokens=0):
       elif "embed" in name or "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
   model.eval()
-  model.peft_config["default"].save_pretrained(out)
   state = model.state_dict()
-  torch.save({k.replace("default.", ""): v for k, v in state.items()
-              if "lora" in k}, out / "adapter_model.bin")
+  if peft_saves:
+    model.save_pretrained(out)
+  else:
+    model.peft_config["default"].save_pretrained(out)
+    torch.save({k.replace("default.", ""): v for k, v in state.items()
+                if "lora" in k}, out / "adapter_model.bin")
   torch.save({(k if prefixed else k[len(PREFIX):]): v
               for k, v in state.items()
               if "lora" not in k and ("embed" in k or "norm" in k)},
@@ -151,6 +157,29 @@ def test_save_peft_tied_embeddings(tiny_hf, tmp_path):
   model = peft.PeftModel.from_pretrained(_torch_base(directory), out).eval()
   np.testing.assert_allclose(hf_models.hf_logits(model, _ids(config)),
                              _logits(config, params), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_recipe_of_the_readme(tiny_hf, tmp_path):
+  # PEFT's merge_and_unload, on the base loaded in float32 with the RoPE
+  # scaling the adapter was trained with, saves the model that trained,
+  # and the same model as our merged export.
+  directory, _ = tiny_hf("mha")
+  config, base = load_hf(directory, dtype="float32")
+  config = config.with_context(4 * config.original_context)
+  params = _trained(lora.add_lora(base, rank=4, alpha=8, key=jax.random.key(5)))
+  adapter = save_peft(config, params, tmp_path / "adapter")
+  ours_merged = save_hf(config, lora.merge(params), tmp_path / "ours")
+  torch_base = _torch_base(directory, rope_parameters={
+      "rope_type": "linear", "factor": 4.0, "rope_theta": config.rope_theta})
+  merged = peft.PeftModel.from_pretrained(torch_base, adapter).merge_and_unload()
+  merged.save_pretrained(tmp_path / "merged")
+  ours = _logits(config, params)
+  unscaled = dataclasses.replace(config, rope_scaling=None)
+  assert np.abs(ours - _logits(unscaled, params)).max() > 0.1  # it matters
+  for saved in (tmp_path / "merged", ours_merged):
+    np.testing.assert_allclose(
+        hf_models.hf_logits(_torch_base(saved), _ids(config)), ours,
+        rtol=1e-4, atol=1e-4)
 
 
 def test_save_plain_lora_and_bfloat16(tiny_hf, tmp_path):
@@ -210,13 +239,17 @@ def test_load_official_longlora_layout(tiny_hf, tmp_path, prefixed):
                              rtol=1e-4, atol=1e-4)
 
 
-def test_official_release_with_added_pad_token_grows_the_vocab(tiny_hf, tmp_path):
+@pytest.mark.parametrize("peft_saves", [False, True])
+def test_official_release_with_added_pad_token_grows_the_vocab(
+    tiny_hf, tmp_path, peft_saves):
   # The published Llama-2-7b-longlora-* adapters were trained after adding a
   # [PAD] token: their embedding has one more row than the base model.
   directory, _ = tiny_hf("gqa")
   config, base = load_hf(directory, dtype="float32")
-  model = _official_adapter(directory, tmp_path / "official", new_tokens=1)
-  grown, params = load_peft(config, base, tmp_path / "official")
+  out = tmp_path / "official"
+  model = _official_adapter(directory, out, new_tokens=1,
+                            peft_saves=peft_saves)
+  grown, params = load_peft(config, base, out)
   assert grown.vocab_size == config.vocab_size + 1
   assert params["lm_head"]["kernel"].shape == (config.hidden_size,
                                                config.vocab_size + 1)
@@ -225,6 +258,15 @@ def test_official_release_with_added_pad_token_grows_the_vocab(tiny_hf, tmp_path
   np.testing.assert_allclose(
       np.asarray(forward(grown, params, jnp.asarray(ids))),
       hf_models.hf_logits(model, ids), rtol=1e-4, atol=1e-4)
+  if peft_saves:  # The embedding is in both files, and must agree.
+    assert f"{PREFIX}model.embed_tokens.weight" in load_file(
+        out / "adapter_model.safetensors")
+    state = torch.load(out / "trainable_params.bin")
+    state["model.embed_tokens.weight"][3, 5] += 1.0
+    torch.save(state, out / "trainable_params.bin")
+    with pytest.raises(CheckpointError, match=r"embed_tokens.*differs.*"
+                       r"adapter_model\.safetensors.*trainable_params\.bin"):
+      load_peft(config, base, out)
 
 
 # ---- bad input ----
