@@ -1,8 +1,8 @@
 import os
 
 import pytest
-import transformers
 
+from longlora_jax.io.checkpoint import load_tokenizer
 from longlora_jax.passkey import (answer_ids, filler_lengths, is_correct,
                                   passkey_prompt)
 from tests.conftest import SHARED_TOKENIZER
@@ -51,7 +51,7 @@ def test_zero_filler_is_an_error():
 @pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER),
                     reason="shared Llama-2 tokenizer fixture not present")
 def test_scoring_with_the_real_llama2_tokenizer():
-  tok = transformers.AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
+  tok = load_tokenizer(SHARED_TOKENIZER)
   expected = answer_ids(tok, "12345")
   assert expected == [29871, 29896, 29906, 29941, 29946, 29945]
   assert is_correct([29871, 29896, 29906, 29941, 29946, 29945], expected)

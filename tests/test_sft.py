@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 
 from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
 from longlora_jax import sft
+from longlora_jax.io.checkpoint import load_tokenizer
 from longlora_jax.loss import IGNORE_INDEX
 from longlora_jax.sft import Example, format_prompt, pack, tokenize_example
 from tests.conftest import SHARED_TOKENIZER
@@ -55,7 +55,7 @@ def test_labels_mask_exactly_the_prompt():
 @pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER),
                     reason="shared Llama-2 tokenizer fixture not present")
 def test_labels_with_the_real_llama2_tokenizer():
-  tok = transformers.AutoTokenizer.from_pretrained(SHARED_TOKENIZER)
+  tok = load_tokenizer(SHARED_TOKENIZER)
   record = {"instruction": "Name a colour.", "output": "Blue."}
   ex = tokenize_example(tok, record, max_len=512)
   n_prompt = len(tok("[INST]Name a colour.[/INST]")["input_ids"])

@@ -11,4 +11,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "load_peft": "peft",
     "save_peft": "peft",
     "write_json": "files",
-}, submodules=("checkpoint", "files", "hf", "hub", "peft", "weights"))
+}, submodules=("checkpoint", "files", "hf", "hub", "peft",
+                "peft_format", "weights"))

@@ -9,7 +9,7 @@ from typing import Callable
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
 from longlora_jax.errors import CheckpointError
 

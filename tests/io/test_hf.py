@@ -166,7 +166,9 @@ def test_loads_layer_by_layer(tmp_path, monkeypatch):
     tracemalloc.stop()
   assert sum(read_bytes) == model_bytes  # every weight read exactly once
   layer = 256 * 512 * 4  # the largest tensor of one layer
-  assert peak < 1.5 * layer < 0.05 * model_bytes, (peak, model_bytes)
+  stacked = 8 * layer  # what a loader that stacks on the host would hold
+  # Two layers' worth: one read may overlap the last one's pending copy.
+  assert peak < 2.5 * layer < stacked / 3, (peak, model_bytes)
   np.testing.assert_array_equal(
       params["layers"]["mlp"]["up_proj"]["kernel"][3],
       model.model.layers[3].mlp.up_proj.weight.detach().numpy().T)
