@@ -16,8 +16,7 @@ from longlora_jax.sharding import make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
                                           target_config)
-from longlora_jax.training.step import (initial_run_state, params_of,
-                                        state_shardings)
+from longlora_jax.training.step import initial_run_state, params_of
 
 
 def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
@@ -97,8 +96,8 @@ def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
                           "trained from (its config.json differs)")
   device_mesh = make_mesh(mesh or spec.mesh)
   state = initial_run_state(spec, base.params(
-      spec.recipe.dtype, param_shardings(base.config, device_mesh)))
-  state, _ = saving.restore(
-      mngr, step, jax.device_put(state, state_shardings(state, device_mesh)))
+      spec.recipe.dtype, param_shardings(base.config, device_mesh)),
+      device_mesh)
+  state, _ = saving.restore(mngr, step, state)
   mngr.close()
   return spec, base, target_config(spec, base.config), params_of(state), step

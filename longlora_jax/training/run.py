@@ -170,12 +170,11 @@ def run(given: dict, *, task: str, resume: bool = False,
     # The weights go straight to their shards: no device, and no process,
     # ever holds the whole model.
     state = initial_run_state(spec, base.params(
-        spec.recipe.dtype, param_shardings(base.config, mesh)))
+        spec.recipe.dtype, param_shardings(base.config, mesh)), mesh)
     shape = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32)
              for k, v in first[0].items()}
     step_fn, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh,
                                                state, shape)
-    state = jax.device_put(state, s_shard)
     # Compiled before the first step, so that its time and MFU are a step's.
     tick = time.time()
     step_fn = step_fn.lower(state, jax.tree.map(

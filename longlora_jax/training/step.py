@@ -6,6 +6,7 @@ exists only for what is trained. One jitted step runs all micro-batches
 (`lax.scan`) and one optimizer update.
 """
 
+import functools
 from typing import Any
 
 import flax.struct
@@ -76,11 +77,16 @@ def initial_state(params, tc: TrainConfig, *, mode: str = "lora+",
   return init_state(params, lora.trainable_mask(params, MODES[mode]), tc)
 
 
-def initial_run_state(spec: RunSpec, params) -> TrainState:
-  """The state of the run `spec` at step 0 from its base `params`."""
-  return initial_state(params, spec.recipe, mode=spec.mode,
-                       lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha,
-                       seed=spec.seed)
+def initial_run_state(spec: RunSpec, params, mesh: Mesh) -> TrainState:
+  """The state of the run `spec` at step 0 from its base `params` (which it
+  consumes), in its shardings on `mesh`: the new leaves (LoRA factors,
+  float32 copies, optimizer moments) are made in their shards, and the
+  frozen weights stay in the buffers they were loaded into."""
+  init = functools.partial(
+      initial_state, tc=spec.recipe, mode=spec.mode, lora_rank=spec.lora_rank,
+      lora_alpha=spec.lora_alpha, seed=spec.seed)
+  shardings = state_shardings(jax.eval_shape(init, params), mesh)
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
 
 
 def params_of(state: TrainState):

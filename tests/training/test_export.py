@@ -46,11 +46,11 @@ def test_trained_family_exports_to_transformers_and_peft(tiny_hf, tmp_path,
   config = target_config(spec, base.config)
   assert config.rope_type == base.config.rope_type or (
       config.rope_type == "linear")
-  state = initial_run_state(spec, base.params("float32"))
+  mesh = make_mesh("fsdp=1", jax.devices()[:1])
+  state = initial_run_state(spec, base.params("float32"), mesh)
   rng = np.random.default_rng(0)
   batch = {"input_ids": jnp.asarray(
       rng.integers(0, config.vocab_size, (1, 1, ctx)), jnp.int32)}
-  mesh = make_mesh("fsdp=1", jax.devices()[:1])
   step, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh, state,
                                           batch)
   state = jax.device_put(state, s_shard)
