@@ -203,6 +203,15 @@ PRESETS = {
     "llama2-70b": LlamaConfig(
         hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
         num_attention_heads=64, num_key_value_heads=8),
+    # Llama 3.1 8B's shapes. Its config.json asks for "llama3" RoPE
+    # scaling, which from_hf_dict refuses (only default and linear are
+    # computed here), so the preset has plain RoPE: right for memory plans,
+    # not for loading its weights.
+    "llama3.1-8b": LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        rope_theta=500000.0, max_position_embeddings=131072,
+        bos_token_id=128000, eos_token_id=128001),
 }
 
 
