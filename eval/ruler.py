@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from eval.common import add_model_args, load_model, number
 from longlora_jax import cli, ruler
+from longlora_jax import ruler_sources as rs
 from longlora_jax import ruler_tasks as rt
 from longlora_jax.io.files import write_json
 from longlora_jax.plots import save_heatmap
@@ -62,9 +63,9 @@ def main(argv=None):
   args = parse_args(argv)
   lengths, depths = sorted(set(args.lengths)), sorted(set(args.depths))
   qa = {name: reader(path) for name, reader, path in (
-      ("squad", rt.read_squad, args.squad),
-      ("hotpotqa", rt.read_hotpotqa, args.hotpotqa)) if path}
-  sources = rt.make_sources(rt.read_haystack(args.haystack), qa)
+      ("squad", rs.read_squad, args.squad),
+      ("hotpotqa", rs.read_hotpotqa, args.hotpotqa)) if path}
+  sources = rs.make_sources(rs.read_haystack(args.haystack), qa)
   config, params, tokenizer, directory = load_model(args)
   chat = ruler.uses_chat(tokenizer, args.chat_template)
   settings = {"checkpoint": str(directory), "rope_factor": config.rope_factor,

@@ -13,12 +13,14 @@ one length and nothing is padded.
 import dataclasses
 import json
 import random
+import re
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from longlora_jax import ruler_tasks as rt
+from longlora_jax.ruler_sources import Sources
 from longlora_jax.errors import LongLoraError
 from longlora_jax.io.files import write_json
 
@@ -80,7 +82,7 @@ def fit(make: Callable[[int], rt.Draft], count: Callable[[rt.Draft], int],
 
 
 def maker(name: str, length: int, index: int, *, seed: int,
-          sources: rt.Sources, depths, example_units: int = 0):
+          sources: Sources, depths, example_units: int = 0):
   """(n -> Draft, single-needle depth or None) of sample `index` of task
   `name` at `length`: the same random draws for every n."""
   task = rt.TASKS[name]
@@ -108,7 +110,7 @@ def maker(name: str, length: int, index: int, *, seed: int,
   return make, depth
 
 
-def missing_source(name: str, sources: rt.Sources) -> str | None:
+def missing_source(name: str, sources: Sources) -> str | None:
   """Why task `name` cannot run with `sources` (QA without its data)."""
   task = rt.TASKS[name]
   if task.family == "qa" and task.dataset not in sources.qa:
@@ -119,7 +121,7 @@ def missing_source(name: str, sources: rt.Sources) -> str | None:
 
 
 def prompts(tokenizer, name: str, length: int, *, samples: int, seed: int,
-            sources: rt.Sources, depths=rt.DEFAULT_DEPTHS,
+            sources: Sources, depths=rt.DEFAULT_DEPTHS,
             chat: bool = False) -> list[Prompt] | None:
   """`samples` prompts of task `name` at `length` tokens, or None when the
   task's template and generation budget alone do not fit."""
@@ -230,21 +232,21 @@ def run_task(config, params, tokenizer, name: str, items: list[Prompt], *,
     for i, new in zip(idx, out):
       stop = next((t for t, x in enumerate(new) if int(x) in eos), len(new))
       text = tokenizer.decode(new[:stop], skip_special_tokens=True)
-      one = rt.match_all if task.metric == "all" else rt.match_part
+      one = match_all if task.metric == "all" else match_part
       rows[i] = {"tokens": int(ids.shape[1]), "depth": items[i].depth,
                  "answers": list(items[i].answers), "prediction": text,
-                 "score": one(rt.postprocess(text), items[i].answers)}
+                 "score": one(postprocess(text), items[i].answers)}
       if on_sample is not None:
         on_sample()
   predictions = [r["prediction"] for r in rows]
   return {"task": name, "metric": f"string_match_{task.metric}",
-          "score": rt.score(predictions, [r["answers"] for r in rows],
+          "score": score(predictions, [r["answers"] for r in rows],
                             task.metric),
           "samples": rows}
 
 
 def suite(config, params, tokenizer, *, tasks, lengths, samples: int,
-          seed: int, sources: rt.Sources, out: Path, settings: dict,
+          seed: int, sources: Sources, out: Path, settings: dict,
           depths=rt.DEFAULT_DEPTHS, chat: bool = False, batch_size: int = 8,
           chunk_size: int = 2048, progress=None, note=print) -> dict:
   """Every task at every length; each (task, length) is written to
@@ -267,7 +269,8 @@ def suite(config, params, tokenizer, *, tasks, lengths, samples: int,
         items = prompts(tokenizer, name, length, samples=samples, seed=seed,
                         sources=sources, depths=depths, chat=chat)
         if items is None:
-          why = (f"{name} does not fit in {length} tokens (its template and "
+          why = (f"{name} does not fit in {length} tokens (its template, "
+                 "any one-shot example and "
                  f"{rt.GENERATE[rt.TASKS[name].family]} generated tokens)")
           notes.append(why)
           note(why)
@@ -291,6 +294,35 @@ def _saved(path: Path, settings: dict) -> dict | None:
     return None
   saved = json.loads(path.read_text())
   return saved if saved.get("settings") == settings else None
+
+
+# ---- RULER's scoring (scripts/eval/evaluate.py, eval/synthetic/constants.py) ----
+
+def postprocess(prediction: str) -> str:
+  """RULER's clean-up of a prediction: control characters become new
+  lines, surrounding white space goes."""
+  return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
+
+
+def match_all(prediction: str, references) -> float:
+  """string_match_all of one prediction: the fraction of the references
+  it contains (case-insensitive)."""
+  p = prediction.lower()
+  return sum(r.lower() in p for r in references) / len(references)
+
+
+def match_part(prediction: str, references) -> float:
+  """string_match_part of one prediction: 1 if it contains any reference
+  (case-insensitive)."""
+  p = prediction.lower()
+  return float(any(r.lower() in p for r in references))
+
+
+def score(predictions, references, metric: str) -> float:
+  """A task's score in percent over its samples, rounded as RULER does."""
+  one = match_all if metric == "all" else match_part
+  values = [one(postprocess(p), r) for p, r in zip(predictions, references)]
+  return round(100 * sum(values) / len(values), 2)
 
 
 def depth_table(results: dict, lengths, depths) -> np.ndarray:

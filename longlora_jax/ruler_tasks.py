@@ -1,5 +1,5 @@
-"""RULER's synthetic tasks, generated offline: templates, haystacks, needles
-and scoring.
+"""RULER's synthetic tasks, generated offline: templates, needles,
+haystacks and references.
 
 Re-implemented from the definitions of NVIDIA/RULER (Hsieh et al. 2024,
 "RULER: What's the Real Context Size of Your Long-Context Language
@@ -7,15 +7,12 @@ Models?"): the task list and arguments of `scripts/synthetic.yaml`, the
 templates, answer prefixes and generation budgets of
 `scripts/data/synthetic/constants.py`, the generators of
 `scripts/data/synthetic/{niah,variable_tracking,common_words_extraction,
-freq_words_extraction,qa}.py` and the metrics of
-`scripts/eval/synthetic/constants.py` and `scripts/eval/evaluate.py`.
+freq_words_extraction,qa}.py` (the metrics: `ruler`).
 
-Where RULER downloads something, this module uses what every Python has:
-- the essay haystack (Paul Graham's essays there) is the reference text of
-  the standard library's `pydoc_data` (or the user's own files);
-- the word lists (the `wonderwords` package there) are the haystack's own
-  lowercase words, topped up with random 6-letter words when a long
-  common-words list needs more;
+Where RULER downloads something, this uses what every Python has (the
+haystack and word lists: `ruler_sources`); and
+- the common-words list tops the haystack's words up with random 6-letter
+  words when it needs more (a larger English word list there);
 - sentences are split at `.`, `!` or `?` followed by white space (NLTK's
   punkt there).
 Two deliberate changes: every single-needle task puts its needle at a
@@ -29,16 +26,14 @@ answer prefix RULER appends after it, and the references to score against.
 """
 
 import dataclasses
-import json
 import random
 import re
 import string
 import uuid
-from pathlib import Path
 
 import numpy as np
 
-from longlora_jax.errors import LongLoraError
+from longlora_jax.ruler_sources import Sources
 
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
          "There and back again.")
@@ -77,7 +72,6 @@ _QA = ("Answer the question based on the given documents. Only give me the "
 _QA_PREFIX = " Answer:"
 # RULER's tokens_to_generate per task family.
 GENERATE = {"niah": 128, "vt": 30, "cwe": 120, "fwe": 50, "qa": 32}
-# All but qa are scored string_match_all (eval/synthetic/constants.py).
 DEFAULT_DEPTHS = tuple(range(0, 101, 10))
 
 
@@ -129,95 +123,6 @@ class Draft:
   prefix: str
   answers: tuple[str, ...]
   filler: str | None = None
-
-
-# ---- sources: haystack, words, QA documents ----
-
-@dataclasses.dataclass(frozen=True)
-class Sources:
-  """What the generators draw from: the essay haystack's words, a word
-  list, and QA (questions, documents) per dataset when given."""
-  essay: tuple[str, ...]
-  words: tuple[str, ...]
-  text: str  # the haystack as one string, to keep needles out of it
-  qa: dict = dataclasses.field(default_factory=dict)
-
-
-def pydoc_text() -> str:
-  """The standard library's pydoc reference text (about 465k characters
-  of English prose with code examples), in a fixed order."""
-  from pydoc_data.topics import topics
-  return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def read_haystack(path: str | Path | None) -> str:
-  """The text of `path` (a file, or a directory's .txt and .md files in
-  name order), or the pydoc text when None."""
-  if path is None:
-    return pydoc_text()
-  path = Path(path)
-  if path.is_dir():
-    files = sorted(p for p in path.rglob("*")
-                   if p.suffix in (".txt", ".md") and p.is_file())
-  elif path.is_file():
-    files = [path]
-  else:
-    raise LongLoraError(f"--haystack {path}: no such file or directory")
-  text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace")
-                     for p in files)
-  if len(text.split()) < 1000:
-    raise LongLoraError(f"--haystack {path}: {len(text.split())} words; a "
-                        "haystack needs at least 1000 (it is repeated to "
-                        "reach long lengths)")
-  return text
-
-
-def make_sources(text: str, qa: dict | None = None) -> Sources:
-  """Sources over the haystack `text`: its words as RULER splits its essay
-  (white space collapsed), and its distinct lowercase words (3-12 letters)
-  as the word list."""
-  essay = tuple(re.sub(r"\s+", " ", text).strip().split(" "))
-  words = tuple(sorted(set(re.findall(r"\b[a-z]{3,12}\b", text))))
-  return Sources(essay, words, text, qa or {})
-
-
-def read_squad(path: str | Path) -> tuple[list[dict], list[str]]:
-  """(questions, documents) of a SQuAD 2.0 file as RULER reads it: every
-  answerable question, its paragraph, and the other paragraphs of its
-  article as preferred distractors."""
-  data = _read_json(path, "--squad")
-  docs = sorted({p["context"] for d in data["data"] for p in d["paragraphs"]})
-  index = {c: i for i, c in enumerate(docs)}
-  questions = []
-  for d in data["data"]:
-    article = [index[p["context"]] for p in d["paragraphs"]]
-    for p in d["paragraphs"]:
-      own = index[p["context"]]
-      questions += [{"query": q["question"],
-                     "answers": [a["text"] for a in q["answers"]],
-                     "docs": [own], "more": [i for i in article if i != own]}
-                    for q in p["qas"] if not q.get("is_impossible")]
-  return questions, docs
-
-
-def read_hotpotqa(path: str | Path) -> tuple[list[dict], list[str]]:
-  """(questions, documents) of a HotpotQA dev (distractor) file as RULER
-  reads it: documents are "title\\nsentences"."""
-  data = _read_json(path, "--hotpotqa")
-  doc = lambda title, sents: f"{title}\n{''.join(sents)}"
-  docs = sorted({doc(t, s) for d in data for t, s in d["context"]})
-  index = {c: i for i, c in enumerate(docs)}
-  return [{"query": d["question"], "answers": [d["answer"]],
-           "docs": [index[doc(t, s)] for t, s in d["context"]], "more": []}
-          for d in data], docs
-
-
-def _read_json(path, flag):
-  try:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-  except (OSError, ValueError) as e:
-    raise LongLoraError(f"{flag} {path}: cannot read it as JSON ({e})") \
-        from None
 
 
 # ---- random draws (niah.py, variable_tracking.py) ----
@@ -438,32 +343,3 @@ def qa(task: Task, n: int, rng: random.Random, src: Sources,
                         for i, d in enumerate(chosen))
   return Draft(_QA.format(context=context, query=q["query"]), _QA_PREFIX,
                tuple(q["answers"]))
-
-
-# ---- scoring (eval/evaluate.py, eval/synthetic/constants.py) ----
-
-def postprocess(prediction: str) -> str:
-  """RULER's clean-up of a prediction: control characters become new
-  lines, surrounding white space goes."""
-  return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
-
-
-def match_all(prediction: str, references) -> float:
-  """string_match_all of one prediction: the fraction of the references
-  it contains (case-insensitive)."""
-  p = prediction.lower()
-  return sum(r.lower() in p for r in references) / len(references)
-
-
-def match_part(prediction: str, references) -> float:
-  """string_match_part of one prediction: 1 if it contains any reference
-  (case-insensitive)."""
-  p = prediction.lower()
-  return float(any(r.lower() in p for r in references))
-
-
-def score(predictions, references, metric: str) -> float:
-  """A task's score in percent over its samples, rounded as RULER does."""
-  one = match_all if metric == "all" else match_part
-  values = [one(postprocess(p), r) for p, r in zip(predictions, references)]
-  return round(100 * sum(values) / len(values), 2)

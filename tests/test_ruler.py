@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 from longlora_jax import lora, ruler
+from longlora_jax import ruler_sources as rs
 from longlora_jax import ruler_tasks as rt
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.config import LlamaConfig
@@ -36,7 +37,7 @@ def byte_tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def src():
-  return rt.make_sources(rt.read_haystack(None))
+  return rs.make_sources(rs.read_haystack(None))
 
 
 def _unit_tokens(tok, task: rt.Task) -> int:
@@ -152,6 +153,31 @@ def test_depth_table_averages_single_needle_tasks():
   np.testing.assert_array_equal(table, [[50, np.nan], [0, 100]])
 
 
+@pytest.mark.parametrize("prediction,references,metric,expected", [
+    # string_match_all: the share of references found, case-insensitive.
+    ("The numbers are 1234567 and 7654321.", ["1234567", "7654321"], "all",
+     1.0),
+    ("The numbers are 1234567.", ["1234567", "7654321"], "all", 0.5),
+    ("  APPLE, pear ", ["apple", "Pear", "plum"], "all", 2 / 3),
+    ("nothing", ["1234567"], "all", 0.0),
+    # string_match_part: any reference.
+    ("It was Denver.", ["Denver Broncos", "Denver"], "part", 1.0),
+    ("It was Boston.", ["Denver Broncos", "Denver"], "part", 0.0),
+])
+def test_scores_match_rulers_definitions(prediction, references, metric,
+                                         expected):
+  one = ruler.match_all if metric == "all" else ruler.match_part
+  assert one(prediction, references) == pytest.approx(expected)
+
+
+def test_task_score_is_a_rounded_percentage():
+  # ((1 + 0.5 + 0) / 3) * 100 = 50.0; RULER rounds to two decimals.
+  assert ruler.score(["a b", "a", "x"], [["a", "b"]] * 3, "all") == 50.0
+  assert ruler.score(["a", "b", "c"], [["a"], ["a"], ["c"]], "part") == 66.67
+  # Control characters become new lines (eval/evaluate.py).
+  assert ruler.postprocess(" 12\x0034\t ") == "12\n34"
+
+
 # ---- the suite finds a known answer ----
 
 def _word_tokenizer():
@@ -186,7 +212,7 @@ def test_the_suite_finds_a_known_answer():
   # from the needle's value to the answer, so a model that copies finds
   # the needle; an untrained one is at chance (0%).
   tok = _word_tokenizer()
-  src = rt.make_sources(" ".join(WORDS * 200))  # keys: 5-letter words
+  src = rs.make_sources(" ".join(WORDS * 200))  # keys: 5-letter words
   tail = (" 1234567." + QUESTION + PREFIX).format(type="number",
                                                   key="alpha-bravo")
   lag = len(tok(tail, add_special_tokens=False)["input_ids"])

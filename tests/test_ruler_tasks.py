@@ -4,8 +4,8 @@ import re
 
 import pytest
 
+from longlora_jax import ruler_sources as rs
 from longlora_jax import ruler_tasks as rt
-from longlora_jax.errors import LongLoraError
 
 # RULER's texts (NVIDIA/RULER scripts/data/synthetic/constants.py and
 # niah.py), written out here independently, in their one-answer form.
@@ -22,7 +22,7 @@ NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
 
 @pytest.fixture(scope="module")
 def src():
-  return rt.make_sources(rt.read_haystack(None))
+  return rs.make_sources(rs.read_haystack(None))
 
 
 @pytest.mark.parametrize("depth", [0, 30, 100])
@@ -77,7 +77,7 @@ def test_essay_needle_sits_between_sentences_at_its_depth(src):
 
 def test_needles_never_come_from_the_haystack():
   text = "plain word " * 500 + "word-word 1234567 "
-  src = rt.make_sources(text)
+  src = rs.make_sources(text)
   assert src.words == ("plain", "word")
   rng = random.Random(0)
   for _ in range(50):
@@ -127,7 +127,7 @@ def test_qa_reads_squad_and_puts_the_paragraph_in(tmp_path, src):
           {"question": "none?", "is_impossible": True, "answers": []}]}
       for i in range(3)]} for a in range(4)]}
   (tmp_path / "squad.json").write_text(json.dumps(squad))
-  src = rt.make_sources(src.text, {"squad": rt.read_squad(
+  src = rs.make_sources(src.text, {"squad": rs.read_squad(
       tmp_path / "squad.json")})
   d = rt.qa(rt.TASKS["qa_1"], 5, random.Random(0), src, index=4)
   assert d.answers == ("A11",)
@@ -136,41 +136,3 @@ def test_qa_reads_squad_and_puts_the_paragraph_in(tmp_path, src):
   # Its own paragraph, then its article's two others, then two more.
   assert len(docs) == 5 and "Paragraph 1 of article 1" in docs
   assert sum(doc.endswith("article 1") for doc in docs) == 3
-
-
-@pytest.mark.parametrize("prediction,references,metric,expected", [
-    # string_match_all: the share of references found, case-insensitive.
-    ("The numbers are 1234567 and 7654321.", ["1234567", "7654321"], "all",
-     1.0),
-    ("The numbers are 1234567.", ["1234567", "7654321"], "all", 0.5),
-    ("  APPLE, pear ", ["apple", "Pear", "plum"], "all", 2 / 3),
-    ("nothing", ["1234567"], "all", 0.0),
-    # string_match_part: any reference.
-    ("It was Denver.", ["Denver Broncos", "Denver"], "part", 1.0),
-    ("It was Boston.", ["Denver Broncos", "Denver"], "part", 0.0),
-])
-def test_scores_match_rulers_definitions(prediction, references, metric,
-                                         expected):
-  one = rt.match_all if metric == "all" else rt.match_part
-  assert one(prediction, references) == pytest.approx(expected)
-
-
-def test_task_score_is_a_rounded_percentage():
-  # ((1 + 0.5 + 0) / 3) * 100 = 50.0; RULER rounds to two decimals.
-  assert rt.score(["a b", "a", "x"], [["a", "b"]] * 3, "all") == 50.0
-  assert rt.score(["a", "b", "c"], [["a"], ["a"], ["c"]], "part") == 66.67
-  # Control characters become new lines (eval/evaluate.py).
-  assert rt.postprocess(" 12\x0034\t ") == "12\n34"
-
-
-def test_haystack_from_files(tmp_path):
-  (tmp_path / "a.txt").write_text("alpha " * 600)
-  (tmp_path / "b.md").write_text("beta " * 600)
-  (tmp_path / "c.bin").write_text("gamma " * 600)
-  text = rt.read_haystack(tmp_path)
-  assert "alpha" in text and "beta" in text and "gamma" not in text
-  with pytest.raises(LongLoraError, match="at least 1000"):
-    rt.read_haystack(tmp_path / "a.txt")
-  with pytest.raises(LongLoraError, match="no such file"):
-    rt.read_haystack(tmp_path / "nope")
-  assert len(rt.pydoc_text()) > 100_000
