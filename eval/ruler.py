@@ -71,6 +71,7 @@ def main(argv=None):
   settings = {"checkpoint": str(directory), "rope_factor": config.rope_factor,
               "dtype": args.dtype, "seed": args.seed, "samples": args.samples,
               "depths": depths, "chat_template": chat,
+              "batch_size": args.batch_size,  # it decides what is trimmed
               "haystack": str(args.haystack or "pydoc_data")}
   with tqdm(total=len(args.tasks) * len(lengths) * args.samples,
             desc="ruler", unit="prompt") as bar:
