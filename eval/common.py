@@ -1,6 +1,7 @@
 """What the evaluation commands share: their model options and loading."""
 
 import dataclasses
+import math
 
 from longlora_jax.config import RopeScaling
 from longlora_jax.errors import LongLoraError
@@ -51,3 +52,33 @@ def load_model(args):
     config = config.with_context(args.ctx)
   params = sharded_params(checkpoint, args.dtype, args.mesh)
   return config, params, checkpoint.tokenizer, checkpoint.directory
+
+
+def number(flag: str, *, lo: float | None = None, hi: float | None = None,
+           kind=int, tokens: bool = False):
+  """An argparse type: a finite `kind` in [lo, hi], else a one-line error
+  naming `flag`. With `tokens`, a k suffix counts 1024 tokens, as RULER
+  names its lengths (4k = 4096, 128k = 131072)."""
+  def parse(text: str):
+    scale = 1
+    if tokens and text[-1:] in ("k", "K"):
+      text, scale = text[:-1], 1024
+    try:
+      value = float(text) * scale if kind is float or scale > 1 else \
+          kind(text)
+    except ValueError:
+      raise LongLoraError(f"{flag} {text!r}: expected "
+                          f"{'an integer' if kind is int else 'a number'}"
+                          f"{' (e.g. 4096 or 4k)' if tokens else ''}") \
+          from None
+    if not math.isfinite(value) or (kind is int and value != int(value)):
+      raise LongLoraError(f"{flag} {text!r}: expected a finite "
+                          f"{'integer' if kind is int else 'number'}")
+    value = kind(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+      bounds = (f"between {lo:g} and {hi:g}" if hi is not None
+                else f"at least {lo:g}")
+      raise LongLoraError(f"{flag} {text}{'k' if scale > 1 else ''}: must "
+                          f"be {bounds}")
+    return value
+  return parse

@@ -9,6 +9,11 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 
   python -m eval.memory_plan --model llama2-7b --ctx 100000 --mesh fsdp=8 \
       --target h100
+  python -m eval.memory_plan --eval --model llama3.1-8b --ctx 400000 \
+      --mesh tensor=2 --target h100
+
+`--eval` plans an evaluation instead (passkey, RULER: the last prefill
+step of the KV-cache generator at --ctx tokens, --batch prompts).
 """
 
 import argparse
@@ -44,6 +49,11 @@ def parse_args(argv=None):
                     help="LoRA+ (default): adapters, embeddings and norms")
   mode.add_argument("--full-ft", dest="mode", action="store_const", const="full")
   p.set_defaults(mode="lora+")
+  p.add_argument("--eval", action="store_true",
+                 help="plan the evaluation prefill (eval.passkey, "
+                      "eval.ruler) instead of the train step")
+  p.add_argument("--chunk", type=int, default=2048,
+                 help="--eval: prefill tokens per step")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
 
@@ -81,20 +91,80 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
           for (_, size), (name, shape) in top]
 
 
+def _mesh(args):
+  import jax
+
+  from longlora_jax.sharding import make_mesh
+  n = _devices_in(args.mesh)
+  return make_mesh(args.mesh, jax.devices()[:n] if args.target == "cpu" else
+                   gpu_target.devices(args.target, n))
+
+
+def _memory(compiled) -> dict:
+  mem = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  return {
+      "arguments": mem.argument_size_in_bytes / gib,
+      "outputs": mem.output_size_in_bytes / gib,
+      "aliased": mem.alias_size_in_bytes / gib,
+      "temporaries": mem.temp_size_in_bytes / gib,
+      "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
+  }
+
+
+def plan_eval(args) -> dict:
+  """XLA's per-device memory of the evaluation prefill at --ctx."""
+  import jax
+
+  from longlora_jax.config import PRESETS, LlamaConfig, preset
+  from longlora_jax.generate import lower_prefill
+  config = (preset(args.model) if args.model in PRESETS else
+            LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
+  mesh = _mesh(args)
+  t0 = time.time()
+  compiled = lower_prefill(config, mesh, ctx=args.ctx, chunk=args.chunk,
+                           batch=args.batch).compile()
+  kv = config.num_key_value_heads
+  cache = (2 * config.num_hidden_layers * args.batch * args.ctx * kv
+           * config.head_dim * 2)
+  return {
+      "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
+      "devices": mesh.size, "evaluation": "prefill (eval.passkey, eval.ruler)",
+      "batch": args.batch, "chunk": args.chunk, "target": args.target,
+      "jax": jax.__version__, "compile_seconds": round(time.time() - t0, 1),
+      "per_device_gib": _memory(compiled),
+      "kv_cache_gib_total": cache / 2**30,
+      "kv_cache_split": (mesh.shape["tensor"]
+                         if kv % mesh.shape["tensor"] == 0 else 1),
+  }
+
+
+def _fits(result) -> str:
+  if result["target"] == "cpu":
+    return ("note: XLA:CPU keeps bfloat16 buffers (the residual stack among "
+            "them) in float32, so this over-states GPU memory; --target h100 "
+            "or a100 compiles with XLA:GPU")
+  gpu = gpu_target.GPUS[result["target"]]
+  total = result["per_device_gib"]["total"]
+  return (f"{total:.2f} of {gpu.memory_bytes / 2**30:.0f} GiB per {gpu.name} "
+          "(before the CUDA context, library workspaces and allocator "
+          "fragmentation)")
+
+
 def plan(args) -> dict:
   import jax
 
   from longlora_jax.attention.dispatch import AttentionSpec, fused_for
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.flops import paper_flops, step_flops
-  from longlora_jax.sharding import batch_parallelism, make_mesh
+  from longlora_jax.sharding import batch_parallelism
   from longlora_jax.training.recipe import TrainConfig
   from longlora_jax.training.step import lower_step
 
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
-  mesh = make_mesh(args.mesh, None if args.target == "cpu" else
-                   gpu_target.devices(args.target, _devices_in(args.mesh)))
+  mesh = _mesh(args)
   # Full attention at long context means the memory-efficient kernel; the
   # dense one ("full" in the registry) needs seq^2 memory. S²-Attn: what a
   # run on the target picks, the fused kernel on a GPU where it applies.
@@ -118,7 +188,6 @@ def plan(args) -> dict:
     # not write it, and the plan stands without it.
     found = sorted(Path(dump).glob("*buffer-assignment.txt"))
     largest = largest_temporaries(found[0].read_text()) if found else []
-  mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
@@ -140,14 +209,7 @@ def plan(args) -> dict:
                    "XLA:GPU compile-only, "
                    f"{gpu_target.GPUS[args.target].name}"),
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
-      "per_device_gib": {
-          "arguments": mem.argument_size_in_bytes / gib,
-          "outputs": mem.output_size_in_bytes / gib,
-          "aliased": mem.alias_size_in_bytes / gib,
-          "temporaries": mem.temp_size_in_bytes / gib,
-          "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                    - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
-      },
+      "per_device_gib": _memory(compiled),
       "breakdown_estimate_gib": {
           "frozen_weights": nbytes(state.frozen) / n_dev / gib,
           "trainable_fp32": nbytes(state.trainable) / n_dev / gib,
@@ -178,9 +240,21 @@ def main(argv=None):
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = (
         f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
-  result = plan(args)
+  result = (plan_eval if args.eval else plan)(args)
   if args.json:
     print(json.dumps(result, indent=2))
+    return
+  if args.eval:
+    print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
+          f"{result['evaluation']}, {result['batch']} prompt(s), chunks of "
+          f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
+          f"jax {result['jax']})")
+    print("per device (XLA memory analysis, GiB):")
+    for k, v in result["per_device_gib"].items():
+      print(f"  {k:<14} {v:8.2f}")
+    print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
+          f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
+    print(_fits(result))
     return
   m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
              result["tflops_per_step"])
@@ -205,15 +279,7 @@ def main(argv=None):
         f"analysis {f['xla_cost_analysis_per_device']:.1f} per device (counts "
         f"each loop body once); paper convention (forward, unmasked) "
         f"{f['paper_convention_per_sequence']:.0f} per sequence")
-  if result["target"] == "cpu":
-    print("note: XLA:CPU keeps bfloat16 buffers (the residual stack among "
-          "them) in float32, so this over-states GPU memory; --target h100 "
-          "or a100 compiles with XLA:GPU")
-  else:
-    gpu = gpu_target.GPUS[result["target"]]
-    print(f"{m['total']:.2f} of {gpu.memory_bytes / 2**30:.0f} GiB per "
-          f"{gpu.name} (before the CUDA context, library workspaces and "
-          f"allocator fragmentation)")
+  print(_fits(result))
 
 
 if __name__ == "__main__":

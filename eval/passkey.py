@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model
+from eval.common import add_model_args, load_model, number
 from longlora_jax import cli
 from longlora_jax.io.files import write_json
 from longlora_jax.plots import save_plot
@@ -19,13 +19,17 @@ from longlora_jax.passkey import filler_lengths, retrieval
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   add_model_args(p)
-  p.add_argument("--max-tokens", type=int, default=32000,
-                 help="longest prompt, in tokens (approximately)")
-  p.add_argument("--interval", type=int, default=1000,
+  p.add_argument("--max-tokens", default=32000,
+                 type=number("--max-tokens", lo=1, tokens=True),
+                 help="longest prompt, in tokens (approximately; 100k = "
+                      "102400, or the trained length, e.g. 100000)")
+  p.add_argument("--interval", default=1000,
+                 type=number("--interval", lo=1, tokens=True),
                  help="prompt length step, in tokens (approximately)")
-  p.add_argument("--num-tests", type=int, default=10, help="trials per length")
-  p.add_argument("--chunk-size", type=int, default=2048,
-                 help="prefill tokens per step")
+  p.add_argument("--num-tests", type=number("--num-tests", lo=1), default=10,
+                 help="trials per length")
+  p.add_argument("--chunk-size", type=number("--chunk-size", lo=1),
+                 default=2048, help="prefill tokens per step")
   p.add_argument("--out", type=Path, default=Path("runs/passkey"),
                  help="directory for passkey.json and passkey.png")
   return p.parse_args(argv)

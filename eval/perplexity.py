@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model
+from eval.common import add_model_args, load_model, number
 from longlora_jax import cli
 from longlora_jax.io.files import write_json
 from longlora_jax.plots import save_plot
@@ -22,15 +22,21 @@ def parse_args(argv=None):
   p.add_argument("--data", required=True,
                  help="token file (.bin uint16 / .npy), text file(s) or "
                       "directory, or a HF dataset name")
-  p.add_argument("--seq-len", type=int, nargs="+", default=[2048, 4096])
-  p.add_argument("--stride", type=int, default=256,
+  p.add_argument("--seq-len", nargs="+", default=[2048, 4096],
+                 type=number("--seq-len", lo=2, tokens=True),
+                 help="context lengths in tokens (32k = 32768, or the "
+                      "trained length, e.g. 100000)")
+  p.add_argument("--stride", type=number("--stride", lo=1), default=256,
                  help="tokens between window starts")
   p.add_argument("--mode", choices=MODES, default="official")
-  p.add_argument("--batch-size", type=int, default=1)
-  p.add_argument("--max-windows", type=int, default=None,
+  p.add_argument("--batch-size", type=number("--batch-size", lo=1),
+                 default=1)
+  p.add_argument("--max-windows", type=number("--max-windows", lo=1),
+                 default=None,
                  help="evaluate this many evenly spaced windows per length "
                       "(default: all, as the official protocol)")
-  p.add_argument("--max-tokens", type=int, default=None,
+  p.add_argument("--max-tokens", default=None,
+                 type=number("--max-tokens", lo=1, tokens=True),
                  help="when tokenising text, stop after this many tokens")
   p.add_argument("--attention", default="chunked",
                  help="full (dense, short contexts) or chunked (long)")

@@ -41,5 +41,6 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "CheckpointError": "errors",
 }, submodules=("attention", "io", "training", "config", "model", "lora",
                "generate", "kv_cache", "loss", "rope", "sharding", "flops",
-               "data", "sft", "passkey", "perplexity", "demo", "demo_report",
+               "data", "sft", "passkey", "perplexity", "ruler", "ruler_tasks",
+               "demo", "demo_report",
                "distributed", "gpu_target", "plots", "errors", "cli"))

@@ -10,10 +10,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import init_cache
-from longlora_jax.model import extend_cache, lm_head
+from longlora_jax.model import extend_cache, init_params, lm_head
+from longlora_jax.sharding import shardings_like
 
 _MIN_CHUNK = 64
 
@@ -112,3 +114,29 @@ def generate(config: LlamaConfig, params, input_ids, *, max_new_tokens: int,
     logits, cache = _extend(config, params, cache, jnp.asarray(token[:, None]),
                             P + t, 0)
   return np.stack(out, axis=1)
+
+
+def lower_prefill(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,
+                  batch: int = 1, dtype=jnp.bfloat16):
+  """The last prefill step of `batch` prompts of `ctx` tokens (`chunk`
+  queries over a cache of `ctx` positions), lowered for `mesh` against
+  abstract arrays: weights split by the parameter rules, the cache's kv
+  heads over the tensor axis and whole on every other device (there is no
+  context-parallel axis to split its length)."""
+  abstract = lambda tree, shardings: jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+      shardings)
+  params = jax.eval_shape(lambda k: init_params(config, k, dtype=dtype),
+                          jax.random.key(0))
+  cache = jax.eval_shape(lambda: init_cache(config, batch, ctx, dtype))
+  tensor = mesh.shape["tensor"]
+  heads = "tensor" if config.num_key_value_heads % tensor == 0 else None
+  cache_sharding = NamedSharding(mesh, P(None, None, None, heads, None))
+  chunk = _chunk_size(ctx, chunk)
+  ids = jax.ShapeDtypeStruct((batch, chunk), jnp.int32,
+                             sharding=NamedSharding(mesh, P()))
+  with jax.set_mesh(mesh):
+    return _extend.lower(
+        config, abstract(params, shardings_like(params, mesh)),
+        abstract(cache, jax.tree.map(lambda _: cache_sharding, cache)), ids,
+        ctx - chunk, chunk - 1)

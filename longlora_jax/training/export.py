@@ -65,7 +65,9 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
             f"  python -m eval.perplexity --ckpt {hf} --data {data} "
             f"--seq-len {config.original_context} {spec.ctx}\n"
             f"  python -m eval.passkey --ckpt {hf} --max-tokens {spec.ctx} "
-            f"--interval {interval}")
+            f"--interval {interval}\n"
+            f"  python -m eval.ruler --ckpt {hf} --lengths "
+            f"{' '.join(map(str, ruler_lengths(config.original_context, spec.ctx)))}")
   if "peft" in written:
     rope = config.to_hf_dict()["rope_parameters"]
     print(f"\nPEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
@@ -73,6 +75,15 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
           f"with:\n  AutoModelForCausalLM.from_pretrained(BASE, "
           f"rope_parameters={rope})"
           f"\n  PeftModel.from_pretrained(model, '{written['peft']}')")
+
+
+def ruler_lengths(native: int, ctx: int) -> list[int]:
+  """RULER's lengths for a model extended from `native` to `ctx` tokens:
+  the native length doubled up to the trained one, which ends the list."""
+  lengths = [native]
+  while lengths[-1] * 2 < ctx:
+    lengths.append(lengths[-1] * 2)
+  return lengths + [ctx] if ctx > native else lengths
 
 
 def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):

@@ -96,3 +96,36 @@ def test_readme_command_for_a_gpu_target_runs_as_written(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "XLA:GPU compile-only, NVIDIA A100-SXM4-80GB" in proc.stdout
   assert "s2 (cudnn)" in proc.stdout  # what a GPU run of `auto` takes
+
+
+def test_eval_plan_splits_weights_and_cache_over_the_tensor_axis(tmp_path):
+  cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=256)
+  cfg.save(tmp_path)
+  plans = {mesh: memory_plan.plan_eval(memory_plan.parse_args(
+      ["--eval", "--model", str(tmp_path), "--ctx", "4096", "--mesh", mesh,
+       "--chunk", "512"])) for mesh in ("tensor=1", "tensor=2")}
+  one, two = plans["tensor=1"], plans["tensor=2"]
+  json.dumps(one)
+  # K and V: 2 layers x 4096 positions x 2 kv heads x 32 dims, bf16.
+  assert one["kv_cache_gib_total"] * 2**30 == 2 * 2 * 4096 * 2 * 32 * 2
+  assert (one["kv_cache_split"], two["kv_cache_split"]) == (1, 2)
+  # The donated cache comes back in place (the outputs besides: a row of
+  # float32 logits, at most 1 KiB); each device holds half of it on two,
+  # and half of the weights.
+  for plan in (one, two):
+    m = plan["per_device_gib"]
+    assert m["aliased"] == plan["kv_cache_gib_total"] / plan["kv_cache_split"]
+    assert 0 < (m["outputs"] - m["aliased"]) * 2**30 < 2048
+  assert two["per_device_gib"]["arguments"] < one["per_device_gib"][
+      "arguments"]
+
+
+def test_llama31_8b_preset_has_its_shapes():
+  from longlora_jax.config import preset
+  cfg = preset("llama3.1-8b")
+  assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
+          cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+          cfg.vocab_size) == (4096, 14336, 32, 32, 8, 128, 128256)
+  assert cfg.rope_theta == 500000 and not cfg.tie_word_embeddings

@@ -1,0 +1,82 @@
+"""eval.ruler end to end on the tiny demo checkpoint, and its user errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eval import ruler
+from longlora_jax.demo import demo_checkpoint
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  return demo_checkpoint(tmp_path_factory.mktemp("demo") / "base")
+
+
+def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
+  argv = ["--ckpt", str(demo), "--lengths", "0.75k", "1k", "--samples", "3",
+          "--tasks", "niah_single_1", "niah_single_2", "vt", "fwe", "qa_2",
+          "--depths", "0", "50", "100", "--out", str(tmp_path),
+          "--dtype", "float32"]
+  ruler.main(argv)
+  out = capsys.readouterr().out
+  summary = json.loads((tmp_path / "ruler.json").read_text())
+  scores = summary["scores"]
+  # 0.75k = 768 tokens. The byte-level demo fits the needles at both
+  # lengths; variable tracking's one-shot example fits at neither; QA has
+  # no data: each with its note, none with a score.
+  assert set(scores["niah_single_1"]) == {"768", "1024"}
+  assert all(0 <= s <= 100 for s in scores["niah_single_2"].values())
+  assert scores["vt"] == {"768": None, "1024": None}
+  assert scores["qa_2"] == {}
+  assert any("qa_2 needs hotpotqa" in n for n in summary["notes"])
+  assert any("vt does not fit in 768" in n for n in summary["notes"])
+  sample = json.loads((tmp_path / "samples" / "niah_single_2-1024.json")
+                      .read_text())
+  assert sample["metric"] == "string_match_all" and sample["length"] == 1024
+  assert [s["depth"] for s in sample["samples"]] == [0, 50, 100]
+  assert all(s["tokens"] <= 1024 - 128 for s in sample["samples"])
+  for plot in ("scores.png", "depth.png"):
+    assert (tmp_path / plot).stat().st_size > 5000
+  assert "niah_single_1" in out and "wrote" in out
+  # A rerun with the same settings reuses what was written.
+  mtime = (tmp_path / "samples" / "niah_single_2-1024.json").stat().st_mtime
+  ruler.main(argv)
+  assert (tmp_path / "samples" / "niah_single_2-1024.json").stat(
+  ).st_mtime == mtime
+  assert json.loads((tmp_path / "ruler.json").read_text())["scores"] == scores
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--samples", "0"], "error: --samples 0: must be at least 1"),
+    (["--lengths", "4x"], "error: --lengths '4x': expected an integer"),
+    (["--lengths", "nan"], "error: --lengths 'nan': expected an integer"),
+    (["--depths", "101"], "error: --depths 101: must be between 0 and 100"),
+    (["--depths", "inf"], "error: --depths 'inf': expected a finite number"),
+    (["--haystack", "/nope"], "error: --haystack /nope: no such file"),
+    (["--squad", "/nope.json"], "error: --squad /nope.json: cannot read it"),
+])
+def test_user_errors(demo, flags, message):
+  result = subprocess.run(
+      [sys.executable, "-m", "eval.ruler", "--ckpt", str(demo), *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env={**os.environ, "PYTHONPATH": ROOT})
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(message)
+  assert "Traceback" not in result.stderr
+
+
+def test_every_command_takes_a_trained_length():
+  from eval import passkey, perplexity
+  assert passkey.parse_args(["--ckpt", "x", "--max-tokens", "100000"]
+                            ).max_tokens == 100000
+  assert passkey.parse_args(["--ckpt", "x", "--max-tokens", "32k"]
+                            ).max_tokens == 32768
+  assert perplexity.parse_args(["--ckpt", "x", "--data", "d", "--seq-len",
+                                "4k", "100000"]).seq_len == [4096, 100000]
+  assert ruler.parse_args(["--ckpt", "x", "--lengths", "128k", "400000"]
+                          ).lengths == [131072, 400000]
