@@ -9,32 +9,41 @@ shape runs once untimed first).
   python -m eval.bench_generate --hidden 512 --layers 8 --heads 8   # CPU-sized
 """
 
-import argparse
 import dataclasses
 import datetime
 import time
+from pathlib import Path
+
+from longlora_jax import cli
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--model", default=None,
-                 help="preset (llama2-7b, ...); default: the --hidden etc. shape")
-  p.add_argument("--hidden", type=int, default=512)
-  p.add_argument("--layers", type=int, default=8)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--kv-heads", type=int, default=None)
-  p.add_argument("--vocab", type=int, default=32000)
-  p.add_argument("--prompts", type=int, nargs="+", default=[4096, 16384, 32768])
-  p.add_argument("--decode", type=int, default=32, help="new tokens per prompt")
-  p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+                 help="preset (llama2-7b, ...); default: the --hidden etc. "
+                      "shape")
+  p.add_argument("--hidden", type=cli.count, default=512)
+  p.add_argument("--layers", type=cli.count, default=8)
+  p.add_argument("--heads", type=cli.count, default=8)
+  p.add_argument("--kv-heads", type=cli.count, default=None)
+  p.add_argument("--vocab", type=cli.count, default=32000)
+  p.add_argument("--prompts", type=cli.count, nargs="+",
+                 default=[4096, 16384, 32768], help="prompt lengths")
+  p.add_argument("--decode", type=cli.count, default=32,
+                 help="new tokens per prompt")
+  p.add_argument("--chunk", type=cli.count, default=2048,
+                 help="prefill chunk")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="default: bfloat16 on GPU, float32 on CPU")
-  p.add_argument("--json", metavar="OUT")
+  p.add_argument("--json", metavar="OUT", type=Path)
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.json:
+    from longlora_jax.io.files import check_writable
+    check_writable(args.json.parent)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -90,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -16,7 +16,6 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 step of the KV-cache generator at --ctx tokens, --batch prompts).
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,19 +24,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from longlora_jax import gpu_target
+from longlora_jax import cli, gpu_target
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--model", default="llama2-7b",
                  help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
                       "qwen2.5-7b, mistral-7b) or a checkpoint directory / "
                       "config.json")
-  p.add_argument("--ctx", type=int, default=100000, help="sequence length")
+  p.add_argument("--ctx", type=cli.count, default=100000,
+                 help="sequence length")
   p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, data=2,fsdp=4")
-  p.add_argument("--batch", type=int, default=1, help="sequences per device")
-  p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+  p.add_argument("--batch", type=cli.count, default=1,
+                 help="sequences per device")
+  p.add_argument("--accum", type=cli.count, default=1,
+                 help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
   p.add_argument("--remat", default="full")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
@@ -52,7 +54,7 @@ def parse_args(argv=None):
   p.add_argument("--eval", action="store_true",
                  help="plan the evaluation prefill (eval.passkey, "
                       "eval.ruler) instead of the train step")
-  p.add_argument("--chunk", type=int, default=2048,
+  p.add_argument("--chunk", type=cli.count, default=2048,
                  help="--eval: prefill tokens per step")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
@@ -283,5 +285,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from longlora_jax import cli
   cli.run(main)
