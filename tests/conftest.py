@@ -96,5 +96,5 @@ def run_commands(commands: dict) -> dict:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
     if len(procs) % 4 == 0:
       list(procs.values())[-4].wait(timeout=300)
-  return {name: (p.returncode, p.communicate(timeout=300)[1])
-          for name, p in procs.items()}
+  stderr = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
+  return {name: (p.returncode, stderr[name]) for name, p in procs.items()}

@@ -39,11 +39,12 @@ def hold(directory: str | os.PathLike) -> Iterator[Path]:
     directory.mkdir(parents=True, exist_ok=True)
     f = _acquire(path)
   try:
-    f.seek(0)
-    f.truncate()
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
-    f.flush()
+    with reported(directory):
+      f.seek(0)
+      f.truncate()
+      f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}))
+      f.flush()
     yield path
   finally:
     path.unlink(missing_ok=True)  # Still held: no one can take it meanwhile.

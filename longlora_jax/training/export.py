@@ -91,7 +91,8 @@ def print_commands(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
           "  from peft import AutoPeftModelForCausalLM\n"
           f"  model = AutoPeftModelForCausalLM.from_pretrained("
           f"'{written['peft']}', dtype=torch.float32, "
-          f"rope_parameters={rope})")
+          f"rope_parameters={rope}, "
+          f"max_position_embeddings={config.max_position_embeddings})")
 
 
 def ruler_lengths(native: int, ctx: int) -> list[int]:

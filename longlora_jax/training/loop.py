@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from longlora_jax.distributed import global_batch, process_slice
 from longlora_jax.errors import LongLoraError
 from longlora_jax.flops import peak_flops, step_flops
-from longlora_jax.io.files import atomic_path
+from longlora_jax.io.files import atomic_path, reported
 from longlora_jax.plots import save_plot
 from longlora_jax.sharding import batch_parallelism
 from longlora_jax.training import saving
@@ -110,8 +110,9 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
         if peak:
           m["mfu"] = flops / seconds / (peak * mesh.size)
         if log is not None:
-          log.write(json.dumps(m) + "\n")
-          log.flush()
+          with reported(run_dir / METRICS_FILE):
+            log.write(json.dumps(m) + "\n")
+            log.flush()
         if tb is not None:
           for k, v in m.items():
             tb.add_scalar(f"train/{k}", v, step)
