@@ -115,7 +115,8 @@ def test_the_printed_peft_hint_gives_the_merged_models_logits(run, files,
   print_commands(spec, base, config, {"peft": run / "peft"})
   hint = [line[2:] for line in capsys.readouterr().out.splitlines()
           if line.startswith("  ")]
-  assert hint[:2] == ["import torch", "from peft import AutoPeftModelForCausalLM"]
+  assert hint[:2] == ["import torch",
+                      "from peft import AutoPeftModelForCausalLM"]
   scope = {}
   exec("\n".join(hint), scope)
   adapter = json.loads((run / "peft" / "adapter_config.json").read_text())
