@@ -22,8 +22,8 @@ from longlora_jax.training.step import initial_run_state, params_of
 
 
 def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
-                  params, targets: dict[str, Path], *, overwrite: bool = True
-                  ) -> dict[str, Path]:
+                  params, targets: dict[str, Path], *, overwrite: bool = True,
+                  max_shard_size: int | str = "5GB") -> dict[str, Path]:
   """Writes `params` (the run's tree, LoRA nodes included) to each of
   `targets`: "hf" the merged model (with `base`'s tokenizer), "peft" the
   adapter; `config` carries the RoPE scaling. Each directory appears only
@@ -38,7 +38,8 @@ def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
   if "hf" in targets:
     written["hf"] = save_hf(config, params, targets["hf"],
                             tokenizer_from=base.directory, dtype=dtype,
-                            overwrite=overwrite, merge_lora=True)
+                            overwrite=overwrite, merge_lora=True,
+                            max_shard_size=max_shard_size)
   if "peft" in targets:
     written["peft"] = save_peft(
         config, params, targets["peft"], extra=MODES[spec.mode],
