@@ -53,18 +53,19 @@ def _bounds(low, high, low_open: bool = False, high_open: bool = False
 def integer(low: int = 1, high: int | None = None, *,
             tokens: bool = False) -> Callable[[str], int]:
   """An argparse `type`: an integer in [low, high]; with `tokens`, a k
-  suffix counts 1024, as RULER names its lengths (4k = 4096)."""
+  suffix counts 1024, as RULER names its lengths (4k = 4096, 0.75k = 768)."""
   def parse(text: str) -> int:
-    scale = 1024 if tokens and text[-1:] in ("k", "K") else 1
     try:
-      value = int(text[:-1] if scale > 1 else text) * scale
+      value = (float(text[:-1]) * 1024 if tokens and text[-1:] in ("k", "K")
+               else int(text))
     except ValueError:
-      value = None
-    if value is None or value < low or (high is not None and value > high):
+      value = math.nan
+    if not (math.isfinite(value) and value == int(value) and value >= low
+            and (high is None or value <= high)):
       raise argparse.ArgumentTypeError(
           f"{text!r} is not an integer {_bounds(low, high)}"
           + (" (e.g. 4096 or 4k)" if tokens else ""))
-    return value
+    return int(value)
   return parse
 
 

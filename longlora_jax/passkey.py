@@ -11,6 +11,9 @@ any other tokenizer the filler is measured with it (`passkey_filler`), so
 that prompts are as long in tokens as asked.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from longlora_jax.errors import LongLoraError
@@ -32,8 +35,20 @@ _LLAMA_SENTENCEPIECE = ("LlamaTokenizer", "LlamaTokenizerFast",
 def default_protocol(tokenizer) -> str:
   """"official" for Llama's SentencePiece tokenizer, which the official
   schedule of filler lengths is sized for, else "measured"."""
-  return ("official" if type(tokenizer).__name__ in _LLAMA_SENTENCEPIECE
-          else "measured")
+  return ("official" if {type(tokenizer).__name__, _named_class(tokenizer)}
+          & set(_LLAMA_SENTENCEPIECE) else "measured")
+
+
+def _named_class(tokenizer) -> str | None:
+  """The class its tokenizer_config.json names: a bare tokenizer.model
+  loads through transformers' generic backend (`load_tokenizer`), whatever
+  tokenizer it is."""
+  directory = getattr(tokenizer, "name_or_path", None)
+  try:
+    return json.loads(Path(directory, "tokenizer_config.json").read_text(
+        )).get("tokenizer_class") if directory else None
+  except (OSError, ValueError):
+    return None
 
 
 def filler_lengths(max_tokens: int, interval: int,

@@ -12,6 +12,7 @@ def _parser():
   p.add_argument("--beta", type=cli.real(0.0, 1.0, high_open=True))
   p.add_argument("--seed", type=cli.index, default=0)
   p.add_argument("--lens", type=cli.integer(2), nargs="+", default=[8, 16])
+  p.add_argument("--ctx", type=cli.integer(64, tokens=True))
   p.add_argument("--out", default="runs/x")
   return p
 
@@ -29,6 +30,12 @@ def _parser():
     (["--beta", "1"], "argument --beta: '1' is not a finite number in [0, 1)"),
     (["--seed", "-1"], "argument --seed: '-1' is not an integer >= 0"),
     (["--lens", "8", "1"], "argument --lens: '1' is not an integer >= 2"),
+    (["--ctx", "0.01k"], "argument --ctx: '0.01k' is not an integer >= 64 "
+                         "(e.g. 4096 or 4k)"),
+    (["--ctx", "nank"], "argument --ctx: 'nank' is not an integer >= 64 "
+                        "(e.g. 4096 or 4k)"),
+    (["--ctx", "1e3"], "argument --ctx: '1e3' is not an integer >= 64 "
+                       "(e.g. 4096 or 4k)"),
     (["--nope"], "unrecognized arguments: --nope"),
 ])
 def test_a_bad_option_is_one_line_and_exit_code_2(args, message, capsys):
@@ -44,6 +51,9 @@ def test_good_values_pass():
                                "--beta", "0", "--seed", "0", "--lens", "2"])
   assert (args.n, args.lr, args.ratio, args.beta, args.seed, args.lens) == (
       3, 1e-5, 1.0, 0.0, 0, [2])
+  # RULER's names for lengths: k is 1024 tokens.
+  assert [_parser().parse_args(["--ctx", text]).ctx for text in (
+      "4k", "128K", "0.75k", "100000")] == [4096, 131072, 768, 100000]
 
 
 def test_help_shows_the_description_as_written_and_defaults(capsys):

@@ -93,3 +93,26 @@ def test_llama2_keeps_the_official_lengths_and_measured_ones_fit_too():
   fillers = filler_lengths(4000, 1000, tok)
   for want, got in zip((1000, 2000, 3000, 4000), _lengths(tok, fillers)):
     assert all(abs(g - want) <= 4 for g in got), (want, got)
+
+
+def test_a_bare_llama_tokenizer_model_keeps_the_official_lengths(tmp_path):
+  # The official merge script saves tokenizer.model alone; load_tokenizer
+  # reads it through transformers' generic backend, whatever the model, so
+  # the class its tokenizer_config.json names decides.
+  import io
+  import json
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter([FILLER, TASK] * 20), model_writer=model,
+      vocab_size=300, model_type="bpe", byte_fallback=True, minloglevel=2)
+  for name, protocol in (("LlamaTokenizer", "official"), (None, "measured")):
+    directory = tmp_path / str(name)
+    directory.mkdir()
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    if name:
+      (directory / "tokenizer_config.json").write_text(json.dumps(
+          {"tokenizer_class": name}))
+    tok = load_tokenizer(directory)
+    assert type(tok).__name__ not in ("LlamaTokenizer", "LlamaTokenizerFast")
+    assert default_protocol(tok) == protocol, name

@@ -231,9 +231,11 @@ def test_a_second_run_on_one_directory_is_refused(files):
 @pytest.mark.parametrize("command,args,message", [
     # --seq-len -5 used to hang, 0 and --num-tests 0 to divide by zero.
     ("eval.perplexity", ["--ckpt", "M", "--data", "D", "--seq-len", "-5"],
-     "argument --seq-len: '-5' is not an integer >= 2"),
+     "argument --seq-len: '-5' is not an integer >= 2 (e.g. 4096 or "
+     "4k)"),
     ("eval.perplexity", ["--ckpt", "M", "--data", "D", "--seq-len", "0"],
-     "argument --seq-len: '0' is not an integer >= 2"),
+     "argument --seq-len: '0' is not an integer >= 2 (e.g. 4096 or "
+     "4k)"),
     ("eval.passkey", ["--ckpt", "M", "--num-tests", "0"],
      "argument --num-tests: '0' is not an integer >= 1"),
     ("eval.chat", ["--ckpt", "M", "--material", "D", "--question", "?",
