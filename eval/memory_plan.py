@@ -137,9 +137,29 @@ def plan_eval(args) -> dict:
       "jax": jax.__version__, "compile_seconds": round(time.time() - t0, 1),
       "per_device_gib": _memory(compiled),
       "kv_cache_gib_total": cache / 2**30,
+      "loading_gib": _loading(config, mesh),
       "kv_cache_split": (mesh.shape["tensor"]
                          if kv % mesh.shape["tensor"] == 0 else 1),
   }
+
+
+def _loading(config, mesh) -> dict:
+  """The loader's peaks (bf16 weights into their shards), one process per
+  8-device host."""
+  from longlora_jax.io.checkpoint import param_shardings
+  from longlora_jax.io.hf import loading_memory
+  peaks = loading_memory(config, param_shardings(config, mesh), "bfloat16",
+                         process_devices=min(mesh.size, 8))
+  return {k: v / 2**30 for k, v in peaks.items()}
+
+
+def _print_loading(result) -> None:
+  load = result["loading_gib"]
+  print(f"loading (bf16, straight into the shards): per device "
+        f"{load['device_final']:.2f} GiB of weights + at most "
+        f"{load['device_transient']:.2f} GiB in flight; per host "
+        f"{load['host_transient']:.2f} GiB beyond the device buffers "
+        f"({min(result['devices'], 8)} devices per host)")
 
 
 def _fits(result) -> str:
@@ -220,6 +240,7 @@ def plan(args) -> dict:
               config.num_hidden_layers * saved_per_layer / gib,
       },
       "largest_temporaries": largest,
+      "loading_gib": _loading(config, mesh),
       "trainable_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
       "tokens_per_device_per_step": tokens_per_device,
       "tflops_per_step": {
@@ -256,6 +277,7 @@ def main(argv=None):
       print(f"  {k:<14} {v:8.2f}")
     print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
           f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
+    _print_loading(result)
     print(_fits(result))
     return
   m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
@@ -281,6 +303,7 @@ def main(argv=None):
         f"analysis {f['xla_cost_analysis_per_device']:.1f} per device (counts "
         f"each loop body once); paper convention (forward, unmasked) "
         f"{f['paper_convention_per_sequence']:.0f} per sequence")
+  _print_loading(result)
   print(_fits(result))
 
 

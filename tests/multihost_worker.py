@@ -1,9 +1,13 @@
-"""One process of the multi-process test (run by tests/test_distributed.py).
+"""One process of the multi-process tests (run by tests/test_distributed.py).
 
-Trains one step of a tiny model on a fixed global batch and, on process 0,
-writes the loss and the updated trainable parameters to argv[1].
+`train OUT`: trains one step of a tiny model on a fixed global batch and, on
+process 0, writes the loss and the updated trainable parameters to OUT.
+`load CKPT OUT`: loads CKPT sharded over fsdp=-1 and writes to OUT.<process>
+the bytes this process read and its shards next to the file's values.
 """
 
+import dataclasses
+import json
 import sys
 
 from longlora_jax.distributed import global_batch, initialize_from_env, process_slice
@@ -47,5 +51,36 @@ def main(out_file):
              processes=jax.process_count(), devices=jax.device_count(), **leaves)
 
 
+def load(directory, out_file):
+  from safetensors.numpy import load_file
+  from longlora_jax.io import hf as hf_io
+  from longlora_jax.io.checkpoint import Checkpoint, param_shardings
+  read = []
+  open_weights = hf_io.open_weights
+
+  def counting(directory):
+    weights = open_weights(directory)
+    return dataclasses.replace(weights, read=lambda name, index=...: (
+        read.append((part := weights.read(name, index)).nbytes) or part))
+  hf_io.open_weights = counting
+  checkpoint = Checkpoint.open(directory)
+  params = checkpoint.params("float32", param_shardings(
+      checkpoint.config, make_mesh("fsdp=-1")))
+  # Each local shard against the same slice of the file, read by NumPy.
+  want = load_file(f"{directory}/model.safetensors")
+  kernel = params["layers"]["self_attn"]["q_proj"]["kernel"]
+  for shard in kernel.addressable_shards:
+    layers, rows, cols = shard.index
+    full = np.stack([want[f"model.layers.{i}.self_attn.q_proj.weight"].T
+                     for i in range(CFG.num_hidden_layers)])
+    np.testing.assert_array_equal(shard.data, full[layers, rows, cols])
+  with open(f"{out_file}.{jax.process_index()}", "w") as f:
+    json.dump({"read": sum(read), "reads": len(read),
+               "devices": jax.local_device_count()}, f)
+
+
 if __name__ == "__main__":
-  main(sys.argv[1])
+  if sys.argv[1] == "load":
+    load(*sys.argv[2:])
+  else:
+    main(sys.argv[2])

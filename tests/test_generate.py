@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import LlamaConfig, forward, init_params, load_hf
+from longlora_jax import LlamaConfig, forward, init_params
 from longlora_jax.config import RopeScaling
 from longlora_jax.generate import _extend, generate
+from longlora_jax.io.checkpoint import Checkpoint, param_shardings
+from longlora_jax.sharding import make_mesh
 from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
 
@@ -37,9 +39,15 @@ def test_cached_greedy_equals_recompute(kv_heads, factor):
   np.testing.assert_array_equal(got, _recompute_greedy(cfg, params, ids, 12))
 
 
-def test_greedy_matches_transformers_generate(tiny_hf):
+@pytest.mark.parametrize("mesh", [None, "fsdp=8", "fsdp=4,tensor=2"])
+def test_greedy_matches_transformers_generate(tiny_hf, mesh):
+  # On a mesh the weights and the KV cache are sharded (the cache over kv
+  # heads on the tensor axis); the tokens must not change.
   directory, hf_model = tiny_hf("gqa")
-  config, params = load_hf(directory, dtype="float32")
+  checkpoint = Checkpoint.open(directory)
+  config = checkpoint.config
+  params = checkpoint.params("float32", mesh and param_shardings(
+      config, make_mesh(mesh)))
   ids = hf_models.random_ids(config.vocab_size, 1, 30, seed=4)
   want = hf_model.generate(torch.tensor(ids), max_new_tokens=8, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[:, 30:].numpy()

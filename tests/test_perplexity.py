@@ -5,6 +5,7 @@ import pytest
 
 from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
 from longlora_jax.perplexity import evaluate, window_starts
+from longlora_jax.sharding import make_mesh, shardings_like
 
 CFG = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4,
@@ -37,8 +38,12 @@ def _log_probs(params, window):
   return logp[np.arange(len(window) - 1), window[1:]]
 
 
-def test_official_protocol_against_float64_reference():
+@pytest.mark.parametrize("mesh", [None, "fsdp=8", "fsdp=2,tensor=2"])
+def test_official_protocol_against_float64_reference(mesh):
   params = init_params(CFG, jax.random.key(1))
+  if mesh:  # weights in their shards; the figure must not change
+    params = jax.device_put(params, shardings_like(params, make_mesh(
+        mesh, jax.devices()[:4] if "tensor" in mesh else None)))
   tokens = np.random.default_rng(1).integers(0, CFG.vocab_size, 1100)
   seq, stride = 200, 128
   want = [-_log_probs(params, tokens[s:s + seq]).mean()

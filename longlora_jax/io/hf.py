@@ -1,9 +1,11 @@
 """Hugging Face checkpoint import (`load_hf`) and export (`save_hf`).
 
-Weights move tensor by tensor: loading fills one stacked parameter at a time
-and hands it to JAX before reading the next, so host memory peaks near one
-copy of the model; saving writes one shard at a time into a temporary
-directory that is renamed into place only when complete.
+Weights move in parts, never a model at a time. Loading reads each device's
+part of one layer of one tensor (safetensors slices) straight into its
+place in the parameter's shards, so a process holds one layer of one tensor
+beyond the device buffers (`loading_memory`). Saving gathers one tensor (one
+layer) at a time to the writing process and writes one output shard file at
+a time into a temporary directory, renamed into place only when complete.
 """
 
 import contextlib
@@ -18,14 +20,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import CheckpointError
 from longlora_jax.io.files import atomic_dir, output_dir, write_json
 from longlora_jax.io.hub import TOKENIZER_FILES, resolve_checkpoint
-from longlora_jax.io.weights import open_weights
+from longlora_jax.io.weights import open_weights, write_safetensors
 from longlora_jax.lora import LoRA, merge
 from longlora_jax.model import init_params
 
@@ -102,6 +103,36 @@ def _place(shape, sharding, read, dtype, stacked: bool) -> jax.Array:
     return out.block_until_ready()
   return jax.make_array_from_callback(
       shape, sharding, lambda index: read(None, index)).block_until_ready()
+
+
+def loading_memory(config: LlamaConfig, shardings, dtype=jnp.bfloat16,
+                   process_devices: int | None = None) -> dict:
+  """Bytes `read_params` holds at its peak, from the shapes and shardings
+  alone (no checkpoint needed; compile-only devices will do).
+
+  device_final: the most any device holds once loading is done (its
+  shards); device_transient: what a device holds above that at most, the
+  one-layer part being placed and the previous one still pending;
+  host_transient: what a process holds at most, the parts of one layer of
+  one tensor (or of one unstacked tensor) for its `process_devices`
+  devices (default: every device of the sharding), as read from the files.
+  """
+  itemsize = as_dtype(dtype).itemsize
+  placement = traverse_util.flatten_dict(shardings)
+  final, transient, host = {}, 0, 0
+  for path, shape in expected_shapes(config).items():
+    sharding = placement[path]
+    part = sharding.shard_shape(tuple(shape))
+    for device in sharding.device_set:
+      final[device] = final.get(device, 0) + int(np.prod(part)) * itemsize
+    stacked = path[0] == "layers"
+    layer_part = int(np.prod(part[1:] if stacked else part)) * itemsize
+    if stacked:
+      transient = max(transient, 2 * layer_part)
+    devices = process_devices or len(sharding.device_set)
+    host = max(host, devices * layer_part)
+  return {"device_final": max(final.values()),
+          "device_transient": transient, "host_transient": host}
 
 
 def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
@@ -194,13 +225,25 @@ def check_params(config: LlamaConfig, params, lora_ok: bool = False) -> dict:
   return flat
 
 
-def to_host(value) -> np.ndarray:
-  """An array, however sharded, whole on this host. In a multi-process run
-  it is a collective: every process calls it for the same arrays."""
-  if getattr(value, "is_fully_addressable", True):
-    return np.asarray(jax.device_get(value))
-  from jax.experimental import multihost_utils
-  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+def to_host(value, dtype=None, transpose: bool = False) -> np.ndarray:
+  """An array, however sharded, whole on this host (in `dtype`; its axes
+  reversed if `transpose`), built from its shards one at a time: no device
+  holds it whole, and the host one copy (`np.asarray` would keep a second
+  one cached on the array). In a multi-process run it is a collective:
+  every process calls it for the same arrays."""
+  dtype = np.dtype(dtype or value.dtype)
+  flip = (lambda x: x.T) if transpose else (lambda x: x)
+  if not getattr(value, "is_fully_addressable", True):
+    from jax.experimental import multihost_utils
+    whole = multihost_utils.process_allgather(value, tiled=True)
+    return np.ascontiguousarray(flip(np.asarray(whole)), dtype)
+  if not isinstance(value, jax.Array):
+    return np.ascontiguousarray(flip(np.asarray(value)), dtype)
+  out = np.empty(value.shape[::-1] if transpose else value.shape, dtype)
+  for shard in value.addressable_shards:  # replicas write the same values
+    index = shard.index[::-1] if transpose else shard.index
+    out[index] = flip(np.asarray(shard.data))
+  return out
 
 
 def _slice(value, layer):
@@ -225,9 +268,10 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
   directory or `hf:` id). The directory appears only once complete.
 
   The parameters may be sharded over devices and processes: one tensor
-  (one layer of a stacked one) at a time comes to the host, so the host
-  holds at most one output shard file, never the model. In a multi-process
-  run every process calls this and process 0 writes.
+  (one layer of a stacked one) at a time comes to the host and goes into
+  its file, so the host holds one tensor, never a shard file, let alone
+  the model. In a multi-process run every process calls this and process 0
+  writes.
 
   Args:
     dtype: dtype of the saved weights; default the parameters' dtype.
@@ -264,15 +308,18 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
                                    leave=False)):
       file = ("model.safetensors" if len(shards) == 1 else
               f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-      arrays = {}
-      for name, path, layer, _ in shard:
-        value = to_host(_slice(flat[path], layer)).astype(dtype, copy=False)
-        arrays[name] = np.ascontiguousarray(
-            value.T if path[-1] == "kernel" else value)
-        weight_map[name] = file
+      # Gathered one at a time, as the file takes them.
+      values = (to_host(_slice(flat[path], layer), dtype,
+                        transpose=path[-1] == "kernel")
+                for _, path, layer, _ in shard)
       if writing:
-        save_file(arrays, str(tmp / file), metadata={"format": "pt"})
-      del arrays
+        write_safetensors(tmp / file, [(name, shape, dtype)
+                                       for name, _, _, shape in shard],
+                          values, metadata={"format": "pt"})
+      else:
+        for _ in values:  # the other processes' part of each gather
+          pass
+      weight_map.update({name: file for name, *_ in shard})
     if not writing:
       return out
     if len(shards) > 1:

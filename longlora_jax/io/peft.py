@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
 from longlora_jax import lora
 from longlora_jax.config import LlamaConfig
@@ -44,6 +43,7 @@ from longlora_jax.errors import CheckpointError
 from longlora_jax.io.files import atomic_dir, output_dir, write_json
 from longlora_jax.io.hf import as_dtype, check_params, to_host
 from longlora_jax.io.hub import resolve_checkpoint
+from longlora_jax.io.weights import write_safetensors
 from longlora_jax.io.peft_format import (
     ADAPTER_FILES, CONFIG_FILE, PREFIX, TRAINABLE_FILES, check_factors,
     classify, hf_modules, in_modules_to_save, read_adapter_config,
@@ -87,12 +87,14 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
            or in_modules_to_save(m, modules_to_save)}
   # Only what is saved comes to the host (every process takes part when
   # the parameters are sharded over several), not the frozen base weights.
+  # Cast shard by shard as they come (float32 trainables, the embedding
+  # among them, are never whole on the host in float32).
   host = {}
+  to = lambda x: to_host(x, as_dtype(dtype) if dtype else None)
   for path, _ in saved.values():
     x = flat[path]
-    host[path] = (lora.LoRA(None, to_host(x.a), to_host(x.b), x.scale)
-                  if lora.is_lora(x) else to_host(x))
-  cast = (lambda x: x.astype(as_dtype(dtype))) if dtype else (lambda x: x)
+    host[path] = (lora.LoRA(None, to(x.a), to(x.b), x.scale)
+                  if lora.is_lora(x) else to(x))
   tensors, targets = {}, set()
   for module, (path, layer) in saved.items():
     x = host[path]
@@ -104,8 +106,7 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
       value = x if layer is None else x[layer]
       tensors[f"{PREFIX}{module}.weight"] = (
           value.T if path[-1] == "kernel" else value)
-  tensors = {k: np.ascontiguousarray(cast(np.asarray(v)))
-             for k, v in tensors.items()}
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
   alpha = round(scale * r, 6)  # scale is alpha / r in floating point.
   adapter_config = {
@@ -126,8 +127,9 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
         f"{PREFIX}model.embed_tokens.weight"].copy()
   if jax.process_index() == 0:
     with atomic_dir(out) as tmp:
-      save_file(tensors, str(tmp / ADAPTER_FILES[0]),
-                metadata={"format": "pt"})
+      write_safetensors(tmp / ADAPTER_FILES[0],
+                        [(k, v.shape, v.dtype) for k, v in tensors.items()],
+                        tensors.values(), metadata={"format": "pt"})
       write_json(tmp / CONFIG_FILE, adapter_config)
   return out
 

@@ -1,11 +1,12 @@
-"""Reading checkpoint weights tensor by tensor: safetensors (single or
-sharded) and PyTorch `.bin` files (when torch is installed)."""
+"""Checkpoint weights tensor by tensor: reading safetensors (single or
+sharded) and PyTorch `.bin` files (when torch is installed), and writing
+safetensors files one tensor at a time."""
 
 import contextlib
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -124,3 +125,35 @@ def torch_reader() -> Callable:
       return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return tensor.numpy()
   return read
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                       "int32": "I32", "int64": "I64"}
+
+
+def write_safetensors(file: Path, specs: list[tuple[str, tuple, np.dtype]],
+                      arrays: Iterable[np.ndarray], metadata=None) -> None:
+  """Writes a safetensors file whose tensors are `specs` (name, shape,
+  dtype), taking their values from `arrays` in the same order: the header
+  is known from the shapes, so each value is written as it comes and only
+  one is held at a time (safetensors' own `save_file` takes them all, and
+  copies each to bytes besides)."""
+  header, offset = {}, 0
+  if metadata:
+    header["__metadata__"] = metadata
+  for name, shape, dtype in specs:
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(dtype).name],
+                    "shape": [int(d) for d in shape],
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  head = json.dumps(header, separators=(",", ":")).encode()
+  head += b" " * (-len(head) % 8)  # the format aligns the data to 8 bytes
+  with open(file, "wb") as f:
+    f.write(len(head).to_bytes(8, "little") + head)
+    for (name, shape, dtype), array in zip(specs, arrays, strict=True):
+      if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, "
+                         f"the header says {np.dtype(dtype)}{list(shape)}")
+      # Little-endian bytes in C order; a view, not a copy.
+      f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)

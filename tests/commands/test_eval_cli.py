@@ -104,16 +104,23 @@ def test_tokenize_then_perplexity_cli(demo, tmp_path, capsys):
                  "--out", str(tmp_path / "book.bin")])
   # uint16 ids: BOS, the prepended space, one per byte.
   assert (tmp_path / "book.bin").stat().st_size == 2 * (2 + 30 * 60)
-  perplexity.main(["--ckpt", str(demo), "--data", str(tmp_path / "book.bin"),
-                   "--seq-len", "128", "256", "--stride", "256",
-                   "--attention", "full", "--out", str(tmp_path / "ppl"),
-                   "--dtype", "float32"])
-  result = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
+  score = lambda mesh: perplexity.main([
+      "--ckpt", str(demo), "--data", str(tmp_path / "book.bin"),
+      "--seq-len", "128", "256", "--stride", "256", "--attention", "full",
+      "--out", str(tmp_path / mesh), "--dtype", "float32", "--mesh", mesh])
+  score("fsdp=8")
+  result = json.loads((tmp_path / "fsdp=8" / "perplexity.json").read_text())
   assert [r["seq_len"] for r in result["results"]] == [128, 256]
   # The pretrained demo model on a repeated sentence: far below the 259 of
   # a uniform guess.
   assert all(1 < r["perplexity"] < 30 for r in result["results"]), result
-  assert (tmp_path / "ppl" / "perplexity.png").exists()
+  assert (tmp_path / "fsdp=8" / "perplexity.png").exists()
+  # Split 4-way fsdp, 2-way tensor instead of 8-way fsdp: the same.
+  score("fsdp=4,tensor=2")
+  sharded = json.loads((tmp_path / "fsdp=4,tensor=2" /
+                        "perplexity.json").read_text())
+  for one, eight in zip(result["results"], sharded["results"], strict=True):
+    assert one["perplexity"] == pytest.approx(eight["perplexity"], rel=1e-5)
 
 
 @pytest.mark.parametrize("args,message", [

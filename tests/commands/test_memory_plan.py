@@ -30,6 +30,15 @@ def test_tiny_plan_runs_and_counts(tmp_path):
   assert abs(result["breakdown_estimate_gib"]["frozen_weights"] * 2**30
              - frozen / 8) < 1
   assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  # Loading: each device ends with an eighth of the bf16 model (norms and
+  # embedding too, as 64 and 256 divide by 8), and holds at most two
+  # one-layer parts of an MLP matrix beyond it; the host one layer of the
+  # embedding, the largest unstacked tensor, for all 8 devices.
+  model = frozen + (2 * 2 * 64 + 64 + 64 * 256) * 2
+  assert result["loading_gib"] == {
+      "device_final": model / 8 / 2**30,
+      "device_transient": 2 * 64 * 128 * 2 / 8 / 2**30,
+      "host_transient": 256 * 64 * 2 / 2**30}
   full = memory_plan.plan(memory_plan.parse_args(
       ["--model", str(tmp_path), "--ctx", "1024", "--attention", "full"]))
   assert (result["tflops_per_step"]["analytic_total"]

@@ -1,16 +1,23 @@
+import dataclasses
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import sentencepiece
 import transformers
+from flax import traverse_util
 
-from longlora_jax.io.checkpoint import Checkpoint, load_tokenizer
+from longlora_jax.io import hf as hf_io
+from longlora_jax.io.checkpoint import (Checkpoint, load_tokenizer,
+                                        param_shardings)
+from longlora_jax.sharding import make_mesh
 from tests.conftest import SHARED_TOKENIZER
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER),
-                                reason="needs the Llama-2 tokenizer fixture")
+needs_llama_tokenizer = pytest.mark.skipif(
+    not os.path.isdir(SHARED_TOKENIZER),
+    reason="needs the Llama-2 tokenizer fixture")
 
 # Meta's Llama-2 chat prompt (its system prompt has two spaces after
 # "safe."), indented code, and other runs of whitespace.
@@ -29,6 +36,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def sp():
+  if not os.path.isdir(SHARED_TOKENIZER):
+    pytest.skip("needs the Llama-2 tokenizer fixture")
   return sentencepiece.SentencePieceProcessor(
       model_file=os.path.join(SHARED_TOKENIZER, "tokenizer.model"))
 
@@ -93,6 +102,7 @@ def test_official_merge_output(tiny_hf, tmp_path, sp):
       [1, 263, 29871, 289], [1, 274, 32000, 32000]]
 
 
+@needs_llama_tokenizer
 def test_tokenizer_json_is_used_as_it_is(tmp_path):
   # A checkpoint with tokenizer.json: transformers' tokenizer of that file,
   # whatever it encodes.
@@ -105,3 +115,46 @@ def test_tokenizer_json_is_used_as_it_is(tmp_path):
   theirs = transformers.AutoTokenizer.from_pretrained(directory)
   assert type(ours) is type(theirs)
   assert ours(TEXTS)["input_ids"] == theirs(TEXTS)["input_ids"]
+
+
+@pytest.mark.parametrize("mesh", ["fsdp=8", "fsdp=4,tensor=2"])
+def test_loads_straight_into_the_planned_shards(tiny_hf, monkeypatch, mesh):
+  directory, model = tiny_hf("gqa")  # every axis but layers divisible by 8
+  reads = []  # (tensor name, bytes of one read)
+  open_weights = hf_io.open_weights
+
+  def counting(directory):
+    weights = open_weights(directory)
+    read = lambda name, index=...: reads.append(
+        (name, (part := weights.read(name, index)).nbytes)) or part
+    return dataclasses.replace(weights, read=read)
+  monkeypatch.setattr(hf_io, "open_weights", counting)
+  checkpoint = Checkpoint.open(directory)
+  mesh = make_mesh(mesh)
+  shardings = param_shardings(checkpoint.config, mesh)
+  params = checkpoint.params("float32", shardings)
+  state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  planned = traverse_util.flatten_dict(shardings)
+  for path, value in traverse_util.flatten_dict(params).items():
+    sharding = planned[path]
+    assert value.sharding == sharding, path
+    # Each device holds its part: 1/8 of a tensor split over both axes,
+    # 1/4 of one split over fsdp=4 alone, etc.
+    parts = int(np.prod([mesh.shape[a] for a in sharding.spec if a]))
+    assert parts > 1, path  # nothing here is left replicated
+    for shard in value.addressable_shards:
+      assert shard.data.nbytes * parts == value.nbytes, path
+    # No read was ever larger than one device's part of one layer, so no
+    # tensor (let alone a stacked one) was ever whole anywhere.
+    layers = value.shape[0] if path[0] == "layers" else 1
+    biggest = max(n for name, n in reads
+                  if name in {hf_io.hf_name(path, i if layers > 1 else None)
+                              for i in range(layers)})
+    assert biggest * parts * layers == value.nbytes, path
+    # The values are the transformers model's, exactly.
+    names = [hf_io.hf_name(path, i) for i in range(layers)] if (
+        path[0] == "layers") else [hf_io.hf_name(path)]
+    want = np.stack([state[n].T if path[-1] == "kernel" else state[n]
+                     for n in names]) if path[0] == "layers" else (
+        state[names[0]].T if path[-1] == "kernel" else state[names[0]])
+    np.testing.assert_array_equal(np.asarray(value), want, err_msg=str(path))

@@ -13,6 +13,9 @@ from safetensors.numpy import load_file, save_file
 
 from longlora_jax import CheckpointError, forward, load_hf, save_hf
 from longlora_jax.config import RopeScaling
+from longlora_jax.io import hf as hf_io
+from longlora_jax.io.checkpoint import Checkpoint, param_shardings
+from longlora_jax.sharding import make_mesh
 from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
 from tests.conftest import SHARED_TOKENIZER
@@ -80,16 +83,27 @@ def test_saved_config_keeps_training_rope_scaling(tiny_hf, tmp_path):
   assert hf.rope_parameters["factor"] == 4.0
 
 
-def test_sharded_safetensors_both_ways(tiny_hf, tmp_path):
+def test_sharded_safetensors_both_ways(tiny_hf, tmp_path, monkeypatch):
+  # Sharded files, and parameters sharded over 8 devices: loaded into their
+  # shards and saved from them, one tensor (one layer) at a time.
   directory, hf_model = tiny_hf("gqa")
   sharded = tmp_path / "sharded"
   hf_model.save_pretrained(sharded, max_shard_size="40KB")
   assert (sharded / "model.safetensors.index.json").exists()
-  config, params = load_hf(sharded, dtype="float32")
+  checkpoint = Checkpoint.open(sharded)
+  config = checkpoint.config
+  params = checkpoint.params("float32", param_shardings(
+      config, make_mesh("fsdp=4,tensor=2")))
   ids = hf_models.random_ids(config.vocab_size, 1, 20)
   np.testing.assert_allclose(_logits(config, params, ids),
                              hf_models.hf_logits(hf_model, ids), atol=1e-4)
+  gathered, to_host = [], hf_io.to_host
+  monkeypatch.setattr(hf_io, "to_host", lambda x, *a, **k: gathered.append(
+      (y := to_host(x, *a, **k)).nbytes) or y)
   out = save_hf(config, params, tmp_path / "out", max_shard_size="40KB")
+  largest = max(p.numel() * 4 for p in hf_model.parameters())
+  assert max(gathered) == largest and len(gathered) == len(
+      hf_model.state_dict())
   index = json.loads((out / "model.safetensors.index.json").read_text())
   shards = sorted(set(index["weight_map"].values()))
   assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -141,7 +155,6 @@ def test_loads_layer_by_layer(tmp_path, monkeypatch):
   # stacked tensor, let alone the model: each layer goes to its place on the
   # device as soon as it is read. (tracemalloc sees the NumPy buffers, not
   # XLA's device buffers, which on the CPU are host memory too.)
-  from longlora_jax.io import hf as hf_io
   kwargs = dict(vocab_size=256, hidden_size=256, intermediate_size=512,
                 num_hidden_layers=8, num_attention_heads=4)
   model = hf_models.make_hf_llama(kwargs)
@@ -280,14 +293,13 @@ def test_save_refuses_to_clobber_and_leaves_nothing_half_written(tiny_hf, tmp_pa
 
   def fail(*args, **kwargs):
     raise Boom()
-  from longlora_jax.io import hf as hf_io
-  original = hf_io.save_file
-  hf_io.save_file = fail
+  original = hf_io.write_safetensors
+  hf_io.write_safetensors = fail
   try:
     with pytest.raises(Boom):
       save_hf(config, params, tmp_path / "new")
   finally:
-    hf_io.save_file = original
+    hf_io.write_safetensors = original
   assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
   # overwrite=True swaps the directory in whole.
@@ -333,3 +345,22 @@ def test_rope_scaling_survives_load_save_load(tiny_hf, tmp_path):
   out = save_hf(config, params, tmp_path / "out")
   again, _ = load_hf(out, dtype="float32")
   assert again == config
+
+
+def test_loading_memory_by_hand():
+  from longlora_jax import LlamaConfig
+  config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=8, num_attention_heads=4)
+  shardings = param_shardings(config, make_mesh("fsdp=8"))
+  peaks = hf_io.loading_memory(config, shardings, "float32")
+  layer = 256 * 512 * 4  # one layer of an MLP matrix, the largest part
+  # Per layer 4 attention (256^2) + 3 MLP (256x512) matrices + 2 norms;
+  # embedding, lm_head, final norm; everything split 8 ways.
+  model = (8 * (4 * 256**2 + 3 * 256 * 512 + 2 * 256) + 2 * 256**2 + 256) * 4
+  assert peaks == {"device_final": model // 8,
+                   "device_transient": 2 * layer // 8,
+                   "host_transient": layer}
+  # A process holding 2 of the 8 devices reads a quarter of that layer.
+  assert hf_io.loading_memory(config, shardings, "bfloat16",
+                              process_devices=2)["host_transient"] == (
+      layer // 2 // 4)

@@ -10,6 +10,7 @@ from safetensors.numpy import load_file
 from longlora_jax import CheckpointError, forward, load_hf, save_hf
 from longlora_jax import lora
 from longlora_jax.io.peft import load_peft, save_peft
+from longlora_jax.sharding import make_mesh, shardings_like
 from tests.references import hf_models
 from tests.references.hf_models import peft, torch  # None without PyTorch
 from tests.references.peft_adapters import (ATTN, PREFIX, official_adapter,
@@ -24,11 +25,14 @@ def _logits(config, params):
   return np.asarray(forward(config, params, jnp.asarray(_ids(config))))
 
 
-@pytest.mark.parametrize("name", ["mha", "gqa"])
-def test_save_peft_loads_in_pytorch(tiny_hf, tmp_path, name):
+@pytest.mark.parametrize("name,mesh", [("mha", None), ("gqa", None),
+                                       ("gqa", "fsdp=4,tensor=2")])
+def test_save_peft_loads_in_pytorch(tiny_hf, tmp_path, name, mesh):
   directory, _ = tiny_hf(name)
   config, base = load_hf(directory, dtype="float32")
   params = trained(lora.add_lora(base, rank=4, alpha=8, key=jax.random.key(1)))
+  if mesh:  # saved from its shards, one tensor at a time
+    params = jax.device_put(params, shardings_like(params, make_mesh(mesh)))
   out = save_peft(config, params, tmp_path / "adapter",
                   base_model_name_or_path=str(directory))
   model = peft.PeftModel.from_pretrained(torch_base(directory), out).eval()

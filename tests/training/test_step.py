@@ -10,10 +10,11 @@ from jax.sharding import PartitionSpec as P
 from longlora_jax import (LlamaConfig, LongLoraError, forward, gpu_target,
                           init_params, lora)
 from longlora_jax.attention.dispatch import AttentionSpec
-from longlora_jax.sharding import make_mesh
-from longlora_jax.training.recipe import TrainConfig
-from longlora_jax.training.step import (init_state, jit_train_step,
-                                        learning_rate, lower_step, params_of)
+from longlora_jax.sharding import make_mesh, shardings_like
+from longlora_jax.training.recipe import RunSpec, TrainConfig
+from longlora_jax.training.step import (init_state, initial_run_state,
+                                        jit_train_step, learning_rate,
+                                        lower_step, params_of)
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                   num_hidden_layers=2, num_attention_heads=4,
@@ -79,6 +80,34 @@ def test_state_is_sharded_by_the_rules():
   # The optimizer holds state for the trainable leaves only.
   assert jax.tree.structure(adam.mu) == jax.tree.structure(state.trainable)
   assert state.frozen["layers"]["self_attn"]["q_proj"]["kernel"].a is None
+
+
+def test_initial_run_state_is_made_in_its_shards():
+  # From weights loaded into their shards: the LoRA factors and optimizer
+  # moments are made in theirs, and the frozen weights are not copied.
+  mesh = make_mesh("fsdp=8")
+  base = init_params(CFG, jax.random.key(0))
+  want = np.asarray(base["layers"]["mlp"]["up_proj"]["kernel"])
+  params = jax.device_put(base, shardings_like(base, mesh))
+  up = params["layers"]["mlp"]["up_proj"]["kernel"]
+  buffers = {s.device: s.data.unsafe_buffer_pointer()
+             for s in up.addressable_shards}
+  spec = RunSpec(ckpt="demo", ctx=64, base_config=CFG.to_hf_dict(),
+                 recipe=TC, lora_rank=8)
+  state = initial_run_state(spec, params, mesh)
+  assert up.is_deleted()  # consumed, as documented
+  frozen = state.frozen["layers"]["mlp"]["up_proj"]["kernel"]
+  assert {s.device: s.data.unsafe_buffer_pointer()
+          for s in frozen.addressable_shards} == buffers
+  np.testing.assert_array_equal(frozen, want)
+  q = state.trainable["layers"]["self_attn"]["q_proj"]["kernel"]
+  moments = [x for x in jax.tree.leaves(state.opt_state)
+             if x.shape == q.a.shape]
+  for x in [q.a, q.b, state.trainable["embed_tokens"]["embedding"],
+            *moments]:
+    assert len(x.sharding.device_set) == 8
+    assert x.addressable_shards[0].data.size * 8 == x.size, x.shape
+  assert moments and not np.asarray(q.b).any() and np.asarray(q.a).any()
 
 
 def test_four_micro_batches_equal_one_big_batch():
