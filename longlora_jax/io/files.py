@@ -105,10 +105,14 @@ def check_writable(path: str | os.PathLike) -> Path:
   if not where.is_dir():
     raise LongLoraError(f"{path}: {where} is a file, not a directory; "
                         "move it away or write elsewhere (another --out)")
-  with reported(path):
-    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=where)
-    os.close(fd)
-    os.unlink(probe)
+  try:
+    with reported(path):
+      fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=where)
+      os.close(fd)
+      os.unlink(probe)
+  except OSError as e:  # A refusal with no fix of its own (e.g. /proc).
+    raise LongLoraError(f"{path}: cannot write there ({e.strerror or e}); "
+                        "write elsewhere (another --out)") from None
   return path
 
 

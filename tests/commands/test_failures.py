@@ -256,6 +256,10 @@ def test_a_second_run_on_one_directory_is_refused(files):
      "argument --warmup: '-5' is not an integer >= 0"),
     ("train.sft", ["--beta2", "1"],
      "argument --beta2: '1' is not a finite number in [0, 1)"),
+    ("eval.bench_host_memory", ["--ckpt", "M", "--out", "D",
+                                "--max-shard-size", "5XB"],
+     "argument --max-shard-size: '5XB' is not a size in bytes or e.g. 5GB "
+     "or 500MB"),
 ])
 def test_numbers_are_checked_at_the_door(command, args, message, capsys):
   import importlib

@@ -56,6 +56,14 @@ def test_check_writable_creates_nothing(tmp_path):
     check_writable(tmp_path / "file" / "out")
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs procfs")
+def test_check_writable_names_any_other_refusal():
+  # procfs takes no new files (ENOENT): one line all the same.
+  with pytest.raises(LongLoraError, match=r"^/proc/out: cannot write there "
+                     r"\(No such file or directory\); write elsewhere"):
+    check_writable("/proc/out")
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(small_fs):
   # A real full file system: a 64 KiB tmpfs. safetensors (Rust) reports
   # it as the export in the issue saw it.
