@@ -34,16 +34,20 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16,
   return {"k": zeros(), "v": zeros()}
 
 
-def cached_attention(q_BCNH, k_BSKH, v_BSKH, start, *, block: int = CACHE_BLOCK):
-  """Causal attention of C new queries at positions start..start+C-1.
+def cached_attention(q_BCNH, k_LBSKH, v_LBSKH, layer, start, *,
+                     block: int = CACHE_BLOCK):
+  """Causal attention of C new queries at positions start..start+C-1 over
+  layer `layer` of the stacked cache.
 
   Keys at positions <= each query's are read from the cache in blocks with
   an online softmax (float32), and the loop stops at the last block any
   query can see, so a prefill chunk or a decode step costs O(start + C),
-  whatever the cache length, and no [C, length] score matrix is made.
+  whatever the cache length, and no [C, length] score matrix is made. The
+  blocks are sliced from the stacked cache itself: slicing the layer out
+  first would copy all of its allocated length at every step.
   """
   B, C, N, H = q_BCNH.shape
-  S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+  S, K = k_LBSKH.shape[2], k_LBSKH.shape[3]
   Q = N // K
   q_BKQCH = (q_BCNH.reshape(B, C, K, Q, H).transpose(0, 2, 3, 1, 4)
              .astype(jnp.float32) * (H ** -0.5))
@@ -51,8 +55,9 @@ def cached_attention(q_BCNH, k_BSKH, v_BSKH, start, *, block: int = CACHE_BLOCK)
 
   def body(i, carry):
     m_BKQC, l_BKQC, acc_BKQCH = carry
-    k_blk = jax.lax.dynamic_slice_in_dim(k_BSKH, i * block, block, axis=1)
-    v_blk = jax.lax.dynamic_slice_in_dim(v_BSKH, i * block, block, axis=1)
+    at, size = (layer, 0, i * block, 0, 0), (1, B, block, K, H)
+    k_blk = jax.lax.dynamic_slice(k_LBSKH, at, size)[0]
+    v_blk = jax.lax.dynamic_slice(v_LBSKH, at, size)[0]
     s_BKQCS = jnp.einsum("BKQCH,BSKH->BKQCS", q_BKQCH, k_blk.astype(jnp.float32))
     k_pos_S = i * block + jnp.arange(block)
     s_BKQCS = jnp.where(k_pos_S[None, :] <= q_pos_C[:, None], s_BKQCS, -jnp.inf)

@@ -134,7 +134,7 @@ class Attention(nn.Module):
           cache[name], new[None].astype(cache[name].dtype),
           (layer, 0, start, 0, 0))
                for name, new in (("k", k_BTKH), ("v", v_BTKH))}
-      out_BTNH = cached_attention(q_BTNH, cache["k"][layer], cache["v"][layer],
+      out_BTNH = cached_attention(q_BTNH, cache["k"], cache["v"], layer,
                                   start)
     out_BTNH = shard_batch(out_BTNH)
     out_BTD = dense(D, "o_proj", cfg.o_bias)(out_BTNH.reshape(B, T, N * H))
