@@ -185,14 +185,15 @@ def plan(args) -> dict:
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
   mesh = _mesh(args)
-  # Full attention at long context means the memory-efficient kernel; the
-  # dense one ("full" in the registry) needs seq^2 memory. S²-Attn: what a
-  # run on the target picks, the fused kernel on a GPU where it applies.
+  # What a run on the target picks: the fused kernel on a GPU where it
+  # applies (for full attention too), else S²-Attn's default and, for full
+  # attention, the memory-efficient chunks (dense needs seq^2 memory).
   fused = (fused_for(config.head_dim, "bfloat16", platform="gpu")
-           if args.attention == "s2" and args.target != "cpu" else None)
-  attention = (AttentionSpec(implementation=fused) if fused else
-               AttentionSpec() if args.attention == "s2" else
-               AttentionSpec("full", implementation="chunked"))
+           if args.target != "cpu" else None)
+  attention = AttentionSpec(
+      args.attention,
+      implementation=fused or ("auto" if args.attention == "s2"
+                               else "chunked"))
   tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum)
   group = args.ctx // 4 if args.attention == "s2" else None
 
