@@ -133,7 +133,7 @@ def lower_extend(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,
   cache = jax.eval_shape(lambda: init_cache(config, batch, ctx, dtype))
   tensor = mesh.shape["tensor"]
   heads = "tensor" if config.num_key_value_heads % tensor == 0 else None
-  cache_sharding = NamedSharding(mesh, P(None, None, None, heads, None))
+  cache_sharding = NamedSharding(mesh, P(None, None, heads, None, None))
   chunk = 1 if decode else _chunk_size(ctx, chunk)
   ids = jax.ShapeDtypeStruct((batch, chunk), jnp.int32,
                              sharding=NamedSharding(mesh, P()))
