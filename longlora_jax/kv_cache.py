@@ -57,6 +57,14 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   q_BKQCH = (q_BCNH.reshape(B, C, K, Q, H).transpose(0, 2, 3, 1, 4)
              .astype(jnp.float32) * (H ** -0.5))
   q_pos_C = start + jnp.arange(C)
+  if Q * C == 1:
+    # One query per kv head (decoding without GQA): XLA:GPU would turn the
+    # matrix-vector products into reductions over the cache's minor axis
+    # and re-lay out the whole cache for them, a copy of all of it at every
+    # step. The query twice keeps them matrix products; the cache is read
+    # once all the same.
+    q_BKQCH = jnp.concatenate([q_BKQCH, q_BKQCH], axis=3)
+    q_pos_C = jnp.concatenate([q_pos_C, q_pos_C])
 
   def body(i, carry):
     m_BKQC, l_BKQC, acc_BKQCH = carry
@@ -78,10 +86,11 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
         "BKQCS,BKSH->BKQCH", p_BKQCS, v_BKSH.astype(jnp.float32))
     return m_new, l_BKQC, acc_BKQCH
 
-  init = (jnp.full((B, K, Q, C), -jnp.inf), jnp.zeros((B, K, Q, C)),
-          jnp.zeros((B, K, Q, C, H)))
+  rows = q_BKQCH.shape[3]
+  init = (jnp.full((B, K, Q, rows), -jnp.inf), jnp.zeros((B, K, Q, rows)),
+          jnp.zeros((B, K, Q, rows, H)))
   n_blocks = jnp.minimum((start + C + block - 1) // block, S // block)
   _, l_BKQC, acc_BKQCH = jax.lax.fori_loop(0, n_blocks, body, init)
-  out_BKQCH = acc_BKQCH / l_BKQC[..., None]
+  out_BKQCH = (acc_BKQCH / l_BKQC[..., None])[:, :, :, :C]
   return out_BKQCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
       q_BCNH.dtype)
