@@ -39,8 +39,11 @@ def parse_args(argv=None):
   p.add_argument("--max-tokens", type=cli.integer(1, tokens=True),
                  default=None,
                  help="when tokenising text, stop after this many tokens")
-  p.add_argument("--attention", default="chunked",
-                 help="full (dense, short contexts) or chunked (long)")
+  p.add_argument("--attention", default="auto",
+                 choices=("auto", "chunked", "full", "pallas"),
+                 help="auto: the fastest causal attention here (cuDNN or "
+                      "the Pallas kernel on NVIDIA GPUs, chunked "
+                      "elsewhere); full: dense, short contexts only")
   p.add_argument("--out", type=Path, default=Path("runs/perplexity"),
                  help="directory for perplexity.json and perplexity.png")
   return p.parse_args(argv)
