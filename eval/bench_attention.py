@@ -63,8 +63,8 @@ def parse_args(argv=None):
                  help="a fixed S²-Attn group size instead of the ratio")
   p.add_argument("--variant", default="flash", choices=("flash", "roll"),
                  help="S²-Attn groups of every S² method")
-  p.add_argument("--block", type=cli.count, default=512,
-                 help="chunked block size")
+  p.add_argument("--block", type=cli.count, default=None,
+                 help="chunked block size (default: 256 on a CPU, 512 else)")
   p.add_argument("--forward", action="store_true",
                  help="also time the forward pass alone")
   p.add_argument("--interpret", action="store_true",

@@ -70,15 +70,17 @@ def main(argv=None):
   rows = []
   for prompt in args.prompts:
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt))
+    times = []  # when each new token reached the host
     run = lambda n: generate(config, params, ids, max_new_tokens=n,
-                             chunk_size=args.chunk)
+                             chunk_size=args.chunk,
+                             on_token=lambda _: times.append(
+                                 time.perf_counter()))
     run(2)  # compile prefill and decode
-    t0 = time.perf_counter()
-    run(1)
-    prefill_s = time.perf_counter() - t0
+    times.clear()
     t0 = time.perf_counter()
     run(args.decode + 1)
-    decode_s = time.perf_counter() - t0 - prefill_s
+    # The first token ends the prefill; the others are one decode step each.
+    prefill_s, decode_s = times[0] - t0, times[-1] - times[0]
     rows.append({"prompt": prompt, "prefill_s": prefill_s,
                  "prefill_tok_s": prompt / prefill_s,
                  "decode_tok_s": args.decode / decode_s})

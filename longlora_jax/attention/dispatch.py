@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from longlora_jax.attention import cudnn_s2, pallas_s2
-from longlora_jax.attention.chunked import (DEFAULT_BLOCK,
-                                            chunked_causal_attention)
+from longlora_jax.attention.chunked import (chunked_causal_attention,
+                                            default_block)
 from longlora_jax.attention.dense import causal_attention
 from longlora_jax.attention.groups import check_variant, s2_group_size
 from longlora_jax.attention.s2 import s2_by_reshape
@@ -44,7 +44,7 @@ IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked",
 def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                  group_ratio: float = 0.25, variant: str = "flash",
                  implementation: str = "auto", segment_ids_BT=None,
-                 block_size: int = DEFAULT_BLOCK):
+                 block_size: int | None = None):
   """S²-Attn with the attention signature (groups and variants: `groups`).
 
   Args:
@@ -71,6 +71,8 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   """
   H = q_BTNH.shape[3]
   G = s2_group_size(q_BTNH.shape[1], group_size, group_ratio)
+  if block_size is None:
+    block_size = default_block()
   check_variant(variant)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "
@@ -149,7 +151,7 @@ FULL_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
 
 def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                    implementation: str = "auto",
-                   block_size: int = DEFAULT_BLOCK):
+                   block_size: int | None = None):
   """Causal attention over the whole sequence, with the attention signature.
 
   implementation: "auto" the fastest this backend has: on an NVIDIA GPU the
