@@ -36,7 +36,8 @@ def _torch_s2(q, k, v, w):
   from tests.references.hf_models import torch
   from tests.references.longlora_torch import s2_attention as official
   leaves = [torch.tensor(x, requires_grad=True) for x in (q, k, v)]
-  out, _ = official(None, *(x.transpose(1, 2) for x in leaves))
+  # Copies: it shifts its inputs in place.
+  out, _ = official(None, *(x.transpose(1, 2).clone() for x in leaves))
   (out * torch.tensor(w)).sum().backward()
   return out.detach().numpy(), [x.grad.numpy() for x in leaves]
 

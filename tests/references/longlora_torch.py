@@ -14,6 +14,7 @@ import warnings
 
 import torch
 import transformers
+from transformers.models.llama.modeling_llama import repeat_kv
 
 S2 = "longlora_s2"
 GROUP_SIZE_RATIO = 1 / 4  # the official `group_size_ratio`
@@ -25,7 +26,8 @@ def s2_attention(module, query, key, value, attention_mask=None,
                  scaling=None, dropout=0.0, **kwargs):
   """`forward_noflashattn`'s attention: `query` `[batch, heads, seq,
   head_dim]` and `key`, `value` `[batch, kv_heads, seq, head_dim]` after
-  RoPE; returns (`[batch, seq, heads, head_dim]`, None).
+  RoPE, which it overwrites, as the official code does (transformers
+  uses them no more); returns (`[batch, seq, heads, head_dim]`, None).
 
   The second half of the heads (from heads // 2) is rolled by -G/2 along
   the sequence, the sequence cut into groups of G = seq / 4 with causal
@@ -41,12 +43,10 @@ def s2_attention(module, query, key, value, attention_mask=None,
     raise ValueError("q_len %d should be divisible by group size %d."
                      % (q_len, group_size))
   num_group = q_len // group_size
-  repeats = num_heads // key.shape[1]
-  key = key.repeat_interleave(repeats, dim=1)  # transformers' repeat_kv
-  value = value.repeat_interleave(repeats, dim=1)
+  key = repeat_kv(key, num_heads // key.shape[1])
+  value = repeat_kv(value, num_heads // value.shape[1])
 
-  def shift(qkv):
-    qkv = qkv.clone()  # the official code shifts in place
+  def shift(qkv):  # in place, as the official code does
     qkv[:, num_heads // 2:] = qkv[:, num_heads // 2:].roll(
         -group_size // 2, dims=2)
     return qkv.transpose(1, 2).reshape(
@@ -61,8 +61,8 @@ def s2_attention(module, query, key, value, attention_mask=None,
   # The official code upcasts the softmax to float32.
   attn_weights = torch.nn.functional.softmax(
       attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
-  attn_output = torch.matmul(attn_weights, value).transpose(1, 2)
-  attn_output = attn_output.reshape(bsz, q_len, num_heads, head_dim).clone()
+  attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+  attn_output = attn_output.reshape(bsz, q_len, num_heads, head_dim)
   attn_output[:, :, num_heads // 2:] = attn_output[:, :, num_heads // 2:].roll(
       group_size // 2, dims=1)
   return attn_output, None
