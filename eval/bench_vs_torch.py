@@ -13,7 +13,9 @@ workload and length. A process runs its workload once untimed (the
 warm-up: compilation on our side) and then --repeats times; its time is
 the median. Ratios are ours / theirs per pair: their median and min-max.
 Greedy tokens must be equal on both sides. PyTorch runs on the CPU, so
-ours does too.
+ours does too. "load" is the 1-minute load average as each process starts:
+above the core count other jobs share the cores, and PyTorch's OpenMP
+threads then slow down far more than XLA's (try --torch-threads 1).
 
   python -m eval.bench_vs_torch --json vs_torch.json
   python -m eval.bench_vs_torch --workloads decode --new-tokens 128
@@ -62,6 +64,11 @@ def parse_args(argv=None):
                  help="(ours, theirs) process pairs per workload and length")
   p.add_argument("--repeats", default=1, type=number("--repeats", lo=1),
                  help="timed runs per process, after its warm-up")
+  p.add_argument("--torch-threads", default=0,
+                 type=number("--torch-threads", lo=0),
+                 help="PyTorch's intra-op threads; 0: its default (one per "
+                      "core). Its OpenMP threads slow down many times when "
+                      "other jobs share the cores")
   p.add_argument("--variant", default="flash", choices=("flash", "roll"),
                  help="our S²-Attn groups (theirs: the official roll); "
                       "roll computes what theirs does")
@@ -218,6 +225,8 @@ def theirs(workload: str, length: int, args, directory: str) -> dict:
 
   from tests.references import longlora_torch as recipe
 
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   torch.manual_seed(args.seed)
   ids = torch.tensor(prompt_ids(args, length), dtype=torch.long)
   if workload.endswith("_step"):
@@ -263,7 +272,8 @@ def _measure(job):
   side, *rest = job
   import transformers
   transformers.utils.logging.disable_progress_bar()
-  return (ours if side == "ours" else theirs)(*rest)
+  load = os.getloadavg()[0]  # other jobs on the machine, as it starts
+  return {"load": load, **(ours if side == "ours" else theirs)(*rest)}
 
 
 def summarize(workload: str, length: int, runs: list[tuple[dict, dict]],
@@ -277,7 +287,8 @@ def summarize(workload: str, length: int, runs: list[tuple[dict, dict]],
          "ratio": span([o["time_s"] / t["time_s"] for o, t in runs]),
          "pairs_s": [[o["time_s"], t["time_s"]] for o, t in runs],
          "ours_warmup_s": span([o["warmup_s"] for o, _ in runs]),
-         "theirs_warmup_s": span([t["warmup_s"] for _, t in runs])}
+         "theirs_warmup_s": span([t["warmup_s"] for _, t in runs]),
+         "load": span([r["load"] for pair in runs for r in pair])}
   if workload.endswith("_step"):
     # The first step's loss (the warm-up): LoRA starts as a no-op, so the
     # two sides compute the same loss (S²: with --variant roll).
@@ -304,12 +315,13 @@ def format_row(row: dict) -> str:
           f"{value(row['ours_s']):>14} {value(row['theirs_s']):>14} "
           f"{ratio['median']:>6.2f} ({ratio['min']:.2f}-{ratio['max']:.2f})"
           f"{row['ours_warmup_s']['median']:>9.1f} s "
-          f"{row['theirs_warmup_s']['median']:>6.1f} s  {check}")
+          f"{row['theirs_warmup_s']['median']:>6.1f} s "
+          f"{row['load']['min']:>4.1f}-{row['load']['max']:<4.1f} {check}")
 
 
 HEADER = (f"{'workload':<16} {'tokens':>6} {'ours':>14} {'theirs':>14} "
           f"{'ours/theirs (min-max)':>21} {'warm-up ours':>12} "
-          f"{'theirs':>7}  tokens")
+          f"{'theirs':>7} {'load':>9} tokens")
 
 
 def _cpu() -> str:
