@@ -39,7 +39,7 @@ def test_cached_greedy_equals_recompute(kv_heads, factor):
   np.testing.assert_array_equal(got, _recompute_greedy(cfg, params, ids, 12))
 
 
-@pytest.mark.parametrize("mesh", [None, "fsdp=8", "fsdp=4,tensor=2"])
+@pytest.mark.parametrize("mesh", [None, "fsdp=4,tensor=2"])
 def test_greedy_matches_transformers_generate(tiny_hf, mesh):
   # On a mesh the weights and the KV cache are sharded (the cache over kv
   # heads on the tensor axis); the tokens must not change.
