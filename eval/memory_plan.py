@@ -19,6 +19,7 @@ prefill step and a decode step of the KV-cache generator at --ctx tokens,
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -124,6 +125,7 @@ def plan_eval(args) -> dict:
 
   from longlora_jax.config import PRESETS, LlamaConfig, preset
   from longlora_jax.generate import lower_extend
+  from longlora_jax.kv_cache import cache_sharding
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
   mesh = _mesh(args)
@@ -132,9 +134,10 @@ def plan_eval(args) -> dict:
                                      chunk=args.chunk, batch=args.batch,
                                      decode=decode).compile()
   compiled, decode = step(False), step(True)
-  kv = config.num_key_value_heads
-  cache = (2 * config.num_hidden_layers * args.batch * args.ctx * kv
-           * config.head_dim * 2)
+  one = (config.num_hidden_layers, args.batch, config.num_key_value_heads,
+         config.head_dim, args.ctx)  # the keys' shape; the values' alike
+  parts = cache_sharding(config, args.batch, mesh).shard_shape(one)
+  cache = 2 * math.prod(one) * 2  # keys and values, bfloat16
   return {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": mesh.size, "evaluation": "prefill (eval.passkey, eval.ruler)",
@@ -144,8 +147,7 @@ def plan_eval(args) -> dict:
       "decode_per_device_gib": _memory(decode),
       "kv_cache_gib_total": cache / 2**30,
       "loading_gib": _loading(config, mesh),
-      "kv_cache_split": (mesh.shape["tensor"]
-                         if kv % mesh.shape["tensor"] == 0 else 1),
+      "kv_cache_split": math.prod(one) // math.prod(parts),
   }
 
 

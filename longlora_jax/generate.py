@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from longlora_jax.config import LlamaConfig
-from longlora_jax.kv_cache import init_cache
+from longlora_jax.kv_cache import cache_sharding, init_cache
 from longlora_jax.model import extend_cache, init_params, lm_head
 from longlora_jax.sharding import shardings_like
 
@@ -122,23 +122,21 @@ def lower_extend(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,
   lowered for `mesh` against abstract arrays: the last prefill step
   (`chunk` queries, as `generate` rounds it) or, with `decode`, one decode
   step (one query), over a cache of `ctx` positions. Weights are split by
-  the parameter rules, the cache's kv heads over the tensor axis and whole
-  on every other device (there is no context-parallel axis to split its
-  length)."""
+  the parameter rules and the cache as `generate` lays it out
+  (`kv_cache.cache_sharding`; there is no context-parallel axis to split
+  its length)."""
   abstract = lambda tree, shardings: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
       shardings)
   params = jax.eval_shape(lambda k: init_params(config, k, dtype=dtype),
                           jax.random.key(0))
   cache = jax.eval_shape(lambda: init_cache(config, batch, ctx, dtype))
-  tensor = mesh.shape["tensor"]
-  heads = "tensor" if config.num_key_value_heads % tensor == 0 else None
-  cache_sharding = NamedSharding(mesh, P(None, None, heads, None, None))
+  sharding = cache_sharding(config, batch, mesh)
   chunk = 1 if decode else _chunk_size(ctx, chunk)
   ids = jax.ShapeDtypeStruct((batch, chunk), jnp.int32,
                              sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh):
     return _extend.lower(
         config, abstract(params, shardings_like(params, mesh)),
-        abstract(cache, jax.tree.map(lambda _: cache_sharding, cache)), ids,
+        abstract(cache, jax.tree.map(lambda _: sharding, cache)), ids,
         ctx - chunk, chunk - 1)

@@ -22,21 +22,25 @@ CACHE_BLOCK = 512  # Key block of the attention loop; cache lengths are multiple
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16,
                mesh=None):
   """An empty cache for `length` positions (rounded up to CACHE_BLOCK); on
-  `mesh`, its rows split over the batch axes and its kv heads over the
-  tensor axis, where they divide."""
+  `mesh`, laid out by `cache_sharding`."""
   length = -(-length // CACHE_BLOCK) * CACHE_BLOCK
   L, K, H = (config.num_hidden_layers, config.num_key_value_heads,
              config.head_dim)
   shapes = {"k": (L, batch, K, H, length), "v": (L, batch, K, length, H)}
-  sharding = None
-  if mesh is not None:
-    rows = BATCH_AXES if batch % batch_parallelism(mesh) == 0 else None
-    heads = ("tensor" if config.num_key_value_heads % mesh.shape["tensor"] == 0
-             else None)
-    sharding = NamedSharding(mesh, P(None, rows, heads, None, None))
+  sharding = None if mesh is None else cache_sharding(config, batch, mesh)
   return {name: jax.jit(lambda shape=shape: jnp.zeros(shape, dtype),
                         out_shardings=sharding)()
           for name, shape in shapes.items()}
+
+
+def cache_sharding(config: LlamaConfig, batch: int, mesh) -> NamedSharding:
+  """How a cache of `batch` rows lies on `mesh` (keys and values alike): its
+  rows split over the batch axes and its kv heads over the tensor axis,
+  where they divide."""
+  rows = BATCH_AXES if batch % batch_parallelism(mesh) == 0 else None
+  heads = ("tensor" if config.num_key_value_heads % mesh.shape["tensor"] == 0
+           else None)
+  return NamedSharding(mesh, P(None, rows, heads, None, None))
 
 
 def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
