@@ -28,6 +28,9 @@ masked-out work).
 import argparse
 import datetime
 import time
+from pathlib import Path
+
+from longlora_jax import cli
 
 
 METHODS = ("full", "chunked", "s2_xla", "s2_chunked", "pallas",
@@ -41,24 +44,27 @@ GPU_SUITE = dict(seqs=[8192, 16384, 32768, 65536], heads=32, head_dim=128,
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--seqs", type=int, nargs="+",
-                 default=[1024, 2048, 4096, 8192, 16384])
+  p = cli.Parser(__doc__)
+  p.add_argument("--seqs", type=cli.count, nargs="+",
+                 default=[1024, 2048, 4096, 8192, 16384],
+                 help="sequence lengths")
   p.add_argument("--methods", nargs="+", choices=METHODS,
                  default=list(DEFAULT_METHODS))
-  p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--heads", type=int, default=4, help="query heads")
-  p.add_argument("--kv-heads", type=int, default=None, help="default: heads")
-  p.add_argument("--head-dim", type=int, default=64)
+  p.add_argument("--batch", type=cli.count, default=1)
+  p.add_argument("--heads", type=cli.count, default=4, help="query heads")
+  p.add_argument("--kv-heads", type=cli.count, default=None,
+                 help="default: heads")
+  p.add_argument("--head-dim", type=cli.count, default=64)
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="default: bfloat16 on GPU, float32 on CPU")
-  p.add_argument("--group-ratio", type=float, default=0.25,
+  p.add_argument("--group-ratio", type=cli.fraction, default=0.25,
                  help="S²-Attn group size / seq (LongLoRA: 1/4)")
-  p.add_argument("--group-size", type=int, default=None,
+  p.add_argument("--group-size", type=cli.integer(2), default=None,
                  help="a fixed S²-Attn group size instead of the ratio")
   p.add_argument("--variant", default="flash", choices=("flash", "roll"),
                  help="S²-Attn groups of every S² method")
-  p.add_argument("--block", type=int, default=512, help="chunked block size")
+  p.add_argument("--block", type=cli.count, default=None,
+                 help="chunked block size (default: 256 on a CPU, 512 else)")
   p.add_argument("--forward", action="store_true",
                  help="also time the forward pass alone")
   p.add_argument("--interpret", action="store_true",
@@ -71,13 +77,14 @@ def parse_args(argv=None):
                  help="issue 4's GPU comparison: " + ", ".join(
                      f"{k}={v}" for k, v in GPU_SUITE.items())
                  + " (explicit flags after it still apply)")
-  p.add_argument("--time-max-seq", type=int, default=8192,
+  p.add_argument("--time-max-seq", type=cli.count, default=8192,
                  help="longer sequences: memory only (compiled, not run)")
-  p.add_argument("--full-max-seq", type=int, default=4096,
+  p.add_argument("--full-max-seq", type=cli.count, default=4096,
                  help="longer sequences: full attention memory only")
-  p.add_argument("--repeats", type=int, default=3,
+  p.add_argument("--repeats", type=cli.count, default=3,
                  help="timed runs after a warm-up; the median is reported")
-  p.add_argument("--json", metavar="OUT", help="write the results here")
+  p.add_argument("--json", metavar="OUT", type=Path,
+                 help="write the results here")
   args = p.parse_args(argv)
   if args.gpu_suite:
     # The suite's values, except where a flag was given explicitly.
@@ -250,6 +257,9 @@ def _row(r, tera):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.json:
+    from longlora_jax.io.files import check_writable
+    check_writable(args.json.parent)
   if args.isolate:
     import multiprocessing
     # Spawned children start JAX afresh; the parent never touches the GPU
@@ -314,4 +324,4 @@ def _print_header(header):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

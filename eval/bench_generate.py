@@ -9,32 +9,41 @@ shape runs once untimed first).
   python -m eval.bench_generate --hidden 512 --layers 8 --heads 8   # CPU-sized
 """
 
-import argparse
 import dataclasses
 import datetime
 import time
+from pathlib import Path
+
+from longlora_jax import cli
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--model", default=None,
-                 help="preset (llama2-7b, ...); default: the --hidden etc. shape")
-  p.add_argument("--hidden", type=int, default=512)
-  p.add_argument("--layers", type=int, default=8)
-  p.add_argument("--heads", type=int, default=8)
-  p.add_argument("--kv-heads", type=int, default=None)
-  p.add_argument("--vocab", type=int, default=32000)
-  p.add_argument("--prompts", type=int, nargs="+", default=[4096, 16384, 32768])
-  p.add_argument("--decode", type=int, default=32, help="new tokens per prompt")
-  p.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+                 help="preset (llama2-7b, ...); default: the --hidden etc. "
+                      "shape")
+  p.add_argument("--hidden", type=cli.count, default=512)
+  p.add_argument("--layers", type=cli.count, default=8)
+  p.add_argument("--heads", type=cli.count, default=8)
+  p.add_argument("--kv-heads", type=cli.count, default=None)
+  p.add_argument("--vocab", type=cli.count, default=32000)
+  p.add_argument("--prompts", type=cli.count, nargs="+",
+                 default=[4096, 16384, 32768], help="prompt lengths")
+  p.add_argument("--decode", type=cli.count, default=32,
+                 help="new tokens per prompt")
+  p.add_argument("--chunk", type=cli.count, default=2048,
+                 help="prefill chunk")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                  help="default: bfloat16 on GPU, float32 on CPU")
-  p.add_argument("--json", metavar="OUT")
+  p.add_argument("--json", metavar="OUT", type=Path)
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.json:
+    from longlora_jax.io.files import check_writable
+    check_writable(args.json.parent)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -61,15 +70,17 @@ def main(argv=None):
   rows = []
   for prompt in args.prompts:
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (1, prompt))
+    times = []  # when each new token reached the host
     run = lambda n: generate(config, params, ids, max_new_tokens=n,
-                             chunk_size=args.chunk)
+                             chunk_size=args.chunk,
+                             on_token=lambda _: times.append(
+                                 time.perf_counter()))
     run(2)  # compile prefill and decode
-    t0 = time.perf_counter()
-    run(1)
-    prefill_s = time.perf_counter() - t0
+    times.clear()
     t0 = time.perf_counter()
     run(args.decode + 1)
-    decode_s = time.perf_counter() - t0 - prefill_s
+    # The first token ends the prefill; the others are one decode step each.
+    prefill_s, decode_s = times[0] - t0, times[-1] - times[0]
     rows.append({"prompt": prompt, "prefill_s": prefill_s,
                  "prefill_tok_s": prompt / prefill_s,
                  "decode_tok_s": args.decode / decode_s})
@@ -90,4 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -13,41 +13,54 @@ in RSS.
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import time
 from pathlib import Path
 
-from eval.common import number
+from longlora_jax import cli
 
 _GB = 1e9
 
 
+def _shard_size(text: str) -> int | str:
+  """An argparse `type`: bytes, or a size such as 5GB (as save_hf takes)."""
+  from longlora_jax.errors import CheckpointError
+  from longlora_jax.io.hf import parse_size
+  size = int(text) if text.isdigit() else text
+  try:
+    parse_size(size)
+  except CheckpointError:
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a size in bytes or e.g. 5GB or 500MB") from None
+  return size
+
+
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--ckpt", required=True,
                  help="HF checkpoint directory or hf:ORG/NAME")
   p.add_argument("--mesh", default="fsdp=-1",
                  help="device mesh, e.g. fsdp=8 or fsdp=4,tensor=2")
-  p.add_argument("--ctx", type=number("--ctx", lo=1), default=None,
+  p.add_argument("--ctx", type=cli.count, default=None,
                  help="context the run extends to (RoPE factor); default "
                       "twice the model's")
-  p.add_argument("--steps", type=number("--steps", lo=0), default=1,
+  p.add_argument("--steps", type=cli.index, default=1,
                  help="LoRA+ S²-Attn train steps between loading and export "
                       "(0: export the freshly adapted model)")
-  p.add_argument("--seq-len", type=number("--seq-len", lo=8), default=64,
+  p.add_argument("--seq-len", type=cli.integer(8), default=64,
                  help="tokens per row of the train steps (one row per "
                       "data-parallel device)")
   p.add_argument("--dtype", default="bfloat16",
                  choices=("bfloat16", "float32", "float16"))
-  p.add_argument("--max-shard-size", default="1GB",
+  p.add_argument("--max-shard-size", type=_shard_size, default="1GB",
                  help="the exported model's shard files (transformers' 5GB "
                       "for real runs; smaller shows the bound on small "
                       "models)")
   p.add_argument("--out", type=Path, required=True,
                  help="directory for the export (hf/ and peft/ inside)")
-  p.add_argument("--json", metavar="FILE", help="write the figures here too")
+  p.add_argument("--json", metavar="FILE", type=Path,
+                 help="write the figures here too")
   return p.parse_args(argv)
 
 
@@ -98,9 +111,12 @@ def _phase(name: str, run, report: dict):
 def main(argv=None):
   args = parse_args(argv)
   from longlora_jax.errors import LongLoraError
+  from longlora_jax.io.files import check_writable, write_json
   if not Path("/proc/self/status").exists():
     raise LongLoraError("this benchmark reads Linux's /proc/self; run it on "
                         "Linux")
+  for out in (args.out, *([args.json.parent] if args.json else [])):
+    check_writable(out)
   import jax
   import numpy as np
   from longlora_jax.io.checkpoint import Checkpoint, param_shardings
@@ -159,9 +175,8 @@ def main(argv=None):
         f"{args.mesh}, {jax.device_count()} {report['platform']} devices"
         + (f"; loss {loss:.4f}" if loss is not None else ""))
   if args.json:
-    Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":
-  from longlora_jax import cli
   cli.run(main)

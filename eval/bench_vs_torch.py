@@ -19,10 +19,10 @@ threads then slow down far more than XLA's; --cpus 1 gives each side one
 core (the same one) and one thread.
 
   python -m eval.bench_vs_torch --json vs_torch.json
+  python -m eval.bench_vs_torch --cpus 1     # a machine other jobs share
   python -m eval.bench_vs_torch --workloads decode --new-tokens 128
 """
 
-import argparse
 import datetime
 import multiprocessing
 import os
@@ -32,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval.common import number
 from longlora_jax import cli
 from longlora_jax.errors import LongLoraError
 
@@ -42,31 +41,28 @@ TITLES = {"s2_step": "S² train step", "full_step": "full train step",
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = cli.Parser(__doc__)
   p.add_argument("--workloads", nargs="+", choices=WORKLOADS,
                  default=list(WORKLOADS), metavar="WORKLOAD",
                  help="of " + ", ".join(WORKLOADS))
   p.add_argument("--train-lengths", nargs="+", default=[2048, 4096],
-                 type=number("--train-lengths", lo=8, tokens=True),
+                 type=cli.integer(8, tokens=True),
                  help="tokens per training step (S²: a multiple of 8)")
   p.add_argument("--prefill-lengths", nargs="+", default=[2048],
-                 type=number("--prefill-lengths", lo=1, tokens=True),
+                 type=cli.integer(1, tokens=True),
                  help="prompt tokens prefilled (time to the first token)")
   p.add_argument("--decode-prompt", default=2048,
-                 type=number("--decode-prompt", lo=1, tokens=True),
+                 type=cli.integer(1, tokens=True),
                  help="prompt tokens before decoding")
   p.add_argument("--new-tokens", default=64,
-                 type=number("--new-tokens", lo=2),
+                 type=cli.integer(2),
                  help="greedy tokens decoded (the rate counts all but the "
                       "first, which prefill gives)")
-  p.add_argument("--pairs", default=3, type=number("--pairs", lo=1),
+  p.add_argument("--pairs", default=3, type=cli.integer(1),
                  help="(ours, theirs) process pairs per workload and length")
-  p.add_argument("--repeats", default=1, type=number("--repeats", lo=1),
+  p.add_argument("--repeats", default=1, type=cli.integer(1),
                  help="timed runs per process, after its warm-up")
-  p.add_argument("--cpus", default=0,
-                 type=number("--cpus", lo=0, hi=os.cpu_count()),
+  p.add_argument("--cpus", default=0, type=cli.integer(0, os.cpu_count()),
                  help="pin both sides to the first CPUS cores, PyTorch with "
                       "as many threads; 0: every core, PyTorch's default "
                       "threads")
@@ -79,12 +75,12 @@ def parse_args(argv=None):
       ("heads", 8, "attention heads (as many kv heads)"),
       ("intermediate", 1376, "MLP size"), ("vocab", 32000, "vocabulary")):
     model.add_argument(f"--{flag}", default=default, help=text,
-                       type=number(f"--{flag}", lo=1))
+                       type=cli.integer(1))
   model.add_argument("--init-std", default=0.02,
-                     type=number("--init-std", lo=0, kind=float),
+                     type=cli.real(0),
                      help="std of the random weights (transformers' "
                           "initializer_range)")
-  p.add_argument("--seed", default=0, type=number("--seed", lo=0),
+  p.add_argument("--seed", default=0, type=cli.integer(0),
                  help="weights, prompts and LoRA")
   p.add_argument("--json", metavar="OUT", help="write the results here")
   args = p.parse_args(argv)

@@ -3,7 +3,6 @@
   python -m eval.chat --ckpt DIR --material book.txt --question "Who is Ahab?"
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -19,16 +18,20 @@ from longlora_jax.sft import CHAT_PROMPT
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   add_model_args(p)
   p.add_argument("--material", type=Path, required=True,
                  help="a (long) .txt document the question is about")
   p.add_argument("--question", required=True)
-  p.add_argument("--max-gen-len", type=int, default=512)
-  p.add_argument("--temperature", type=float, default=0.6)
-  p.add_argument("--top-p", type=float, default=0.9)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--chunk-size", type=int, default=2048)
+  p.add_argument("--max-gen-len", type=cli.count, default=512,
+                 help="most tokens to generate")
+  p.add_argument("--temperature", type=cli.real(0.0), default=0.6,
+                 help="sampling temperature (0: greedy)")
+  p.add_argument("--top-p", type=cli.fraction, default=0.9,
+                 help="nucleus sampling mass")
+  p.add_argument("--seed", type=cli.index, default=0, help="sampling seed")
+  p.add_argument("--chunk-size", type=cli.count, default=2048,
+                 help="prefill tokens per step")
   return p.parse_args(argv)
 
 
@@ -54,6 +57,9 @@ class Streamer:
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.material.is_dir():
+    raise LongLoraError(f"--material {args.material}: is a directory; pass "
+                        "a .txt file")
   if not args.material.is_file():
     raise LongLoraError(f"--material {args.material}: no such file")
   config, params, tokenizer, _ = load_model(args)

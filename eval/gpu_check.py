@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from longlora_jax import cli
-from longlora_jax.io.files import write_json, write_text
+from longlora_jax.io.files import check_writable, write_json, write_text
 
 # Section -> (seconds it may take, seconds it needs to start), in the order
 # they run: what matters most first (`gpu_check_sections` holds them).
@@ -36,28 +36,24 @@ SECTIONS = {
 }
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(
-      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.Parser(__doc__)
   p.add_argument("--out", type=Path, default=Path("runs/gpu_check"),
-                 help="directory for gpu_check.json and gpu_check.md "
-                      "(default runs/gpu_check)")
-  p.add_argument("--budget", type=float, default=470,
-                 help="seconds for all sections (default 470)")
+                 help="directory for gpu_check.json and gpu_check.md")
+  p.add_argument("--budget", type=cli.positive, default=470,
+                 help="seconds for all sections")
   p.add_argument("--smoke", action="store_true",
                  help="tiny sizes on any backend, Pallas interpreter")
   p.add_argument("--sections", nargs="+", choices=sorted(SECTIONS),
                  default=list(SECTIONS), help="default: all, in order")
   p.add_argument("--section", help=argparse.SUPPRESS)  # child process
-  args = p.parse_args(argv)
-  if args.budget <= 0:
-    p.error("--budget must be > 0 seconds")
-  return args
+  return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
   if args.section:
     return _child(args)
+  check_writable(args.out)
   args.out.mkdir(parents=True, exist_ok=True)
   start, report = time.time(), {"smoke": args.smoke, "sections": {}}
   for name in args.sections:
@@ -139,7 +135,7 @@ def summarize(report: dict) -> str:
            f"- device: {env.get('device_kind', '?')}, backend "
            f"{env.get('backend', '?')}, jax {env.get('jax', '?')}, "
            f"auto takes {env.get('auto', '?')}",
-           f"- sections: " + ", ".join(f"{k} {v.get('status')}"
+           "- sections: " + ", ".join(f"{k} {v.get('status')}"
                                        for k, v in s.items())]
   checks = s.get("correctness", {}).get("checks", [])
   if checks:

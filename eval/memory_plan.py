@@ -12,11 +12,11 @@ bfloat16 buffers in float32 and so over-states GPU memory.
   python -m eval.memory_plan --eval --model llama3.1-8b --ctx 400000 \
       --mesh tensor=2 --target h100
 
-`--eval` plans an evaluation instead (passkey, RULER: the last prefill
-step of the KV-cache generator at --ctx tokens, --batch prompts).
+`--eval` plans an evaluation instead (passkey, RULER, generation: the last
+prefill step and a decode step of the KV-cache generator at --ctx tokens,
+--batch prompts).
 """
 
-import argparse
 import contextlib
 import json
 import os
@@ -25,19 +25,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from longlora_jax import gpu_target
+from longlora_jax import cli, gpu_target
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--model", default="llama2-7b",
                  help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
                       "qwen2.5-7b, mistral-7b) or a checkpoint directory / "
                       "config.json")
-  p.add_argument("--ctx", type=int, default=100000, help="sequence length")
+  p.add_argument("--ctx", type=cli.count, default=100000,
+                 help="sequence length")
   p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, data=2,fsdp=4")
-  p.add_argument("--batch", type=int, default=1, help="sequences per device")
-  p.add_argument("--accum", type=int, default=1, help="micro-batches per step")
+  p.add_argument("--batch", type=cli.count, default=1,
+                 help="sequences per device")
+  p.add_argument("--accum", type=cli.count, default=1,
+                 help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
   p.add_argument("--remat", default="full")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
@@ -50,9 +53,10 @@ def parse_args(argv=None):
   mode.add_argument("--full-ft", dest="mode", action="store_const", const="full")
   p.set_defaults(mode="lora+")
   p.add_argument("--eval", action="store_true",
-                 help="plan the evaluation prefill (eval.passkey, "
-                      "eval.ruler) instead of the train step")
-  p.add_argument("--chunk", type=int, default=2048,
+                 help="plan generation's last prefill step and a decode "
+                      "step (eval.passkey, eval.ruler, eval.chat) instead "
+                      "of the train step")
+  p.add_argument("--chunk", type=cli.count, default=2048,
                  help="--eval: prefill tokens per step")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
@@ -114,17 +118,20 @@ def _memory(compiled) -> dict:
 
 
 def plan_eval(args) -> dict:
-  """XLA's per-device memory of the evaluation prefill at --ctx."""
+  """XLA's per-device memory of the evaluation's last prefill step and of
+  a decode step at --ctx."""
   import jax
 
   from longlora_jax.config import PRESETS, LlamaConfig, preset
-  from longlora_jax.generate import lower_prefill
+  from longlora_jax.generate import lower_extend
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
   mesh = _mesh(args)
   t0 = time.time()
-  compiled = lower_prefill(config, mesh, ctx=args.ctx, chunk=args.chunk,
-                           batch=args.batch).compile()
+  step = lambda decode: lower_extend(config, mesh, ctx=args.ctx,
+                                     chunk=args.chunk, batch=args.batch,
+                                     decode=decode).compile()
+  compiled, decode = step(False), step(True)
   kv = config.num_key_value_heads
   cache = (2 * config.num_hidden_layers * args.batch * args.ctx * kv
            * config.head_dim * 2)
@@ -134,6 +141,7 @@ def plan_eval(args) -> dict:
       "batch": args.batch, "chunk": args.chunk, "target": args.target,
       "jax": jax.__version__, "compile_seconds": round(time.time() - t0, 1),
       "per_device_gib": _memory(compiled),
+      "decode_per_device_gib": _memory(decode),
       "kv_cache_gib_total": cache / 2**30,
       "loading_gib": _loading(config, mesh),
       "kv_cache_split": (mesh.shape["tensor"]
@@ -185,14 +193,15 @@ def plan(args) -> dict:
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
   mesh = _mesh(args)
-  # Full attention at long context means the memory-efficient kernel; the
-  # dense one ("full" in the registry) needs seq^2 memory. S²-Attn: what a
-  # run on the target picks, the fused kernel on a GPU where it applies.
+  # What a run on the target picks: the fused kernel on a GPU where it
+  # applies (for full attention too), else S²-Attn's default and, for full
+  # attention, the memory-efficient chunks (dense needs seq^2 memory).
   fused = (fused_for(config.head_dim, "bfloat16", platform="gpu")
-           if args.attention == "s2" and args.target != "cpu" else None)
-  attention = (AttentionSpec(implementation=fused) if fused else
-               AttentionSpec() if args.attention == "s2" else
-               AttentionSpec("full", implementation="chunked"))
+           if args.target != "cpu" else None)
+  attention = AttentionSpec(
+      args.attention,
+      implementation=fused or ("auto" if args.attention == "s2"
+                               else "chunked"))
   tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum)
   group = args.ctx // 4 if args.attention == "s2" else None
 
@@ -271,8 +280,10 @@ def main(argv=None):
           f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
           f"jax {result['jax']})")
     print("per device (XLA memory analysis, GiB):")
+    print(f"  {'':<14} {'prefill':>8} {'decode':>8}")
     for k, v in result["per_device_gib"].items():
-      print(f"  {k:<14} {v:8.2f}")
+      print(f"  {k:<14} {v:8.2f} "
+            f"{result['decode_per_device_gib'][k]:8.2f}")
     print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
           f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
     _print_loading(result)
@@ -306,5 +317,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from longlora_jax import cli
   cli.run(main)

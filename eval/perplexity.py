@@ -3,52 +3,58 @@
   python -m eval.perplexity --ckpt DIR --data pg19_test.bin --seq-len 4096 8192 32768
 """
 
-import argparse
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model, number
+from eval.common import add_model_args, load_model
 from longlora_jax import cli
-from longlora_jax.io.files import write_json
-from longlora_jax.plots import save_plot
-from longlora_jax.data import iter_texts, load_tokens, tokenize_documents
+from longlora_jax.data import (TOKEN_SUFFIXES, iter_texts, load_tokens,
+                               tokenize_documents)
+from longlora_jax.io.files import check_writable, write_json
 from longlora_jax.perplexity import MODES, evaluate, window_starts
+from longlora_jax.plots import save_plot
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   add_model_args(p)
   p.add_argument("--data", required=True,
                  help="token file (.bin uint16 / .npy), text file(s) or "
                       "directory, or a HF dataset name")
-  p.add_argument("--seq-len", nargs="+", default=[2048, 4096],
-                 type=number("--seq-len", lo=2, tokens=True),
+  p.add_argument("--seq-len", type=cli.integer(2, tokens=True), nargs="+",
+                 default=[2048, 4096],
                  help="context lengths in tokens (32k = 32768, or the "
                       "trained length, e.g. 100000)")
-  p.add_argument("--stride", type=number("--stride", lo=1), default=256,
+  p.add_argument("--stride", type=cli.count, default=256,
                  help="tokens between window starts")
-  p.add_argument("--mode", choices=MODES, default="official")
-  p.add_argument("--batch-size", type=number("--batch-size", lo=1),
-                 default=1)
-  p.add_argument("--max-windows", type=number("--max-windows", lo=1),
-                 default=None,
+  p.add_argument("--mode", choices=MODES, default="official",
+                 help="official: the LongLoRA script's windows; sliding: "
+                      "every token scored once")
+  p.add_argument("--batch-size", type=cli.count, default=1,
+                 help="windows per forward pass")
+  p.add_argument("--max-windows", type=cli.count, default=None,
                  help="evaluate this many evenly spaced windows per length "
                       "(default: all, as the official protocol)")
-  p.add_argument("--max-tokens", default=None,
-                 type=number("--max-tokens", lo=1, tokens=True),
+  p.add_argument("--max-tokens", type=cli.integer(1, tokens=True),
+                 default=None,
                  help="when tokenising text, stop after this many tokens")
-  p.add_argument("--attention", default="chunked",
-                 help="full (dense, short contexts) or chunked (long)")
-  p.add_argument("--out", type=Path, default=Path("runs/perplexity"))
+  p.add_argument("--attention", default="auto",
+                 choices=("auto", "chunked", "full", "pallas"),
+                 help="auto: the fastest causal attention here (cuDNN or "
+                      "the Pallas kernel on NVIDIA GPUs, chunked "
+                      "elsewhere); full: dense, short contexts only")
+  p.add_argument("--out", type=Path, default=Path("runs/perplexity"),
+                 help="directory for perplexity.json and perplexity.png")
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  check_writable(args.out)
   config, params, tokenizer, directory = load_model(args)
-  if Path(args.data).suffix in (".bin", ".npy"):
-    tokens = load_tokens(args.data)
+  if Path(args.data).suffix in TOKEN_SUFFIXES:
+    tokens = load_tokens(args.data, config.vocab_size)
   else:
     tokens = tokenize_documents(tokenizer, iter_texts(args.data),
                                 max_tokens=args.max_tokens)

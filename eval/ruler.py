@@ -10,36 +10,33 @@ settings reuses them), OUT/scores.png (task x length) and OUT/depth.png
 (needle depth x length, single-needle tasks).
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model, number
+from eval.common import add_model_args, load_model
 from longlora_jax import cli, ruler
 from longlora_jax import ruler_sources as rs
 from longlora_jax import ruler_tasks as rt
-from longlora_jax.io.files import write_json
+from longlora_jax.io.files import check_writable, write_json
 from longlora_jax.plots import save_heatmap
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = cli.Parser(__doc__)
   add_model_args(p)
   p.add_argument("--lengths", nargs="+", default=[4096, 8192, 16384, 32768],
-                 type=number("--lengths", lo=64, tokens=True),
+                 type=cli.integer(64, tokens=True),
                  help="prompt + generation lengths in tokens (4k = 4096)")
   p.add_argument("--tasks", nargs="+", default=list(rt.TASKS),
                  choices=list(rt.TASKS), metavar="TASK",
                  help=f"from: {' '.join(rt.TASKS)}")
-  p.add_argument("--samples", type=number("--samples", lo=1), default=25,
+  p.add_argument("--samples", type=cli.count, default=25,
                  help="prompts per task and length")
-  p.add_argument("--seed", type=number("--seed", lo=0), default=42)
+  p.add_argument("--seed", type=cli.index, default=42)
   p.add_argument("--depths", nargs="+", default=list(rt.DEFAULT_DEPTHS),
-                 type=number("--depths", lo=0, hi=100, kind=float),
+                 type=cli.real(0.0, 100.0),
                  help="needle depths in percent of the haystack")
   p.add_argument("--haystack", type=Path, default=None,
                  help="text FILE or DIR of .txt/.md files (default: the "
@@ -51,16 +48,18 @@ def parse_args(argv=None):
                       "without)")
   p.add_argument("--chat-template", choices=ruler.CHAT_TEMPLATES,
                  default="auto", help="auto: the tokenizer's, if any")
-  p.add_argument("--batch-size", type=number("--batch-size", lo=1),
+  p.add_argument("--batch-size", type=cli.count,
                  default=8, help="prompts generated together")
-  p.add_argument("--chunk-size", type=number("--chunk-size", lo=1),
+  p.add_argument("--chunk-size", type=cli.count,
                  default=2048, help="prefill tokens per step")
-  p.add_argument("--out", type=Path, default=Path("runs/ruler"))
+  p.add_argument("--out", type=Path, default=Path("runs/ruler"),
+                 help="directory for the scores, samples and heatmaps")
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  check_writable(args.out)
   lengths, depths = sorted(set(args.lengths)), sorted(set(args.depths))
   qa = {name: reader(path) for name, reader, path in (
       ("squad", rs.read_squad, args.squad),

@@ -4,7 +4,6 @@
   python -m eval.score --ckpt hf:meta-llama/Llama-2-7b-hf --text "Paris is"
 """
 
-import argparse
 import functools
 import math
 from pathlib import Path
@@ -23,14 +22,15 @@ DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--ckpt", default="demo",
                  help="HF checkpoint directory, hf:ORG/NAME, or 'demo' (the "
                       "built-in tiny model pretrained on Python source)")
-  p.add_argument("--text", default=DEFAULT_TEXT)
+  p.add_argument("--text", default=DEFAULT_TEXT, help="the text to score")
   p.add_argument("--dtype", default="float32",
                  choices=("float32", "bfloat16", "float16"))
-  p.add_argument("--top-k", type=int, default=5)
+  p.add_argument("--top-k", type=cli.count, default=5,
+                 help="most likely next tokens shown")
   add_mesh_arg(p)
   return p.parse_args(argv)
 

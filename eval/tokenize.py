@@ -3,25 +3,29 @@
   python -m eval.tokenize --tokenizer DIR --data book.txt --out book.bin
 """
 
-import argparse
 from pathlib import Path
 
 from longlora_jax import cli
 from longlora_jax.data import iter_texts, tokenize_documents, write_tokens
+from longlora_jax.io.files import check_writable
 from longlora_jax.io.checkpoint import load_tokenizer
 from longlora_jax.io.hub import TOKENIZER_FILES, resolve_checkpoint
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--tokenizer", required=True,
                  help="checkpoint directory or hf:ORG/NAME with a tokenizer")
   p.add_argument("--data", required=True,
                  help="text file(s) directory, file, or HF dataset name")
-  p.add_argument("--text-field", default="text")
-  p.add_argument("--max-tokens", type=int, default=None)
-  p.add_argument("--out", type=Path, required=True)
+  p.add_argument("--text-field", default="text",
+                 help="text column of records")
+  p.add_argument("--max-tokens", type=cli.count, default=None,
+                 help="stop after this many tokens")
+  p.add_argument("--out", type=Path, required=True,
+                 help="the token file to write (.bin or .npy)")
   args = p.parse_args(argv)
+  check_writable(args.out.parent)
   tokenizer = load_tokenizer(resolve_checkpoint(args.tokenizer,
                                                 patterns=TOKENIZER_FILES))
   tokens = tokenize_documents(

@@ -5,7 +5,18 @@ The names below load lazily; the rest lives in the subpackages
 (checkpoints, adapters, files) and `longlora_jax.training` (the engine).
 """
 
+import os as _os
+
 from longlora_jax import _lazy
+
+# JAX's CUDA plugin (the test requirements install it for its compiler,
+# which needs no GPU) checks the CUDA libraries when JAX starts and logs a
+# 20-line "Unable to load cuDNN" traceback where they are absent, then runs
+# on the CPU. Where no NVIDIA GPU can be (no driver device), that check has
+# nothing to check: skip it. A GPU box keeps it.
+if not any(map(_os.path.exists, ("/dev/nvidiactl", "/dev/nvidia0",
+                                 "/proc/driver/nvidia", "/dev/dxg"))):
+  _os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 __getattr__, __dir__ = _lazy.exports(__name__, {
     # model

@@ -22,22 +22,46 @@ from longlora_jax.io.files import atomic_path
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 
 
-def load_tokens(path: str | os.PathLike) -> np.ndarray:
-  """A flat token file, memory-mapped (not read into memory)."""
+def load_tokens(path: str | os.PathLike,
+                vocab_size: int | None = None) -> np.ndarray:
+  """A flat token file, memory-mapped (not read into memory); with
+  `vocab_size`, every id is checked to lie in [0, vocab_size)."""
   path = Path(path)
+  if path.is_dir():
+    raise LongLoraError(f"{path}: is a directory; pass a .bin or .npy token "
+                        "file (python -m eval.tokenize writes one)")
   if not path.exists():
     raise LongLoraError(f"{path}: no such file")
   if path.suffix == ".bin":
     if path.stat().st_size % 2:
       raise LongLoraError(f"{path}: odd size; a .bin token file is uint16")
-    return np.memmap(path, dtype=np.uint16, mode="r")
-  if path.suffix == ".npy":
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+  elif path.suffix == ".npy":
     tokens = np.load(path, mmap_mode="r")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
       raise LongLoraError(f"{path}: expected a 1-D integer array, got "
                           f"{tokens.dtype} {tokens.shape}")
-    return tokens
-  raise LongLoraError(f"{path}: not a token file (.bin or .npy)")
+  else:
+    raise LongLoraError(f"{path}: not a token file (.bin or .npy)")
+  if vocab_size is not None:
+    check_vocabulary(tokens, vocab_size, str(path))
+  return tokens
+
+
+def check_vocabulary(tokens: np.ndarray, vocab_size: int, source: str, *,
+                     chunk: int = 1 << 24) -> None:
+  """Raises LongLoraError naming the first id outside [0, vocab_size), its
+  position and the vocabulary; reads `chunk` ids at a time."""
+  for start in range(0, len(tokens), chunk):
+    ids = np.asarray(tokens[start:start + chunk])
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise LongLoraError(
+          f"{source}: token id {int(ids[i])} at position {start + i:,} is "
+          f"outside the model's vocabulary of {vocab_size:,} (ids 0 to "
+          f"{vocab_size - 1:,}); tokenize the data with this model's "
+          "tokenizer (python -m eval.tokenize)")
 
 
 def write_tokens(path: str | os.PathLike, tokens: np.ndarray) -> Path:
@@ -92,8 +116,9 @@ def iter_records(source: str, *, fields: tuple[str, ...],
   for i, record in enumerate(records):
     missing = [f for f in fields if f not in record]
     if missing:
-      raise LongLoraError(f"{where}: record {i} has no {missing[0]!r} field "
-                          f"(it has {', '.join(map(repr, sorted(record)))})")
+      raise LongLoraError(f"{where}: record {i + 1} has no {missing[0]!r} "
+                          f"field (it has "
+                          f"{', '.join(map(repr, sorted(record)))})")
     yield record
 
 
@@ -183,16 +208,18 @@ class Position:
 
 
 def document_tokens(source: str, tokenizer=None, *, eos_id: int | None = None,
-                    text_field: str = "text", batch_docs: int = 64):
+                    text_field: str = "text", batch_docs: int = 64,
+                    vocab_size: int | None = None):
   """`docs(start) -> iterator of (index, token ids)` over a data source.
 
   Text sources (see `iter_texts`) are tokenised in batches (a fast
   tokenizer encodes a batch on all cores), each document followed by
   `eos_id`; documents before `start` are read but not tokenised. A flat
-  token file (.bin/.npy) is used as is, in pieces.
+  token file (.bin/.npy) is used as is, in pieces, after its ids are
+  checked against `vocab_size` (when given).
   """
   if Path(source).suffix in TOKEN_SUFFIXES:
-    tokens = load_tokens(source)
+    tokens = load_tokens(source, vocab_size)
 
     def pieces(start: int):
       for i in range(start, -(-len(tokens) // _TOKEN_PIECE)):

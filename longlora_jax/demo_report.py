@@ -9,27 +9,9 @@ import numpy as np
 
 from longlora_jax.data import document_tokens
 from longlora_jax.demo import demo_data
-from longlora_jax.errors import LongLoraError
 from longlora_jax.io.checkpoint import Checkpoint
-from longlora_jax.passkey import passkey_prompt, retrieval
+from longlora_jax.passkey import passkey_filler, retrieval
 from longlora_jax.perplexity import evaluate
-
-
-def passkey_filler(tokenizer, prompt_tokens: int) -> int:
-  """Filler characters that make a passkey prompt about `prompt_tokens` long.
-
-  The official protocol sizes its filler for Llama's tokenizer (about 3.75
-  characters a token, in steps of 1024 characters); the demo's tokenizer
-  has one token per byte, so the filler is measured for it instead.
-  """
-  count = lambda n: len(tokenizer(passkey_prompt(n, seed=0)[0])["input_ids"])
-  fixed = count(1) - 1
-  per_char = (count(1001) - count(1)) / 1000
-  n = int((prompt_tokens - fixed) / per_char)
-  if n < 1:
-    raise LongLoraError(f"a passkey prompt needs more than {fixed} tokens; "
-                        f"{prompt_tokens} is too short")
-  return n
 
 
 def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,

@@ -116,13 +116,15 @@ def generate(config: LlamaConfig, params, input_ids, *, max_new_tokens: int,
   return np.stack(out, axis=1)
 
 
-def lower_prefill(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,
-                  batch: int = 1, dtype=jnp.bfloat16):
-  """The last prefill step of `batch` prompts of `ctx` tokens (`chunk`
-  queries over a cache of `ctx` positions), lowered for `mesh` against
-  abstract arrays: weights split by the parameter rules, the cache's kv
-  heads over the tensor axis and whole on every other device (there is no
-  context-parallel axis to split its length)."""
+def lower_extend(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,
+                 batch: int = 1, dtype=jnp.bfloat16, decode: bool = False):
+  """The last step of generating at `ctx` tokens for `batch` prompts,
+  lowered for `mesh` against abstract arrays: the last prefill step
+  (`chunk` queries, as `generate` rounds it) or, with `decode`, one decode
+  step (one query), over a cache of `ctx` positions. Weights are split by
+  the parameter rules, the cache's kv heads over the tensor axis and whole
+  on every other device (there is no context-parallel axis to split its
+  length)."""
   abstract = lambda tree, shardings: jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
       shardings)
@@ -131,8 +133,8 @@ def lower_prefill(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,
   cache = jax.eval_shape(lambda: init_cache(config, batch, ctx, dtype))
   tensor = mesh.shape["tensor"]
   heads = "tensor" if config.num_key_value_heads % tensor == 0 else None
-  cache_sharding = NamedSharding(mesh, P(None, None, None, heads, None))
-  chunk = _chunk_size(ctx, chunk)
+  cache_sharding = NamedSharding(mesh, P(None, None, heads, None, None))
+  chunk = 1 if decode else _chunk_size(ctx, chunk)
   ids = jax.ShapeDtypeStruct((batch, chunk), jnp.int32,
                              sharding=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh):

@@ -1,9 +1,12 @@
 """Key/value cache for generation, and attention of new tokens over it.
 
-The cache holds every layer's keys and values, `[layers, batch, length,
-kv_heads, head_dim]` (kv heads only under GQA). Its length is fixed when it
-is made, so prefill chunks and decode steps keep fixed shapes and compile
-once.
+The cache holds every layer's keys, `[layers, batch, kv_heads, head_dim,
+length]`, and values, `[layers, batch, kv_heads, length, head_dim]` (kv
+heads only under GQA): the layouts the two products of the attention take
+(positions last for q·kᵀ), so XLA:GPU updates the cache where it lies
+instead of re-laying out a copy of all of it at every step. Its length is
+fixed when it is made, so prefill chunks and decode steps keep fixed shapes
+and compile once.
 """
 
 import jax
@@ -22,19 +25,21 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16,
   `mesh`, its rows split over the batch axes and its kv heads over the
   tensor axis, where they divide."""
   length = -(-length // CACHE_BLOCK) * CACHE_BLOCK
-  shape = (config.num_hidden_layers, batch, length,
-           config.num_key_value_heads, config.head_dim)
+  L, K, H = (config.num_hidden_layers, config.num_key_value_heads,
+             config.head_dim)
+  shapes = {"k": (L, batch, K, H, length), "v": (L, batch, K, length, H)}
   sharding = None
   if mesh is not None:
     rows = BATCH_AXES if batch % batch_parallelism(mesh) == 0 else None
     heads = ("tensor" if config.num_key_value_heads % mesh.shape["tensor"] == 0
              else None)
-    sharding = NamedSharding(mesh, P(None, rows, None, heads, None))
-  zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-  return {"k": zeros(), "v": zeros()}
+    sharding = NamedSharding(mesh, P(None, rows, heads, None, None))
+  return {name: jax.jit(lambda shape=shape: jnp.zeros(shape, dtype),
+                        out_shardings=sharding)()
+          for name, shape in shapes.items()}
 
 
-def cached_attention(q_BCNH, k_LBSKH, v_LBSKH, layer, start, *,
+def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
                      block: int = CACHE_BLOCK):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked cache.
@@ -47,18 +52,28 @@ def cached_attention(q_BCNH, k_LBSKH, v_LBSKH, layer, start, *,
   first would copy all of its allocated length at every step.
   """
   B, C, N, H = q_BCNH.shape
-  S, K = k_LBSKH.shape[2], k_LBSKH.shape[3]
+  K, S = v_LBKSH.shape[2], v_LBKSH.shape[3]
   Q = N // K
   q_BKQCH = (q_BCNH.reshape(B, C, K, Q, H).transpose(0, 2, 3, 1, 4)
              .astype(jnp.float32) * (H ** -0.5))
   q_pos_C = start + jnp.arange(C)
+  if Q * C == 1:
+    # One query per kv head (decoding without GQA): XLA:GPU would turn the
+    # matrix-vector products into reductions over the cache's minor axis
+    # and re-lay out the whole cache for them, a copy of all of it at every
+    # step. The query twice keeps them matrix products; the cache is read
+    # once all the same.
+    q_BKQCH = jnp.concatenate([q_BKQCH, q_BKQCH], axis=3)
+    q_pos_C = jnp.concatenate([q_pos_C, q_pos_C])
 
   def body(i, carry):
     m_BKQC, l_BKQC, acc_BKQCH = carry
-    at, size = (layer, 0, i * block, 0, 0), (1, B, block, K, H)
-    k_blk = jax.lax.dynamic_slice(k_LBSKH, at, size)[0]
-    v_blk = jax.lax.dynamic_slice(v_LBSKH, at, size)[0]
-    s_BKQCS = jnp.einsum("BKQCH,BSKH->BKQCS", q_BKQCH, k_blk.astype(jnp.float32))
+    k_BKHS = jax.lax.dynamic_slice(k_LBKHS, (layer, 0, 0, 0, i * block),
+                                   (1, B, K, H, block))[0]
+    v_BKSH = jax.lax.dynamic_slice(v_LBKSH, (layer, 0, 0, i * block, 0),
+                                   (1, B, K, block, H))[0]
+    s_BKQCS = jnp.einsum("BKQCH,BKHS->BKQCS", q_BKQCH,
+                         k_BKHS.astype(jnp.float32))
     k_pos_S = i * block + jnp.arange(block)
     s_BKQCS = jnp.where(k_pos_S[None, :] <= q_pos_C[:, None], s_BKQCS, -jnp.inf)
     # Block 0 always holds key 0, visible to every query, so m is finite
@@ -68,13 +83,14 @@ def cached_attention(q_BCNH, k_LBSKH, v_LBSKH, layer, start, *,
     corr = jnp.exp(m_BKQC - m_new)
     l_BKQC = l_BKQC * corr + p_BKQCS.sum(-1)
     acc_BKQCH = acc_BKQCH * corr[..., None] + jnp.einsum(
-        "BKQCS,BSKH->BKQCH", p_BKQCS, v_blk.astype(jnp.float32))
+        "BKQCS,BKSH->BKQCH", p_BKQCS, v_BKSH.astype(jnp.float32))
     return m_new, l_BKQC, acc_BKQCH
 
-  init = (jnp.full((B, K, Q, C), -jnp.inf), jnp.zeros((B, K, Q, C)),
-          jnp.zeros((B, K, Q, C, H)))
+  rows = q_BKQCH.shape[3]
+  init = (jnp.full((B, K, Q, rows), -jnp.inf), jnp.zeros((B, K, Q, rows)),
+          jnp.zeros((B, K, Q, rows, H)))
   n_blocks = jnp.minimum((start + C + block - 1) // block, S // block)
   _, l_BKQC, acc_BKQCH = jax.lax.fori_loop(0, n_blocks, body, init)
-  out_BKQCH = acc_BKQCH / l_BKQC[..., None]
+  out_BKQCH = (acc_BKQCH / l_BKQC[..., None])[:, :, :, :C]
   return out_BKQCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
       q_BCNH.dtype)

@@ -130,10 +130,13 @@ class Attention(nn.Module):
     else:
       # Generation: every row's chunk starts at the same cache position.
       start = positions_BT[0, 0]
-      cache = {name: jax.lax.dynamic_update_slice(
-          cache[name], new[None].astype(cache[name].dtype),
-          (layer, 0, start, 0, 0))
-               for name, new in (("k", k_BTKH), ("v", v_BTKH))}
+      # Keys [L, B, K, H, S], values [L, B, K, S, H] (see kv_cache).
+      write = lambda cache_L, new, at: jax.lax.dynamic_update_slice(
+          cache_L, new[None].astype(cache_L.dtype), at)
+      cache = {"k": write(cache["k"], k_BTKH.transpose(0, 2, 3, 1),
+                          (layer, 0, 0, 0, start)),
+               "v": write(cache["v"], v_BTKH.transpose(0, 2, 1, 3),
+                          (layer, 0, 0, start, 0))}
       out_BTNH = cached_attention(q_BTNH, cache["k"], cache["v"], layer,
                                   start)
     out_BTNH = shard_batch(out_BTNH)

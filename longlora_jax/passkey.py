@@ -4,9 +4,19 @@ A passkey sentence is hidden at a random point of repeated filler text; the
 model must continue "The pass key is" with the number. Texts, lengths and
 random draws reproduce the official script (itself from landmark-attention),
 so accuracies are comparable with published ones.
+
+The official lengths are characters sized for Llama's SentencePiece
+tokenizer (about 3.75 characters a token, in steps of 1024 characters); for
+any other tokenizer the filler is measured with it (`passkey_filler`), so
+that prompts are as long in tokens as asked.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+from longlora_jax.errors import LongLoraError
 
 TASK = ("There is an important info hidden inside a lot of irrelevant text. "
         "Find it and memorize them. I will quiz you about the important "
@@ -17,10 +27,57 @@ QUESTION = "What is the pass key? The pass key is"
 _FILLER_TEXT = " ".join([FILLER] * 5000)
 
 
-def filler_lengths(max_tokens: int, interval: int) -> list[int]:
-  """Filler characters per evaluation step (about `interval` tokens apart)."""
-  return [int(3.75 * (i + 1) * interval // 1024 * 1024)
-          for i in range(max_tokens // interval)]
+# The tokenizers the official lengths are sized for.
+_LLAMA_SENTENCEPIECE = ("LlamaTokenizer", "LlamaTokenizerFast",
+                        "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+
+
+def default_protocol(tokenizer) -> str:
+  """"official" for Llama's SentencePiece tokenizer, which the official
+  schedule of filler lengths is sized for, else "measured"."""
+  return ("official" if {type(tokenizer).__name__, _named_class(tokenizer)}
+          & set(_LLAMA_SENTENCEPIECE) else "measured")
+
+
+def _named_class(tokenizer) -> str | None:
+  """The class its tokenizer_config.json names: a bare tokenizer.model
+  loads through transformers' generic backend (`load_tokenizer`), whatever
+  tokenizer it is."""
+  directory = getattr(tokenizer, "name_or_path", None)
+  try:
+    return json.loads(Path(directory, "tokenizer_config.json").read_text(
+        )).get("tokenizer_class") if directory else None
+  except (OSError, ValueError):
+    return None
+
+
+def filler_lengths(max_tokens: int, interval: int,
+                   tokenizer=None) -> list[int]:
+  """Filler characters per evaluation step, for prompts `interval`,
+  2 `interval`, ... tokens long up to `max_tokens`: the official schedule
+  (Llama tokens, approximately) without `tokenizer`, else measured with it."""
+  steps = range(1, max_tokens // interval + 1)
+  if tokenizer is None:
+    return [int(3.75 * i * interval // 1024 * 1024) for i in steps]
+  return [passkey_filler(tokenizer, i * interval) for i in steps]
+
+
+def _prompt_tokens(tokenizer, n_filler: int) -> int:
+  return len(tokenizer(passkey_prompt(n_filler, seed=0)[0])["input_ids"])
+
+
+def passkey_filler(tokenizer, prompt_tokens: int) -> int:
+  """Filler characters that make a passkey prompt `prompt_tokens` long with
+  `tokenizer`: a linear fit of the prompt's tokens against its filler, then
+  one correction on the prompt it gives."""
+  fixed = _prompt_tokens(tokenizer, 1) - 1
+  if prompt_tokens <= fixed + 1:
+    raise LongLoraError(f"a passkey prompt takes more than {fixed + 1} tokens "
+                        f"of this tokenizer; {prompt_tokens} is too short")
+  per_char = (_prompt_tokens(tokenizer, 1001) - fixed - 1) / 1000
+  n = max(1, int((prompt_tokens - fixed) / per_char))
+  return max(1, n + int((prompt_tokens - _prompt_tokens(tokenizer, n))
+                        / per_char))
 
 
 def passkey_prompt(n_filler: int, seed: int) -> tuple[str, str]:

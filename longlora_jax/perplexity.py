@@ -27,6 +27,9 @@ MODES = ("official", "sliding")
 
 def window_starts(n_tokens: int, seq_len: int, stride: int = 256,
                   mode: str = "official") -> np.ndarray:
+  if seq_len < 2 or stride < 1:
+    raise LongLoraError(f"a window needs seq_len >= 2 and stride >= 1, got "
+                        f"{seq_len} and {stride}")
   if mode == "official":
     starts = list(range(0, n_tokens - seq_len, stride))[:-1]
   elif mode == "sliding":

@@ -55,10 +55,12 @@ def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
           f"divide the {num_devices} available")
     sizes[fill] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
+    # Only meshes that fit the devices here are suggested.
+    hint = f"fsdp={num_devices}" + (" or data=2,fsdp=-1" if num_devices % 2 == 0
+                                     else "")
     raise LongLoraError(
         f"mesh {spec!r} has {math.prod(sizes.values())} devices but "
-        f"{num_devices} are available; e.g. use fsdp={num_devices} or "
-        "data=2,fsdp=-1")
+        f"{num_devices} are available; e.g. use {hint}")
   return sizes
 
 

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 # Tests run on the CPU with 8 virtual devices so sharding code is exercised
 # everywhere; set before JAX initialises its backends.
@@ -34,3 +36,65 @@ def tiny_hf(tmp_path_factory):
       cache[name] = (directory, model)
     return cache[name]
   return get
+
+
+def _mount_tmpfs(directory, options: str) -> bool:
+  """A tmpfs at `directory` (root only; not every container allows it)."""
+  if os.geteuid() != 0:
+    return False
+  return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs",
+                         str(directory)], capture_output=True).returncode == 0
+
+
+def _unmount(directory):
+  subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+  """small_fs(bytes) -> an empty directory on a file system of that size
+  (a tmpfs mount); skips where this machine cannot mount one (not root)."""
+  mounted = []
+
+  def make(size: int):
+    directory = tmp_path / f"fs{len(mounted)}"
+    directory.mkdir()
+    if not _mount_tmpfs(directory, f"size={size}"):
+      pytest.skip("cannot mount a small file system here (needs root)")
+    mounted.append(directory)
+    return directory
+  yield make
+  for directory in mounted:
+    _unmount(directory)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """An empty directory no process here can write: a read-only tmpfs where
+  mounts are allowed (root ignores permission bits), else mode 0555."""
+  directory = tmp_path / "read_only"
+  directory.mkdir()
+  if _mount_tmpfs(directory, "ro,size=64k"):
+    yield directory
+    _unmount(directory)
+  elif os.geteuid() != 0:
+    directory.chmod(0o555)
+    yield directory
+    directory.chmod(0o755)
+  else:
+    pytest.skip("root here, and no read-only mount can be made")
+
+
+def run_commands(commands: dict) -> dict:
+  """{name: (module, args)} -> {name: (exit code, stderr)}: each `python -m
+  module args` from the repository root, four at a time (2 cores)."""
+  procs = {}
+  for name, (module, args) in commands.items():
+    procs[name] = subprocess.Popen(
+        [sys.executable, "-m", module, *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+    if len(procs) % 4 == 0:
+      list(procs.values())[-4].wait(timeout=300)
+  stderr = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
+  return {name: (p.returncode, stderr[name]) for name, p in procs.items()}

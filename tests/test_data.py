@@ -40,6 +40,36 @@ def test_bad_token_files(tmp_path, name, content, message):
     load_tokens(tmp_path / name)
   with pytest.raises(LongLoraError, match="no such file"):
     load_tokens(tmp_path / "missing.bin")
+  (tmp_path / "folder.bin").mkdir()
+  with pytest.raises(LongLoraError, match="folder.bin: is a directory; pass "
+                     "a .bin or .npy token file"):
+    load_tokens(tmp_path / "folder.bin")
+
+
+@pytest.mark.parametrize("chunk", [3, 1 << 24])  # Chunk by chunk, or at once.
+def test_token_ids_are_checked_against_the_vocabulary(tmp_path, chunk):
+  from longlora_jax.data import check_vocabulary
+  ids = np.arange(20, dtype=np.int64) % 7
+  check_vocabulary(ids, 7, "t", chunk=chunk)
+  big, negative = ids.copy(), ids.astype(np.int32)
+  big[11], big[15] = 7, 9
+  negative[13] = -1
+  with pytest.raises(LongLoraError) as error:
+    check_vocabulary(big, 7, "t.npy", chunk=chunk)
+  assert str(error.value) == (
+      "t.npy: token id 7 at position 11 is outside the model's vocabulary "
+      "of 7 (ids 0 to 6); tokenize the data with this model's tokenizer "
+      "(python -m eval.tokenize)")
+  with pytest.raises(LongLoraError, match="token id -1 at position 13 is"):
+    check_vocabulary(negative, 7, "t.npy", chunk=chunk)
+  np.save(tmp_path / "neg.npy", negative)
+  write_tokens(tmp_path / "big.bin", big)
+  with pytest.raises(LongLoraError, match="big.bin: token id 7 at position "
+                     "11 is outside the model's vocabulary of 7"):
+    load_tokens(tmp_path / "big.bin", vocab_size=7)
+  with pytest.raises(LongLoraError, match="neg.npy: token id -1 at "):
+    document_tokens(str(tmp_path / "neg.npy"), vocab_size=7)
+  assert len(load_tokens(tmp_path / "big.bin", vocab_size=10)) == 20
 
 
 def test_text_sources(tmp_path):
@@ -51,7 +81,7 @@ def test_text_sources(tmp_path):
                                              "fourth", "fifth"]
   assert list(iter_texts(str(tmp_path / "b.jsonl"))) == ["second", "third"]
   (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-  with pytest.raises(LongLoraError, match="record 0 has no 'text' field"):
+  with pytest.raises(LongLoraError, match="record 1 has no 'text' field"):
     list(iter_texts(str(tmp_path / "bad.jsonl")))
   with pytest.raises(LongLoraError, match="no such file or directory"):
     list(iter_texts(str(tmp_path / "nope.txt")))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import LlamaConfig, forward, init_params
+from longlora_jax import LlamaConfig, forward, gpu_target, init_params
 from longlora_jax.config import RopeScaling
 from longlora_jax.generate import _extend, generate
 from longlora_jax.io.checkpoint import Checkpoint, param_shardings
@@ -95,3 +95,25 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
   assert not np.array_equal(run(0, temperature=1.0), run(1, temperature=1.0))
   # top_p -> 0 keeps only the most likely token: greedy.
   np.testing.assert_array_equal(run(5, temperature=1.0, top_p=1e-6), run(0))
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_cache_is_updated_in_place_when_compiled_for_gpu(decode, kv_heads):
+  # XLA:GPU for a compile-only H100: neither a prefill step nor a decode
+  # step (one query per kv head without GQA) may re-lay out the cache,
+  # which would take a copy of all of it as a temporary at every step.
+  from longlora_jax.generate import lower_extend
+  from longlora_jax.sharding import make_mesh
+  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=kv_heads,
+                    max_position_embeddings=262144)
+  mesh = make_mesh("fsdp=1", gpu_target.devices("h100", 1))
+  memory = lower_extend(cfg, mesh, ctx=262144, chunk=512,
+                        decode=decode).compile().memory_analysis()
+  one_cache = 2 * kv_heads * 262144 * 32 * 2  # keys or values, bf16
+  assert memory.alias_size_in_bytes == 2 * one_cache  # donated, in place
+  assert memory.temp_size_in_bytes < one_cache / 4

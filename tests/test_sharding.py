@@ -33,6 +33,16 @@ def test_bad_mesh(spec, message):
     parse_mesh(spec, 8)
 
 
+@pytest.mark.parametrize("devices,hint", [(1, "fsdp=1"), (3, "fsdp=3"),
+                                          (8, "fsdp=8 or data=2,fsdp=-1")])
+def test_the_mesh_hint_fits_the_devices_here(devices, hint):
+  with pytest.raises(LongLoraError) as error:
+    parse_mesh("data=2,fsdp=8", devices)
+  assert str(error.value).endswith(f"are available; e.g. use {hint}")
+  for suggested in hint.split(" or "):
+    parse_mesh(suggested, devices)  # Each suggestion works here.
+
+
 def _specs(mesh_spec):
   mesh = make_mesh(mesh_spec)
   shapes = jax.eval_shape(lambda k: init_params(preset("llama2-7b"), k),

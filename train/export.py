@@ -7,19 +7,21 @@
 tokenizer); `peft` the LoRA adapter with the trained embedding and norms.
 """
 
-import argparse
 from pathlib import Path
 
 from longlora_jax import cli
 from longlora_jax.errors import LongLoraError
+from longlora_jax.io.files import check_writable
 from longlora_jax.training.export import load_run, print_commands, write_outputs
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = cli.Parser(__doc__)
   p.add_argument("--run", type=Path, required=True,
                  help="run directory of python -m train.extend or train.sft")
-  p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+  p.add_argument("--step", type=cli.index,
+                 help="checkpoint step (default: the newest that reads "
+                      "completely)")
   p.add_argument("--out", type=Path, required=True,
                  help="the model (or adapter) directory to write")
   p.add_argument("--format", choices=("hf", "peft"), default="hf",
@@ -34,11 +36,12 @@ def main(argv=None):
   if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
     raise LongLoraError(f"--out {args.out} exists and is not empty; choose "
                         "another directory")
+  check_writable(args.out)
   spec, base, config, params, step = load_run(args.run, args.step, args.mesh)
   written = write_outputs(spec, base, config, params, {args.format: args.out},
                           overwrite=False)
   print(f"{args.run}: step {step} exported")
-  print_commands(spec, config, written)
+  print_commands(spec, base, config, written)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ with the byte-level tokenizer. Deterministic on a given machine and Python;
 18 minutes on 2 CPU cores (measured).
 """
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.data import batches, document_tokens, packed_rows, prefetch
 from longlora_jax.demo import (ASSET_DIR, DATA_DIR, DEMO_CONFIG, demo_data,
                                save_byte_tokenizer)
+from longlora_jax.io.files import check_writable
 from longlora_jax.io.hf import save_hf
 from longlora_jax.model import init_params
 from longlora_jax.sharding import make_mesh
@@ -34,18 +34,21 @@ from longlora_jax.training.step import (initial_state, jit_train_step,
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", type=Path, default=ASSET_DIR)
-  p.add_argument("--data-dir", type=Path, default=DATA_DIR)
-  p.add_argument("--steps", type=int, default=3000)
-  p.add_argument("--batch", type=int, default=16, help="rows per step")
-  p.add_argument("--lr", type=float, default=3e-3)
-  p.add_argument("--seed", type=int, default=0)
+  p = cli.Parser(__doc__)
+  p.add_argument("--out", type=Path, default=ASSET_DIR,
+                 help="the model directory to write")
+  p.add_argument("--data-dir", type=Path, default=DATA_DIR,
+                 help="where the standard library's split is written")
+  p.add_argument("--steps", type=cli.count, default=3000)
+  p.add_argument("--batch", type=cli.count, default=16, help="rows per step")
+  p.add_argument("--lr", type=cli.positive, default=3e-3)
+  p.add_argument("--seed", type=cli.index, default=0)
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  check_writable(args.out)
   from transformers import AutoTokenizer
   config = DEMO_CONFIG
   ctx = config.max_position_embeddings

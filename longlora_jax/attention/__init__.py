@@ -20,6 +20,7 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "ATTENTION_FNS": "dispatch",
     "get_attention": "dispatch",
     "s2_attention": "dispatch",
+    "full_attention": "dispatch",
     "fused_for": "dispatch",
     "causal_attention": "dense",
     "chunked_causal_attention": "chunked",

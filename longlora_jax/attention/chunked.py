@@ -25,13 +25,23 @@ from longlora_jax.attention.masks import attention_mask
 # Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
 # to run efficiently on GPU, tiles small next to the O(seq) activations.
 DEFAULT_BLOCK = 512
+# On a CPU a head's tiles should stay in its caches: 256 takes 0.75x the
+# time of 512 for forward + backward at 8192 tokens, 8 heads of 64
+# (BENCHMARKS.md); larger blocks are slower still (1024: 1.9x at 4096).
+CPU_BLOCK = 256
+
+
+def default_block() -> int:
+  """The block `chunked_causal_attention` takes on JAX's default backend."""
+  return CPU_BLOCK if jax.default_backend() == "cpu" else DEFAULT_BLOCK
 
 
 def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
-                             block_size: int = DEFAULT_BLOCK):
+                             block_size: int | None = None):
   """Causal attention with O(seq) memory in both passes ("chunked").
 
-  Same result as `dense.causal_attention`. The block is `block_size`,
+  Same result as `dense.causal_attention`. The block is `block_size`
+  (default `default_block()`),
   or the largest divisor of the sequence between half of it and it (100k
   tokens: 500), or the whole sequence when shorter. Otherwise the sequence
   is padded at the end, after every real token, so causality alone hides the
@@ -41,6 +51,8 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   K = k_BTKH.shape[2]
   if N % K:
     raise ValueError(f"q_heads={N} is not a multiple of kv_heads={K}")
+  if block_size is None:
+    block_size = default_block()
   if block_size < 1:
     raise ValueError(f"block_size={block_size} must be positive")
   block = _block_for(T, block_size)

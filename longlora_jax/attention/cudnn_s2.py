@@ -44,6 +44,20 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = tuple(range(8, 129, 8))
 
 
+def cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
+                           implementation: str | None = "cudnn"):
+  """Plain causal attention as one cuDNN call (`__cudnn$fmha*`), with the
+  attention signature: evaluation and `--full-attn` training on NVIDIA GPUs.
+  `implementation` as in `cudnn_s2_attention`; no packed documents."""
+  if segment_ids_BT is not None:
+    raise ValueError("cuDNN attention does not support segment_ids_BT "
+                     "(packed documents); use the 'chunked' implementation "
+                     "for them")
+  return jax.nn.dot_product_attention(
+      q_BTNH, k_BTKH, v_BTKH, scale=q_BTNH.shape[3] ** -0.5, is_causal=True,
+      implementation=implementation).astype(q_BTNH.dtype)
+
+
 def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                        group_ratio: float = 0.25, variant: str = "flash",
                        segment_ids_BT=None, implementation: str | None = "cudnn"):
@@ -93,8 +107,8 @@ def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                             axis=1)
     return main_bGmH, edges_B2hmH.reshape(2 * B, half, m, H)
 
-  attend = lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, scale=H ** -0.5, is_causal=True, implementation=implementation)
+  attend = lambda q, k, v: cudnn_causal_attention(
+      q, k, v, implementation=implementation)
   (q_bGnH, q_edges), (k_bGkH, k_edges), (v_bGkH, v_edges) = (
       to_groups(x) for x in even_halves(q_BTNH, k_BTKH, v_BTKH))
   n = q_bGnH.shape[2]

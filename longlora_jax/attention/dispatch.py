@@ -7,6 +7,9 @@ applies the 1/sqrt(head_dim) scale itself and is causal. The model takes a
 name, an `AttentionSpec` or any callable with that signature, and this
 module is the one place that turns the first two into a function.
 
+  "auto"     full causal attention, the fastest on this backend
+             (`full_attention`: cuDNN or the Pallas kernel on NVIDIA GPUs,
+             "chunked" elsewhere)
   "full"     dense causal attention (`dense`), O(seq^2) memory
   "chunked"  flash-style attention in pure JAX (`chunked`), O(seq)
   "s2"       shifted sparse attention, LongLoRA's S²-Attn (`s2_attention`)
@@ -21,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from longlora_jax.attention import cudnn_s2, pallas_s2
-from longlora_jax.attention.chunked import (DEFAULT_BLOCK,
-                                            chunked_causal_attention)
+from longlora_jax.attention.chunked import (chunked_causal_attention,
+                                            default_block)
 from longlora_jax.attention.dense import causal_attention
 from longlora_jax.attention.groups import check_variant, s2_group_size
 from longlora_jax.attention.s2 import s2_by_reshape
@@ -41,7 +44,7 @@ IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked",
 def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                  group_ratio: float = 0.25, variant: str = "flash",
                  implementation: str = "auto", segment_ids_BT=None,
-                 block_size: int = DEFAULT_BLOCK):
+                 block_size: int | None = None):
   """S²-Attn with the attention signature (groups and variants: `groups`).
 
   Args:
@@ -68,6 +71,8 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   """
   H = q_BTNH.shape[3]
   G = s2_group_size(q_BTNH.shape[1], group_size, group_ratio)
+  if block_size is None:
+    block_size = default_block()
   check_variant(variant)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "
@@ -123,8 +128,7 @@ class AttentionSpec:
   kind: "s2" (S²-Attn, training) or "full" (causal attention).
   variant, group_ratio: S²-Attn's groups (`groups`).
   implementation: for "s2" one of `IMPLEMENTATIONS` (see `s2_attention`);
-    for "full", "auto" (flash-style chunks, O(seq) memory), "xla" (dense),
-    "chunked" or "pallas".
+    for "full" one of `FULL_IMPLEMENTATIONS` (see `full_attention`).
   """
   kind: str = "s2"
   variant: str = "flash"
@@ -137,16 +141,45 @@ class AttentionSpec:
                        f"of {KINDS}")
     check_variant(self.variant)
     if self.implementation not in (IMPLEMENTATIONS if self.kind == "s2"
-                                   else _FULL):
+                                   else FULL_IMPLEMENTATIONS):
       raise ValueError(f"unknown {self.kind} attention implementation "
                        f"{self.implementation!r}")
 
 
-_FULL = {"auto": chunked_causal_attention, "xla": causal_attention,
-         "chunked": chunked_causal_attention,
-         "pallas": pallas_s2.pallas_causal_attention}
+FULL_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
+
+
+def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
+                   implementation: str = "auto",
+                   block_size: int | None = None):
+  """Causal attention over the whole sequence, with the attention signature.
+
+  implementation: "auto" the fastest this backend has: on an NVIDIA GPU the
+  fused one that takes the shapes (`fused_for`: cuDNN, else the Pallas
+  kernel), else "chunked"; "cudnn" (`cudnn_s2.cudnn_causal_attention`),
+  "pallas" (`pallas_s2.pallas_causal_attention`), "chunked" (flash-style in
+  pure JAX, `block_size`) or "xla" (dense, seq^2 memory).
+  """
+  if implementation not in FULL_IMPLEMENTATIONS:
+    raise ValueError(f"unknown full attention implementation "
+                     f"{implementation!r}; choose one of "
+                     f"{FULL_IMPLEMENTATIONS}")
+  if implementation == "auto":
+    implementation = fused_for(q_BTNH.shape[3], q_BTNH.dtype,
+                               packed=segment_ids_BT is not None) or "chunked"
+  if implementation == "chunked":
+    return chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH,
+                                    segment_ids_BT=segment_ids_BT,
+                                    block_size=block_size)
+  fn = {"cudnn": cudnn_s2.cudnn_causal_attention,
+        "pallas": pallas_s2.pallas_causal_attention,
+        "xla": causal_attention}[implementation]
+  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
+
+
 # Training uses S²-Attn; evaluation and generation use full attention.
 ATTENTION_FNS: dict[str, AttentionFn] = {
+    "auto": full_attention,  # the fastest causal attention on this backend
     "full": causal_attention,
     "chunked": chunked_causal_attention,
     "s2": s2_attention,
@@ -160,7 +193,8 @@ def get_attention(attention: "str | AttentionSpec | AttentionFn"
   `AttentionSpec`, or the callable itself."""
   if isinstance(attention, AttentionSpec):
     if attention.kind == "full":
-      return _FULL[attention.implementation]
+      return functools.partial(full_attention,
+                               implementation=attention.implementation)
     return functools.partial(s2_attention, group_ratio=attention.group_ratio,
                              variant=attention.variant,
                              implementation=attention.implementation)

@@ -1,5 +1,6 @@
 """Reading and writing models and files: Hugging Face checkpoints
-(`Checkpoint`, `load_hf`, `save_hf`), PEFT adapters, atomic output files."""
+(`Checkpoint`, `load_hf`, `save_hf`), PEFT adapters, atomic output files,
+the lock of a run directory."""
 
 from longlora_jax import _lazy
 
@@ -11,5 +12,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "load_peft": "peft",
     "save_peft": "peft",
     "write_json": "files",
-}, submodules=("checkpoint", "files", "hf", "hub", "peft",
-                "peft_format", "weights"))
+}, submodules=("checkpoint", "files", "hf", "hub", "lock", "peft",
+               "peft_format", "weights"))

@@ -192,7 +192,7 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
 
 # ---- writing ----
 
-def _parse_size(size: int | str) -> int:
+def parse_size(size: int | str) -> int:
   """Bytes from an int or "5GB"/"500MB" (decimal units, as transformers)."""
   if isinstance(size, int):
     return size
@@ -292,7 +292,7 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
                             f"({', '.join(TOKENIZER_FILES)})")
 
   tensors = list(hf_tensors(config, expected_shapes(config)))
-  shards, size, limit = [[]], 0, _parse_size(max_shard_size)
+  shards, size, limit = [[]], 0, parse_size(max_shard_size)
   for entry in tensors:
     nbytes = int(np.prod(entry[3])) * dtype.itemsize
     if shards[-1] and size + nbytes > limit:

@@ -2,6 +2,7 @@
 the end of training or from any saved checkpoint, and the commands that
 evaluate them."""
 
+import sys
 from pathlib import Path
 
 import jax
@@ -12,6 +13,7 @@ from longlora_jax.errors import CheckpointError, LongLoraError
 from longlora_jax.io.checkpoint import Checkpoint, param_shardings
 from longlora_jax.io.hf import save_hf
 from longlora_jax.io.peft import save_peft
+from longlora_jax.passkey import default_protocol
 from longlora_jax.sharding import make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
@@ -41,14 +43,22 @@ def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
   if "peft" in targets:
     written["peft"] = save_peft(
         config, params, targets["peft"], extra=MODES[spec.mode],
-        base_model_name_or_path=spec.ckpt, dtype=dtype, overwrite=overwrite)
+        base_model_name_or_path=_hub_name(base), dtype=dtype,
+        overwrite=overwrite)
   return written if jax.process_index() == 0 else {}
 
 
-def print_commands(spec: RunSpec, config: LlamaConfig,
+def _hub_name(base: Checkpoint) -> str:
+  """How transformers finds `base`: its Hub id, else its directory."""
+  if base.name.startswith("hf:"):
+    return base.name[3:].partition("@")[0]
+  return str(Path(base.directory).absolute())
+
+
+def print_commands(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
                    written: dict[str, Path]) -> None:
-  """How to evaluate (or chat with) what was written; `config` is the
-  trained one, with its RoPE scaling."""
+  """How to evaluate (or chat with) what was written from `base`; `config`
+  is the trained one, with its RoPE scaling."""
   if "hf" in written:
     hf = written["hf"]
     print(f"\nmerged model (HF format): {hf}")
@@ -56,7 +66,10 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
       print("ask it about a long document with:\n  python -m eval.chat "
             f"--ckpt {hf} --material FILE.txt --question \"...\"")
     else:
-      interval = max(spec.ctx // 8, 274)  # The protocol needs >= 274 tokens.
+      # The official lengths need 274 tokens or more; measured ones land
+      # where asked, in quarters of the context.
+      interval = (max(spec.ctx // 8, 274) if default_protocol(
+          base.tokenizer) == "official" else spec.ctx // 4)
       data = spec.data
       if spec.ckpt == "demo":
         from longlora_jax.demo import demo_data
@@ -72,10 +85,15 @@ def print_commands(spec: RunSpec, config: LlamaConfig,
   if "peft" in written:
     rope = config.to_hf_dict()["rope_parameters"]
     print(f"\nPEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
-          "load it on the base model with the RoPE scaling it was trained "
-          f"with:\n  AutoModelForCausalLM.from_pretrained(BASE, "
-          f"rope_parameters={rope})"
-          f"\n  PeftModel.from_pretrained(model, '{written['peft']}')")
+          "load it with PyTorch and peft on its base model (recorded in "
+          "adapter_config.json) with the RoPE scaling it was trained with, "
+          "in float32 (the merged model's logits):\n"
+          "  import torch\n"
+          "  from peft import AutoPeftModelForCausalLM\n"
+          f"  model = AutoPeftModelForCausalLM.from_pretrained("
+          f"'{written['peft']}', dtype=torch.float32, "
+          f"rope_parameters={rope}, "
+          f"max_position_embeddings={config.max_position_embeddings})")
 
 
 def ruler_lengths(native: int, ctx: int) -> list[int]:
@@ -89,19 +107,32 @@ def ruler_lengths(native: int, ctx: int) -> list[int]:
 
 def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
   """(spec, base checkpoint, extended config, params with LoRA nodes, step)
-  of a saved checkpoint of the run in `run_dir` (default: the newest),
-  sharded over `mesh` (default: the run's)."""
+  of a saved checkpoint of the run in `run_dir`: `step`, else the newest
+  that reads completely (newer unreadable ones are named in a warning and
+  left in place: `--resume` sets them aside), sharded over `mesh` (default:
+  the run's)."""
   spec = read_spec(run_dir)
   directory = run_dir / "checkpoints"
-  mngr = saving.manager(directory, read_only=True) if directory.exists() \
-      else None
-  steps = sorted(mngr.all_steps()) if mngr else []
+  steps = saving.steps_in(directory)
   if not steps:
     raise LongLoraError(f"{run_dir}: no checkpoints saved yet")
-  step = steps[-1] if step is None else step
-  if step not in steps:
+  if step is None:
+    step, bad = saving.newest_readable(directory)
+    if step is None:
+      raise CheckpointError(f"{saving.describe_unreadable(directory, bad)}; "
+                            "no checkpoint of this run reads completely")
+    if bad:
+      print(f"warning: {saving.describe_unreadable(directory, bad)}; "
+            f"exporting step {step}", file=sys.stderr)
+  elif step not in steps:
     raise LongLoraError(f"{run_dir}: no checkpoint of step {step}; saved: "
                         f"{', '.join(map(str, steps))}")
+  elif why := saving.unreadable(directory / str(step)):
+    readable = [s for s in steps
+                if s != step and not saving.unreadable(directory / str(s))]
+    raise CheckpointError(
+        f"{directory / str(step)} is unreadable ({why}); readable steps: "
+        f"{', '.join(map(str, readable)) or 'none'}")
   base = Checkpoint.open(spec.ckpt)
   if base.config.to_hf_dict() != spec.base_config:
     raise CheckpointError(f"{spec.ckpt} is no longer the model {run_dir} was "
@@ -110,6 +141,7 @@ def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
   state = initial_run_state(spec, base.params(
       spec.recipe.dtype, param_shardings(base.config, device_mesh)),
       device_mesh)
+  mngr = saving.manager(directory, read_only=True)
   state, _ = saving.restore(mngr, step, state)
   mngr.close()
   return spec, base, target_config(spec, base.config), params_of(state), step

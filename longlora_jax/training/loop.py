@@ -3,8 +3,8 @@ interrupts and the NaN stop.
 
 Each step's metrics go to metrics.jsonl (and TensorBoard when installed)
 and the progress bar; SIGINT/SIGTERM save a checkpoint after the current
-step and stop; a non-finite loss or gradient stops the run, naming the last
-good checkpoint.
+step and stop; a non-finite loss or gradient, or a checkpoint that could not
+be written, stops the run, naming the last good checkpoint.
 """
 
 import dataclasses
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from longlora_jax.distributed import global_batch, process_slice
 from longlora_jax.errors import LongLoraError
 from longlora_jax.flops import peak_flops, step_flops
-from longlora_jax.io.files import atomic_path
+from longlora_jax.io.files import atomic_path, reported
 from longlora_jax.plots import save_plot
 from longlora_jax.sharding import batch_parallelism
 from longlora_jax.training import saving
@@ -71,9 +71,10 @@ def _tensorboard(directory: Path):
 
 
 def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
-         mngr, last_saved, run_dir: Path):
+         writer: saving.Writer, run_dir: Path):
   """Steps to `spec.recipe.steps` from `state` (its step), the first batch
-  `first` and then `data`; (state, the signal that stopped it or None)."""
+  `first` and then `data`, saving with `writer` (whose saves are checked
+  after every step); (state, the signal that stopped it or None)."""
   steps = spec.recipe.steps
   rows = spec.batch * batch_parallelism(mesh)
   tokens_per_step = rows * spec.recipe.accum * spec.ctx
@@ -102,15 +103,16 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
         now = time.time()
         step, seconds, tick = i + 1, now - tick, now
         if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
-          _stop_on_nan(mngr, step, m, last_saved, run_dir)
+          _stop_on_nan(writer, step, m)
         # Every token of every row is computed; "tokens" counts the scored.
         m.update(step=step, step_seconds=seconds,
                  tokens_per_s=tokens_per_step / seconds)
         if peak:
           m["mfu"] = flops / seconds / (peak * mesh.size)
         if log is not None:
-          log.write(json.dumps(m) + "\n")
-          log.flush()
+          with reported(run_dir / METRICS_FILE):
+            log.write(json.dumps(m) + "\n")
+            log.flush()
         if tb is not None:
           for k, v in m.items():
             tb.add_scalar(f"train/{k}", v, step)
@@ -119,12 +121,12 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
                         **({"mfu": f"{m['mfu']:.1%}"} if peak else {}))
         bar.update(1)
         stop = interrupt.signum is not None
+        writer.poll()
         if step % spec.save_every == 0 or step == steps or stop:
           if not bool(_all_finite(state.trainable)):
-            _stop_on_nan(mngr, step, m, last_saved, run_dir)
-          saving.save(mngr, state, {"data": dataclasses.asdict(position),
-                                    "loss": m["loss"]}, force=True)
-          last_saved = step
+            _stop_on_nan(writer, step, m)
+          writer.save(state, {"data": dataclasses.asdict(position),
+                              "loss": m["loss"]})
         if stop:
           return state, interrupt.signum
   finally:
@@ -136,11 +138,11 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
   return state, None
 
 
-def _stop_on_nan(mngr, step, m, last_saved, run_dir):
-  mngr.wait_until_finished()
-  kept = (f"the last good checkpoint is step {last_saved} in "
-          f"{run_dir / 'checkpoints'} (continue from it with --resume, e.g. "
-          "with a lower --lr)" if last_saved is not None else
+def _stop_on_nan(writer: saving.Writer, step, m):
+  writer.poll(wait=True)
+  kept = (f"the last good checkpoint is step {writer.good} in "
+          f"{writer.mngr.directory} (continue from it with --resume, e.g. "
+          "with a lower --lr)" if writer.good is not None else
           "no checkpoint was saved before it")
   raise LongLoraError(f"loss {m['loss']} (grad norm {m['grad_norm']}) at "
                       f"step {step}: training stopped; {kept}")

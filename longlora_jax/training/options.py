@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from longlora_jax import cli
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
 from longlora_jax.errors import LongLoraError
@@ -79,13 +80,12 @@ def given(args: argparse.Namespace) -> dict:
 def parser(task: str, doc: str) -> argparse.ArgumentParser:
   """The command line of train.extend (`task` "extend") or train.sft."""
   d = default
-  p = argparse.ArgumentParser(
-      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.Parser(doc)
   if task == "extend":
     p.add_argument("--ckpt", help="hf:ORG/NAME, a local HF checkpoint "
                    "directory, or demo (the default)")
-    p.add_argument("--ctx", type=int, help="target context in tokens (demo: "
-                   f"{DEMO['ctx']})")
+    p.add_argument("--ctx", type=cli.count, help="target context in tokens "
+                   f"(demo: {DEMO['ctx']})")
     p.add_argument("--data", help="HF dataset name (streamed), .txt/.md/"
                    ".jsonl/.json/.parquet file or a directory of them, or a "
                    f".bin/.npy token file (default {REDPAJAMA}; demo: the "
@@ -95,8 +95,8 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
   else:
     p.add_argument("--ckpt", help="hf:ORG/NAME or a local HF checkpoint "
                    "directory, usually a context-extended model")
-    p.add_argument("--ctx", type=int, help="tokens per packed row (its RoPE "
-                   "scaling is kept, or raised to ceil(ctx / original))")
+    p.add_argument("--ctx", type=cli.count, help="tokens per packed row (its "
+                   "RoPE scaling is kept, or raised to ceil(ctx / original))")
     p.add_argument("--data", help="{instruction, output[, input]} records: "
                    "HF dataset name, .json/.jsonl/.parquet file or a "
                    f"directory of them (default {LONGALPACA})")
@@ -111,12 +111,13 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
   mode.add_argument("--lora-only", dest="mode", action="store_const",
                     const="lora", help="LoRA without the trainable embedding "
                     "and norms")
-  p.add_argument("--lora-rank", type=int, help=f"({d('lora_rank')})")
-  p.add_argument("--lora-alpha", type=float, help=f"({d('lora_alpha'):g})")
+  p.add_argument("--lora-rank", type=cli.count, help=f"({d('lora_rank')})")
+  p.add_argument("--lora-alpha", type=cli.positive,
+                 help=f"({d('lora_alpha'):g})")
   p.add_argument("--full-attn", dest="attention", action="store_const",
                  const="full", help="train with full attention, not S²-Attn")
-  p.add_argument("--group-ratio", type=float, help="S²-Attn group size as a "
-                 f"fraction of --ctx ({d('group_ratio')})")
+  p.add_argument("--group-ratio", type=cli.fraction, help="S²-Attn group "
+                 f"size as a fraction of --ctx ({d('group_ratio')})")
   p.add_argument("--s2-variant", choices=VARIANTS,
                  help=f"({d('s2_variant')})")
   p.add_argument("--s2-impl", choices=S2_IMPLEMENTATIONS,
@@ -133,29 +134,30 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                       "with that factor; auto: linear, except that a llama3 "
                       "or yarn config keeps its type with the factor times "
                       f"ceil(ctx / its context) ({d('rope')})")
-  p.add_argument("--batch", type=int, help="micro-batch per data-parallel "
-                 f"device ({d('batch')}; demo {DEMO['batch']})")
-  p.add_argument("--accum", type=int, help="gradient accumulation steps "
-                 f"({d('accum')}; demo {DEMO['accum']})")
-  p.add_argument("--steps", type=int, help="optimizer steps "
+  p.add_argument("--batch", type=cli.count, help="micro-batch per "
+                 f"data-parallel device ({d('batch')}; demo {DEMO['batch']})")
+  p.add_argument("--accum", type=cli.count, help="gradient accumulation "
+                 f"steps ({d('accum')}; demo {DEMO['accum']})")
+  p.add_argument("--steps", type=cli.count, help="optimizer steps "
                  f"({d('steps')}; demo {DEMO['steps']})")
-  p.add_argument("--lr", type=float, help="peak learning rate "
+  p.add_argument("--lr", type=cli.positive, help="peak learning rate "
                  f"({d('lr'):g}; demo {DEMO['lr']:g})")
-  p.add_argument("--warmup", type=int, help=f"linear warmup steps "
+  p.add_argument("--warmup", type=cli.index, help=f"linear warmup steps "
                  f"({d('warmup')})")
-  p.add_argument("--beta2", type=float, help=f"AdamW beta2 ({d('beta2')}, "
-                 "as the official scripts run; the paper states 0.95)")
-  p.add_argument("--weight-decay", type=float,
+  p.add_argument("--beta2", type=cli.real(0.0, 1.0, high_open=True),
+                 help=f"AdamW beta2 ({d('beta2')}, as the official scripts "
+                 "run; the paper states 0.95)")
+  p.add_argument("--weight-decay", type=cli.real(0.0),
                  help=f"({d('weight_decay'):g})")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), help="frozen "
                  f"weights, compute and export ({d('dtype')}; demo "
                  f"{DEMO['dtype']})")
   p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
                  f"checkpointing ({d('remat')}; demo {DEMO['remat']})")
-  p.add_argument("--seed", type=int, help="LoRA initialisation and data order "
-                 f"({d('seed')})")
-  p.add_argument("--save-every", type=int, help="checkpoint every N steps "
-                 f"({d('save_every')})")
-  p.add_argument("--keep", type=int, help="checkpoints kept, the newest "
-                 f"({d('keep')})")
+  p.add_argument("--seed", type=cli.index, help="LoRA initialisation and "
+                 f"data order ({d('seed')})")
+  p.add_argument("--save-every", type=cli.count, help="checkpoint every N "
+                 f"steps ({d('save_every')})")
+  p.add_argument("--keep", type=cli.count, help="checkpoints kept, the "
+                 f"newest ({d('keep')})")
   return p

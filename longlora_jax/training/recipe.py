@@ -171,7 +171,18 @@ def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
     raise LongLoraError(
         f"--ctx {spec.ctx} does not split into S²-Attn groups of "
         f"{attention.group_ratio:g} x ctx tokens (an even group size that "
-        f"divides the context); nearest valid: {nearest or 'none'}")
+        "divides the context); " + (
+            f"nearest valid: {nearest}" if nearest else
+            "no context near it does; use --group-ratio "
+            + _nearest_ratios(spec.ctx, attention.group_ratio)))
+
+
+def _nearest_ratios(ctx: int, ratio: float) -> str:
+  """The group ratios nearest `ratio` that split `ctx` into groups."""
+  ratios = [g / ctx for g in range(2, ctx + 1, 2) if ctx % g == 0]
+  below = max((r for r in ratios if r < ratio), default=None)
+  above = min((r for r in ratios if r > ratio), default=None)
+  return " or ".join(f"{r:g}" for r in (below, above) if r) or "0.25"
 
 
 def check_attention(spec: RunSpec, config: LlamaConfig) -> None:

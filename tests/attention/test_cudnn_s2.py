@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from longlora_jax import gpu_target
-from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
+from longlora_jax.attention.cudnn_s2 import (cudnn_causal_attention,
+                                           cudnn_s2_attention)
 from tests.references import attention as ref
 
 # batch, seq, q_heads, kv_heads, group, head_dim
@@ -128,3 +129,52 @@ def test_cudnn_takes_16_bit_inputs_only(h100):
   with pytest.raises(NotImplementedError, match="fp16/bf16"):
     _compile(lambda q, k, v: cudnn_s2_attention(q, k, v, group_size=16),
              [(1, 64, 4, 64)] * 3, h100, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=str)
+def test_causal_matches_reference_float32(heads):
+  (N, K), (B, T, H) = heads, (2, 24, 16)
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(x, jnp.float32)
+             for x in ref.random_qkv(rng, B, T, N, K, H))
+  w = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
+  out, grads = ref.value_and_grads(cudnn_causal_attention,
+                                   (("implementation", "xla"),), q, k, v, w)
+  want, want_grads = ref.attention(
+      q, k, v, ref.mask_from_keys([ref.causal_keys(T)] * N, None, B), w)
+  ref.assert_close(out, want, atol=1e-5)
+  for got_g, want_g in zip(grads, want_grads):
+    ref.assert_close(got_g, want_g, atol=1e-4)
+  with pytest.raises(ValueError, match="use the 'chunked' implementation"):
+    cudnn_causal_attention(q, k, v, segment_ids_BT=jnp.zeros((B, T), int))
+
+
+def test_full_attention_training_step_is_cudnn_for_h100():
+  # `--full-attn` on a GPU: forward, its recomputation and backward are one
+  # cuDNN call each per layer scan, never the chunked loop's [block, block]
+  # score tiles, and each device attends its own rows.
+  if not gpu_target.AVAILABLE:
+    pytest.skip("needs JAX's CUDA plugin (requirements-test.txt)")
+  from longlora_jax import LlamaConfig
+  from longlora_jax.attention.chunked import CPU_BLOCK, DEFAULT_BLOCK
+  from longlora_jax.attention.dispatch import AttentionSpec
+  from longlora_jax.sharding import make_mesh
+  from longlora_jax.training.recipe import TrainConfig
+  from longlora_jax.training.step import lower_step
+  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=2048)
+  tc = TrainConfig(attention=AttentionSpec("full", implementation="cudnn"),
+                   accum=1)
+  mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
+  with gpu_target.assume_cudnn():
+    lowered, _ = lower_step(cfg, tc, mesh, ctx=2048)
+  hlo = lowered.compile().as_text()
+  calls = re.findall(r'custom_call_target="([^"]+)"', hlo)
+  assert sorted(c for c in calls if "fmha" in c) == sorted(
+      [FORWARD, FORWARD, BACKWARD])
+  for line in hlo.splitlines():
+    if "custom-call(" in line and "fmha" in line:
+      # Operands [batch, seq, heads, head_dim]: one row per device.
+      assert set(re.findall(r"bf16\[(\d+),2048,2,64\]", line)) == {"1"}
+  assert not _score_buffers(hlo, {CPU_BLOCK, DEFAULT_BLOCK})

@@ -9,14 +9,16 @@ from longlora_jax import LlamaConfig, forward, init_params
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.dense import causal_attention
 from longlora_jax.attention import dispatch
-from longlora_jax.attention.dispatch import (ATTENTION_FNS, fused_for,
+from longlora_jax.attention.dispatch import (ATTENTION_FNS, AttentionSpec,
+                                             full_attention, fused_for,
                                              get_attention, s2_attention)
 from longlora_jax.attention.pallas_s2 import pallas_causal_attention
 from tests.references import attention as ref
 
 
 def test_registry():
-  assert ATTENTION_FNS == {"full": causal_attention,
+  assert ATTENTION_FNS == {"auto": full_attention,
+                           "full": causal_attention,
                            "chunked": chunked_causal_attention,
                            "s2": s2_attention,
                            "pallas": pallas_causal_attention}
@@ -45,6 +47,8 @@ def test_model_runs_with_each_attention():
   full = logits["full"]
   assert np.abs(full).std() > 0.3  # large enough for 1e-4 to matter
   np.testing.assert_allclose(logits["chunked"], full, atol=1e-4, rtol=0)
+  # "auto" off NVIDIA GPUs: the chunked path, exactly.
+  np.testing.assert_array_equal(logits["auto"], logits["chunked"])
   with_seg = [_logits(config, params, ids, attention=name, segment_ids_BT=seg)
               for name in ("full", "chunked")]
   np.testing.assert_allclose(with_seg[1], with_seg[0], atol=1e-4, rtol=0)
@@ -88,3 +92,22 @@ def test_auto_takes_fused_paths_on_nvidia_gpus_only(kind, nvidia,
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
   assert (fused_for(128, jnp.bfloat16) is not None) == nvidia
+
+
+@pytest.mark.parametrize("implementation", ["auto", "chunked", "xla",
+                                            "cudnn"])
+def test_full_attention_spec_against_float64(implementation, monkeypatch):
+  # "cudnn" runs here through jax.nn.dot_product_attention's XLA path.
+  from longlora_jax.attention import cudnn_s2
+  causal = cudnn_s2.cudnn_causal_attention
+  monkeypatch.setattr(cudnn_s2, "cudnn_causal_attention",
+                      lambda *a, **k: causal(*a, **k, implementation="xla"))
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(x, jnp.float32)
+             for x in ref.random_qkv(rng, 1, 40, 4, 2, 8))
+  fn = get_attention(AttentionSpec("full", implementation=implementation))
+  want = ref.attention(q, k, v, ref.mask_from_keys(
+      [ref.causal_keys(40)] * 4, None, 1))
+  ref.assert_close(fn(q, k, v), want, atol=1e-5)
+  with pytest.raises(ValueError, match="unknown full attention"):
+    AttentionSpec("full", implementation="roll")

@@ -107,8 +107,9 @@ def test_runs_every_workload_side_by_side(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--train-lengths", "100"], "--train-lengths 100: S²-Attn needs a "
                                  "multiple of 8"),
-    (["--pairs", "0"], "--pairs 0: must be at least 1"),
-    (["--new-tokens", "x"], "--new-tokens 'x': expected an integer"),
+    (["--pairs", "0"], "argument --pairs: '0' is not an integer >= 1"),
+    (["--new-tokens", "x"], "argument --new-tokens: 'x' is not an integer "
+                            ">= 2"),
     (["--hidden", "60", "--heads", "8"], "--hidden 60 must split"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):

@@ -4,10 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from eval import passkey, perplexity, tokenize
+from longlora_jax import gpu_target
 from longlora_jax.demo import demo_checkpoint
 from tests.conftest import ROOT
 
@@ -24,12 +26,76 @@ def test_passkey_cli(demo, tmp_path, capsys):
                 "--dtype", "float32"])
   result = json.loads((tmp_path / "passkey.json").read_text())
   rows = result["results"]
-  assert [r["filler_chars"] for r in rows] == [1024, 2048]
+  # A byte-level tokenizer: the filler is measured, and the prompts are as
+  # long as asked (within the digits of the trial's key).
+  assert result["protocol"] == "measured"
+  assert [abs(r["tokens"] - want) <= 2 for r, want in zip(rows, (300, 600))
+          ] == [True, True]
   assert all(r["trials"] == 2 and 0 <= r["accuracy"] <= 1 for r in rows)
-  # Byte tokens: each prompt is longer than its filler.
-  assert rows[0]["tokens"] > 1024 and rows[1]["tokens"] > 2048
   assert (tmp_path / "passkey.png").stat().st_size > 1000
   assert "accuracy" in capsys.readouterr().out
+  # The official schedule on demand: characters sized for Llama, so with
+  # one token per byte each prompt is longer than its filler.
+  passkey.main(["--ckpt", str(demo), "--max-tokens", "600", "--interval",
+                "300", "--num-tests", "1", "--out", str(tmp_path / "o"),
+                "--dtype", "float32", "--protocol", "official"])
+  rows = json.loads((tmp_path / "o" / "passkey.json").read_text())["results"]
+  assert [r["filler_chars"] for r in rows] == [1024, 2048]
+  assert rows[0]["tokens"] > 1024 and rows[1]["tokens"] > 2048
+
+
+def test_readme_passkey_command_is_the_printed_one_and_its_lengths(
+    demo, tmp_path, capsys):
+  # The demo run prints the command the README shows; run as shown, it
+  # tests the lengths the README names, all within the trained 1024.
+  from longlora_jax.io.checkpoint import Checkpoint
+  from longlora_jax.training.export import print_commands
+  from longlora_jax.training.recipe import RunSpec
+  readme = (Path(ROOT) / "README.md").read_text()
+  (line,) = [l for l in readme.splitlines()
+             if l.startswith("python -m eval.passkey --ckpt runs/demo")]
+  base = Checkpoint.open("demo")
+  spec = RunSpec(ckpt="demo", ctx=1024, base_config={})
+  print_commands(spec, base, base.config.with_context(1024),
+                 {"hf": Path("runs/demo/extend/hf")})
+  assert f"  {line}\n" in capsys.readouterr().out
+  args = line.split()[3:]
+  args[args.index("--ckpt") + 1] = str(demo)
+  passkey.main([*args, "--num-tests", "1", "--out", str(tmp_path)])
+  tokens = [r["tokens"] for r in json.loads(
+      (tmp_path / "passkey.json").read_text())["results"]]
+  assert [abs(t - want) <= 2 for t, want in zip(tokens, (256, 512, 768, 1024))
+          ] == [True] * 4 and len(tokens) == 4
+  assert "256, 512, 768 and 1024 tokens" in readme
+
+
+@pytest.mark.parametrize("command,defaults", [
+    (passkey, ["--max-tokens MAX_TOKENS\n", "(default: 32000)",
+               "(default: 1000)", "(default: runs/passkey)", "(default: 10)"]),
+    (perplexity, ["(default: 2048 4096)", "(default: 256)",
+                  "(default: runs/perplexity)", "(default: official)"]),
+])
+def test_help_shows_the_defaults(command, defaults, capsys):
+  with pytest.raises(SystemExit):
+    command.parse_args(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  for default in defaults:
+    assert " ".join(default.split()) in out, default
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE or os.path.exists(
+    "/dev/nvidiactl"), reason="needs JAX's CUDA plugin and no NVIDIA GPU")
+def test_no_cudnn_traceback_on_a_machine_without_a_gpu(demo):
+  # As a user runs it: no JAX_PLATFORMS, the CUDA plugin installed.
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_PLATFORMS", "JAX_SKIP_CUDA_CONSTRAINTS_CHECK")}
+  result = subprocess.run(
+      [sys.executable, "-m", "eval.score", "--ckpt", str(demo)], cwd=ROOT,
+      capture_output=True, text=True, timeout=300,
+      env={**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+  assert result.returncode == 0, result.stderr
+  assert "cuDNN" not in result.stderr and "Traceback" not in result.stderr
+  assert "perplexity" in result.stdout
 
 
 def test_tokenize_then_perplexity_cli(demo, tmp_path, capsys):
@@ -62,7 +128,10 @@ def test_tokenize_then_perplexity_cli(demo, tmp_path, capsys):
     (["eval.perplexity", "--ckpt", "DEMO", "--data", "/nope.bin"],
      "error: /nope.bin: no such file"),
     (["eval.passkey", "--ckpt", "DEMO", "--interval", "100"],
-     "error: --interval 100 gives prompts without filler"),
+     "error: --interval 100: a passkey prompt takes more than 248 tokens of "
+     "this tokenizer; 100 is too short"),
+    (["eval.passkey", "--ckpt", "DEMO", "--interval", "100", "--protocol",
+      "official"], "error: --interval 100 gives prompts without filler"),
 ])
 def test_user_errors(demo, args, message):
   args = [str(demo) if a == "DEMO" else a for a in args]

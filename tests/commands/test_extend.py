@@ -4,8 +4,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from longlora_jax.training.export import load_run
 from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
 from train import export, extend
-from tests.conftest import ROOT
+from tests.conftest import run_commands
 
 # Native context 32, extended to 64 (RoPE x2): S²-Attn groups of 16.
 TINY = dict(vocab_size=259, hidden_size=32, intermediate_size=64,
@@ -107,6 +105,29 @@ def test_trains_checkpoints_and_exports(run, files):
                              rtol=1e-4)
 
 
+def test_the_printed_peft_hint_gives_the_merged_models_logits(run, files,
+                                                              capsys):
+  # Run as printed, with nothing defined around it: the base model is the
+  # one recorded in the adapter (the run's --ckpt, not "demo" or a name
+  # that sends PEFT to the Hub).
+  from longlora_jax.training.export import print_commands
+  spec, base, config, _, _ = load_run(run)
+  print_commands(spec, base, config, {"peft": run / "peft"})
+  hint = [line[2:] for line in capsys.readouterr().out.splitlines()
+          if line.startswith("  ")]
+  assert hint[:2] == ["import torch",
+                      "from peft import AutoPeftModelForCausalLM"]
+  scope = {}
+  exec("\n".join(hint), scope)
+  adapter = json.loads((run / "peft" / "adapter_config.json").read_text())
+  assert adapter["base_model_name_or_path"] == str(files["model"])
+  merged = AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+  ids = hf_models.random_ids(259, 2, 64, seed=5)
+  np.testing.assert_allclose(hf_models.hf_logits(scope["model"], ids),
+                             hf_models.hf_logits(merged, ids), atol=1e-4,
+                             rtol=1e-4)
+
+
 class _StopAt:
   """A tqdm stand-in that sends this process SIGTERM after step `n`."""
 
@@ -141,13 +162,6 @@ def test_interrupted_and_resumed_equals_uninterrupted(files, monkeypatch,
     assert (whole / name).read_bytes() == (parts / name).read_bytes(), name
   np.testing.assert_array_equal([m["loss"] for m in _metrics(whole)],
                                 [m["loss"] for m in _metrics(parts)])
-
-
-def _cli(args, cwd=ROOT):
-  return subprocess.Popen(
-      [sys.executable, "-m", "train.extend", *args], cwd=cwd, text=True,
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
 
 
 def test_bad_input_is_one_line_and_writes_nothing(files, run):
@@ -198,14 +212,11 @@ def test_bad_input_is_one_line_and_writes_nothing(files, run):
   }
   before = sorted(p.relative_to(run) for p in run.rglob("*"))
   stamp = (run / "run.json").stat().st_mtime_ns
-  procs = {}
-  for name, (args, _) in cases.items():  # Four at a time: 2 cores.
-    procs[name] = _cli(args)
-    if len(procs) % 4 == 0:
-      list(procs.values())[-4].wait(timeout=300)
+  results = run_commands({name: ("train.extend", args)
+                          for name, (args, _) in cases.items()})
   for name, (_, message) in cases.items():
-    _, stderr = procs[name].communicate(timeout=300)
-    assert procs[name].returncode == 2, (name, stderr)
+    code, stderr = results[name]
+    assert code == 2, (name, stderr)
     lines = [l for l in stderr.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], (name, stderr)
     assert "Traceback" not in stderr, name

@@ -124,9 +124,13 @@ def test_eval_plan_splits_weights_and_cache_over_the_tensor_axis(tmp_path):
   # float32 logits, at most 1 KiB); each device holds half of it on two,
   # and half of the weights.
   for plan in (one, two):
-    m = plan["per_device_gib"]
-    assert m["aliased"] == plan["kv_cache_gib_total"] / plan["kv_cache_split"]
-    assert 0 < (m["outputs"] - m["aliased"]) * 2**30 < 2048
+    for m in (plan["per_device_gib"], plan["decode_per_device_gib"]):
+      assert m["aliased"] == (plan["kv_cache_gib_total"]
+                              / plan["kv_cache_split"])
+      assert 0 < (m["outputs"] - m["aliased"]) * 2**30 < 2048
+    # One query: none of the prefill chunk's activations.
+    assert (plan["decode_per_device_gib"]["temporaries"]
+            < plan["per_device_gib"]["temporaries"] / 2)
   assert two["per_device_gib"]["arguments"] < one["per_device_gib"][
       "arguments"]
 

@@ -52,11 +52,17 @@ def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--samples", "0"], "error: --samples 0: must be at least 1"),
-    (["--lengths", "4x"], "error: --lengths '4x': expected an integer"),
-    (["--lengths", "nan"], "error: --lengths 'nan': expected an integer"),
-    (["--depths", "101"], "error: --depths 101: must be between 0 and 100"),
-    (["--depths", "inf"], "error: --depths 'inf': expected a finite number"),
+    # The types every command shares (longlora_jax.cli).
+    (["--samples", "0"],
+     "error: argument --samples: '0' is not an integer >= 1 (see --help)"),
+    (["--lengths", "4x"], "error: argument --lengths: '4x' is not an integer "
+                          ">= 64 (e.g. 4096 or 4k) (see --help)"),
+    (["--lengths", "nan"], "error: argument --lengths: 'nan' is not an "
+                           "integer >= 64"),
+    (["--depths", "101"], "error: argument --depths: '101' is not a finite "
+                          "number in [0, 100]"),
+    (["--depths", "inf"], "error: argument --depths: 'inf' is not a finite "
+                          "number in [0, 100]"),
     (["--haystack", "/nope"], "error: --haystack /nope: no such file"),
     (["--squad", "/nope.json"], "error: --squad /nope.json: cannot read it"),
 ])

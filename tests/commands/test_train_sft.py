@@ -60,7 +60,7 @@ def test_sft_trains_on_the_answers_only(files):
 
 
 @pytest.mark.parametrize("records, message", [
-    ([{"instruction": "a"}], "record 0 has no 'output' field"),
+    ([{"instruction": "a"}], "record 1 has no 'output' field"),
     ([], "no instruction records"),
 ])
 def test_bad_records(files, records, message):

@@ -89,11 +89,16 @@ def test_ruler_lengths_double_from_the_native_length_to_the_trained_one():
   assert ruler_lengths(4096, 4096) == [4096]
 
 
-def test_the_three_evaluations_are_printed_at_the_trained_length(capsys):
+def test_the_three_evaluations_are_printed_at_the_trained_length(
+    capsys, tmp_path):
+  # A base with Llama-2's tokenizer class: the official passkey schedule.
+  from transformers import LlamaTokenizer
+  LlamaTokenizer().save_pretrained(tmp_path)
+  base = Checkpoint("hf:meta-llama/Llama-2-7b-hf", tmp_path, LlamaConfig())
   config = LlamaConfig().with_context(100000)  # Llama-2's 4096, x25
   spec = RunSpec(ckpt="hf:meta-llama/Llama-2-7b-hf", ctx=100000,
                  base_config={}, data="pg19.jsonl")
-  print_commands(spec, config, {"hf": Path("runs/x/hf")})
+  print_commands(spec, base, config, {"hf": Path("runs/x/hf")})
   lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
   assert ("python -m eval.perplexity --ckpt runs/x/hf --data pg19.jsonl "
           "--seq-len 4096 100000") in lines
