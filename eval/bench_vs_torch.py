@@ -15,9 +15,11 @@ the median. Ratios are ours / theirs per pair: their median and min-max.
 Greedy tokens must be equal on both sides. PyTorch runs on the CPU, so
 ours does too. "load" is the 1-minute load average as each process starts:
 above the core count other jobs share the cores, and PyTorch's OpenMP
-threads then slow down far more than XLA's (try --torch-threads 1).
+threads then slow down far more than XLA's; --cpus 1 gives each side one
+core (the same one) and one thread.
 
   python -m eval.bench_vs_torch --json vs_torch.json
+  python -m eval.bench_vs_torch --cpus 1     # a machine other jobs share
   python -m eval.bench_vs_torch --workloads decode --new-tokens 128
 """
 
@@ -60,11 +62,10 @@ def parse_args(argv=None):
                  help="(ours, theirs) process pairs per workload and length")
   p.add_argument("--repeats", default=1, type=cli.integer(1),
                  help="timed runs per process, after its warm-up")
-  p.add_argument("--torch-threads", default=0,
-                 type=cli.integer(0),
-                 help="PyTorch's intra-op threads; 0: its default (one per "
-                      "core). Its OpenMP threads slow down many times when "
-                      "other jobs share the cores")
+  p.add_argument("--cpus", default=0, type=cli.integer(0, os.cpu_count()),
+                 help="pin both sides to the first CPUS cores, PyTorch with "
+                      "as many threads; 0: every core, PyTorch's default "
+                      "threads")
   p.add_argument("--variant", default="flash", choices=("flash", "roll"),
                  help="our S²-Attn groups (theirs: the official roll); "
                       "roll computes what theirs does")
@@ -93,6 +94,9 @@ def check_args(args) -> None:
     raise LongLoraError(
         f"--hidden {args.hidden} must split into --heads {args.heads} heads "
         "of an even size (RoPE rotates pairs)")
+  if args.cpus and not hasattr(os, "sched_setaffinity"):
+    raise LongLoraError("--cpus needs Linux (sched_setaffinity); leave it "
+                        "out here")
   if "s2_step" in args.workloads:
     odd = [n for n in args.train_lengths if n % 8]
     if odd:
@@ -221,8 +225,8 @@ def theirs(workload: str, length: int, args, directory: str) -> dict:
 
   from tests.references import longlora_torch as recipe
 
-  if args.torch_threads:
-    torch.set_num_threads(args.torch_threads)
+  if args.cpus:
+    torch.set_num_threads(args.cpus)
   torch.manual_seed(args.seed)
   ids = torch.tensor(prompt_ids(args, length), dtype=torch.long)
   if workload.endswith("_step"):
@@ -265,11 +269,15 @@ def theirs(workload: str, length: int, args, directory: str) -> dict:
 
 def _measure(job):
   """A spawned process's entry: (side, workload, tokens, args, model dir)."""
-  side, *rest = job
+  side, workload, length, args, directory = job
+  if args.cpus:  # before either framework starts its threads
+    os.sched_setaffinity(0, range(args.cpus))
   import transformers
   transformers.utils.logging.disable_progress_bar()
   load = os.getloadavg()[0]  # other jobs on the machine, as it starts
-  return {"load": load, **(ours if side == "ours" else theirs)(*rest)}
+  measure = ours if side == "ours" else theirs
+  return {"load": load, "cpus": args.cpus or os.cpu_count(),
+          **measure(workload, length, args, directory)}
 
 
 def summarize(workload: str, length: int, runs: list[tuple[dict, dict]],
@@ -338,6 +346,7 @@ def main(argv=None):
   header = {"date": datetime.date.today().isoformat(), "cpu": _cpu(),
             "load_before": os.getloadavg(), "pairs": args.pairs,
             "repeats": args.repeats, "variant": args.variant,
+            "cpus_given": args.cpus,
             "model": {k: getattr(args, k) for k in (
                 "hidden", "layers", "heads", "intermediate", "vocab",
                 "init_std")}}
@@ -362,6 +371,7 @@ def main(argv=None):
         runs.append((result["ours"], result["theirs"]))
       header["versions"]["jax"] = runs[0][0]["jax"]
       header["torch_threads"] = runs[0][1]["torch_threads"]
+      header["cpus"] = runs[0][0]["cpus"]
       rows.append(summarize(workload, length, runs, args.new_tokens))
       bar.write(format_row(rows[-1]))
     bar.close()

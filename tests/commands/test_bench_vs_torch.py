@@ -73,7 +73,7 @@ def test_official_s2_is_ours_roll_variant(heads, kv_heads):
 def test_runs_every_workload_side_by_side(tmp_path):
   hf_models.require("torch", "peft")
   out = tmp_path / "vs.json"
-  result = _run([*TINY, "--variant", "roll", "--torch-threads", "1",
+  result = _run([*TINY, "--variant", "roll", "--cpus", "1",
                  "--json", str(out)], tmp_path)
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
@@ -101,7 +101,7 @@ def test_runs_every_workload_side_by_side(tmp_path):
     assert rows[name]["ours_tokens"] == rows[name]["theirs_tokens"]
   assert rows["decode"]["ours_tok_s"] > 0
   assert report["versions"]["jax"] and report["versions"]["torch"]
-  assert report["torch_threads"] == 1
+  assert report["torch_threads"] == report["cpus"] == 1
 
 
 @pytest.mark.parametrize("args,message", [
