@@ -1,4 +1,4 @@
-"""Side by side with the PyTorch recipe: training steps, prefill and decode.
+"""Side by side with the PyTorch recipe: train steps, attention, generation.
 
 One float32 transformers LlamaForCausalLM (random weights, batch 1) is saved
 once; each measurement then loads it in a fresh process, either ours
@@ -8,10 +8,11 @@ fine-tune.py trains it (LoRA+ r=8, alpha=16 on q,k,v,o, embed and norms
 trained, lm_head frozen, AdamW, gradient checkpointing per layer) with the
 official S²-Attn `forward_noflashattn` for "s2_step"
 (tests/references/longlora_torch.py) and sdpa for "full_step", and
-`model.generate` (greedy). The two sides alternate, --pairs times per
-workload and length. A process runs its workload once untimed (the
-warm-up: compilation on our side) and then --repeats times; its time is
-the median. Ratios are ours / theirs per pair: their median and min-max.
+`model.generate` (greedy); "attention" is one layer's causal attention
+alone, forward + backward: our "auto" (chunked on a CPU) against torch's
+sdpa. The two sides alternate, --pairs times per workload and length. A
+process runs its workload once untimed (the warm-up: compilation on our
+side) and then --repeats times; its time is the median. Ratios are ours / theirs per pair: their median and min-max.
 Greedy tokens must be equal on both sides. PyTorch runs on the CPU, so
 ours does too. "load" is the 1-minute load average as each process starts:
 above the core count other jobs share the cores, and PyTorch's OpenMP
@@ -20,7 +21,6 @@ core (the same one) and one thread.
 
   python -m eval.bench_vs_torch --json vs_torch.json
   python -m eval.bench_vs_torch --cpus 1     # a machine other jobs share
-  python -m eval.bench_vs_torch --workloads decode --new-tokens 128
 """
 
 import datetime
@@ -35,9 +35,9 @@ from pathlib import Path
 from longlora_jax import cli
 from longlora_jax.errors import LongLoraError
 
-WORKLOADS = ("s2_step", "full_step", "prefill", "decode")
+WORKLOADS = ("s2_step", "full_step", "attention", "prefill", "decode")
 TITLES = {"s2_step": "S² train step", "full_step": "full train step",
-          "prefill": "prefill", "decode": "decode"}
+          "attention": "attention", "prefill": "prefill", "decode": "decode"}
 
 
 def parse_args(argv=None):
@@ -109,6 +109,7 @@ def check_args(args) -> None:
 def configurations(args) -> list[tuple[str, int]]:
   """(workload, tokens) in the order they run."""
   lengths = {"s2_step": args.train_lengths, "full_step": args.train_lengths,
+             "attention": args.train_lengths,
              "prefill": args.prefill_lengths, "decode": [args.decode_prompt]}
   return [(w, n) for w in args.workloads for n in lengths[w]]
 
@@ -117,6 +118,14 @@ def prompt_ids(args, length: int):
   import numpy as np
   return np.random.default_rng(args.seed).integers(
       0, args.vocab, (1, length)).astype(np.int32)
+
+
+def attention_inputs(args, length: int):
+  """q, k, v and the output's cotangent, `[1, seq, heads, head_dim]`."""
+  import numpy as np
+  rng = np.random.default_rng(args.seed)
+  shape = (1, length, args.heads, args.hidden // args.heads)
+  return [rng.standard_normal(shape).astype(np.float32) for _ in range(4)]
 
 
 def save_model(args, directory: str) -> dict:
@@ -206,6 +215,14 @@ def ours(workload: str, length: int, args, directory: str) -> dict:
       nonlocal state
       state, metrics = step(state, batch)
       return None, {"loss": float(metrics["loss"]), "trained": trained}
+  elif workload == "attention":
+    from longlora_jax.attention.dispatch import get_attention
+    attend = get_attention("auto")
+    q, k, v, w = (jnp.asarray(x) for x in attention_inputs(args, length))
+    value_and_grads = jax.jit(jax.value_and_grad(
+        lambda q, k, v: jnp.sum(attend(q, k, v) * w), argnums=(0, 1, 2)))
+    run = lambda: (None, {"loss": float(jax.block_until_ready(
+        value_and_grads(q, k, v))[0])})
   else:
     def run():
       stamps = []
@@ -235,6 +252,16 @@ def theirs(workload: str, length: int, args, directory: str) -> dict:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run = lambda: (None, {"loss": recipe.train_step(model, opt, ids),
                           "trained": trained})
+  elif workload == "attention":
+    q, k, v, w = (torch.tensor(x).transpose(1, 2)  # [batch, heads, seq, dim]
+                  for x in attention_inputs(args, length))
+
+    def run():
+      leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+      loss = (torch.nn.functional.scaled_dot_product_attention(
+          *leaves, is_causal=True) * w).sum()
+      loss.backward()
+      return None, {"loss": loss.item()}
   else:
     model = transformers.LlamaForCausalLM.from_pretrained(
         directory, dtype=torch.float32).eval()
@@ -293,12 +320,13 @@ def summarize(workload: str, length: int, runs: list[tuple[dict, dict]],
          "ours_warmup_s": span([o["warmup_s"] for o, _ in runs]),
          "theirs_warmup_s": span([t["warmup_s"] for _, t in runs]),
          "load": span([r["load"] for pair in runs for r in pair])}
-  if workload.endswith("_step"):
+  if "loss" in runs[0][0]["first"]:
     # The first step's loss (the warm-up): LoRA starts as a no-op, so the
     # two sides compute the same loss (S²: with --variant roll).
     for key in ("loss", "trained"):
-      row[key] = {"ours": runs[0][0]["first"][key],
-                  "theirs": runs[0][1]["first"][key]}
+      if key in runs[0][0]["first"]:
+        row[key] = {"ours": runs[0][0]["first"][key],
+                    "theirs": runs[0][1]["first"][key]}
   else:
     row["tokens_equal"] = all(o["tokens"] == t["tokens"] for o, t in runs)
     row["ours_tokens"] = runs[0][0]["tokens"]

@@ -79,13 +79,15 @@ def test_runs_every_workload_side_by_side(tmp_path):
   report = json.loads(out.read_text())
   rows = {r["workload"]: r for r in report["results"]}
   assert [(r["workload"], r["tokens"]) for r in report["results"]] == [
-      ("s2_step", 64), ("full_step", 64), ("prefill", 48), ("decode", 40)]
+      ("s2_step", 64), ("full_step", 64), ("attention", 64), ("prefill", 48),
+      ("decode", 40)]
   for row in rows.values():
     assert row["ours_s"]["median"] > 0 and row["theirs_s"]["median"] > 0
     assert row["ratio"]["min"] <= row["ratio"]["median"] <= \
         row["ratio"]["max"]
   table = result.stdout.splitlines()
-  for title in ("S² train step", "full train step", "prefill", "decode"):
+  for title in ("S² train step", "full train step", "attention", "prefill",
+                "decode"):
     assert sum(line.startswith(title) for line in table) == 1, result.stdout
   for name in ("s2_step", "full_step"):
     # The same recipe on both sides: the same trained parameters, and with
@@ -95,6 +97,9 @@ def test_runs_every_workload_side_by_side(tmp_path):
     np.testing.assert_allclose(row["loss"]["ours"], row["loss"]["theirs"],
                                rtol=2e-6)
   assert rows["s2_step"]["loss"]["ours"] != rows["full_step"]["loss"]["ours"]
+  # Attention alone: sum(output * w) of the same q, k, v and w.
+  np.testing.assert_allclose(rows["attention"]["loss"]["ours"],
+                             rows["attention"]["loss"]["theirs"], rtol=1e-4)
   for name, new in (("prefill", 1), ("decode", 6)):
     assert rows[name]["tokens_equal"] is True
     assert len(rows[name]["ours_tokens"]) == new
