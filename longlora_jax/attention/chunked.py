@@ -62,8 +62,12 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
     q_BTNH, k_BTKH, v_BTKH = map(pad_seq, (q_BTNH, k_BTKH, v_BTKH))
     if segment_ids_BT is not None:
       segment_ids_BT = pad_seq(segment_ids_BT)
-  q_BTKQH = q_BTNH.reshape(B, T + pad, K, N // K, H)
-  out_BTKQH = _flash(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT)
+  # Head-major inside: a tile of one head is contiguous, so no product
+  # re-lays out its operands.
+  q_BKQTH = q_BTNH.reshape(B, T + pad, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  out_BKQTH = _flash(block, q_BKQTH, k_BTKH.transpose(0, 2, 1, 3),
+                     v_BTKH.transpose(0, 2, 1, 3), segment_ids_BT)
+  out_BTKQH = out_BKQTH.transpose(0, 3, 1, 2, 4)
   return out_BTKQH.reshape(B, T + pad, N, H)[:, :T]
 
 
@@ -78,13 +82,16 @@ def _tile(x, index, block, axis):
   return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
 
 
-def _masked_scores(q_BtKQH, k_BsKH, i, j, block, segment_ids_BT):
-  """Scaled float32 scores of query block i against key block j, -inf where
-  the mask hides the key: `[batch, kv_heads, Q, t, s]` (t, s: the query and
-  key blocks)."""
-  H = q_BtKQH.shape[-1]
-  s_BKQts = jnp.einsum("BtKQH,BsKH->BKQts", q_BtKQH, k_BsKH,
+def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked):
+  """Scaled float32 scores of query block i against key block j: `[batch,
+  kv_heads, Q, t, s]` (t, s: the query and key blocks), -inf where the mask
+  hides the key when `masked` (a tile below the diagonal and without
+  documents hides none)."""
+  H = q_BKQtH.shape[-1]
+  s_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
                        preferred_element_type=jnp.float32) * (H ** -0.5)
+  if not masked:
+    return s_BKQts
   pos = jnp.arange(block)
   seg_q = seg_k = None
   if segment_ids_BT is not None:
@@ -94,24 +101,37 @@ def _masked_scores(q_BtKQH, k_BsKH, i, j, block, segment_ids_BT):
   return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
 
 
+def _visit(i, j_lo, j_hi, segment_ids_BT, tile, carry):
+  """Runs `tile(j, carry, masked)` over blocks [j_lo, j_hi), a range that
+  holds the diagonal block i: the mask only where it can hide a key."""
+  if segment_ids_BT is not None:
+    return jax.lax.fori_loop(j_lo, j_hi, functools.partial(tile, masked=True),
+                             carry)
+  below = lambda lo, hi, c: jax.lax.fori_loop(
+      lo, hi, functools.partial(tile, masked=False), c)
+  carry = below(j_lo, jnp.minimum(i, j_hi), carry)
+  carry = tile(i, carry, masked=True)
+  return below(jnp.maximum(i + 1, j_lo), j_hi, carry)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
-  return _forward(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT)[0]
+def _flash(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  return _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT)[0]
 
 
-def _forward(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
-  """Output `[batch, seq, kv_heads, Q, head_dim]` and float32 log-sum-exp
+def _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  """Output `[batch, kv_heads, Q, seq, head_dim]` and float32 log-sum-exp
   `[batch, kv_heads, Q, seq]`."""
-  B, T, K, Q, H = q_BTKQH.shape
+  B, K, Q, T, H = q_BKQTH.shape
   n = T // block
 
   def query_block(i):
-    q_BtKQH = _tile(q_BTKQH, i, block, 1)
+    q_BKQtH = _tile(q_BKQTH, i, block, 3)
 
-    def key_block(j, carry):
+    def key_block(j, carry, masked):
       m_BKQt, l_BKQt, acc_BKQtH = carry
-      s_BKQts = _masked_scores(q_BtKQH, _tile(k_BTKH, j, block, 1), i, j,
-                               block, segment_ids_BT)
+      s_BKQts = _scores(q_BKQtH, _tile(k_BKTH, j, block, 2), i, j, block,
+                        segment_ids_BT, masked)
       m_new = jnp.maximum(m_BKQt, s_BKQts.max(-1))
       # A row with no visible key yet (other segments only) keeps m = -inf;
       # shifting by 0 instead makes its weights exp(-inf) = 0, not NaN.
@@ -120,81 +140,82 @@ def _forward(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
       correction = jnp.exp(m_BKQt - m_safe)
       l_BKQt = l_BKQt * correction + p_BKQts.sum(-1)
       acc_BKQtH = acc_BKQtH * correction[..., None] + jnp.einsum(
-          "BKQts,BsKH->BKQtH", p_BKQts.astype(v_BTKH.dtype),
-          _tile(v_BTKH, j, block, 1), preferred_element_type=jnp.float32)
+          "BKQts,BKsH->BKQtH", p_BKQts.astype(v_BKTH.dtype),
+          _tile(v_BKTH, j, block, 2), preferred_element_type=jnp.float32)
       return m_new, l_BKQt, acc_BKQtH
 
     init = (jnp.full((B, K, Q, block), -jnp.inf), jnp.zeros((B, K, Q, block)),
             jnp.zeros((B, K, Q, block, H)))
     # Key blocks after the diagonal are never visited; each query sees its
     # own key in block i, so l > 0 at the end.
-    m_BKQt, l_BKQt, acc_BKQtH = jax.lax.fori_loop(0, i + 1, key_block, init)
-    out_BtKQH = (acc_BKQtH / l_BKQt[..., None]).transpose(0, 3, 1, 2, 4)
-    return out_BtKQH.astype(q_BTKQH.dtype), m_BKQt + jnp.log(l_BKQt)
+    m_BKQt, l_BKQt, acc_BKQtH = _visit(i, 0, i + 1, segment_ids_BT,
+                                       key_block, init)
+    out_BKQtH = acc_BKQtH / l_BKQt[..., None]
+    return out_BKQtH.astype(q_BKQTH.dtype), m_BKQt + jnp.log(l_BKQt)
 
-  out_nBtKQH, lse_nBKQt = jax.lax.map(query_block, jnp.arange(n))
-  out_BTKQH = jnp.moveaxis(out_nBtKQH, 0, 1).reshape(B, T, K, Q, H)
+  out_nBKQtH, lse_nBKQt = jax.lax.map(query_block, jnp.arange(n))
+  out_BKQTH = jnp.moveaxis(out_nBKQtH, 0, 3).reshape(B, K, Q, T, H)
   lse_BKQT = jnp.moveaxis(lse_nBKQt, 0, 3).reshape(B, K, Q, T)
-  return out_BTKQH, lse_BKQT
+  return out_BKQTH, lse_BKQT
 
 
-def _flash_fwd(block, q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT):
-  out_BTKQH, lse_BKQT = _forward(block, q_BTKQH, k_BTKH, v_BTKH,
+def _flash_fwd(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  out_BKQTH, lse_BKQT = _forward(block, q_BKQTH, k_BKTH, v_BKTH,
                                  segment_ids_BT)
-  return out_BTKQH, (q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT, out_BTKQH,
+  return out_BKQTH, (q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH,
                      lse_BKQT)
 
 
-def _flash_bwd(block, residuals, dout_BTKQH):
+def _flash_bwd(block, residuals, dout_BKQTH):
   """Flash-attention-2 backward: an outer loop over key blocks accumulates
   their dK and dV over the query blocks at or after them, and adds each
   tile's share of dQ into one float32 dQ (O(seq), updated in place)."""
-  q_BTKQH, k_BTKH, v_BTKH, segment_ids_BT, out_BTKQH, lse_BKQT = residuals
-  B, T, K, Q, H = q_BTKQH.shape
+  q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH, lse_BKQT = residuals
+  B, K, Q, T, H = q_BKQTH.shape
   n = T // block
   scale = H ** -0.5
-  dtype = q_BTKQH.dtype
+  dtype = q_BKQTH.dtype
   # D = rowsum(dO * O), the softmax-Jacobian term shared by a row's tiles.
-  delta_BKQT = jnp.einsum("BTKQH,BTKQH->BKQT", dout_BTKQH, out_BTKQH,
+  delta_BKQT = jnp.einsum("BKQTH,BKQTH->BKQT", dout_BKQTH, out_BKQTH,
                           preferred_element_type=jnp.float32)
 
-  def key_block(dq_BTKQH, j):
-    k_BsKH = _tile(k_BTKH, j, block, 1)
-    v_BsKH = _tile(v_BTKH, j, block, 1)
+  def key_block(dq_BKQTH, j):
+    k_BKsH = _tile(k_BKTH, j, block, 2)
+    v_BKsH = _tile(v_BKTH, j, block, 2)
 
-    def query_block(i, carry):
-      dq_BTKQH, dk_BsKH, dv_BsKH = carry
-      q_BtKQH = _tile(q_BTKQH, i, block, 1)
-      do_BtKQH = _tile(dout_BTKQH, i, block, 1)
-      s_BKQts = _masked_scores(q_BtKQH, k_BsKH, i, j, block, segment_ids_BT)
+    def query_block(i, carry, masked):
+      dq_BKQTH, dk_BKsH, dv_BKsH = carry
+      q_BKQtH = _tile(q_BKQTH, i, block, 3)
+      do_BKQtH = _tile(dout_BKQTH, i, block, 3)
+      s_BKQts = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked)
       p_BKQts = jnp.exp(s_BKQts - _tile(lse_BKQT, i, block, 3)[..., None])
-      dv_BsKH += jnp.einsum("BKQts,BtKQH->BsKH", p_BKQts.astype(dtype),
-                            do_BtKQH, preferred_element_type=jnp.float32)
-      dp_BKQts = jnp.einsum("BtKQH,BsKH->BKQts", do_BtKQH, v_BsKH,
+      dv_BKsH += jnp.einsum("BKQts,BKQtH->BKsH", p_BKQts.astype(dtype),
+                            do_BKQtH, preferred_element_type=jnp.float32)
+      dp_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", do_BKQtH, v_BKsH,
                             preferred_element_type=jnp.float32)
       ds_BKQts = (p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
                   ).astype(dtype)
-      dk_BsKH += scale * jnp.einsum("BKQts,BtKQH->BsKH", ds_BKQts, q_BtKQH,
+      dk_BKsH += scale * jnp.einsum("BKQts,BKQtH->BKsH", ds_BKQts, q_BKQtH,
                                     preferred_element_type=jnp.float32)
-      dq_BtKQH = _tile(dq_BTKQH, i, block, 1) + scale * jnp.einsum(
-          "BKQts,BsKH->BtKQH", ds_BKQts, k_BsKH,
+      dq_BKQtH = _tile(dq_BKQTH, i, block, 3) + scale * jnp.einsum(
+          "BKQts,BKsH->BKQtH", ds_BKQts, k_BKsH,
           preferred_element_type=jnp.float32)
-      dq_BTKQH = jax.lax.dynamic_update_slice_in_dim(dq_BTKQH, dq_BtKQH,
-                                                     i * block, axis=1)
-      return dq_BTKQH, dk_BsKH, dv_BsKH
+      dq_BKQTH = jax.lax.dynamic_update_slice_in_dim(dq_BKQTH, dq_BKQtH,
+                                                     i * block, axis=3)
+      return dq_BKQTH, dk_BKsH, dv_BKsH
 
-    zeros = jnp.zeros((B, block, K, H), jnp.float32)
+    zeros = jnp.zeros((B, K, block, H), jnp.float32)
     # Query blocks before the diagonal cannot see key block j: skipped.
-    dq_BTKQH, dk_BsKH, dv_BsKH = jax.lax.fori_loop(
-        j, n, query_block, (dq_BTKQH, zeros, zeros))
+    dq_BKQTH, dk_BKsH, dv_BKsH = _visit(j, j, n, segment_ids_BT, query_block,
+                                        (dq_BKQTH, zeros, zeros))
     # Complete after the inner loop: store in the input dtype.
-    return dq_BTKQH, (dk_BsKH.astype(k_BTKH.dtype),
-                      dv_BsKH.astype(v_BTKH.dtype))
+    return dq_BKQTH, (dk_BKsH.astype(k_BKTH.dtype),
+                      dv_BKsH.astype(v_BKTH.dtype))
 
-  dq_BTKQH, (dk_nBsKH, dv_nBsKH) = jax.lax.scan(
-      key_block, jnp.zeros((B, T, K, Q, H), jnp.float32), jnp.arange(n))
-  unblock = lambda x_nBsKH: jnp.moveaxis(x_nBsKH, 0, 1).reshape(B, T, K, H)
-  return dq_BTKQH.astype(dtype), unblock(dk_nBsKH), unblock(dv_nBsKH), None
+  dq_BKQTH, (dk_nBKsH, dv_nBKsH) = jax.lax.scan(
+      key_block, jnp.zeros((B, K, Q, T, H), jnp.float32), jnp.arange(n))
+  unblock = lambda x_nBKsH: jnp.moveaxis(x_nBKsH, 0, 2).reshape(B, K, T, H)
+  return dq_BKQTH.astype(dtype), unblock(dk_nBKsH), unblock(dv_nBKsH), None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
