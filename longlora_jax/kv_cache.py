@@ -13,10 +13,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from longlora_jax.attention.dispatch import on_nvidia_gpu
+from longlora_jax.attention.pallas_cache import (pallas_cached_attention,
+                                                 takes)
 from longlora_jax.config import LlamaConfig
 from longlora_jax.sharding import BATCH_AXES, batch_parallelism
 
 CACHE_BLOCK = 512  # Key block of the attention loop; cache lengths are multiples.
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.bfloat16,
@@ -44,9 +48,14 @@ def cache_sharding(config: LlamaConfig, batch: int, mesh) -> NamedSharding:
 
 
 def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
-                     block: int = CACHE_BLOCK):
+                     block: int = CACHE_BLOCK, implementation: str = "auto"):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked cache.
+
+  implementation: "xla" (the loop below), "pallas" (one fused kernel,
+  `attention.pallas_cache`; NVIDIA GPUs), "pallas_interpret" (that kernel
+  through the Pallas interpreter; tests), or "auto": the kernel for prefill
+  chunks it takes on an NVIDIA GPU, else "xla".
 
   Keys at positions <= each query's are read from the cache in blocks with
   an online softmax (float32), and the loop stops at the last block any
@@ -57,6 +66,16 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   """
   B, C, N, H = q_BCNH.shape
   K, S = v_LBKSH.shape[2], v_LBKSH.shape[3]
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"unknown cached attention {implementation!r}; choose "
+                     f"one of {IMPLEMENTATIONS}")
+  if implementation == "auto":
+    implementation = ("pallas" if on_nvidia_gpu() and takes(q_BCNH, S)
+                      else "xla")
+  if implementation != "xla":
+    return pallas_cached_attention(
+        q_BCNH, k_LBKHS, v_LBKSH, layer, start,
+        interpret=implementation == "pallas_interpret")
   Q = N // K
   q_BKQCH = (q_BCNH.reshape(B, C, K, Q, H).transpose(0, 2, 3, 1, 4)
              .astype(jnp.float32) * (H ** -0.5))

@@ -1,4 +1,5 @@
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -117,3 +118,27 @@ def test_cache_is_updated_in_place_when_compiled_for_gpu(decode, kv_heads):
   one_cache = 2 * kv_heads * 262144 * 32 * 2  # keys or values, bf16
   assert memory.alias_size_in_bytes == 2 * one_cache  # donated, in place
   assert memory.temp_size_in_bytes < one_cache / 4
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
+def test_prefill_over_the_cache_is_one_kernel_per_layer_on_a_gpu():
+  # Compiled for a compile-only H100, a prefill chunk's attention over the
+  # cache is the fused Pallas kernel (one launch inside the layer scan),
+  # never the XLA loop over cache blocks; a decode step keeps that loop.
+  from longlora_jax.generate import lower_extend
+  from longlora_jax.sharding import make_mesh
+  cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=8192)
+  mesh = make_mesh("fsdp=1", gpu_target.devices("h100", 1))
+  hlo = lambda decode: lower_extend(cfg, mesh, ctx=8192, chunk=512,
+                                    decode=decode).compile().as_text()
+  prefill, decode = hlo(False), hlo(True)
+  kernels = re.findall(r'custom_call_target="__gpu\$xla\.gpu\.triton"',
+                       prefill)
+  assert len(kernels) == 1 and "cached_attention" in prefill
+  # One while loop, the layer scan; the XLA attention adds one per layer.
+  assert len(re.findall(r" while\(", prefill)) == 1
+  assert "__gpu$xla.gpu.triton" not in decode
+  assert len(re.findall(r" while\(", decode)) == 2

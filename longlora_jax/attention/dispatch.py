@@ -111,13 +111,19 @@ def fused_for(head_dim: int, dtype, *, packed: bool = False,
   return next((name for name in FUSED_PREFERENCE if takes[name]), None)
 
 
-def on_nvidia_gpu(platform: str | None) -> bool:
-  """`platform` "gpu" (a compile-only NVIDIA target), or JAX's default
-  backend on an NVIDIA GPU (ROCm reports "gpu" too)."""
+def on_nvidia_gpu(platform: str | None = None) -> bool:
+  """`platform` "gpu" (a compile-only NVIDIA target), else whether the
+  devices being compiled for are NVIDIA GPUs: the context mesh's (`jax.
+  set_mesh`, as the compile-only plans lower under a mesh of GPUs that are
+  not here), or JAX's default backend's (ROCm reports "gpu" too)."""
   if platform is not None:
     return platform == "gpu"
-  return (jax.default_backend() == "gpu"
-          and jax.devices()[0].device_kind.startswith("NVIDIA"))
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  if device is not None:
+    platform, kind = device.platform, device.device_kind
+  else:
+    platform, kind = jax.default_backend(), jax.devices()[0].device_kind
+  return platform == "gpu" and kind.startswith("NVIDIA")
 
 
 @dataclasses.dataclass(frozen=True)
