@@ -4,6 +4,7 @@ Shapes are fixed per (batch, cache length, chunk), so a long prompt compiles
 the prefill step once and decoding compiles once, never per token.
 """
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -91,29 +92,33 @@ def generate(config: LlamaConfig, params, input_ids, *, max_new_tokens: int,
   mesh = getattr(embedding.sharding, "mesh", None)
   cache = init_cache(config, B, max(P + max_new_tokens, n_chunks * chunk),
                      cache_dtype or embedding.dtype, mesh)
-  # Padding written past the prompt is never attended: decode overwrites
-  # each position before any query can see it.
-  for c in range(n_chunks):
-    logits, cache = _extend(config, params, cache,
-                            jnp.asarray(padded[:, c * chunk:(c + 1) * chunk]),
-                            c * chunk, (P - 1) - c * chunk if c == n_chunks - 1 else 0)
-  key = key if key is not None else jax.random.key(0)
-  greedy = temperature == 0
-  out = []
-  done = np.zeros(B, bool)
-  for t in range(max_new_tokens):
-    key, sub = jax.random.split(key)
-    token = np.asarray(_sample(logits, sub, temperature, top_p, greedy=greedy))
-    token = np.where(done, out[-1] if out else token, token)
-    out.append(token)
-    if on_token is not None:
-      on_token(token)
-    done |= np.isin(token, eos)
-    if done.all() or t == max_new_tokens - 1:
-      break
-    logits, cache = _extend(config, params, cache, jnp.asarray(token[:, None]),
-                            P + t, 0)
-  return np.stack(out, axis=1)
+  # Under the weights' mesh: kernels split their work over it (kv_cache).
+  with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
+    # Padding written past the prompt is never attended: decode overwrites
+    # each position before any query can see it.
+    for c in range(n_chunks):
+      logits, cache = _extend(config, params, cache,
+                              jnp.asarray(padded[:, c * chunk:(c + 1) * chunk]),
+                              c * chunk,
+                              (P - 1) - c * chunk if c == n_chunks - 1 else 0)
+    key = key if key is not None else jax.random.key(0)
+    greedy = temperature == 0
+    out = []
+    done = np.zeros(B, bool)
+    for t in range(max_new_tokens):
+      key, sub = jax.random.split(key)
+      token = np.asarray(_sample(logits, sub, temperature, top_p,
+                                 greedy=greedy))
+      token = np.where(done, out[-1] if out else token, token)
+      out.append(token)
+      if on_token is not None:
+        on_token(token)
+      done |= np.isin(token, eos)
+      if done.all() or t == max_new_tokens - 1:
+        break
+      logits, cache = _extend(config, params, cache,
+                              jnp.asarray(token[:, None]), P + t, 0)
+    return np.stack(out, axis=1)
 
 
 def lower_extend(config: LlamaConfig, mesh, *, ctx: int, chunk: int = 2048,

@@ -9,6 +9,8 @@ fixed when it is made, so prefill chunks and decode steps keep fixed shapes
 and compile once.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -41,10 +43,16 @@ def cache_sharding(config: LlamaConfig, batch: int, mesh) -> NamedSharding:
   """How a cache of `batch` rows lies on `mesh` (keys and values alike): its
   rows split over the batch axes and its kv heads over the tensor axis,
   where they divide."""
-  rows = BATCH_AXES if batch % batch_parallelism(mesh) == 0 else None
-  heads = ("tensor" if config.num_key_value_heads % mesh.shape["tensor"] == 0
-           else None)
+  rows, heads = _split(batch, config.num_key_value_heads, mesh)
   return NamedSharding(mesh, P(None, rows, heads, None, None))
+
+
+def _split(batch: int, kv_heads: int, mesh) -> tuple:
+  """The mesh axes a cache's rows and kv heads split over, where they
+  divide (None: whole on every device)."""
+  rows = BATCH_AXES if batch % batch_parallelism(mesh) == 0 else None
+  heads = "tensor" if kv_heads % mesh.shape["tensor"] == 0 else None
+  return rows, heads
 
 
 def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
@@ -73,9 +81,10 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
     implementation = ("pallas" if on_nvidia_gpu() and takes(q_BCNH, S)
                       else "xla")
   if implementation != "xla":
-    return pallas_cached_attention(
-        q_BCNH, k_LBKHS, v_LBKSH, layer, start,
-        interpret=implementation == "pallas_interpret")
+    return _on_each_device(functools.partial(
+        pallas_cached_attention,
+        interpret=implementation == "pallas_interpret"))(
+            q_BCNH, k_LBKHS, v_LBKSH, layer, start)
   Q = N // K
   q_BKQCH = (q_BCNH.reshape(B, C, K, Q, H).transpose(0, 2, 3, 1, 4)
              .astype(jnp.float32) * (H ** -0.5))
@@ -117,3 +126,22 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   out_BKQCH = (acc_BKQCH / l_BKQC[..., None])[:, :, :, :C]
   return out_BKQCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
       q_BCNH.dtype)
+
+
+def _on_each_device(attend):
+  """`attend` on each device's rows and kv heads of the context mesh
+  (`jax.set_mesh`, as `generate` runs): a kernel is a custom call without a
+  partitioning rule, for which GSPMD would gather the whole cache onto
+  every device. Query heads follow their kv heads (head n reads n // Q)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return attend
+
+  def split(q_BCNH, k_LBKHS, v_LBKSH, layer, start):
+    rows, heads = _split(q_BCNH.shape[0], k_LBKHS.shape[2], mesh)
+    cache, queries = P(None, rows, heads, None, None), P(rows, None, heads)
+    return jax.shard_map(attend, mesh=mesh,
+                         in_specs=(queries, cache, cache, P(), P()),
+                         out_specs=queries, check_vma=False)(
+                             q_BCNH, k_LBKHS, v_LBKSH, layer, start)
+  return split

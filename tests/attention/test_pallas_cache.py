@@ -104,3 +104,31 @@ def test_compiles_for_an_h100_reading_the_cache_in_place(tmp_path):
              if (m := re.search(r"\.entry (\w+)", ptx := p.read_text()))}
   assert re.search(r"^\.target sm_90a\b", kernels["cached_attention"], re.M)
   assert "wgmma.mma_async" in kernels["cached_attention"]
+
+
+def test_each_device_runs_its_rows_and_kv_heads_under_a_mesh():
+  # As `generate` runs on a mesh: the kernel is a custom call with no
+  # partitioning rule, so it runs per device on the cache's own split
+  # (rows over fsdp, kv heads over tensor), nothing of the cache gathered.
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from longlora_jax.sharding import BATCH_AXES, make_mesh
+  mesh = make_mesh("fsdp=2,tensor=2", jax.devices()[:4])
+  rng = np.random.default_rng(1)
+  S, start, C = 512, 130, BLOCK_Q
+  q, k, v = (x.astype(np.float32) for x in ref.random_qkv(rng, 2, S, 4, 2,
+                                                          64))
+  keys_k, keys_v = _stacked(k, v, layer=0, layers=2)
+  split = NamedSharding(mesh, P(None, BATCH_AXES, "tensor"))
+  keys_k, keys_v = jax.device_put((keys_k, keys_v), split)
+  queries = jax.device_put(jnp.asarray(q[:, start:start + C]),
+                           NamedSharding(mesh, P(BATCH_AXES, None, "tensor")))
+  attend = jax.jit(lambda q, k, v: cached_attention(
+      q, k, v, 0, start, implementation="pallas_interpret"))
+  with jax.set_mesh(mesh):
+    got = attend(queries, keys_k, keys_v)
+    hlo = attend.lower(queries, keys_k, keys_v).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  end = start + C
+  mask = ref.mask_from_keys([ref.causal_keys(end)] * 4, batch=2)
+  want = ref.attention(q[:, :end], k[:, :end], v[:, :end], mask)[:, start:]
+  ref.assert_close(got, want, relative=2e-6)
