@@ -33,7 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention.dispatch import AttentionFn, get_attention
+from longlora_jax.attention.dispatch import (AttentionFn, context_form,
+                                             get_attention)
 from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
 from longlora_jax.lora import LoRA, delta
@@ -125,7 +126,8 @@ class Attention(nn.Module):
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
-      out_BTNH = per_row_shard(self.attention_fn)(
+      out_BTNH = per_row_shard(self.attention_fn,
+                               context_form(self.attention_fn))(
           q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
     else:
       # Generation: every row's chunk starts at the same cache position.
