@@ -172,6 +172,13 @@ def activation_mesh(mesh: Mesh):
     _ACTIVATION_MESH.reset(token)
 
 
+def context_slices() -> int:
+  """Slices a row's tokens are split into under `activation_mesh` (1
+  outside it): code that scans over the sequence scans each slice's part."""
+  mesh = _ACTIVATION_MESH.get()
+  return 1 if mesh is None else context_parallelism(mesh)
+
+
 def activation_spec(ndim: int) -> P:
   """`[batch, seq, ...]` arrays: rows over data x fsdp, tokens over context."""
   return P(BATCH_AXES, *([SEQ_AXIS] if ndim > 1 else []),
