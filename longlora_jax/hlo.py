@@ -8,7 +8,8 @@ Only result shapes are printed (operands are names), so an op's bytes are
 read from its result: what a device receives from a collective-permute,
 holds after an all-gather, reduces in an all-reduce or an all-to-all; a
 reduce-scatter's operand is its result times the group. Asynchronous pairs
-count once, at "-start" (whose tuple holds the operand, then the result);
+count once, at "-start" (whose tuple holds the operands, then the results,
+apart from all-reduce-start's, which is the results);
 ops over groups of one device (no-ops XLA keeps from shard_map) count zero.
 Ops inside a loop body count once, not once per trip.
 """
@@ -42,6 +43,17 @@ def _group_size(line: str) -> int | None:
   return None
 
 
+def _elements(tuple_text: str) -> list[str]:
+  """The top-level elements of a tuple type "(a, (b, c), d)"."""
+  parts, depth, start = [], 0, 1
+  for i, ch in enumerate(tuple_text):
+    depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+    if (ch == "," and depth == 1) or (ch == ")" and depth == 0):
+      parts.append(tuple_text[start:i].strip())
+      start = i + 1
+  return parts
+
+
 def collective_bytes(hlo_text: str) -> dict[str, int]:
   """Bytes per device by collective kind (all of `KINDS`, zeros included)."""
   totals = dict.fromkeys(KINDS, 0)
@@ -53,10 +65,9 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
     group = _group_size(line)
     if group == 1 or not shapes:
       continue
-    if start and kind in ("collective-permute", "all-gather"):
-      size = shapes[1]  # (operand, result, [context...])
-    else:
-      size = sum(shapes)
+    if start and kind != "all-reduce":
+      shapes = [_bytes(*s) for s in _SHAPE.findall(_elements(result)[1])]
+    size = sum(shapes)
     if kind == "reduce-scatter":
       size *= group or 1
     totals[kind] += size
