@@ -94,3 +94,37 @@ def test_halo_is_the_most_a_slice_start_lies_inside_its_group():
   assert halo_size(40, 2, 10) == 0  # slices of whole groups
   assert halo_size(48, 8, 16) == 14  # starts 6k mod 16: 0, 6, 12, 2, 8, 14
   assert halo_size(1 << 20, 8, 1 << 18) == 1 << 17  # 1M tokens, G = 2L
+
+
+def _moved(attention_fn, seq, mesh_spec="context=8"):
+  """Collective bytes per device of one attention's forward and backward."""
+  from jax.sharding import NamedSharding
+
+  from longlora_jax.hlo import collective_bytes
+  from longlora_jax.sharding import activation_spec
+  mesh = make_mesh(mesh_spec)
+
+  def loss(q, k, v):
+    with activation_mesh(mesh):
+      out = per_row_shard(attention_fn, context_form(attention_fn))(q, k, v)
+    return jnp.sum(out)
+
+  x = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32,
+                           sharding=NamedSharding(mesh, activation_spec(4)))
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).compile().as_text()
+  return collective_bytes(hlo)
+
+
+def test_s2_moves_bytes_that_grow_with_the_group_not_the_sequence():
+  s2 = lambda seq, group: _moved(functools.partial(
+      s2_attention, group_size=group, block_size=64), seq)
+  # Slices of L = seq / 8 >= G: G/2 tokens of half the heads move, no halo.
+  at_1024, at_2048 = s2(1024, 128), s2(2048, 128)
+  assert at_1024 == at_2048  # the same group: the same bytes
+  assert at_1024["all-gather"] == 0 and at_1024["collective-permute"] > 0
+  # Slices shorter than the group move more (a halo), never more than G.
+  assert at_2048["collective-permute"] < s2(512, 128)["collective-permute"]
+  assert s2(2048, 512)["collective-permute"] > at_2048["collective-permute"]
+  full = lambda seq: _moved(functools.partial(
+      full_attention, implementation="chunked", block_size=64), seq)
+  assert full(2048)["all-gather"] == 4 * full(512)["all-gather"] > 0
