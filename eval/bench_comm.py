@@ -36,6 +36,8 @@ def parse_args(argv=None):
   p.add_argument("--head-dim", type=cli.count, default=128)
   p.add_argument("--methods", nargs="+", choices=("s2", "full"),
                  default=["s2", "full"])
+  p.add_argument("--variant", choices=("flash", "roll"), default="flash",
+                 help="S²-Attn's shifted groups (attention.groups)")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
                  default="h100",
                  help="compiler: XLA:GPU for compile-only devices of this "
@@ -45,7 +47,8 @@ def parse_args(argv=None):
 
 
 def layer_bytes(method: str, ctx: int, context: int, group: int, heads: int,
-                kv_heads: int, head_dim: int, devices) -> dict[str, int]:
+                kv_heads: int, head_dim: int, devices,
+                variant: str = "flash") -> dict[str, int]:
   """Collective bytes per device of one attention layer's forward and
   backward at `ctx` tokens split over `context` of `devices`."""
   import functools
@@ -60,8 +63,8 @@ def layer_bytes(method: str, ctx: int, context: int, group: int, heads: int,
   from longlora_jax.sharding import (activation_mesh, activation_spec,
                                      make_mesh, per_row_shard)
   mesh = make_mesh(f"context={context}", devices[:context])
-  fn = (functools.partial(s2_attention, group_size=group) if method == "s2"
-        else full_attention)
+  fn = (functools.partial(s2_attention, group_size=group, variant=variant)
+        if method == "s2" else full_attention)
 
   def loss(q, k, v, w):
     with activation_mesh(mesh):
@@ -102,8 +105,9 @@ def main(argv=None):
   rows = []
   for method, ctx, context, group in tqdm(runs, desc="compiling"):
     moved = layer_bytes(method, ctx, context, group, args.heads, kv_heads,
-                        args.head_dim, devices)
-    rows.append(dict(method=method, ctx=ctx, context=context,
+                        args.head_dim, devices, args.variant)
+    rows.append(dict(method=method if method == "full" else
+                     f"s2 {args.variant}", ctx=ctx, context=context,
                      group=group if method == "s2" else None,
                      mib=sum(moved.values()) / 2**20,
                      by_kind={k: v / 2**20 for k, v in moved.items() if v}))
