@@ -40,7 +40,8 @@ from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
 from longlora_jax.lora import LoRA, delta
 from longlora_jax.rope import apply_rope, rope_frequencies
-from longlora_jax.sharding import context_slices, per_row_shard, shard_batch
+from longlora_jax.sharding import (context_slices, gather_over_context,
+                                   per_row_shard, shard_batch)
 
 DType = Any
 
@@ -239,7 +240,8 @@ class Decoder(nn.Module):
         param_dtype=self.param_dtype,
         embedding_init=_embed_init(cfg.initializer_range, cfg.pad_token_id),
         name="embed_tokens")(input_ids_BT)
-    layer = DecoderLayer
+    layer = nn.map_variables(DecoderLayer, "params",
+                             trans_in_fn=gather_over_context, init=True)
     if REMAT_POLICIES[self.remat] is not None:
       layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat],
                        prevent_cse=False)

@@ -93,7 +93,8 @@ def _names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
-def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
+def param_spec(path, shape: tuple[int, ...], mesh: Mesh,
+               fsdp_axes: tuple[str, ...] = FSDP_AXES) -> P:
   """PartitionSpec of one parameter (or optimizer-state leaf) by its path.
 
   Tensor parallel first (by module name), then FSDP: the largest remaining
@@ -121,7 +122,7 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
     if axis is not None and shape[axis] % tensor == 0:
       spec[axis] = "tensor"
       free.remove(axis)
-  axes = tuple(a for a in FSDP_AXES if mesh.shape[a] > 1)
+  axes = tuple(a for a in fsdp_axes if mesh.shape[a] > 1)
   ways = math.prod(mesh.shape[a] for a in axes)
   if ways > 1:
     divisible = [d for d in free if shape[d] % ways == 0]
@@ -177,6 +178,23 @@ def context_slices() -> int:
   outside it): code that scans over the sequence scans each slice's part."""
   mesh = _ACTIVATION_MESH.get()
   return 1 if mesh is None else context_parallelism(mesh)
+
+
+def gather_over_context(layer_params):
+  """One layer's weights, all-gathered over the context axis (still split
+  over fsdp and tensor) under `activation_mesh`.
+
+  Said explicitly, as FSDP does per layer: left to GSPMD, XLA:GPU kept a
+  hidden-major copy of the whole residual stack for the backward pass when
+  the weights and the tokens were split over the same axis.
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or context_parallelism(mesh) == 1:
+    return layer_params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.with_sharding_constraint(x, NamedSharding(
+          mesh, param_spec(path, np.shape(x), mesh, ("fsdp",)))),
+      layer_params)
 
 
 def activation_spec(ndim: int) -> P:
