@@ -111,8 +111,9 @@ def main(argv=None):
                      group=group if method == "s2" else None,
                      mib=sum(moved.values()) / 2**20,
                      by_kind={k: v / 2**20 for k, v in moved.items() if v}))
-  compiler = ("XLA:CPU (fake devices; bf16 moves as f32)" if args.target == "cpu"
-              else f"XLA:GPU compile-only {gpu_target.GPUS[args.target].name}")
+  compiler = ("XLA:CPU (fake devices; bf16 moves as f32)"
+              if args.target == "cpu" else
+              f"XLA:GPU compile-only {gpu_target.GPUS[args.target].name}")
   header = dict(compiler=compiler, jax=jax.__version__,
                 date=datetime.date.today().isoformat(), heads=args.heads,
                 kv_heads=kv_heads, head_dim=args.head_dim, dtype="bfloat16")
