@@ -146,3 +146,12 @@ def test_attention_runs_on_each_devices_own_rows(mesh_spec, rows, segments):
   # Traced once, on one device's rows (8 rows over data x fsdp devices).
   assert seen == [(rows, rows if segments else None)]
   np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_attention_without_a_context_form_is_a_user_error():
+  from longlora_jax.sharding import activation_mesh, per_row_shard
+  q = jnp.zeros((1, 16, 2, 8))
+  mine = lambda q, k, v, *, segment_ids_BT=None: q
+  with activation_mesh(make_mesh("context=8")):
+    with pytest.raises(LongLoraError, match="no context-parallel form"):
+      per_row_shard(mine)(q, q, q)
