@@ -198,8 +198,9 @@ def plan(args) -> dict:
   # What a run on the target picks: the fused kernel on a GPU where it
   # applies (for full attention too), else S²-Attn's default and, for full
   # attention, the memory-efficient chunks (dense needs seq^2 memory).
+  # Under a context axis attention takes the XLA path (`attention.context`).
   fused = (fused_for(config.head_dim, "bfloat16", platform="gpu")
-           if args.target != "cpu" else None)
+           if args.target != "cpu" and mesh.shape["context"] == 1 else None)
   attention = AttentionSpec(
       args.attention,
       implementation=fused or ("auto" if args.attention == "s2"
@@ -226,7 +227,8 @@ def plan(args) -> dict:
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   gib = 2.0 ** 30
   tokens_per_device = args.batch * args.accum * args.ctx
-  saved_per_layer = args.batch * args.ctx * config.hidden_size * 2  # bf16
+  saved_per_layer = (args.batch * args.ctx // mesh.shape["context"]
+                     * config.hidden_size * 2)  # bf16, this device's tokens
   rows = args.batch * batch_parallelism(mesh)
   analytic = step_flops(config, args.ctx, batch=rows * args.accum,
                         group_size=group)

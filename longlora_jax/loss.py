@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from longlora_jax.config import LlamaConfig
 from longlora_jax.model import lm_head
+from longlora_jax.sharding import context_slices, shard_batch
 
 IGNORE_INDEX = -100
 
@@ -31,21 +32,29 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
     h_BTD: final hidden states (`model.hidden_states`).
     targets_BT: the token each position must predict; IGNORE_INDEX (-100)
       positions are not scored (`next_token_targets` makes these from labels).
-    chunk_size: positions per chunk; the sequence is padded to a multiple.
+    chunk_size: positions per chunk; the sequence (each context slice) is
+      padded to a multiple.
   """
   B, T, D = h_BTD.shape
-  chunk = min(chunk_size, T)
-  pad = -T % chunk
+  # Chunks of each context slice (`sharding.context_slices`), so the scan
+  # runs over local chunks and the P axis stays split over devices.
+  P = context_slices()
+  chunk = min(chunk_size, T // P)
+  pad = -(T // P) % chunk
+  h_BPTD = h_BTD.reshape(B, P, T // P, D)
+  targets_BPT = targets_BT.reshape(B, P, T // P)
   if pad:
-    h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
-    targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)),
-                         constant_values=IGNORE_INDEX)
-  n = (T + pad) // chunk
-  h_cBCD = h_BTD.reshape(B, n, chunk, D).swapaxes(0, 1)
-  targets_cBC = targets_BT.reshape(B, n, chunk).swapaxes(0, 1)
+    h_BPTD = jnp.pad(h_BPTD, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    targets_BPT = jnp.pad(targets_BPT, ((0, 0), (0, 0), (0, pad)),
+                          constant_values=IGNORE_INDEX)
+  n = (T // P + pad) // chunk
+  h_cBPCD = jnp.moveaxis(h_BPTD.reshape(B, P, n, chunk, D), 2, 0)
+  targets_cBPC = jnp.moveaxis(targets_BPT.reshape(B, P, n, chunk), 2, 0)
 
   @jax.checkpoint  # Keep only the chunk's inputs; recompute its logits.
-  def chunk_loss(h_BCD, targets_BC):
+  def chunk_loss(h_BPCD, targets_BPC):
+    h_BCD = shard_batch(h_BPCD).reshape(B, P * chunk, D)
+    targets_BC = targets_BPC.reshape(B, P * chunk)
     logits_BCV = lm_head(config, params, h_BCD)
     valid_BC = targets_BC != IGNORE_INDEX
     target_logit_BC = jnp.take_along_axis(
@@ -58,5 +67,5 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
     return (carry[0] + loss, carry[1] + count), None
 
   init = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32))
-  (loss_sum, count), _ = jax.lax.scan(step, init, (h_cBCD, targets_cBC))
+  (loss_sum, count), _ = jax.lax.scan(step, init, (h_cBPCD, targets_cBPC))
   return loss_sum, count.astype(jnp.float32)

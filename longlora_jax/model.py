@@ -7,7 +7,8 @@ project (`x_BTD` is [batch, seq, hidden]):
   N query heads      K kv heads          Q query heads per kv head (N / K)
   H head dim         D model dim         F MLP dim (or any output features)
   V vocab            L layers            R LoRA rank
-  G S² group size    C chunk length
+  G S² group size    C chunk length      P context slices (devices)
+  W halo tokens (keys a context slice receives from the slices before it)
 
 A lowercase letter is a part or a count of the axis it follows from: `n`
 half of the heads, `h` half of the head dim, `g` groups folded into rows,
@@ -33,12 +34,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention.dispatch import AttentionFn, get_attention
+from longlora_jax.attention.dispatch import (AttentionFn, context_form,
+                                             get_attention)
 from longlora_jax.config import LlamaConfig
 from longlora_jax.kv_cache import cached_attention
 from longlora_jax.lora import LoRA, delta
 from longlora_jax.rope import apply_rope, rope_frequencies
-from longlora_jax.sharding import per_row_shard, shard_batch
+from longlora_jax.sharding import (context_slices, gather_over_context,
+                                   per_row_shard, shard_batch)
 
 DType = Any
 
@@ -125,7 +128,8 @@ class Attention(nn.Module):
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
-      out_BTNH = per_row_shard(self.attention_fn)(
+      out_BTNH = per_row_shard(self.attention_fn,
+                               context_form(self.attention_fn))(
           q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
     else:
       # Generation: every row's chunk starts at the same cache position.
@@ -182,18 +186,23 @@ class DecoderLayer(nn.Module):
     h_BTD = norm("post_attention_layernorm")(x_BTD)
     mlp = MLP(cfg, self.dtype, self.param_dtype, name="mlp")
     B, T, D = h_BTD.shape
-    chunk = mlp_chunk(T)
+    P = context_slices()
+    chunk = mlp_chunk(T // P)
     if chunk == T:
       x_BTD = x_BTD + mlp(h_BTD)
     else:
       # Long sequences: the MLP runs over sequence chunks, each recomputed in
       # the backward pass, so its [seq, intermediate] activations (several
       # GB at 100k tokens) exist one chunk at a time.
-      step = nn.remat(lambda m, c, x: (c, m(x)), prevent_cse=False)
+      # Under a context axis each device scans its own slice's chunks (the
+      # P axis stays split); a scan over the split axis would gather it.
+      step = nn.remat(lambda m, c, x: (c, m(shard_batch(x))),
+                      prevent_cse=False)
       scan = nn.scan(step, variable_broadcast="params",
-                     split_rngs={"params": False}, in_axes=1, out_axes=1)
-      _, out_BcCD = scan(mlp, None, h_BTD.reshape(B, T // chunk, chunk, D))
-      x_BTD = x_BTD + out_BcCD.reshape(B, T, D)
+                     split_rngs={"params": False}, in_axes=2, out_axes=2)
+      _, out_BPcCD = scan(mlp, None, h_BTD.reshape(B, P, T // P // chunk,
+                                                   chunk, D))
+      x_BTD = x_BTD + out_BPcCD.reshape(B, T, D)
     return (shard_batch(x_BTD), cache), None
 
 
@@ -231,7 +240,8 @@ class Decoder(nn.Module):
         param_dtype=self.param_dtype,
         embedding_init=_embed_init(cfg.initializer_range, cfg.pad_token_id),
         name="embed_tokens")(input_ids_BT)
-    layer = DecoderLayer
+    layer = nn.map_variables(DecoderLayer, "params",
+                             trans_in_fn=gather_over_context, init=True)
     if REMAT_POLICIES[self.remat] is not None:
       layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat],
                        prevent_cse=False)

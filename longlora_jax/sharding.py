@@ -1,12 +1,17 @@
-"""Device mesh and parameter sharding rules (FSDP, optional tensor parallel).
+"""Device mesh and parameter sharding rules (FSDP, context and tensor
+parallel).
 
-The mesh has three named axes: `data` (pure data parallel), `fsdp` (data
-parallel with parameters and optimizer state sharded) and `tensor`
-(projections split Megatron-style). The batch is split over data x fsdp.
+The mesh has four named axes: `data` (pure data parallel), `fsdp` (data
+parallel with parameters and optimizer state sharded), `context` (each
+device holds a contiguous slice of every row's tokens; parameters and
+optimizer state are sharded over fsdp x context, as MaxText does) and
+`tensor` (projections split Megatron-style). The batch is split over
+data x fsdp, the sequence over context.
 """
 
 import contextlib
 import contextvars
+import functools
 import math
 
 import jax
@@ -15,8 +20,13 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from longlora_jax.errors import LongLoraError
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 BATCH_AXES = ("data", "fsdp")
+SEQ_AXIS = "context"
+# Parameters are split over every axis that does not split them otherwise:
+# context devices hold different tokens of the same rows, so like fsdp
+# devices they can each keep a part of the weights and gather it per layer.
+FSDP_AXES = ("fsdp", SEQ_AXIS)
 # Megatron split: column-parallel projections split their output features,
 # row-parallel ones their input features, so each pair needs one all-reduce.
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
@@ -83,11 +93,13 @@ def _names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
-def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
+def param_spec(path, shape: tuple[int, ...], mesh: Mesh,
+               fsdp_axes: tuple[str, ...] = FSDP_AXES) -> P:
   """PartitionSpec of one parameter (or optimizer-state leaf) by its path.
 
   Tensor parallel first (by module name), then FSDP: the largest remaining
-  dimension divisible by the fsdp size. The stacked layer axis is never
+  dimension divisible by fsdp x context (the axes of `FSDP_AXES` larger
+  than 1). The stacked layer axis is never
   split, so `nn.scan` slices stay local. Leaves that nothing divides are
   replicated.
   """
@@ -110,11 +122,13 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh) -> P:
     if axis is not None and shape[axis] % tensor == 0:
       spec[axis] = "tensor"
       free.remove(axis)
-  fsdp = mesh.shape["fsdp"]
-  if fsdp > 1:
-    divisible = [d for d in free if shape[d] % fsdp == 0]
+  axes = tuple(a for a in fsdp_axes if mesh.shape[a] > 1)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if ways > 1:
+    divisible = [d for d in free if shape[d] % ways == 0]
     if divisible:
-      spec[max(divisible, key=lambda d: shape[d])] = "fsdp"
+      spec[max(divisible, key=lambda d: shape[d])] = (
+          axes[0] if len(axes) == 1 else axes)
   return P(*spec)
 
 
@@ -138,6 +152,11 @@ def batch_parallelism(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def context_parallelism(mesh: Mesh) -> int:
+  """Devices a row's tokens are split over."""
+  return mesh.shape[SEQ_AXIS]
+
+
 # The mesh the model's activations are laid out on while a step is traced;
 # None outside `activation_mesh` (single device, tests, inference).
 _ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
@@ -154,8 +173,39 @@ def activation_mesh(mesh: Mesh):
     _ACTIVATION_MESH.reset(token)
 
 
+def context_slices() -> int:
+  """Slices a row's tokens are split into under `activation_mesh` (1
+  outside it): code that scans over the sequence scans each slice's part."""
+  mesh = _ACTIVATION_MESH.get()
+  return 1 if mesh is None else context_parallelism(mesh)
+
+
+def gather_over_context(layer_params):
+  """One layer's weights, all-gathered over the context axis (still split
+  over fsdp and tensor) under `activation_mesh`.
+
+  Said explicitly, as FSDP does per layer: left to GSPMD, XLA:GPU kept a
+  hidden-major copy of the whole residual stack for the backward pass when
+  the weights and the tokens were split over the same axis.
+  """
+  mesh = _ACTIVATION_MESH.get()
+  if mesh is None or context_parallelism(mesh) == 1:
+    return layer_params
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.with_sharding_constraint(x, NamedSharding(
+          mesh, param_spec(path, np.shape(x), mesh, ("fsdp",)))),
+      layer_params)
+
+
+def activation_spec(ndim: int) -> P:
+  """`[batch, seq, ...]` arrays: rows over data x fsdp, tokens over context."""
+  return P(BATCH_AXES, *([SEQ_AXIS] if ndim > 1 else []),
+           *([None] * (ndim - 2)))
+
+
 def shard_batch(x):
-  """Pins `[batch, ...]` activations to data x fsdp (FSDP semantics).
+  """Pins `[batch, seq, ...]` activations to data x fsdp and context (FSDP
+  semantics).
 
   Without it, GSPMD may follow the weights' fsdp split into the activations
   and all-reduce whole [batch, seq, hidden] tensors on every device instead
@@ -164,25 +214,39 @@ def shard_batch(x):
   mesh = _ACTIVATION_MESH.get()
   if mesh is None:
     return x
-  spec = P(BATCH_AXES, *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, activation_spec(x.ndim)))
 
 
-def per_row_shard(attention_fn):
+def per_row_shard(attention_fn, context_fn=None):
   """`attention_fn` run on each device's own rows under `activation_mesh`.
 
   Attention never mixes rows, but a fused kernel (a Pallas/Triton custom
   call) has no partitioning rule, so GSPMD would replicate it: all-gather
   q, k and v over the batch axes and compute every row on every device.
   Heads stay whole (S²-Attn shifts half of all heads, not of a shard's).
+
+  On a mesh with a context axis each device holds a slice of every row's
+  tokens, and `context_fn` (the context-parallel form of the same
+  attention, `attention.context`) runs instead, with `axis_name` and
+  `axis_size` naming that axis; without one that is a user error.
   """
   def attend(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None):
     mesh = _ACTIVATION_MESH.get()
-    if mesh is None or batch_parallelism(mesh) == 1:
+    context = 1 if mesh is None else context_parallelism(mesh)
+    if mesh is None or batch_parallelism(mesh) * context == 1:
       return attention_fn(q_BTNH, k_BTKH, v_BTKH,
                           segment_ids_BT=segment_ids_BT)
-    rows = P(BATCH_AXES)
-    local = lambda q, k, v, *seg: attention_fn(
+    fn = attention_fn
+    if context > 1:
+      if context_fn is None:
+        raise LongLoraError(
+            f"attention {attention_fn!r} has no context-parallel form; use "
+            "S²-Attn or full attention, or a mesh without a context axis")
+      fn = functools.partial(context_fn, axis_name=SEQ_AXIS,
+                             axis_size=context)
+    rows = activation_spec(2)
+    local = lambda q, k, v, *seg: fn(
         q, k, v, segment_ids_BT=seg[0] if seg else None)
     args = (q_BTNH, k_BTKH, v_BTKH) + (
         () if segment_ids_BT is None else (segment_ids_BT,))

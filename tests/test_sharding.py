@@ -10,11 +10,13 @@ from longlora_jax.sharding import (batch_sharding, make_mesh, param_spec,
 
 
 @pytest.mark.parametrize("spec,want", [
-    ("fsdp=8", dict(data=1, fsdp=8, tensor=1)),
-    ("fsdp=-1", dict(data=1, fsdp=8, tensor=1)),
-    ("data=2,fsdp=-1", dict(data=2, fsdp=4, tensor=1)),
-    ("data=2, fsdp=2, tensor=2", dict(data=2, fsdp=2, tensor=2)),
-    ("tensor=-1", dict(data=1, fsdp=1, tensor=8)),
+    ("fsdp=8", dict(data=1, fsdp=8, context=1, tensor=1)),
+    ("fsdp=-1", dict(data=1, fsdp=8, context=1, tensor=1)),
+    ("data=2,fsdp=-1", dict(data=2, fsdp=4, context=1, tensor=1)),
+    ("data=2, fsdp=2, tensor=2", dict(data=2, fsdp=2, context=1, tensor=2)),
+    ("tensor=-1", dict(data=1, fsdp=1, context=1, tensor=8)),
+    ("context=8", dict(data=1, fsdp=1, context=8, tensor=1)),
+    ("fsdp=2,context=-1", dict(data=1, fsdp=2, context=4, tensor=1)),
 ])
 def test_parse_mesh(spec, want):
   assert parse_mesh(spec, 8) == want
@@ -61,6 +63,22 @@ def test_fsdp_rules_on_llama2_7b():
   assert s["layers"]["input_layernorm"]["weight"] == P(None, "fsdp")
   assert s["embed_tokens"]["embedding"] == P("fsdp", None)  # 32000 rows
   assert s["norm"]["weight"] == P("fsdp")
+
+
+def test_context_devices_hold_a_part_of_the_weights_too():
+  s = _specs("fsdp=2,context=4")
+  fsdp_context = ("fsdp", "context")
+  assert s["layers"]["self_attn"]["q_proj"]["kernel"] == P(None, fsdp_context,
+                                                           None)
+  assert s["layers"]["mlp"]["up_proj"]["kernel"] == P(None, None,
+                                                      fsdp_context)
+  assert s["embed_tokens"]["embedding"] == P(fsdp_context, None)
+  c = _specs("context=8")
+  assert c["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "context", None)
+  # With tensor parallel, the rest of the weight over fsdp x context.
+  t = _specs("context=4,tensor=2")
+  assert t["layers"]["self_attn"]["o_proj"]["kernel"] == P(None, "tensor",
+                                                           "context")
 
 
 def test_tensor_parallel_rules():
@@ -128,3 +146,12 @@ def test_attention_runs_on_each_devices_own_rows(mesh_spec, rows, segments):
   # Traced once, on one device's rows (8 rows over data x fsdp devices).
   assert seen == [(rows, rows if segments else None)]
   np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_attention_without_a_context_form_is_a_user_error():
+  from longlora_jax.sharding import activation_mesh, per_row_shard
+  q = jnp.zeros((1, 16, 2, 8))
+  mine = lambda q, k, v, *, segment_ids_BT=None: q
+  with activation_mesh(make_mesh("context=8")):
+    with pytest.raises(LongLoraError, match="no context-parallel form"):
+      per_row_shard(mine)(q, q, q)

@@ -9,6 +9,8 @@ Modules, each importing only those above it:
   pallas_kernels         the fused kernels' bodies and block arithmetic
   s2, pallas_s2,         S²-Attn by reshape/roll; the fused Pallas kernels;
   cudnn_s2               grouped cuDNN flash attention
+  context                S²-Attn and causal attention over a sequence split
+                         across devices (context parallelism)
   dispatch               names, `AttentionSpec`, "auto"
 """
 
@@ -30,4 +32,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "s2_group_size": "groups",
     "VARIANTS": "groups",
 }, submodules=("masks", "groups", "heads", "dense", "chunked",
-               "pallas_kernels", "s2", "pallas_s2", "cudnn_s2", "dispatch"))
+               "pallas_kernels", "s2", "pallas_s2", "cudnn_s2", "context",
+               "dispatch"))

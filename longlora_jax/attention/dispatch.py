@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention import cudnn_s2, pallas_s2
+from longlora_jax.attention import context, cudnn_s2, pallas_s2
 from longlora_jax.attention.chunked import (chunked_causal_attention,
                                             default_block)
 from longlora_jax.attention.dense import causal_attention
@@ -191,6 +191,26 @@ ATTENTION_FNS: dict[str, AttentionFn] = {
     "s2": s2_attention,
     "pallas": pallas_s2.pallas_causal_attention,  # fused kernel, GPU (Triton)
 }
+
+
+def context_form(attention_fn: AttentionFn) -> AttentionFn | None:
+  """The context-parallel form (`context`) of an attention function made
+  here (S²-Attn, or any causal attention), or None for other callables.
+  Under a context axis the XLA path runs whatever implementation was asked
+  for (see `context` on the fused kernels)."""
+  fn, kw = attention_fn, {}
+  if isinstance(fn, functools.partial):
+    fn, kw = fn.func, fn.keywords
+  if fn is s2_attention:
+    return functools.partial(
+        context.s2_context_attention, group_size=kw.get("group_size"),
+        group_ratio=kw.get("group_ratio", 0.25),
+        variant=kw.get("variant", "flash"), block_size=kw.get("block_size"))
+  if fn in (full_attention, causal_attention, chunked_causal_attention,
+            pallas_s2.pallas_causal_attention):
+    return functools.partial(context.full_context_attention,
+                             block_size=kw.get("block_size"))
+  return None
 
 
 def get_attention(attention: "str | AttentionSpec | AttentionFn"

@@ -127,7 +127,8 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                       "(dense groups), chunked (flash-style, any group size)"
                       f" ({d('s2_impl')})")
   p.add_argument("--mesh", help="device mesh (fsdp=-1: all devices on "
-                 "fsdp; e.g. data=2,fsdp=4)")
+                 "fsdp; e.g. data=2,fsdp=4; context=8 splits each sequence "
+                 "over 8 devices)")
   p.add_argument("--rope", choices=("auto", "linear", "yarn"),
                  help="how RoPE reaches --ctx: linear position interpolation "
                       "by ceil(ctx / original context) (LongLoRA's), or YaRN "

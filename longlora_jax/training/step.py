@@ -21,8 +21,9 @@ from longlora_jax.config import LlamaConfig
 from longlora_jax.errors import LongLoraError
 from longlora_jax.loss import chunked_cross_entropy, next_token_targets
 from longlora_jax.model import hidden_states, init_params
-from longlora_jax.sharding import (BATCH_AXES, activation_mesh,
-                                   batch_parallelism, shardings_like)
+from longlora_jax.sharding import (activation_mesh, activation_spec,
+                                   batch_parallelism, context_parallelism,
+                                   shardings_like)
 from longlora_jax.training.recipe import MODES, RunSpec, TrainConfig
 
 
@@ -151,9 +152,10 @@ def state_shardings(state, mesh: Mesh):
 
 
 def batch_shardings(batch, mesh: Mesh):
-  """`[accum, batch, seq]` arrays: the batch axis over data x fsdp."""
+  """`[accum, batch, seq]` arrays: the batch axis over data x fsdp, the
+  sequence over context."""
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, P(None, BATCH_AXES, *([None] * (x.ndim - 2)))),
+      lambda x: NamedSharding(mesh, P(None, *activation_spec(x.ndim - 1))),
       batch)
 
 
@@ -167,6 +169,12 @@ def check_batch(config: LlamaConfig, tc: TrainConfig,
         f"the batch of {per_step} sequences per micro-batch does not divide "
         f"over the {ways} data-parallel devices (data x fsdp); use a multiple "
         f"of {ways}")
+  context = context_parallelism(mesh)
+  if seq % context:
+    raise LongLoraError(
+        f"the context of {seq} tokens does not split over the {context} "
+        f"devices of the mesh's context axis; use a multiple of {context}, "
+        f"e.g. {seq // context * context + context}")
   if tc.attention.kind == "s2":
     try:
       s2_group_size(seq, group_ratio=tc.attention.group_ratio)

@@ -29,7 +29,7 @@ def test_tiny_plan_runs_and_counts(tmp_path):
   frozen = (2 * (4 * 64 * 64 + 3 * 64 * 128) + 64 * 256) * 2
   assert abs(result["breakdown_estimate_gib"]["frozen_weights"] * 2**30
              - frozen / 8) < 1
-  assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert result["mesh"] == {"data": 1, "fsdp": 8, "context": 1, "tensor": 1}
   # Loading: each device ends with an eighth of the bf16 model (norms and
   # embedding too, as 64 and 256 divide by 8), and holds at most two
   # one-layer parts of an MLP matrix beyond it; the host one layer of the

@@ -68,6 +68,36 @@ def test_sharded_step_equals_single_device():
   assert int(m8["tokens"]) == 8 * 31
 
 
+@pytest.mark.parametrize("mesh_spec,attention,segments", [
+    ("context=8", AttentionSpec("s2"), True),  # L = 6 = G/2 = 48/8
+    ("fsdp=2,context=4", AttentionSpec("s2", variant="roll"), False),
+    ("context=2,data=4", AttentionSpec("s2"), False),
+    ("context=8", AttentionSpec("s2", variant="roll"), True),
+    ("fsdp=2,context=4", FULL, True),
+])
+def test_context_parallel_step_equals_single_device(mesh_spec, attention,
+                                                    segments):
+  # Each device holds 1/context of every row: the next-token targets cross
+  # the slices, RoPE takes global positions and the loss counts every token.
+  tc = dataclasses.replace(TC, attention=attention)
+  batch = _batch(1, 4, seq=48, seed=3)
+  if segments:
+    cuts = np.random.default_rng(4).integers(0, 3, (1, 4, 48))
+    batch["segment_ids"] = jnp.asarray(np.sort(cuts, axis=-1), jnp.int32)
+  one, m1 = _run(_state(tc), batch, "fsdp=1", devices=jax.devices()[:1],
+                 tc=tc)
+  eight, m8 = _run(_state(tc), batch, mesh_spec, tc=tc)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
+  _assert_trees_close(eight.trainable, one.trainable, rtol=1e-4, atol=1e-6)
+  assert int(m8["tokens"]) == int(m1["tokens"]) == 4 * 47
+  # Weights are split over fsdp x context (data=4 keeps whole copies).
+  sizes = dict(p.split("=") for p in mesh_spec.split(","))
+  ways = int(sizes.get("fsdp", 1)) * int(sizes["context"])
+  q = eight.frozen["layers"]["self_attn"]["q_proj"]["kernel"].w  # [2, 32, 32]
+  assert q.sharding.shard_shape(q.shape) == (2, 32 // ways, 32)
+
+
 def test_state_is_sharded_by_the_rules():
   state, _ = _run(_state(), _batch(1, 8), "fsdp=8")
   embed = state.trainable["embed_tokens"]["embedding"]  # [64, 32]
@@ -156,6 +186,13 @@ def test_bad_shapes_fail_before_compiling(rows, seq, message):
   state = _state()
   with pytest.raises(LongLoraError, match=message):
     jit_train_step(CFG, TC, make_mesh("fsdp=8"), state, _batch(1, rows, seq))
+
+
+def test_a_context_that_does_not_split_fails_before_compiling():
+  with pytest.raises(LongLoraError, match="context of 36 tokens does not "
+                     "split over the 8 devices.*e.g. 40"):
+    jit_train_step(CFG, TC, make_mesh("context=8"), _state(),
+                   _batch(1, 1, 36))
 
 
 @pytest.mark.skipif(not gpu_target.AVAILABLE,

@@ -1,0 +1,130 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longlora_jax.attention.context import fetch, halo_size
+from longlora_jax.attention.dispatch import (context_form, full_attention,
+                                             get_attention, s2_attention)
+from longlora_jax.sharding import activation_mesh, make_mesh, per_row_shard
+from tests.references import attention as ref
+
+# batch, seq, q_heads, kv_heads, group, mesh: slices of L = seq / context.
+CASES = [
+    (1, 32, 4, 4, 8, "context=8"),          # G = 2L, shift = L
+    (2, 48, 8, 2, 12, "fsdp=2,context=4"),  # G = L, shift L/2, GQA
+    (4, 40, 6, 3, 10, "context=2,data=4"),  # L = 2G, odd shift, odd kv heads
+    (1, 48, 9, 3, 16, "context=8"),  # 9 heads; L = 6: G, shift 8 straddle
+    (1, 48, 4, 1, 24, "context=8"),  # shift = 2L; one kv head for both halves
+    (1, 32, 2, 2, 32, "context=8"),  # G = seq: one group, halo of 7 slices
+]
+
+
+def _sharded(attention_fn, mesh_spec):
+  mesh = make_mesh(mesh_spec)
+
+  def attention(q, k, v, *, segment_ids_BT=None, **options):
+    fn = functools.partial(attention_fn, **options)
+    with activation_mesh(mesh):
+      return per_row_shard(fn, context_form(fn))(
+          q, k, v, segment_ids_BT=segment_ids_BT)
+  return attention
+
+
+def _check(fn, options, mask_of, B, T, N, K, mesh_spec, segments, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(x, jnp.float32)
+             for x in ref.random_qkv(rng, B, T, N, K, 8))
+  w = jnp.asarray(rng.standard_normal((B, T, N, 8)), jnp.float32)
+  seg = ref.random_segments(rng, B, T) if segments else None
+  out, grads = ref.value_and_grads(
+      _sharded(fn, mesh_spec), options, q, k, v, w,
+      None if seg is None else jnp.asarray(seg))
+  want, want_grads = ref.attention(q, k, v, mask_of(seg), w)
+  ref.assert_close(out, want, atol=1e-5)
+  for got_g, want_g in zip(grads, want_grads):
+    ref.assert_close(got_g, want_g, atol=1e-4)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("variant", ["flash", "roll"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_s2_matches_float64_reference(case, variant, segments):
+  B, T, N, K, G, mesh_spec = case
+  options = (("group_size", G), ("variant", variant), ("block_size", 5))
+  mask_of = lambda seg: ref.mask_from_keys(
+      ref.s2_head_keys(T, G, N, variant), seg, B)
+  _check(s2_attention, options, mask_of, B, T, N, K, mesh_spec, segments)
+
+
+@pytest.mark.parametrize("segments", [False, True])
+@pytest.mark.parametrize("mesh_spec", ["context=8", "fsdp=2,context=4"])
+def test_full_attention_matches_float64_reference(mesh_spec, segments):
+  B, T, N, K = 2, 32, 4, 2
+  options = (("implementation", "chunked"), ("block_size", 6))
+  mask_of = lambda seg: ref.mask_from_keys(
+      [ref.causal_keys(T)] * N, seg, B)
+  _check(full_attention, options, mask_of, B, T, N, K, mesh_spec, segments)
+
+
+def test_every_causal_attention_has_a_context_form():
+  for name in ("auto", "full", "chunked", "pallas", "s2"):
+    assert context_form(get_attention(name)) is not None
+  assert context_form(lambda q, k, v, segment_ids_BT=None: q) is None
+
+
+@pytest.mark.parametrize("offset,length", [(3, 4), (4, 4), (9, 4), (-7, 7),
+                                           (-2, 2), (13, 4), (-4, 4)])
+def test_fetch_reads_global_tokens(offset, length):
+  # Device c gets tokens (4c + offset + i) mod 32 of a row split in 8.
+  mesh = make_mesh("context=8")
+  x = jnp.arange(32)[None]
+  got = jax.shard_map(
+      lambda x: fetch(x, offset, length, "context", 8), mesh=mesh,
+      in_specs=jax.sharding.PartitionSpec(None, "context"),
+      out_specs=jax.sharding.PartitionSpec(None, "context"))(x)
+  want = [(4 * c + offset + i) % 32 for c in range(8) for i in range(length)]
+  np.testing.assert_array_equal(got[0], want)
+
+
+def test_halo_is_the_most_a_slice_start_lies_inside_its_group():
+  assert halo_size(32, 8, 8) == 4  # starts 0, 4, 8, ...: 4 into a group
+  assert halo_size(40, 2, 10) == 0  # slices of whole groups
+  assert halo_size(48, 8, 16) == 14  # starts 6k mod 16: 0, 6, 12, 2, 8, 14
+  assert halo_size(1 << 20, 8, 1 << 18) == 1 << 17  # 1M tokens, G = 2L
+
+
+def _moved(attention_fn, seq, mesh_spec="context=8"):
+  """Collective bytes per device of one attention's forward and backward."""
+  from jax.sharding import NamedSharding
+
+  from longlora_jax.hlo import collective_bytes
+  from longlora_jax.sharding import activation_spec
+  mesh = make_mesh(mesh_spec)
+
+  def loss(q, k, v):
+    with activation_mesh(mesh):
+      out = per_row_shard(attention_fn, context_form(attention_fn))(q, k, v)
+    return jnp.sum(out)
+
+  x = jax.ShapeDtypeStruct((1, seq, 2, 16), jnp.float32,
+                           sharding=NamedSharding(mesh, activation_spec(4)))
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, x, x).compile().as_text()
+  return collective_bytes(hlo)
+
+
+def test_s2_moves_bytes_that_grow_with_the_group_not_the_sequence():
+  s2 = lambda seq, group: _moved(functools.partial(
+      s2_attention, group_size=group, block_size=64), seq)
+  # Slices of L = seq / 8 >= G: G/2 tokens of half the heads move, no halo.
+  at_1024, at_2048 = s2(1024, 128), s2(2048, 128)
+  assert at_1024 == at_2048  # the same group: the same bytes
+  assert at_1024["all-gather"] == 0 and at_1024["collective-permute"] > 0
+  # Slices shorter than the group move more (a halo), never more than G.
+  assert at_2048["collective-permute"] < s2(512, 128)["collective-permute"]
+  assert s2(2048, 512)["collective-permute"] > at_2048["collective-permute"]
+  full = lambda seq: _moved(functools.partial(
+      full_attention, implementation="chunked", block_size=64), seq)
+  assert full(2048)["all-gather"] == 4 * full(512)["all-gather"] > 0
