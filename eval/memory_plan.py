@@ -43,7 +43,13 @@ def parse_args(argv=None):
   p.add_argument("--accum", type=cli.count, default=1,
                  help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
-  p.add_argument("--remat", default="full")
+  p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
+                 help="activation checkpointing")
+  # recipe.OFFLOADS; not imported, as JAX must not load before main sets
+  # JAX_PLATFORMS.
+  p.add_argument("--offload", choices=("none", "activations"), default="none",
+                 help="activations: the layer inputs --remat full keeps go "
+                      "to pinned host memory (train.extend --offload)")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
                  default="cpu",
                  help="compiler: XLA:CPU on fake devices (default), or "
@@ -78,8 +84,10 @@ _VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S
 
 
 def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
-  """The `k` largest buffers in XLA's temporary allocation, from its
-  buffer-assignment dump: [{"name", "shape", "gib"}], largest first.
+  """The `k` largest buffers in XLA's temporary allocation in device
+  memory, from its buffer-assignment dump: [{"name", "shape", "gib"}],
+  largest first. Host-memory temporaries (offloaded activations, a
+  "color 5" allocation: memory space S(5)) are left out.
 
   Values sharing one (offset, size) are one buffer seen under several names
   (a loop's carry and the op that updates it in place); the first is kept.
@@ -87,7 +95,8 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
   buffers, in_temp = {}, False
   for line in buffer_assignment.splitlines():
     if (m := _ALLOCATION.match(line)):
-      in_temp = "preallocated-temp" in m.group(1)
+      in_temp = ("preallocated-temp" in m.group(1)
+                 and "color 5" not in m.group(1))
     elif in_temp and (m := _VALUE.match(line)):
       name, size, offset, shape = m.groups()
       buffers.setdefault((int(offset), int(size)), (name, shape.split("{")[0]))
@@ -115,6 +124,8 @@ def _memory(compiled) -> dict:
       "temporaries": mem.temp_size_in_bytes / gib,
       "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
+      # Pinned host memory the step holds (offloaded activations).
+      "host_temporaries": mem.host_temp_size_in_bytes / gib,
   }
 
 
@@ -204,7 +215,8 @@ def plan(args) -> dict:
       args.attention,
       implementation=fused or ("auto" if args.attention == "s2"
                                else "chunked"))
-  tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum)
+  tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum,
+                   offload=args.offload)
   group = args.ctx // 4 if args.attention == "s2" else None
 
   t0 = time.time()
@@ -234,7 +246,8 @@ def plan(args) -> dict:
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
       "mode": args.mode,
-      "remat": args.remat, "batch_per_device": args.batch,
+      "remat": args.remat, "offload": args.offload,
+      "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
       "compiler": ("XLA:CPU" if args.target == "cpu" else
                    "XLA:GPU compile-only, "
@@ -282,9 +295,9 @@ def main(argv=None):
           f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
           f"jax {result['jax']})")
     print("per device (XLA memory analysis, GiB):")
-    print(f"  {'':<14} {'prefill':>8} {'decode':>8}")
+    print(f"  {'':<16} {'prefill':>8} {'decode':>8}")
     for k, v in result["per_device_gib"].items():
-      print(f"  {k:<14} {v:8.2f} "
+      print(f"  {k:<16} {v:8.2f} "
             f"{result['decode_per_device_gib'][k]:8.2f}")
     print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
           f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
@@ -297,11 +310,12 @@ def main(argv=None):
         f"{result['attention']}"
         f"{f' ({fused})' if (fused := result['fused_kernel']) else ''}  "
         f"{result['mode']}  remat={result['remat']}  "
+        f"offload={result['offload']}  "
         f"({result['compiler']}, compiled in {result['compile_seconds']} s, "
         f"jax {result['jax']})")
   print("per device (XLA memory analysis, GiB):")
   for k, v in m.items():
-    print(f"  {k:<14} {v:8.2f}")
+    print(f"  {k:<16} {v:8.2f}")
   print("breakdown estimate (GiB):")
   for k, v in b.items():
     print(f"  {k:<32} {v:8.2f}")
