@@ -15,8 +15,23 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 `--eval` plans an evaluation instead (passkey, RULER, generation: the last
 prefill step and a decode step of the KV-cache generator at --ctx tokens,
 --batch prompts).
+
+`--find-max-ctx` searches for the largest context (a multiple of
+--ctx-step) whose train step fits the usable memory of one --target GPU,
+printing each compiled probe, then that context's plan and the pinned host
+memory it needs:
+
+  python -m eval.memory_plan --find-max-ctx --model llama3.1-8b \
+      --mesh fsdp=1 --target h100 --offload activations
+
+Usable memory: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU's
+memory (0.75 when unset) and a program gets no more, so the search plans
+against that fraction of the target's nominal memory (read from the
+environment when set), or against --usable-gib. The CUDA context and
+allocator fragmentation come on top.
 """
 
+import argparse
 import contextlib
 import json
 import math
@@ -27,6 +42,7 @@ import time
 from pathlib import Path
 
 from longlora_jax import cli, gpu_target
+from longlora_jax.errors import LongLoraError
 
 
 def parse_args(argv=None):
@@ -65,8 +81,103 @@ def parse_args(argv=None):
                       "of the train step")
   p.add_argument("--chunk", type=cli.count, default=2048,
                  help="--eval: prefill tokens per step")
+  p.add_argument("--find-max-ctx", action="store_true",
+                 help="search for the largest context whose train step fits "
+                      "the usable memory (see above)")
+  p.add_argument("--ctx-step", type=cli.count, default=8192,
+                 help="--find-max-ctx: contexts probed are multiples of this")
+  p.add_argument("--usable-gib", type=cli.positive,
+                 help="--find-max-ctx: memory per device to fit (default: "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 when unset, of "
+                      "the --target GPU's memory)")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
+
+
+# JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION: what it preallocates.
+DEFAULT_MEM_FRACTION = 0.75
+
+
+def usable_gib(args) -> tuple[float, str]:
+  """(GiB per device a train step may use, where that figure comes from)."""
+  if args.usable_gib is not None:
+    return args.usable_gib, "--usable-gib"
+  if args.target == "cpu":
+    raise LongLoraError("--find-max-ctx on --target cpu needs --usable-gib "
+                        "(or a GPU --target, e.g. h100)")
+  text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
+  try:
+    fraction = DEFAULT_MEM_FRACTION if text is None else float(text)
+  except ValueError:
+    fraction = math.nan
+  if not 0 < fraction <= 1:
+    raise LongLoraError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text} is not a "
+                        "fraction in (0, 1]")
+  gpu = gpu_target.GPUS[args.target]
+  source = ("XLA_PYTHON_CLIENT_MEM_FRACTION" if text is not None
+            else "JAX's default preallocation")
+  return (fraction * gpu.memory_bytes / 2**30,
+          f"{fraction:g} x {gpu.memory_bytes / 2**30:g} GiB of the "
+          f"{gpu.name} ({source})")
+
+
+def largest_fitting(fits, step: int) -> int | None:
+  """The largest multiple of `step` for which `fits` holds, assuming it
+  holds up to some context and not beyond: doubling until a probe does not
+  fit, then bisecting between the last two probes. None when `step` does
+  not fit."""
+  if not fits(step):
+    return None
+  low = 1  # in steps: fits(low * step) holds, fits(high * step) does not
+  while fits(2 * low * step):
+    low *= 2
+  high = 2 * low
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if fits(mid * step) else (low, mid)
+  return low * step
+
+
+def find_max_ctx(args) -> dict:
+  """The largest context on the --ctx-step grid whose train step fits the
+  usable memory, with its plan and every probe's numbers."""
+  from longlora_jax.attention.groups import s2_group_size
+  usable, source = usable_gib(args)
+  if args.attention == "s2":
+    try:
+      s2_group_size(args.ctx_step)  # then every multiple splits too
+    except ValueError:
+      raise LongLoraError(f"--ctx-step {args.ctx_step} does not split into "
+                          "S²-Attn groups of ctx/4; use a multiple of 8, "
+                          "e.g. 8192") from None
+  probes, plans = [], {}
+
+  def fits(ctx):
+    if ctx not in plans:
+      plans[ctx] = plan(argparse.Namespace(**{**vars(args), "ctx": ctx}))
+      m = plans[ctx]["per_device_gib"]
+      probes.append({"ctx": ctx, "device_gib": m["total"],
+                     "host_gib": m["host_temporaries"],
+                     "fits": m["total"] <= usable})
+      if not args.json:
+        p = probes[-1]
+        print(f"probe {len(probes)}: ctx {ctx:>9,}  {p['device_gib']:7.2f} "
+              f"GiB per device, {p['host_gib']:7.2f} GiB pinned host  "
+              f"{'fits' if p['fits'] else 'does not fit'} "
+              f"{usable:.2f} GiB", flush=True)
+    return plans[ctx]["per_device_gib"]["total"] <= usable
+
+  best = largest_fitting(fits, args.ctx_step)
+  if best is None:
+    raise LongLoraError(
+        f"even --ctx-step {args.ctx_step} tokens need "
+        f"{probes[0]['device_gib']:.2f} GiB per device, over the usable "
+        f"{usable:.2f} GiB; try --offload activations, a larger mesh or a "
+        "smaller --ctx-step")
+  beyond = min((p["ctx"] for p in probes if not p["fits"]), default=None)
+  return {"usable_gib": usable, "usable_from": source, "max_ctx": best,
+          "probes": probes, "plan": plans[best],
+          "next_plan": plans.get(beyond)}
 
 
 def _devices_in(mesh_spec: str) -> int:
@@ -278,32 +389,7 @@ def plan(args) -> dict:
   return result
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
-  result = (plan_eval if args.eval else plan)(args)
-  if args.json:
-    print(json.dumps(result, indent=2))
-    return
-  if args.eval:
-    print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
-          f"{result['evaluation']}, {result['batch']} prompt(s), chunks of "
-          f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
-          f"jax {result['jax']})")
-    print("per device (XLA memory analysis, GiB):")
-    print(f"  {'':<16} {'prefill':>8} {'decode':>8}")
-    for k, v in result["per_device_gib"].items():
-      print(f"  {k:<16} {v:8.2f} "
-            f"{result['decode_per_device_gib'][k]:8.2f}")
-    print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
-          f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
-    _print_loading(result)
-    print(_fits(result))
-    return
+def _print_plan(result) -> None:
   m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
              result["tflops_per_step"])
   print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
@@ -319,9 +405,7 @@ def main(argv=None):
   print("breakdown estimate (GiB):")
   for k, v in b.items():
     print(f"  {k:<32} {v:8.2f}")
-  print("largest temporaries (XLA buffer assignment, GiB):")
-  for t in result["largest_temporaries"]:
-    print(f"  {t['gib']:8.2f}  {t['shape']:<28} {t['name']}")
+  _print_largest(result)
   print(f"trainable params {result['trainable_params']:,}")
   print(f"TFLOPs per step: analytic {f['analytic_per_device']:.1f} per device, "
         f"{f['analytic_total']:.1f} total (fwd+bwd, causal pairs); XLA cost "
@@ -330,6 +414,68 @@ def main(argv=None):
         f"{f['paper_convention_per_sequence']:.0f} per sequence")
   _print_loading(result)
   print(_fits(result))
+
+
+def _print_largest(result) -> None:
+  print("largest temporaries in device memory (XLA buffer assignment, GiB):")
+  for t in result["largest_temporaries"]:
+    print(f"  {t['gib']:8.2f}  {t['shape']:<28} {t['name']}")
+
+
+def _print_eval_plan(result) -> None:
+  print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
+        f"{result['evaluation']}, {result['batch']} prompt(s), chunks of "
+        f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
+        f"jax {result['jax']})")
+  print("per device (XLA memory analysis, GiB):")
+  print(f"  {'':<16} {'prefill':>8} {'decode':>8}")
+  for k, v in result["per_device_gib"].items():
+    print(f"  {k:<16} {v:8.2f} "
+          f"{result['decode_per_device_gib'][k]:8.2f}")
+  print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
+        f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
+  _print_loading(result)
+  print(_fits(result))
+
+
+def _print_found(found) -> None:
+  best = found["plan"]
+  print()
+  _print_plan(best)
+  print(f"largest context that fits {found['usable_gib']:.2f} GiB per device "
+        f"({found['usable_from']}): {found['max_ctx']:,} tokens, "
+        f"{best['per_device_gib']['total']:.2f} GiB per device and "
+        f"{best['per_device_gib']['host_temporaries']:.2f} GiB of pinned "
+        "host memory")
+  if (beyond := found["next_plan"]):
+    print(f"{beyond['ctx']:,} tokens need "
+          f"{beyond['per_device_gib']['total']:.2f} GiB per device; there:")
+    _print_largest(beyond)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.find_max_ctx and args.eval:
+    raise LongLoraError("--find-max-ctx searches train steps; drop --eval")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
+  if args.find_max_ctx:
+    found = find_max_ctx(args)
+    if args.json:
+      print(json.dumps(found, indent=2))
+    else:
+      _print_found(found)
+    return
+  result = (plan_eval if args.eval else plan)(args)
+  if args.json:
+    print(json.dumps(result, indent=2))
+  elif args.eval:
+    _print_eval_plan(result)
+  else:
+    _print_plan(result)
 
 
 if __name__ == "__main__":
