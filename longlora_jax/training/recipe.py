@@ -74,7 +74,8 @@ class TrainConfig:
                           f"{', '.join(OFFLOADS)}")
     if self.offload == "activations" and self.remat != "full":
       raise LongLoraError(f"--offload activations moves what --remat full "
-                          f"keeps to the host; drop --remat {self.remat}")
+                          f"keeps to the host; it needs --remat full, not "
+                          f"{self.remat}")
 
   @property
   def remat_policy(self) -> str:

@@ -233,7 +233,7 @@ def test_offloaded_step_keeps_the_layer_inputs_in_host_memory():
 
 
 def test_offload_needs_full_remat():
-  with pytest.raises(LongLoraError, match="drop --remat dots"):
+  with pytest.raises(LongLoraError, match="needs --remat full, not dots"):
     TrainConfig(remat="dots", offload="activations")
   with pytest.raises(LongLoraError, match="unknown offload"):
     TrainConfig(offload="weights")
