@@ -341,7 +341,8 @@ def plan(args) -> dict:
     # XLA names the file after the module and the pass; newer versions may
     # not write it, and the plan stands without it.
     found = sorted(Path(dump).glob("*buffer-assignment.txt"))
-    largest = largest_temporaries(found[0].read_text()) if found else []
+    largest = (largest_temporaries(found[0].read_text(), k=6) if found
+               else [])
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 

@@ -57,11 +57,14 @@ allocation 1: size 9000, preallocated-temp:
  value: <10 add.3 @0> (size=1000,offset=8000): s8[1000]{0}
 allocation 2: size 8, constant:
  value: <11 constant.1 @0> (size=8,offset=0): s64[]
+allocation 3: size 50000, color 5, preallocated-temp:
+ value: <12 dynamic-update-slice @5> (size=50000,offset=0): bf16[25000]{0:S(5)}
 """
 
 
 def test_largest_temporaries_reads_xla_buffer_assignment():
-  # The parameter (4096 B) and the constant are not temporaries; the while
+  # The parameter (4096 B) and the constant are not temporaries, nor is the
+  # buffer in host memory (color 5: offloaded activations); the while
   # carry aliases fusion.2 (same offset and size) and is the same buffer.
   top = memory_plan.largest_temporaries(BUFFER_ASSIGNMENT, k=2)
   assert [(t["name"], t["shape"], t["gib"] * 2**30) for t in top] == [
