@@ -183,6 +183,8 @@ def test_usable_memory_is_what_jax_preallocates(monkeypatch):
     memory_plan.usable_gib(args())
   with pytest.raises(LongLoraError, match="needs --usable-gib"):
     memory_plan.usable_gib(memory_plan.parse_args(["--find-max-ctx"]))
+  with pytest.raises(LongLoraError, match="drop --eval"):
+    memory_plan.main(["--find-max-ctx", "--eval"])
 
 
 def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
@@ -193,19 +195,22 @@ def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
   argv = ["--model", str(tmp_path), "--mesh", "fsdp=1"]
   total = lambda ctx: memory_plan.plan(memory_plan.parse_args(
       argv + ["--ctx", str(ctx)]))["per_device_gib"]["total"]
-  # Usable memory between the plans of 3 and 4 steps of 1024 tokens: the
+  # Usable memory between the plans of 3 and 4 steps of 256 tokens: the
   # search probes 1, 2 and 4 steps, then 3, and answers 3.
-  low, high = total(3072), total(4096)
+  low, high = total(768), total(1024)
   assert low < high
-  memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "1024",
+  memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
                            "--usable-gib", str((low + high) / 2)])
   out = capsys.readouterr().out
   probes = re.findall(r"^probe (\d): ctx +([\d,]+) .* (fits|does not fit) ",
                       out, re.M)
-  assert probes == [("1", "1,024", "fits"), ("2", "2,048", "fits"),
-                    ("3", "4,096", "does not fit"), ("4", "3,072", "fits")]
-  assert re.search(r"largest context that fits .* \(--usable-gib\): 3,072 "
+  assert probes == [("1", "256", "fits"), ("2", "512", "fits"),
+                    ("3", "1,024", "does not fit"), ("4", "768", "fits")]
+  assert re.search(r"largest context that fits .* \(--usable-gib\): 768 "
                    r"tokens", out)
-  with pytest.raises(LongLoraError, match="even --ctx-step 1024 tokens"):
-    memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "1024",
+  with pytest.raises(LongLoraError, match="even --ctx-step 256 tokens"):
+    memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
                              "--usable-gib", "1e-6"])
+  with pytest.raises(LongLoraError, match="--ctx-step 260 does not split"):
+    memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "260",
+                             "--usable-gib", "1"])
