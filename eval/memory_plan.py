@@ -31,7 +31,6 @@ environment when set), or against --usable-gib. The CUDA context and
 allocator fragmentation come on top.
 """
 
-import argparse
 import contextlib
 import json
 import math
@@ -41,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from eval import memory_search
 from longlora_jax import cli, gpu_target
 from longlora_jax.errors import LongLoraError
 
@@ -92,92 +92,6 @@ def parse_args(argv=None):
                       "the --target GPU's memory)")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
-
-
-# JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION: what it preallocates.
-DEFAULT_MEM_FRACTION = 0.75
-
-
-def usable_gib(args) -> tuple[float, str]:
-  """(GiB per device a train step may use, where that figure comes from)."""
-  if args.usable_gib is not None:
-    return args.usable_gib, "--usable-gib"
-  if args.target == "cpu":
-    raise LongLoraError("--find-max-ctx on --target cpu needs --usable-gib "
-                        "(or a GPU --target, e.g. h100)")
-  text = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")
-  try:
-    fraction = DEFAULT_MEM_FRACTION if text is None else float(text)
-  except ValueError:
-    fraction = math.nan
-  if not 0 < fraction <= 1:
-    raise LongLoraError(f"XLA_PYTHON_CLIENT_MEM_FRACTION={text} is not a "
-                        "fraction in (0, 1]")
-  gpu = gpu_target.GPUS[args.target]
-  source = ("XLA_PYTHON_CLIENT_MEM_FRACTION" if text is not None
-            else "JAX's default preallocation")
-  return (fraction * gpu.memory_bytes / 2**30,
-          f"{fraction:g} x {gpu.memory_bytes / 2**30:g} GiB of the "
-          f"{gpu.name} ({source})")
-
-
-def largest_fitting(fits, step: int) -> int | None:
-  """The largest multiple of `step` for which `fits` holds, assuming it
-  holds up to some context and not beyond: doubling until a probe does not
-  fit, then bisecting between the last two probes. None when `step` does
-  not fit."""
-  if not fits(step):
-    return None
-  low = 1  # in steps: fits(low * step) holds, fits(high * step) does not
-  while fits(2 * low * step):
-    low *= 2
-  high = 2 * low
-  while high - low > 1:
-    mid = (low + high) // 2
-    low, high = (mid, high) if fits(mid * step) else (low, mid)
-  return low * step
-
-
-def find_max_ctx(args) -> dict:
-  """The largest context on the --ctx-step grid whose train step fits the
-  usable memory, with its plan and every probe's numbers."""
-  from longlora_jax.attention.groups import s2_group_size
-  usable, source = usable_gib(args)
-  if args.attention == "s2":
-    try:
-      s2_group_size(args.ctx_step)  # then every multiple splits too
-    except ValueError:
-      raise LongLoraError(f"--ctx-step {args.ctx_step} does not split into "
-                          "S²-Attn groups of ctx/4; use a multiple of 8, "
-                          "e.g. 8192") from None
-  probes, plans = [], {}
-
-  def fits(ctx):
-    if ctx not in plans:
-      plans[ctx] = plan(argparse.Namespace(**{**vars(args), "ctx": ctx}))
-      m = plans[ctx]["per_device_gib"]
-      probes.append({"ctx": ctx, "device_gib": m["total"],
-                     "host_gib": m["host_temporaries"],
-                     "fits": m["total"] <= usable})
-      if not args.json:
-        p = probes[-1]
-        print(f"probe {len(probes)}: ctx {ctx:>9,}  {p['device_gib']:7.2f} "
-              f"GiB per device, {p['host_gib']:7.2f} GiB pinned host  "
-              f"{'fits' if p['fits'] else 'does not fit'} "
-              f"{usable:.2f} GiB", flush=True)
-    return plans[ctx]["per_device_gib"]["total"] <= usable
-
-  best = largest_fitting(fits, args.ctx_step)
-  if best is None:
-    raise LongLoraError(
-        f"even --ctx-step {args.ctx_step} tokens need "
-        f"{probes[0]['device_gib']:.2f} GiB per device, over the usable "
-        f"{usable:.2f} GiB; try --offload activations, a larger mesh or a "
-        "smaller --ctx-step")
-  beyond = min((p["ctx"] for p in probes if not p["fits"]), default=None)
-  return {"usable_gib": usable, "usable_from": source, "max_ctx": best,
-          "probes": probes, "plan": plans[best],
-          "next_plan": plans.get(beyond)}
 
 
 def _devices_in(mesh_spec: str) -> int:
@@ -439,21 +353,6 @@ def _print_eval_plan(result) -> None:
   print(_fits(result))
 
 
-def _print_found(found) -> None:
-  best = found["plan"]
-  print()
-  _print_plan(best)
-  print(f"largest context that fits {found['usable_gib']:.2f} GiB per device "
-        f"({found['usable_from']}): {found['max_ctx']:,} tokens, "
-        f"{best['per_device_gib']['total']:.2f} GiB per device and "
-        f"{best['per_device_gib']['host_temporaries']:.2f} GiB of pinned "
-        "host memory")
-  if (beyond := found["next_plan"]):
-    print(f"{beyond['ctx']:,} tokens need "
-          f"{beyond['per_device_gib']['total']:.2f} GiB per device; there:")
-    _print_largest(beyond)
-
-
 def main(argv=None):
   args = parse_args(argv)
   if args.find_max_ctx and args.eval:
@@ -464,11 +363,11 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (
         f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
   if args.find_max_ctx:
-    found = find_max_ctx(args)
+    found = memory_search.find_max_ctx(args, plan)
     if args.json:
       print(json.dumps(found, indent=2))
     else:
-      _print_found(found)
+      memory_search.print_found(found, _print_plan, _print_largest)
     return
   result = (plan_eval if args.eval else plan)(args)
   if args.json:

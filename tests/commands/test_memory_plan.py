@@ -149,44 +149,6 @@ def test_llama31_8b_preset_has_its_shapes():
   assert cfg.rope_theta == 500000 and not cfg.tie_word_embeddings
 
 
-def test_largest_fitting_bisects_on_the_grid():
-  # A fake plan: 2 GiB plus 0.5 GiB per 8192 tokens. 9.6 GiB fits 15 steps
-  # (9.5 GiB), not 16 (10 GiB); 10 GiB fits 16 exactly.
-  probed = []
-
-  def fits(usable):
-    def check(ctx):
-      probed.append(ctx)
-      return 2 + 0.5 * ctx / 8192 <= usable
-    return check
-
-  assert memory_plan.largest_fitting(fits(9.6), 8192) == 15 * 8192
-  # Doubling 1, 2, 4, 8, 16 steps, then bisecting 8..16: 12, 14, 15.
-  assert probed == [k * 8192 for k in (1, 2, 4, 8, 16, 12, 14, 15)]
-  assert memory_plan.largest_fitting(fits(10.0), 8192) == 16 * 8192
-  assert memory_plan.largest_fitting(fits(2.4), 8192) is None
-  assert memory_plan.largest_fitting(fits(2.5), 8192) == 8192
-
-
-def test_usable_memory_is_what_jax_preallocates(monkeypatch):
-  args = lambda *extra: memory_plan.parse_args(
-      ["--find-max-ctx", "--target", "h100", *extra])
-  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-  gib, source = memory_plan.usable_gib(args())
-  assert gib == 0.75 * 80 and "default" in source
-  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
-  gib, source = memory_plan.usable_gib(args())
-  assert gib == 0.9 * 80 and "XLA_PYTHON_CLIENT_MEM_FRACTION" in source
-  assert memory_plan.usable_gib(args("--usable-gib", "50"))[0] == 50
-  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "90%")
-  with pytest.raises(LongLoraError, match="not a fraction"):
-    memory_plan.usable_gib(args())
-  with pytest.raises(LongLoraError, match="needs --usable-gib"):
-    memory_plan.usable_gib(memory_plan.parse_args(["--find-max-ctx"]))
-  with pytest.raises(LongLoraError, match="drop --eval"):
-    memory_plan.main(["--find-max-ctx", "--eval"])
-
-
 def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
   cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4,
@@ -214,3 +176,5 @@ def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
   with pytest.raises(LongLoraError, match="--ctx-step 260 does not split"):
     memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "260",
                              "--usable-gib", "1"])
+  with pytest.raises(LongLoraError, match="drop --eval"):
+    memory_plan.main(["--find-max-ctx", "--eval"])
