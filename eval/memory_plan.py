@@ -15,6 +15,20 @@ bfloat16 buffers in float32 and so over-states GPU memory.
 `--eval` plans an evaluation instead (passkey, RULER, generation: the last
 prefill step and a decode step of the KV-cache generator at --ctx tokens,
 --batch prompts).
+
+`--find-max-ctx` searches for the largest context (a multiple of
+--ctx-step) whose train step fits the usable memory of one --target GPU,
+printing each compiled probe, then that context's plan and the pinned host
+memory it needs:
+
+  python -m eval.memory_plan --find-max-ctx --model llama3.1-8b \
+      --mesh fsdp=1 --target h100 --offload activations
+
+Usable memory: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU's
+memory (0.75 when unset) and a program gets no more, so the search plans
+against that fraction of the target's nominal memory (read from the
+environment when set), or against --usable-gib. The CUDA context and
+allocator fragmentation come on top.
 """
 
 import contextlib
@@ -26,7 +40,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from eval import memory_search
 from longlora_jax import cli, gpu_target
+from longlora_jax.errors import LongLoraError
 
 
 def parse_args(argv=None):
@@ -43,7 +59,13 @@ def parse_args(argv=None):
   p.add_argument("--accum", type=cli.count, default=1,
                  help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
-  p.add_argument("--remat", default="full")
+  p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
+                 help="activation checkpointing")
+  # recipe.OFFLOADS; not imported, as JAX must not load before main sets
+  # JAX_PLATFORMS.
+  p.add_argument("--offload", choices=("none", "activations"), default="none",
+                 help="activations: the layer inputs --remat full keeps go "
+                      "to pinned host memory (train.extend --offload)")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
                  default="cpu",
                  help="compiler: XLA:CPU on fake devices (default), or "
@@ -59,6 +81,15 @@ def parse_args(argv=None):
                       "of the train step")
   p.add_argument("--chunk", type=cli.count, default=2048,
                  help="--eval: prefill tokens per step")
+  p.add_argument("--find-max-ctx", action="store_true",
+                 help="search for the largest context whose train step fits "
+                      "the usable memory (see above)")
+  p.add_argument("--ctx-step", type=cli.count, default=8192,
+                 help="--find-max-ctx: contexts probed are multiples of this")
+  p.add_argument("--usable-gib", type=cli.positive,
+                 help="--find-max-ctx: memory per device to fit (default: "
+                      "XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 when unset, of "
+                      "the --target GPU's memory)")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
 
@@ -78,8 +109,10 @@ _VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S
 
 
 def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
-  """The `k` largest buffers in XLA's temporary allocation, from its
-  buffer-assignment dump: [{"name", "shape", "gib"}], largest first.
+  """The `k` largest buffers in XLA's temporary allocation in device
+  memory, from its buffer-assignment dump: [{"name", "shape", "gib"}],
+  largest first. Host-memory temporaries (offloaded activations, a
+  "color 5" allocation: memory space S(5)) are left out.
 
   Values sharing one (offset, size) are one buffer seen under several names
   (a loop's carry and the op that updates it in place); the first is kept.
@@ -87,7 +120,8 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
   buffers, in_temp = {}, False
   for line in buffer_assignment.splitlines():
     if (m := _ALLOCATION.match(line)):
-      in_temp = "preallocated-temp" in m.group(1)
+      in_temp = ("preallocated-temp" in m.group(1)
+                 and "color 5" not in m.group(1))
     elif in_temp and (m := _VALUE.match(line)):
       name, size, offset, shape = m.groups()
       buffers.setdefault((int(offset), int(size)), (name, shape.split("{")[0]))
@@ -115,6 +149,8 @@ def _memory(compiled) -> dict:
       "temporaries": mem.temp_size_in_bytes / gib,
       "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                 - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
+      # Pinned host memory the step holds (offloaded activations).
+      "host_temporaries": mem.host_temp_size_in_bytes / gib,
   }
 
 
@@ -205,7 +241,8 @@ def plan(args) -> dict:
       args.attention,
       implementation=fused or ("auto" if args.attention == "s2"
                                else "chunked"))
-  tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum)
+  tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum,
+                   offload=args.offload)
   group = args.ctx // 4 if args.attention == "s2" else None
 
   t0 = time.time()
@@ -219,7 +256,8 @@ def plan(args) -> dict:
     # XLA names the file after the module and the pass; newer versions may
     # not write it, and the plan stands without it.
     found = sorted(Path(dump).glob("*buffer-assignment.txt"))
-    largest = largest_temporaries(found[0].read_text()) if found else []
+    largest = (largest_temporaries(found[0].read_text(), k=6) if found
+               else [])
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
@@ -236,7 +274,8 @@ def plan(args) -> dict:
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
       "mode": args.mode,
-      "remat": args.remat, "batch_per_device": args.batch,
+      "remat": args.remat, "offload": args.offload,
+      "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
       "compiler": ("XLA:CPU" if args.target == "cpu" else
                    "XLA:GPU compile-only, "
@@ -267,49 +306,23 @@ def plan(args) -> dict:
   return result
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (
-        f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
-  result = (plan_eval if args.eval else plan)(args)
-  if args.json:
-    print(json.dumps(result, indent=2))
-    return
-  if args.eval:
-    print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
-          f"{result['evaluation']}, {result['batch']} prompt(s), chunks of "
-          f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
-          f"jax {result['jax']})")
-    print("per device (XLA memory analysis, GiB):")
-    print(f"  {'':<14} {'prefill':>8} {'decode':>8}")
-    for k, v in result["per_device_gib"].items():
-      print(f"  {k:<14} {v:8.2f} "
-            f"{result['decode_per_device_gib'][k]:8.2f}")
-    print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
-          f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
-    _print_loading(result)
-    print(_fits(result))
-    return
+def _print_plan(result) -> None:
   m, b, f = (result["per_device_gib"], result["breakdown_estimate_gib"],
              result["tflops_per_step"])
   print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
         f"{result['attention']}"
         f"{f' ({fused})' if (fused := result['fused_kernel']) else ''}  "
         f"{result['mode']}  remat={result['remat']}  "
+        f"offload={result['offload']}  "
         f"({result['compiler']}, compiled in {result['compile_seconds']} s, "
         f"jax {result['jax']})")
   print("per device (XLA memory analysis, GiB):")
   for k, v in m.items():
-    print(f"  {k:<14} {v:8.2f}")
+    print(f"  {k:<16} {v:8.2f}")
   print("breakdown estimate (GiB):")
   for k, v in b.items():
     print(f"  {k:<32} {v:8.2f}")
-  print("largest temporaries (XLA buffer assignment, GiB):")
-  for t in result["largest_temporaries"]:
-    print(f"  {t['gib']:8.2f}  {t['shape']:<28} {t['name']}")
+  _print_largest(result)
   print(f"trainable params {result['trainable_params']:,}")
   print(f"TFLOPs per step: analytic {f['analytic_per_device']:.1f} per device, "
         f"{f['analytic_total']:.1f} total (fwd+bwd, causal pairs); XLA cost "
@@ -318,6 +331,53 @@ def main(argv=None):
         f"{f['paper_convention_per_sequence']:.0f} per sequence")
   _print_loading(result)
   print(_fits(result))
+
+
+def _print_largest(result) -> None:
+  print("largest temporaries in device memory (XLA buffer assignment, GiB):")
+  for t in result["largest_temporaries"]:
+    print(f"  {t['gib']:8.2f}  {t['shape']:<28} {t['name']}")
+
+
+def _print_eval_plan(result) -> None:
+  print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
+        f"{result['evaluation']}, {result['batch']} prompt(s), chunks of "
+        f"{result['chunk']}  (compiled in {result['compile_seconds']} s, "
+        f"jax {result['jax']})")
+  print("per device (XLA memory analysis, GiB):")
+  print(f"  {'':<16} {'prefill':>8} {'decode':>8}")
+  for k, v in result["per_device_gib"].items():
+    print(f"  {k:<16} {v:8.2f} "
+          f"{result['decode_per_device_gib'][k]:8.2f}")
+  print(f"KV cache {result['kv_cache_gib_total']:.2f} GiB in all, split "
+        f"{result['kv_cache_split']} ways (kv heads over the tensor axis)")
+  _print_loading(result)
+  print(_fits(result))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.find_max_ctx and args.eval:
+    raise LongLoraError("--find-max-ctx searches train steps; drop --eval")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
+  if args.find_max_ctx:
+    found = memory_search.find_max_ctx(args, plan)
+    if args.json:
+      print(json.dumps(found, indent=2))
+    else:
+      memory_search.print_found(found, _print_plan, _print_largest)
+    return
+  result = (plan_eval if args.eval else plan)(args)
+  if args.json:
+    print(json.dumps(result, indent=2))
+  elif args.eval:
+    _print_eval_plan(result)
+  else:
+    _print_plan(result)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from longlora_jax.attention.dispatch import (AttentionFn, context_form,
                                              get_attention)
@@ -50,10 +51,20 @@ DType = Any
 # Above this many tokens the MLP runs in sequence chunks (see DecoderLayer).
 MLP_CHUNK = 4096
 
+# Each layer names its input (the residual stream it takes); "offload" is
+# "full", except that this input, the one thing "full" keeps per layer (the
+# [layers, batch, seq, hidden] stack), goes to pinned host memory in the
+# forward pass and comes back for the backward pass (as MaxText offloads its
+# "decoder_layer_input").
+LAYER_INPUT = "decoder_layer_input"
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -174,7 +185,9 @@ class DecoderLayer(nn.Module):
   def __call__(self, carry, positions_BT, segment_ids_BT, layer):
     # The KV cache rides in the scan carry, so XLA updates it in place.
     x_BTD, cache = carry
-    x_BTD = shard_batch(x_BTD)
+    # Everything below reads the named copy, so under the "offload" policy
+    # the backward pass needs only the offloaded one, not the input itself.
+    x_BTD = checkpoint_name(shard_batch(x_BTD), LAYER_INPUT)
     cfg = self.config
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
     h_BTD = norm("input_layernorm")(x_BTD)

@@ -85,6 +85,27 @@ def test_remat_policies_same_values_and_grads(tiny_hf, remat):
                              atol=1e-6, rtol=1e-4)
 
 
+def test_offloaded_layer_inputs_give_the_same_gradients_bit_for_bit(tiny_hf):
+  # "offload" keeps what "full" keeps, on the host: the same computation.
+  # (XLA:CPU has the memory kinds, but JAX lowers the move to pinned_host
+  # only for GPU and TPU; tests/training/test_step.py checks that XLA:GPU
+  # really places the layer inputs in host memory.)
+  directory, _ = tiny_hf("gqa")
+  config, params = load_hf(directory, dtype=jnp.float32)
+  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
+
+  def grads(remat):
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(
+        forward(config, p, ids, remat=remat)))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  offloaded, full = grads("offload"), grads("full")
+  for got, want in zip(jax.tree.leaves(offloaded), jax.tree.leaves(full)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.abs(np.asarray(full[1]["layers"]["mlp"]["up_proj"]["kernel"])
+                ).max() > 0
+
+
 def test_segments_equal_separate_documents(tiny_hf):
   # Two packed documents with restarted positions must give exactly what
   # transformers gives for each document alone.

@@ -15,8 +15,8 @@ from longlora_jax.attention.groups import VARIANTS
 from longlora_jax.errors import LongLoraError
 
 S2_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
-from longlora_jax.training.recipe import (LONGALPACA, REDPAJAMA, RunSpec,
-                                          TrainConfig)
+from longlora_jax.training.recipe import (LONGALPACA, OFFLOADS, REDPAJAMA,
+                                          RunSpec, TrainConfig)
 
 # The demo's recipe where it differs: a 1M-parameter byte-level model
 # adapts to PI in a few hundred steps at a higher learning rate; float32
@@ -155,6 +155,10 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                  f"{DEMO['dtype']})")
   p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
                  f"checkpointing ({d('remat')}; demo {DEMO['remat']})")
+  p.add_argument("--offload", choices=OFFLOADS, help="activations: keep "
+                 "the layer inputs that --remat full saves for the backward "
+                 "pass in pinned host memory instead of GPU memory (the same "
+                 f"gradients; longer contexts fit) ({d('offload')})")
   p.add_argument("--seed", type=cli.index, help="LoRA initialisation and "
                  f"data order ({d('seed')})")
   p.add_argument("--save-every", type=cli.count, help="checkpoint every N "

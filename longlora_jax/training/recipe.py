@@ -26,6 +26,8 @@ from longlora_jax.errors import LongLoraError
 from longlora_jax.io.files import write_json
 
 SCHEDULES = ("constant", "cosine", "linear")
+# What goes to pinned host memory between the forward and backward pass.
+OFFLOADS = ("none", "activations")
 REDPAJAMA = "togethercomputer/RedPajama-Data-1T-Sample"
 LONGALPACA = "Yukang/LongAlpaca-12k"
 RUN_FILE = "run.json"
@@ -38,10 +40,13 @@ class TrainConfig:
   """The optimisation recipe of the train step.
 
   accum: micro-batches per optimizer step (the leading axis of the batch
-  the step takes); dtype: compute dtype and that of the frozen weights.
+  the step takes); dtype: compute dtype and that of the frozen weights;
+  offload "activations": remat "full" with the layer inputs it keeps in
+  pinned host memory (same gradients, less device memory).
   """
   attention: AttentionSpec = AttentionSpec()
   remat: str = "full"
+  offload: str = "none"
   dtype: str = "bfloat16"
   accum: int = 8
   loss_chunk: int = 2048
@@ -64,6 +69,18 @@ class TrainConfig:
                           f"{', '.join(SCHEDULES)}")
     if self.accum < 1:
       raise LongLoraError(f"accum must be >= 1, got {self.accum}")
+    if self.offload not in OFFLOADS:
+      raise LongLoraError(f"unknown offload {self.offload!r}; choose one of "
+                          f"{', '.join(OFFLOADS)}")
+    if self.offload == "activations" and self.remat != "full":
+      raise LongLoraError(f"--offload activations moves what --remat full "
+                          f"keeps to the host; it needs --remat full, not "
+                          f"{self.remat}")
+
+  @property
+  def remat_policy(self) -> str:
+    """The model's remat policy (`model.REMAT_POLICIES`) for this recipe."""
+    return "offload" if self.offload == "activations" else self.remat
 
 
 @dataclasses.dataclass(frozen=True)

@@ -301,9 +301,11 @@ def _train(job: _Job) -> int:
     rows = spec.batch * batch_parallelism(mesh)
     attention = ("S²-Attn" if spec.recipe.attention.kind == "s2"
                  else "full attention")
+    offloaded = ("activations offloaded to host, "
+                 if spec.recipe.offload == "activations" else "")
     print(f"{spec.ckpt}: context {job.base.config.context} -> {spec.ctx} "
           f"(RoPE {config.rope_type} x{config.rope_factor:g}), {spec.mode}, "
-          f"{attention}, "
+          f"{attention}, {offloaded}"
           f"{lora.count_params(state.trainable) / 1e6:.2f}M trainable "
           f"parameters; {rows * spec.recipe.accum} x {spec.ctx} tokens per "
           f"step on {mesh.size} device(s), compiled in {job.compile_s:.1f} s; "

@@ -103,7 +103,7 @@ def micro_batch_loss(config: LlamaConfig, tc: TrainConfig, params, batch):
       config, params, input_ids, attention=tc.attention,
       positions_BT=batch.get("positions"),
       segment_ids_BT=batch.get("segment_ids"), dtype=jnp.dtype(tc.dtype),
-      remat=tc.remat)
+      remat=tc.remat_policy)
   return chunked_cross_entropy(config, params, h_BTD,
                                next_token_targets(labels),
                                chunk_size=tc.loss_chunk)

@@ -206,6 +206,11 @@ def test_bad_input_is_one_line_and_writes_nothing(files, run):
                      "--s2-impl", "xla", *out("impl_full")],
                     "--s2-impl chooses how S²-Attn runs; drop it with "
                     "--full-attn"),
+      "offload_dots": (["--ckpt", model, "--ctx", "64", "--offload",
+                        "activations", "--remat", "dots",
+                        *out("offload_dots")],
+                       "--offload activations moves what --remat full keeps "
+                       "to the host; it needs --remat full, not dots"),
       "nan": ([*_args(files, tmp / "nan", "--lr", "1e30", "--warmup", "0",
                       "--save-every", "1", "--steps", "5")],
               "at step 2: training stopped; the last good checkpoint is step 1"),
@@ -255,3 +260,14 @@ def test_export_any_saved_step(run, files):
   with pytest.raises(LongLoraError, match="exists and is not empty"):
     export.main(["--run", str(run), "--out", str(out)])
   assert not (files["tmp"] / "step7").exists()
+
+
+def test_offloaded_run_says_so_and_records_it(files, capsys):
+  out = files["tmp"] / "offload"
+  assert extend.main(_args(files, out, "--steps", "1", "--remat", "full",
+                           "--offload", "activations")) == 0
+  captured = capsys.readouterr()
+  assert "S²-Attn, activations offloaded to host, " in captured.out
+  assert "extend (offload)" in captured.err  # the progress bar
+  spec = json.loads((out / "run.json").read_text())
+  assert spec["recipe"]["offload"] == "activations"

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 from eval import memory_plan
 from longlora_jax import gpu_target
 from longlora_jax import LlamaConfig
+from longlora_jax.errors import LongLoraError
 from tests.conftest import ROOT
 
 
@@ -55,11 +57,14 @@ allocation 1: size 9000, preallocated-temp:
  value: <10 add.3 @0> (size=1000,offset=8000): s8[1000]{0}
 allocation 2: size 8, constant:
  value: <11 constant.1 @0> (size=8,offset=0): s64[]
+allocation 3: size 50000, color 5, preallocated-temp:
+ value: <12 dynamic-update-slice @5> (size=50000,offset=0): bf16[25000]{0:S(5)}
 """
 
 
 def test_largest_temporaries_reads_xla_buffer_assignment():
-  # The parameter (4096 B) and the constant are not temporaries; the while
+  # The parameter (4096 B) and the constant are not temporaries, nor is the
+  # buffer in host memory (color 5: offloaded activations); the while
   # carry aliases fusion.2 (same offset and size) and is the same buffer.
   top = memory_plan.largest_temporaries(BUFFER_ASSIGNMENT, k=2)
   assert [(t["name"], t["shape"], t["gib"] * 2**30) for t in top] == [
@@ -142,3 +147,34 @@ def test_llama31_8b_preset_has_its_shapes():
           cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
           cfg.vocab_size) == (4096, 14336, 32, 32, 8, 128, 128256)
   assert cfg.rope_theta == 500000 and not cfg.tie_word_embeddings
+
+
+def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
+  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256)
+  cfg.save(tmp_path)
+  argv = ["--model", str(tmp_path), "--mesh", "fsdp=1"]
+  total = lambda ctx: memory_plan.plan(memory_plan.parse_args(
+      argv + ["--ctx", str(ctx)]))["per_device_gib"]["total"]
+  # Usable memory between the plans of 3 and 4 steps of 256 tokens: the
+  # search probes 1, 2 and 4 steps, then 3, and answers 3.
+  low, high = total(768), total(1024)
+  assert low < high
+  memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
+                           "--usable-gib", str((low + high) / 2)])
+  out = capsys.readouterr().out
+  probes = re.findall(r"^probe (\d): ctx +([\d,]+) .* (fits|does not fit) ",
+                      out, re.M)
+  assert probes == [("1", "256", "fits"), ("2", "512", "fits"),
+                    ("3", "1,024", "does not fit"), ("4", "768", "fits")]
+  assert re.search(r"largest context that fits .* \(--usable-gib\): 768 "
+                   r"tokens", out)
+  with pytest.raises(LongLoraError, match="even --ctx-step 256 tokens"):
+    memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
+                             "--usable-gib", "1e-6"])
+  with pytest.raises(LongLoraError, match="--ctx-step 260 does not split"):
+    memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "260",
+                             "--usable-gib", "1"])
+  with pytest.raises(LongLoraError, match="drop --eval"):
+    memory_plan.main(["--find-max-ctx", "--eval"])

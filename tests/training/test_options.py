@@ -51,3 +51,19 @@ def test_full_attention_with_an_s2_implementation_is_refused():
   with pytest.raises(ValueError, match="unknown run options"):
     options.make_spec({"ckpt": "m", "ctx": 64, "learning_rate": 1},
                       task="extend", base_config={})
+
+
+def test_offload_is_an_option_and_old_run_records_load():
+  args = options.parser("extend", "doc").parse_args(
+      ["--ckpt", "m", "--ctx", "64", "--offload", "activations"])
+  spec = options.make_spec(options.given(args), task="extend",
+                           base_config={})
+  assert spec.recipe.offload == "activations"
+  assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+  # run.json of a run from before the option: no "offload" in its recipe.
+  old = spec.to_dict()
+  del old["recipe"]["offload"]
+  assert RunSpec.from_dict(old).recipe.offload == "none"
+  assert options.default("offload") == "none"
+  with pytest.raises(SystemExit):
+    options.parser("extend", "doc").parse_args(["--offload", "weights"])
