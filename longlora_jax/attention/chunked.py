@@ -25,10 +25,11 @@ from longlora_jax.attention.masks import attention_mask
 # Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
 # to run efficiently on GPU, tiles small next to the O(seq) activations.
 DEFAULT_BLOCK = 512
-# On a CPU a head's tiles should stay in its caches: 256 takes 0.75x the
-# time of 512 for forward + backward at 8192 tokens, 8 heads of 64
-# (BENCHMARKS.md); larger blocks are slower still (1024: 1.9x at 4096).
-CPU_BLOCK = 256
+# On a CPU a head's tiles should stay in its caches: for forward + backward
+# at 8192 tokens, 8 heads of 64, 256 took 0.75x the time of 512, and with
+# head-major tiles 128 takes 0.78x the time of 256 for S²-Attn's groups and
+# the same for full attention (BENCHMARKS.md).
+CPU_BLOCK = 128
 
 
 def default_block() -> int:
