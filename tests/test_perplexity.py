@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,3 +77,32 @@ def test_max_windows_spreads_evenly():
   tokens = np.zeros(3000, np.int64)
   r = evaluate(CFG, params, tokens, 128, stride=64, max_windows=3)
   assert r["windows"] == 3
+
+
+def test_auto_attention_is_cudnn_when_compiled_for_a_gpu():
+  # eval.perplexity's default `--attention auto`, compiled for a
+  # compile-only H100: one cuDNN flash-attention call in the layer scan,
+  # never the chunked loop (whose [block, block] score tiles would show).
+  from longlora_jax import gpu_target
+  from longlora_jax.attention.chunked import CPU_BLOCK, DEFAULT_BLOCK
+  from longlora_jax.perplexity import _window_losses
+  if not gpu_target.AVAILABLE:
+    pytest.skip("needs JAX's CUDA plugin (requirements-test.txt)")
+  cfg = LlamaConfig(vocab_size=64, hidden_size=192, intermediate_size=160,
+                    num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=2048)
+  devices = gpu_target.devices("h100", 1)
+  on = jax.sharding.SingleDeviceSharding(devices[0])
+  params = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16, sharding=on),
+      jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
+  ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32, sharding=on)
+  first = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=on)
+  with jax.set_mesh(make_mesh("fsdp=1", devices)), gpu_target.assume_cudnn():
+    hlo = _window_losses.lower(cfg, "auto", params, ids,
+                               first).compile().as_text()
+  calls = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
+  assert calls == ["__cudnn$fmhaSoftmax"]
+  tiles = {CPU_BLOCK, DEFAULT_BLOCK}
+  assert not [s for s in re.findall(r"\[([0-9,]+)\]", hlo)
+              if sum(int(d) in tiles for d in s.split(",")) >= 2]
