@@ -22,6 +22,8 @@ _OP = re.compile(r"=\s+(.+?)\s+(" + "|".join(KINDS) + r")(-start)?\(")
 _SHAPE = re.compile(r"\b([a-z]+[0-9a-z]*)\[([0-9,]*)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{(\{[0-9,]*\})")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
+# XLA >= 0.12: replica_groups=mesh['data'=1,'context'=8] {'context'}
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _BITS = {"pred": 8, "s4": 4, "u4": 4}
 
 
@@ -40,6 +42,13 @@ def _group_size(line: str) -> int | None:
     return len(m.group(1).strip("{}").split(","))
   if (m := _GROUPS_IOTA.search(line)):
     return int(m.group(1).split(",")[-1])
+  if (m := _GROUPS_MESH.search(line)):
+    sizes = {name: int(n) for name, n in re.findall(r"'(\w+)'=(\d+)",
+                                                     m.group(1))}
+    size = 1
+    for name in re.findall(r"'(\w+)'", m.group(2)):
+      size *= sizes[name]
+    return size
   return None
 
 

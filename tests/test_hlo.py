@@ -19,6 +19,8 @@ HloModule jit_step, entry_computation_layout={()->()}
   %ars = f32[32]{0} all-reduce-start(%r), channel_id=10, replica_groups={{0,1}}, to_apply=%add
   %ard = f32[32]{0} all-reduce-done(%ars)
   %a2a = f8e4m3fn[4,4]{1,0} all-to-all(%u), channel_id=8, replica_groups={{0,1,2,3}}, dimensions={0}
+  %ar.3 = (f32[1,128,2,16]{3,2,1,0}, f32[1,128,2,16]{3,2,1,0}) all-reduce(%c, %d), channel_id=11, replica_groups=mesh['data'=1,'context'=8,'tensor'=1] {'tensor'}, use_global_device_ids=true, to_apply=%add
+  %ar.4 = f32[8]{0} all-reduce(%e), channel_id=12, replica_groups=mesh['data'=2,'context'=4,'tensor'=1] {'data','context'}, use_global_device_ids=true, to_apply=%add
   %not_a_collective = f32[9]{0} add(%all-gather.1, %all-gather.2)
 }
 """
@@ -31,8 +33,9 @@ def test_collective_bytes_from_hand_written_hlo():
       # lines do not count again.
       "collective-permute": 1 * 512 * 16 * 128 * 2 + 2 * 1024 * 2,
       "all-gather": 8 * 64 * 4 + 8 * 8 * 2,
-      # Groups of one device move nothing; a tuple counts every element.
-      "all-reduce": 16 * 4 + 2 * 4 + 32 * 4,
+      # Groups of one device move nothing (also when named by mesh axes
+      # of size 1); a tuple counts every element.
+      "all-reduce": 16 * 4 + 2 * 4 + 32 * 4 + 8 * 4,
       # A reduce-scatter's operand: its result times the group of 8; an
       # asynchronous one holds ((operands), (results)).
       "reduce-scatter": 4 * 32 * 2 * 8 + 2 * 8 * 2 * 8,
