@@ -28,7 +28,8 @@ from jax import lax
 
 from longlora_jax.attention.pallas_kernels import (_LOG2E, _MASK, AVAILABLE,
                                                    _positions, _visit, pl,
-                                                   plgpu)
+                                                   plgpu, softmax_init,
+                                                   softmax_step)
 from longlora_jax.attention.pallas_s2 import HEAD_DIMS
 
 BLOCK_Q = 64
@@ -91,26 +92,17 @@ def _kernel(scalars_ref, q_ref, k_ref, v_ref, o_ref, *, block_k, group):
   scale = head_dim ** -0.5 * _LOG2E
 
   def key_block(j, carry, masked):
-    acc_TH, m_T, l_T = carry
     keys = pl.ds(j * block_k, block_k)
     s_TS = plgpu.dot(q_TH, k_ref[layer, b, kv, :, keys]) * scale
     if masked:
       s_TS = jnp.where(_positions(j * block_k, block_k, 1) <= qpos_T1, s_TS,
                        _MASK)
-    m_new = jnp.maximum(m_T, s_TS.max(axis=1))
-    correction_T = jnp.exp2(m_T - m_new)
-    p_TS = jnp.exp2(s_TS - m_new[:, None])
-    l_T = l_T * correction_T + p_TS.sum(axis=1)
-    acc_TH = acc_TH * correction_T[:, None] + plgpu.dot(
-        p_TS.astype(v_ref.dtype), v_ref[layer, b, kv, keys, :])
-    return acc_TH, m_new, l_T
+    return softmax_step(carry, s_TS, v_ref[layer, b, kv, keys, :])
 
   # Blocks [0, a) lie wholly at or before the first query; [a, hi) cross
   # the diagonal (key 0 is always seen, so no row stays empty).
   a = lax.div(q0 + 1, block_k)
   hi = lax.div(q0 + block_q - 1, block_k) + 1
-  init = (jnp.zeros((block_q, head_dim), jnp.float32),
-          jnp.full((block_q,), -jnp.inf, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
-  acc_TH, _, l_T = _visit((0, 0, a, hi, None), key_block, init)
+  acc_TH, _, l_T = _visit((0, 0, a, hi, None), key_block,
+                          softmax_init(block_q, head_dim))
   o_ref[...] = (acc_TH / l_T[:, None]).astype(o_ref.dtype)

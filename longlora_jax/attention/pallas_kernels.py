@@ -143,6 +143,28 @@ def _positions(start, size, axis):
   return start + lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def softmax_init(block_q, head_dim):
+  """The online softmax's (accumulator, running max, running sum) before
+  the first key block, float32."""
+  return (jnp.zeros((block_q, head_dim), jnp.float32),
+          jnp.full((block_q,), -jnp.inf, jnp.float32),
+          jnp.zeros((block_q,), jnp.float32))
+
+
+def softmax_step(carry, s_TS, v_SH):
+  """One key block of the online softmax: base-2 scores `s_TS` (masked
+  ones at `_MASK`) and the block's values; the running max rescales what
+  came before."""
+  acc_TH, m_T, l_T = carry
+  m_new = jnp.maximum(m_T, s_TS.max(axis=1))
+  correction_T = jnp.exp2(m_T - m_new)
+  p_TS = jnp.exp2(s_TS - m_new[:, None])
+  l_T = l_T * correction_T + p_TS.sum(axis=1)
+  acc_TH = acc_TH * correction_T[:, None] + plgpu.dot(
+      p_TS.astype(v_SH.dtype), v_SH)
+  return acc_TH, m_new, l_T
+
+
 def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_k):
   block_q, head_dim = q_ref.shape
   q0 = pl.program_id(0) * block_q
@@ -152,26 +174,17 @@ def forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, groups, block_k):
   scale = head_dim ** -0.5 * _LOG2E
 
   def key_block(j, carry, masked):
-    acc_TH, m_T, l_T = carry
     keys = pl.ds(j * block_k, block_k)
     s_TS = plgpu.dot(q_TH, k_ref[keys, :], trans_b=True) * scale
     if masked:
       s_TS = jnp.where(
           groups.visible(qpos_T1, _positions(j * block_k, block_k, 1), offset),
           s_TS, _MASK)
-    m_new = jnp.maximum(m_T, s_TS.max(axis=1))
-    correction_T = jnp.exp2(m_T - m_new)
-    p_TS = jnp.exp2(s_TS - m_new[:, None])
-    l_T = l_T * correction_T + p_TS.sum(axis=1)
-    acc_TH = acc_TH * correction_T[:, None] + plgpu.dot(
-        p_TS.astype(v_ref.dtype), v_ref[keys, :])
-    return acc_TH, m_new, l_T
+    return softmax_step(carry, s_TS, v_ref[keys, :])
 
-  init = (jnp.zeros((block_q, head_dim), jnp.float32),
-          jnp.full((block_q,), -jnp.inf, jnp.float32),
-          jnp.zeros((block_q,), jnp.float32))
   acc_TH, m_T, l_T = _visit(
-      key_blocks(groups, q0, block_q, block_k, offset), key_block, init)
+      key_blocks(groups, q0, block_q, block_k, offset), key_block,
+      softmax_init(block_q, head_dim))
   o_ref[...] = (acc_TH / l_T[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m_T + jnp.log2(l_T)
 
