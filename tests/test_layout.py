@@ -88,7 +88,7 @@ def test_attention_package_is_layered():
   assert inside("s2") == {"dense", "chunked", "heads"}
   assert inside("pallas_s2") == {"groups", "pallas_kernels"}
   assert inside("cudnn_s2") == {"groups", "heads"}
-  assert inside("context") == {"chunked", "groups", "heads"}
+  assert inside("context") == {"chunked", "groups", "heads", "pallas_s2"}
   assert not any("dispatch" in inside(m) for m in ATTENTION)
 
 

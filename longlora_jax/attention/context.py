@@ -12,11 +12,24 @@ offset (0 for the first half; G/2 for the shifted half of "flash"):
      tokens before its slice, W = max over devices of (c * T + offset) mod
      G < G: the earlier part of its groups (none when T is a multiple of G
      and the groups start at slice starts).
-  2. Its queries attend [halo; own] keys with `chunked_causal_attention`
-     (memory linear, one [block, block] tile per head at a time). W dummy
-     queries in front keep the causal order by index; a token's id
-     (document, group) hides other groups, other documents and the halo
-     keys before the sequence start.
+  2. Its queries attend [halo; own] keys. On NVIDIA GPUs ("pallas") one
+     call of the fused Pallas kernel for all heads (`pallas_s2.
+     pallas_window_attention`): the T queries sit at key index W of the
+     window, whose key 0 is at global position c * T - W, and each head
+     finds its groups' global boundaries and the sequence start (a halo
+     wrapped from the end is never seen) from two scalars; no dummy
+     queries, and only tiles that hold a visible pair are loaded. When the
+     halves need halos of different lengths (T a multiple of G: none for
+     the first, G/2 for the shifted one) and hold their own kv heads, each
+     half's kv heads fetch only their own, zeros in front of the shorter.
+     Elsewhere ("xla") `chunked_causal_attention` (memory linear, one
+     [block, block] tile per head at a time), per half: W dummy queries in
+     front keep the causal order by index, and a token's id (document,
+     group) hides other groups, other documents and the halo keys before
+     the sequence start. The kernel takes no packed documents
+     (`segment_ids_BT`): with them the XLA path runs (`dispatch.
+     context_implementation`). cuDNN is not used: its masks are fixed when
+     it compiles.
 
 "roll" (the paper's leak: the first G/2 tokens of the shifted heads see the
 last G/2) first rolls the shifted half's queries, keys and values by -G/2
@@ -32,18 +45,16 @@ values (the whole sequence on every device) for comparison and evaluation.
 Balance: the causal work of a slice grows with its place in its group, but
 the shifted half's groups are offset by G/2, so a slice at the start of an
 unshifted group sits mid-way in a shifted one (for G = 2T the sum is the
-same on every device; for G = 4T 3:5 at worst). And the XLA path runs the
-same static window (W dummy queries + T) on every device, so no device
-waits on another; balancing would only cut that padded work.
-
-The fused GPU kernels (Pallas, cuDNN) are not used here: they take queries
-and keys of one length, causal by index, with groups by index and no
-per-token ids, so they cannot mask a halo window by global group and
-document. Step 2 is one causal attention over [halo; own] whose groups are
-contiguous runs, so a kernel that took the first group's length (or
-per-token ids) could run it; that is future work. This XLA path runs on
-every backend.
+same on every device; for G = 4T 3:5 at worst). The XLA path runs the same
+static window (W dummy queries + T) on every device, so no device waits on
+another; the kernel skips the tiles no query sees, so its devices differ
+by that ratio at most. Full attention's work grows with the slice's place
+in the sequence (the kernel takes device c's queries at their offset: c + 1
+slices of keys); a zig-zag split would balance it, at the price of
+non-contiguous slices for S²-Attn too; not done.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +62,7 @@ import jax.numpy as jnp
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.groups import check_variant, s2_group_size
 from longlora_jax.attention.heads import even_halves
+from longlora_jax.attention.pallas_s2 import pallas_window_attention
 
 
 def fetch(x_BT, offset: int, length: int, axis_name: str, axis_size: int):
@@ -83,13 +95,19 @@ def halo_size(seq: int, axis_size: int, group_size: int,
   return max((c * T + offset) % group_size for c in range(axis_size))
 
 
+KERNELS = ("pallas", "pallas_interpret")
+
+
 def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
                          axis_size: int, group_size: int | None = None,
                          group_ratio: float = 0.25, variant: str = "flash",
-                         segment_ids_BT=None, block_size: int | None = None):
+                         segment_ids_BT=None, block_size: int | None = None,
+                         implementation: str = "xla"):
   """S²-Attn of this device's slice `[batch, T, heads, head_dim]` of a
   sequence of T * `axis_size` tokens split over `axis_name` (groups of the
-  whole sequence, as `dispatch.s2_attention` takes them)."""
+  whole sequence, as `dispatch.s2_attention` takes them). `implementation`:
+  "xla" (chunked, any backend), "pallas" (the fused kernel on windows) or
+  "pallas_interpret" (the same through the Pallas interpreter)."""
   B, T, N, H = q_BTNH.shape
   seq = T * axis_size
   G = s2_group_size(seq, group_size, group_ratio)
@@ -97,9 +115,30 @@ def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
   shift = G // 2
   move = lambda x, offset, length: fetch(x, offset, length, axis_name,
                                          axis_size)
+  start = jax.lax.axis_index(axis_name) * T
+  if implementation in KERNELS:
+    kernel = functools.partial(
+        pallas_window_attention, group_size=G, segment_ids_BT=segment_ids_BT,
+        interpret=implementation == "pallas_interpret")
+    if variant == "flash":
+      return _s2_window(q_BTNH, k_BTKH, v_BTKH, kernel, move, start, seq,
+                        axis_size, G)
+    q_BTNH, k_BTKH, v_BTKH = even_halves(q_BTNH, k_BTKH, v_BTKH)
+    # The shifted half rolled by -G/2 (as in the XLA path below) makes every
+    # group aligned: one call for both halves, no shift.
+    q_BTNH, k_BTKH, v_BTKH = (_map_half(x, lambda h: move(h, shift, T))
+                              for x in (q_BTNH, k_BTKH, v_BTKH))
+    W = halo_size(seq, axis_size, G)
+    out_BTNH = kernel(q_BTNH, *(_with_halo(x, (W, W), move)
+                                for x in (k_BTKH, v_BTKH)),
+                      q_start=W, origin=start - W, shifted=False)
+    return _map_half(out_BTNH, lambda h: move(h, -shift, T))[:, :, :N]
+  if implementation != "xla":
+    raise ValueError(f"unknown context attention implementation "
+                     f"{implementation!r}; choose one of {('xla',) + KERNELS}")
   seg_BT = (jnp.zeros((B, T), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT.astype(jnp.int32))
-  pos_T = jax.lax.axis_index(axis_name) * T + jnp.arange(T)
+  pos_T = start + jnp.arange(T)
 
   def attend(q_BTnH, k_BTkH, v_BTkH, seg_BT, offset):
     """Causal attention in groups of G starting at `offset` + kG: a
@@ -139,16 +178,63 @@ def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
   return jnp.concatenate([first_BTnH, second_BTnH], axis=2)[:, :, :N]
 
 
+def _s2_window(q_BTNH, k_BTKH, v_BTKH, kernel, move, start, seq, axis_size,
+               G):
+  """"flash" by the kernel on [halo; own] keys and values: one call for
+  both halves of the heads (each finds its groups by index), the halo as
+  long as the longer half needs; with kv heads split between the halves,
+  each half's halo holds only the tokens it needs, the rest zeros that no
+  query sees (so no more bytes move than in the XLA path)."""
+  W0, W1 = (halo_size(seq, axis_size, G, offset) for offset in (0, G // 2))
+  N, K = q_BTNH.shape[2], k_BTKH.shape[2]
+  lengths = (W0, W1) if N % 2 == 0 and K % 2 == 0 else (max(W0, W1),) * 2
+  W = max(W0, W1)
+  return kernel(q_BTNH, *(_with_halo(x, lengths, move)
+                          for x in (k_BTKH, v_BTKH)),
+                q_start=W, origin=start - W)
+
+
+def _with_halo(x_BTKH, lengths, move):
+  """[halo; own] of `max(lengths)` halo tokens, the first half of the heads
+  fetching `lengths[0]` of them and the second `lengths[1]` (zeros in
+  front of the shorter)."""
+  W = max(lengths)
+  if not W:
+    return x_BTKH
+  if lengths[0] == lengths[1]:
+    return jnp.concatenate([move(x_BTKH, -W, W), x_BTKH], 1)
+  halo = lambda h, n: jnp.pad(move(h, -n, n) if n else h[:, :0],
+                              ((0, 0), (W - n, 0), (0, 0), (0, 0)))
+  first, second = jnp.split(x_BTKH, 2, axis=2)
+  return jnp.concatenate([
+      jnp.concatenate([halo(first, lengths[0]), halo(second, lengths[1])], 2),
+      x_BTKH], 1)
+
+
+def _map_half(x_BTNH, fn):
+  """`fn` applied to the second half of the heads."""
+  first, second = jnp.split(x_BTNH, 2, axis=2)
+  return jnp.concatenate([first, fn(second)], axis=2)
+
+
 def full_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
                            axis_size: int, segment_ids_BT=None,
-                           block_size: int | None = None):
+                           block_size: int | None = None,
+                           implementation: str = "xla"):
   """Causal attention of this device's queries over the whole sequence:
-  keys, values (and segment ids) all-gathered over `axis_name`, local
-  queries placed at their global offset. Memory linear in T; the work is
-  that of the whole sequence's causal attention on every device."""
+  keys, values (and segment ids) all-gathered over `axis_name`. The kernel
+  ("pallas", "pallas_interpret") takes the local queries at their global
+  offset and stops at the diagonal; the XLA path ("xla") places them in a
+  sequence of dummy queries, memory linear in T but the work that of the
+  whole sequence's causal attention on every device."""
   B, T, N, H = q_BTNH.shape
   gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
   start = jax.lax.axis_index(axis_name) * T
+  if implementation in KERNELS:
+    return pallas_window_attention(
+        q_BTNH, gather(k_BTKH), gather(v_BTKH), q_start=start, origin=0,
+        group_size=T * axis_size, shifted=False, segment_ids_BT=segment_ids_BT,
+        interpret=implementation == "pallas_interpret")
   q_BSNH = jax.lax.dynamic_update_slice_in_dim(
       jnp.zeros((B, T * axis_size, N, H), q_BTNH.dtype), q_BTNH, start, 1)
   out_BSNH = chunked_causal_attention(

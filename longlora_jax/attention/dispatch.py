@@ -195,22 +195,49 @@ ATTENTION_FNS: dict[str, AttentionFn] = {
 
 def context_form(attention_fn: AttentionFn) -> AttentionFn | None:
   """The context-parallel form (`context`) of an attention function made
-  here (S²-Attn, or any causal attention), or None for other callables.
-  Under a context axis the XLA path runs whatever implementation was asked
-  for (see `context` on the fused kernels)."""
+  here (S²-Attn, or any causal attention), or None for other callables;
+  its implementation is chosen when called (`context_implementation`)."""
   fn, kw = attention_fn, {}
-  if isinstance(fn, functools.partial):
-    fn, kw = fn.func, fn.keywords
+  if isinstance(attention_fn, functools.partial):
+    fn, kw = attention_fn.func, attention_fn.keywords
+  implementation = kw.get("implementation", "auto")
   if fn is s2_attention:
     return functools.partial(
-        context.s2_context_attention, group_size=kw.get("group_size"),
+        _in_context, context.s2_context_attention, implementation,
+        group_size=kw.get("group_size"),
         group_ratio=kw.get("group_ratio", 0.25),
         variant=kw.get("variant", "flash"), block_size=kw.get("block_size"))
-  if fn in (full_attention, causal_attention, chunked_causal_attention,
-            pallas_s2.pallas_causal_attention):
-    return functools.partial(context.full_context_attention,
-                             block_size=kw.get("block_size"))
-  return None
+  if fn is pallas_s2.pallas_causal_attention:
+    implementation = "pallas_interpret" if kw.get("interpret") else "pallas"
+  elif fn in (causal_attention, chunked_causal_attention):
+    implementation = "xla"
+  elif fn is not full_attention:
+    return None
+  return functools.partial(_in_context, context.full_context_attention,
+                           implementation, block_size=kw.get("block_size"))
+
+
+def _in_context(context_fn, implementation, q_BTNH, k_BTKH, v_BTKH, *,
+                segment_ids_BT=None, **options):
+  return context_fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
+                    implementation=context_implementation(
+                        implementation, q_BTNH.shape[3], q_BTNH.dtype,
+                        packed=segment_ids_BT is not None), **options)
+
+
+def context_implementation(implementation: str, head_dim: int, dtype, *,
+                           packed: bool = False) -> str:
+  """What runs attention under a context axis (`context`): the fused Pallas
+  kernel on each device's window wherever a fused implementation was asked
+  for or "auto" would fuse (`fused_for`), else the XLA path ("xla"). Not
+  cuDNN: its masks are fixed when it compiles, and a window's groups start
+  at a place that depends on the device."""
+  if implementation in context.KERNELS:
+    return implementation
+  fuse = implementation in ("cudnn", "pallas") or (
+      implementation == "auto" and fused_for(head_dim, dtype, packed=packed)
+      and pallas_s2.AVAILABLE and head_dim in pallas_s2.HEAD_DIMS)
+  return "pallas" if fuse else "xla"
 
 
 def get_attention(attention: "str | AttentionSpec | AttentionFn"

@@ -7,7 +7,10 @@ are index arithmetic: query head h uses groups starting at 0 if
 h < q_heads / 2, else at G/2 (first group [0, G/2)); "roll" adds, for the
 shifted heads' first G/2 queries, the wrapped keys [seq - G/2, seq). With no
 shift and G = seq every head is plain causal attention
-(`pallas_causal_attention`).
+(`pallas_causal_attention`). Under context parallelism the same kernels run
+on a device's window of a longer sequence (`pallas_window_attention`: T
+queries over [halo; own] keys, group boundaries and the sequence start
+read from int32 scalars, so one compile serves every device).
 
 Flash-attention-2 in three kernels (plus an XLA reduction for
 D = rowsum(dO * O)):
@@ -137,7 +140,8 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
   check_variant(variant)
   groups = Groups(seq=T, size=G, shift=G // 2, wrap=variant == "roll",
                   heads=N)
-  return _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret)
+  return _attention(q_BTNH, k_BTKH, v_BTKH, groups, groups.scalars(), config,
+                    interpret)
 
 
 def pallas_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
@@ -152,11 +156,37 @@ def pallas_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   _check_no_segments(segment_ids_BT)
   T, N = q_BTNH.shape[1:3]
   groups = Groups(seq=T, size=T, shift=0, wrap=False, heads=N)
-  return _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret)
+  return _attention(q_BTNH, k_BTKH, v_BTKH, groups, groups.scalars(), config,
+                    interpret)
 
 
-def _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
-  """The kernels on q, k, v padded at the end to a multiple of the blocks.
+def pallas_window_attention(q_BTNH, k_BSKH, v_BSKH, *, q_start, origin,
+                            group_size: int, shifted: bool = True,
+                            segment_ids_BT=None,
+                            config: BlockConfig | None = None,
+                            interpret: bool = False):
+  """S²-Attn (or causal attention) of T queries over a window of S >= T
+  keys cut from a longer sequence, as context parallelism needs
+  (`context`): key j sits at global position `origin` + j, query i at key
+  index `q_start` + i (both int32 scalars, may be traced; q_start <= S - T).
+  Groups of `group_size` start at global multiples of it, for the last
+  floor(q_heads / 2) heads shifted by group_size / 2 if `shifted`; keys
+  before global position 0 are never seen. One group as long as the
+  sequence gives plain causal attention. `segment_ids_BT` must be None."""
+  _check_no_segments(segment_ids_BT)
+  N = q_BTNH.shape[2]
+  groups = Groups(seq=k_BSKH.shape[1], size=group_size,
+                  shift=group_size // 2 if shifted else 0, wrap=False,
+                  heads=N)
+  return _attention(q_BTNH, k_BSKH, v_BSKH, groups,
+                    groups.scalars(q_start, origin), config, interpret,
+                    window=True)
+
+
+def _attention(q_BTNH, k_BSKH, v_BSKH, groups, scalars, config, interpret,
+               window=False):
+  """The kernels on q padded at the end to a multiple of the blocks, and
+  k, v to one that holds the last padded query's keys.
 
   Padding never reaches a real token: a real query sees no later key (the
   roll variant's wrapped keys stop at `groups.seq`), and the padded queries'
@@ -165,31 +195,33 @@ def _attention(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
   if not AVAILABLE:
     raise ImportError(f"Pallas Triton is not available in this jax "
                       f"({jax.__version__}): {IMPORT_ERROR}")
-  config, padded = _checked_config(q_BTNH, k_BTKH, v_BTKH, config)
-  T = q_BTNH.shape[1]
-  if padded == T:
-    return _fused(q_BTNH, k_BTKH, v_BTKH, groups, config, bool(interpret))
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - T), (0, 0), (0, 0)))
-  out_BTNH = _fused(pad(q_BTNH), pad(k_BTKH), pad(v_BTKH), groups, config,
-                    bool(interpret))
-  return out_BTNH[:, :T]
+  config, padded = _checked_config(q_BTNH, k_BSKH, v_BSKH, config, window)
+  T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+  largest = max(config.blocks().values())
+  keys = -(-(S + padded - T) // largest) * largest
+  pad = lambda x, n: x if n == x.shape[1] else jnp.pad(
+      x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  out_BTNH = _fused(pad(q_BTNH, padded), pad(k_BSKH, keys), pad(v_BSKH, keys),
+                    scalars, groups, config, bool(interpret))
+  return out_BTNH if padded == T else out_BTNH[:, :T]
 
 
-def _checked_config(q_BTNH, k_BTKH, v_BTKH, config):
-  """(config with blocks clamped to the padded length, padded length: seq
-  rounded up to a multiple of every block); ValueError on what the kernels
-  cannot run."""
+def _checked_config(q_BTNH, k_BSKH, v_BSKH, config, window):
+  """(config with blocks clamped to the padded length, padded length: the
+  queries rounded up to a multiple of every block); ValueError on what the
+  kernels cannot run."""
   B, T, N, H = q_BTNH.shape
-  if k_BTKH.shape != v_BTKH.shape or k_BTKH.shape[:2] != (B, T) or (
-      k_BTKH.shape[3] != H):
-    raise ValueError(f"k {k_BTKH.shape} and v {v_BTKH.shape} must be "
+  if k_BSKH.shape != v_BSKH.shape or k_BSKH.shape[0] != B or (
+      k_BSKH.shape[1] < T if window else k_BSKH.shape[1] != T) or (
+      k_BSKH.shape[3] != H):
+    raise ValueError(f"k {k_BSKH.shape} and v {v_BSKH.shape} must be "
                      f"[batch, seq, kv_heads, head_dim] like q {q_BTNH.shape}")
-  if not q_BTNH.dtype == k_BTKH.dtype == v_BTKH.dtype:
+  if not q_BTNH.dtype == k_BSKH.dtype == v_BSKH.dtype:
     raise ValueError(f"q, k, v need one dtype; got {q_BTNH.dtype}, "
-                     f"{k_BTKH.dtype}, {v_BTKH.dtype}")
-  if N % k_BTKH.shape[2]:
+                     f"{k_BSKH.dtype}, {v_BSKH.dtype}")
+  if N % k_BSKH.shape[2]:
     raise ValueError(f"q_heads={N} is not a multiple of "
-                     f"kv_heads={k_BTKH.shape[2]}")
+                     f"kv_heads={k_BSKH.shape[2]}")
   _check_head_dim(H)
   config = config or default_config(H, q_BTNH.dtype)
   for name, block in config.blocks().items():
@@ -219,25 +251,26 @@ def _check_head_dim(head_dim):
                      f"{HEAD_DIMS}; got {head_dim}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
-  return _forward(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
+  return _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config,
+                  interpret)[0]
 
 
-def _forward(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
-  """Output `[batch, seq, q_heads, head_dim]` and float32 base-2
-  log-sum-exp `[batch, q_heads, seq]`."""
+def _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
+  """Output `[batch, T, q_heads, head_dim]` and float32 base-2
+  log-sum-exp `[batch, q_heads, T]`."""
   B, T, N, H = q_BTNH.shape
-  Q = N // k_BTKH.shape[2]
+  S, K = k_BSKH.shape[1:3]
   bq = config.block_q
   query_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
-  kv_spec = pl.BlockSpec((None, T, None, H),
-                         lambda i, b, h: (b, 0, lax.div(h, Q), 0))
+  kv_spec = pl.BlockSpec((None, S, None, H),
+                         lambda i, b, h: (b, 0, lax.div(h, N // K), 0))
   return pl.pallas_call(
       functools.partial(forward_kernel, groups=groups,
                         block_k=config.block_k),
       grid=(T // bq, B, N),
-      in_specs=[query_spec, kv_spec, kv_spec],
+      in_specs=[_whole(scalars), query_spec, kv_spec, kv_spec],
       out_specs=[query_spec,
                  pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
@@ -246,19 +279,24 @@ def _forward(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
                                            num_stages=config.num_stages),
       interpret=interpret,
       name="s2_attention_forward",
-  )(q_BTNH, k_BTKH, v_BTKH)
+  )(scalars, q_BTNH, k_BSKH, v_BSKH)
 
 
-def _fused_fwd(q_BTNH, k_BTKH, v_BTKH, groups, config, interpret):
-  out_BTNH, lse_BNT = _forward(q_BTNH, k_BTKH, v_BTKH, groups, config,
-                               interpret)
-  return out_BTNH, (q_BTNH, k_BTKH, v_BTKH, out_BTNH, lse_BNT)
+def _whole(x):
+  """The BlockSpec that gives every program all of `x`."""
+  return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+def _fused_fwd(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
+  out_BTNH, lse_BNT = _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups,
+                               config, interpret)
+  return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, scalars, out_BTNH, lse_BNT)
 
 
 def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
-  q_BTNH, k_BTKH, v_BTKH, out_BTNH, lse_BNT = residuals
+  q_BTNH, k_BSKH, v_BSKH, scalars, out_BTNH, lse_BNT = residuals
   B, T, N, H = q_BTNH.shape
-  K = k_BTKH.shape[2]
+  S, K = k_BSKH.shape[1:3]
   Q = N // K
   do_BTNH = do_BTNH.astype(q_BTNH.dtype)
   # D = rowsum(dO * O): one fused XLA reduction, O(batch * seq * heads).
@@ -271,36 +309,37 @@ def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
   bq = config.block_q_dq
   query_spec = pl.BlockSpec((None, bq, None, H), lambda i, b, h: (b, i, h, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  kv_spec = pl.BlockSpec((None, T, None, H),
+  kv_spec = pl.BlockSpec((None, S, None, H),
                          lambda i, b, h: (b, 0, lax.div(h, Q), 0))
   dq_BTNH = pl.pallas_call(
       functools.partial(dq_kernel, groups=groups, block_k=config.block_k_dq),
       grid=(T // bq, B, N),
-      in_specs=[query_spec, kv_spec, kv_spec, query_spec, row_spec, row_spec],
+      in_specs=[_whole(scalars), query_spec, kv_spec, kv_spec, query_spec,
+                row_spec, row_spec],
       out_specs=query_spec,
       out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
       compiler_params=params, interpret=interpret,
       name="s2_attention_dq",
-  )(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT)
+  )(scalars, q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
 
   bk = config.block_k_dkv
   # One program per kv head sees all Q query heads that read it.
   heads_spec = pl.BlockSpec((None, T, Q, H), lambda j, b, g: (b, 0, g, 0))
   rows_spec = pl.BlockSpec((None, Q, T), lambda j, b, g: (b, g, 0))
   key_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, g: (b, j, g, 0))
-  dk_BTKH, dv_BTKH = pl.pallas_call(
+  dk_BSKH, dv_BSKH = pl.pallas_call(
       functools.partial(dkv_kernel, groups=groups,
                         block_q=config.block_q_dkv),
-      grid=(T // bk, B, K),
-      in_specs=[heads_spec, key_spec, key_spec, heads_spec, rows_spec,
-                rows_spec],
+      grid=(S // bk, B, K),
+      in_specs=[_whole(scalars), heads_spec, key_spec, key_spec, heads_spec,
+                rows_spec, rows_spec],
       out_specs=[key_spec, key_spec],
-      out_shape=[jax.ShapeDtypeStruct(k_BTKH.shape, k_BTKH.dtype),
-                 jax.ShapeDtypeStruct(v_BTKH.shape, v_BTKH.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(k_BSKH.shape, k_BSKH.dtype),
+                 jax.ShapeDtypeStruct(v_BSKH.shape, v_BSKH.dtype)],
       compiler_params=params, interpret=interpret,
       name="s2_attention_dkv",
-  )(q_BTNH, k_BTKH, v_BTKH, do_BTNH, lse_BNT, delta_BNT)
-  return dq_BTNH, dk_BTKH, dv_BTKH
+  )(scalars, q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
+  return dq_BTNH, dk_BSKH, dv_BSKH, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)

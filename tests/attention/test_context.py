@@ -8,6 +8,7 @@ import pytest
 from longlora_jax.attention.context import fetch, halo_size
 from longlora_jax.attention.dispatch import (context_form, full_attention,
                                              get_attention, s2_attention)
+from longlora_jax.attention.pallas_s2 import pallas_causal_attention
 from longlora_jax.sharding import activation_mesh, make_mesh, per_row_shard
 from tests.references import attention as ref
 
@@ -33,11 +34,12 @@ def _sharded(attention_fn, mesh_spec):
   return attention
 
 
-def _check(fn, options, mask_of, B, T, N, K, mesh_spec, segments, seed=0):
+def _check(fn, options, mask_of, B, T, N, K, mesh_spec, segments, seed=0,
+           head_dim=8):
   rng = np.random.default_rng(seed)
   q, k, v = (jnp.asarray(x, jnp.float32)
-             for x in ref.random_qkv(rng, B, T, N, K, 8))
-  w = jnp.asarray(rng.standard_normal((B, T, N, 8)), jnp.float32)
+             for x in ref.random_qkv(rng, B, T, N, K, head_dim))
+  w = jnp.asarray(rng.standard_normal((B, T, N, head_dim)), jnp.float32)
   seg = ref.random_segments(rng, B, T) if segments else None
   out, grads = ref.value_and_grads(
       _sharded(fn, mesh_spec), options, q, k, v, w,
@@ -67,6 +69,40 @@ def test_full_attention_matches_float64_reference(mesh_spec, segments):
   mask_of = lambda seg: ref.mask_from_keys(
       [ref.causal_keys(T)] * N, seg, B)
   _check(full_attention, options, mask_of, B, T, N, K, mesh_spec, segments)
+
+
+# The fused kernel on each device's window (through the Pallas interpreter):
+# batch, seq, q_heads, kv_heads, group, mesh, variant.
+KERNEL_CASES = [
+    # G = 2T: both halves need a halo of T; GQA.
+    (1, 256, 4, 2, 64, "context=8", "flash"),
+    # T = 2G: the unshifted half needs no halo, the shifted one G/2 (each
+    # half's kv heads fetch their own).
+    (2, 128, 4, 2, 16, "fsdp=2,context=4", "flash"),
+    # One kv head for both halves; halo of 24 tokens at blocks of 16.
+    (1, 192, 4, 1, 48, "context=8", "flash"),
+    (1, 256, 4, 2, 64, "context=8", "roll"),
+    (4, 128, 6, 3, 32, "context=2,data=4", "roll"),  # odd kv heads
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
+def test_s2_kernel_matches_float64_reference(case):
+  B, T, N, K, G, mesh_spec, variant = case
+  options = (("group_size", G), ("variant", variant),
+             ("implementation", "pallas_interpret"))
+  mask_of = lambda seg: ref.mask_from_keys(
+      ref.s2_head_keys(T, G, N, variant), seg, B)
+  _check(s2_attention, options, mask_of, B, T, N, K, mesh_spec, False,
+         head_dim=64)
+
+
+def test_full_attention_kernel_matches_float64_reference():
+  B, T, N, K = 1, 256, 4, 2
+  mask_of = lambda seg: ref.mask_from_keys([ref.causal_keys(T)] * N, seg, B)
+  # Local queries at their global offset over all-gathered keys and values.
+  _check(pallas_causal_attention, (("interpret", True),), mask_of, B, T, N,
+         K, "context=8", False, head_dim=64)
 
 
 def test_every_causal_attention_has_a_context_form():

@@ -111,3 +111,22 @@ def test_full_attention_spec_against_float64(implementation, monkeypatch):
   ref.assert_close(fn(q, k, v), want, atol=1e-5)
   with pytest.raises(ValueError, match="unknown full attention"):
     AttentionSpec("full", implementation="roll")
+
+
+_H100_MESH = jax.sharding.AbstractMesh(
+    (1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+
+
+def test_context_implementation_fuses_where_auto_would_with_the_window_kernel():
+  from longlora_jax.attention.dispatch import context_implementation
+  gpu = lambda impl, **kw: context_implementation(
+      impl, 64, jnp.bfloat16, **kw)
+  assert context_implementation("auto", 64, jnp.bfloat16) == "xla"  # CPU
+  with jax.sharding.use_abstract_mesh(_H100_MESH):
+    assert gpu("auto") == "pallas"  # not cuDNN: its masks are static
+    assert gpu("cudnn") == gpu("pallas") == "pallas"
+    assert gpu("auto", packed=True) == "xla"  # the kernel takes no segments
+    assert context_implementation("auto", 96, jnp.bfloat16) == "xla"
+    assert gpu("chunked") == gpu("xla") == "xla"
+  assert gpu("pallas_interpret") == "pallas_interpret"

@@ -220,6 +220,30 @@ def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
 
 @pytest.mark.skipif(not gpu_target.AVAILABLE,
                     reason="needs JAX's CUDA plugin (requirements-test.txt)")
+def test_context_step_runs_the_fused_kernel_on_windows_for_gpu():
+  # XLA:GPU for 8 compile-only H100s, --mesh context=8, default attention:
+  # each device's S²-Attn is the Pallas kernel on its own 128 queries and a
+  # window of 256 keys and values (a halo of 128 = G/2 fetched by
+  # collective-permute, then its own), never the 1024-token sequence.
+  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=2,
+                    max_position_embeddings=1024)
+  mesh = make_mesh("context=8", gpu_target.devices("h100", 8))
+  with gpu_target.assume_cudnn():
+    lowered, _ = lower_step(cfg, TrainConfig(accum=1), mesh, ctx=1024)
+  hlo = lowered.compile().as_text()
+  calls = [line for line in hlo.splitlines()
+           if "custom-call(" in line and "triton" in line]
+  assert len(calls) >= 3  # forward, dQ, dK/dV
+  for line in calls:
+    shapes = set(re.findall(r"bf16\[1,(\d+),2,64\]", line))
+    assert shapes == {"128", "256"}, line
+  assert "collective-permute" in hlo
+  assert not re.search(r"bf16\[1,1024,2,64\]", hlo)
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
 def test_cudnn_s2_runs_on_each_devices_rows_when_compiled_for_gpu():
   # The same for grouped cuDNN S²-Attn, `auto`'s choice on a GPU: with one
   # row per device its main call holds the 4 + 3 groups of G = 256 of one
