@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from longlora_jax import gpu_target
 from longlora_jax.attention.context import fetch, halo_size
 from longlora_jax.attention.dispatch import (context_form, full_attention,
                                              get_attention, s2_attention)
@@ -164,3 +165,36 @@ def test_s2_moves_bytes_that_grow_with_the_group_not_the_sequence():
   full = lambda seq: _moved(functools.partial(
       full_attention, implementation="chunked", block_size=64), seq)
   assert full(2048)["all-gather"] == 4 * full(512)["all-gather"] > 0
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
+@pytest.mark.parametrize("kv_heads,halo_heads", [(4, 2), (1, 1)])
+def test_kernel_path_moves_each_halves_own_halo_when_compiled_for_gpu(
+    kv_heads, halo_heads):
+  # 8 compile-only H100s, 2048 tokens in slices of T = 256, G = 128: the
+  # unshifted half needs no halo, the shifted one G/2 = 64 tokens. With 4
+  # kv heads only the shifted half's 2 move; with one kv head for both
+  # halves that one. Forward k and v, backward their gradients, bf16, head
+  # dim 64, counted by hand.
+  from jax.sharding import NamedSharding
+
+  from longlora_jax.hlo import collective_bytes
+  from longlora_jax.sharding import activation_spec
+  mesh = make_mesh("context=8", gpu_target.devices("h100", 8))
+  attention = functools.partial(s2_attention, group_size=128)
+
+  def loss(q, k, v):
+    with activation_mesh(mesh):
+      out = per_row_shard(attention, context_form(attention))(q, k, v)
+    return jnp.sum(out.astype(jnp.float32))
+
+  spec = lambda heads: jax.ShapeDtypeStruct(
+      (1, 2048, heads, 64), jnp.bfloat16,
+      sharding=NamedSharding(mesh, activation_spec(4)))
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).lower(
+      spec(4), spec(kv_heads), spec(kv_heads)).compile().as_text()
+  assert "triton" in hlo  # the kernel path, not the XLA one
+  moved = collective_bytes(hlo)
+  assert moved["collective-permute"] == 2 * 2 * halo_heads * 64 * 64 * 2
+  assert moved["all-gather"] == moved["all-to-all"] == 0
