@@ -18,6 +18,7 @@ import numpy as np
 
 from longlora_jax import gpu_target
 from longlora_jax.attention import pallas_s2
+from longlora_jax.attention.context import halo_size
 from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
 from longlora_jax.attention.dispatch import (FUSED_PREFERENCE, AttentionSpec,
                                              fused_for, s2_attention)
@@ -120,16 +121,39 @@ def _float64_reference(G, variant):
   return want
 
 
+def _context_windows(q_BTNH, k_BTKH, v_BTKH, *, group_size, variant,
+                     segment_ids_BT=None, slices=8, interpret=False):
+  """"flash" S²-Attn as `slices` devices of a context axis compute it, one
+  after another on this device: each slice's queries over its window
+  [halo; own] (`pallas_window_attention`; the first slice's halo wraps
+  from the end and must stay unseen), outputs concatenated."""
+  if variant != "flash":
+    raise ValueError("the window check runs the flash variant")
+  seq = q_BTNH.shape[1]
+  T, G = seq // slices, group_size
+  W = max(halo_size(seq, slices, G, offset) for offset in (0, G // 2))
+  outs = []
+  for c in range(slices):
+    window = jnp.arange(c * T - W, (c + 1) * T) % seq
+    outs.append(pallas_s2.pallas_window_attention(
+        q_BTNH[:, c * T:(c + 1) * T], k_BTKH[:, window], v_BTKH[:, window],
+        q_start=W, origin=c * T - W, group_size=G,
+        segment_ids_BT=segment_ids_BT, interpret=interpret))
+  return jnp.concatenate(outs, axis=1)
+
+
 def _checks(smoke):
   """(name, fn, options, shape, dtype, reference, tol, precision), what
   matters most first."""
   bf16, f32 = jnp.bfloat16, jnp.float32
+  interpret = (("interpret", True),) if smoke or not _on_gpu() else ()
   impls = {
-      "pallas": (pallas_s2.pallas_s2_attention,
-                 (("interpret", True),) if smoke or not _on_gpu() else ()),
+      "pallas": (pallas_s2.pallas_s2_attention, interpret),
       "cudnn": (cudnn_s2_attention,
                 () if _on_gpu() else (("implementation", "xla"),)),
   }
+  # Context parallelism's kernel, 8 slices emulated on one GPU ("flash").
+  window = {"pallas_window": (_context_windows, interpret)}
   # (B, T, N, K, H), G: Llama-2 7B heads at 8192 tokens, G = seq / 4.
   big = ((1, 256, 4, 4, 64), 64) if smoke else ((1, 8192, 32, 32, 128), 2048)
   gqa = ((1, 256, 4, 2, 128), 64) if smoke else ((1, 8192, 32, 8, 128), 2048)
@@ -138,7 +162,7 @@ def _checks(smoke):
 
   def check(impl, label, case, dtype, variant, reference, tol=2e-2,
             precision=None):
-    fn, opts = impls[impl]
+    fn, opts = {**impls, **window}[impl]
     (shape, G), name = case, f"{impl}_{label}_{jnp.dtype(dtype).name}"
     return (f"{name}_{variant}", fn,
             (("group_size", G), ("variant", variant)) + opts, shape, dtype,
@@ -156,6 +180,9 @@ def _checks(smoke):
             "highest"),
       check("pallas", "padded", pad, f32, "roll", _xla_reference, 1e-4,
             "highest"),
+      check("pallas_window", "gqa", gqa, bf16, "flash", _xla_reference),
+      check("pallas_window", "small", small, f32, "flash",
+            _float64_reference, 1e-4, "highest"),
   ]
 
 

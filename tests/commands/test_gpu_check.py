@@ -22,7 +22,7 @@ def test_smoke_run_checks_every_section(tmp_path):
       ["env", "correctness", "train_pallas", "train_cudnn", "bench", "sweep",
        "plan"], "ok")
   checks = sections["correctness"]["checks"]
-  assert len(checks) == 14 and {c["status"] for c in checks} == {"pass"}
+  assert len(checks) == 16 and {c["status"] for c in checks} == {"pass"}
   assert {c["name"].split("_")[0] for c in checks} == {"pallas", "cudnn"}
   assert all(max(c["rel_err"].values()) < 2e-2 for c in checks)
   assert all(d["compiled"] == d["expected"] == "xla"
