@@ -82,6 +82,8 @@ KERNEL_CASES = [
     (2, 128, 4, 2, 16, "fsdp=2,context=4", "flash"),
     # One kv head for both halves; halo of 24 tokens at blocks of 16.
     (1, 192, 4, 1, 48, "context=8", "flash"),
+    # 9 heads on 3 (SmolLM2-135M): the unshifted half has the extra head.
+    (1, 192, 9, 3, 48, "context=8", "flash"),
     (1, 256, 4, 2, 64, "context=8", "roll"),
     (4, 128, 6, 3, 32, "context=2,data=4", "roll"),  # odd kv heads
 ]
