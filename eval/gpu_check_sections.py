@@ -18,7 +18,7 @@ import numpy as np
 
 from longlora_jax import gpu_target
 from longlora_jax.attention import pallas_s2
-from longlora_jax.attention.context import halo_size
+from longlora_jax.attention.context import s2_halos
 from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
 from longlora_jax.attention.dispatch import (FUSED_PREFERENCE, AttentionSpec,
                                              fused_for, s2_attention)
@@ -131,7 +131,7 @@ def _context_windows(q_BTNH, k_BTKH, v_BTKH, *, group_size, variant,
     raise ValueError("the window check runs the flash variant")
   seq = q_BTNH.shape[1]
   T, G = seq // slices, group_size
-  W = max(halo_size(seq, slices, G, offset) for offset in (0, G // 2))
+  W = max(s2_halos(seq, slices, G))
   outs = []
   for c in range(slices):
     window = jnp.arange(c * T - W, (c + 1) * T) % seq

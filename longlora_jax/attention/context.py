@@ -17,11 +17,12 @@ offset (0 for the first half; G/2 for the shifted half of "flash"):
      pallas_window_attention`): the T queries sit at key index W of the
      window, whose key 0 is at global position c * T - W, and each head
      finds its groups' global boundaries and the sequence start (a halo
-     wrapped from the end is never seen) from two scalars; no dummy
-     queries, and only tiles that hold a visible pair are loaded. When the
-     halves need halos of different lengths (T a multiple of G: none for
-     the first, G/2 for the shifted one) and hold their own kv heads, each
-     half's kv heads fetch only their own, zeros in front of the shorter.
+     wrapped from the end is never seen) from the window's int32 scalars;
+     no dummy queries, and only tiles that hold a visible pair are loaded.
+     When the halves need halos of different lengths (`s2_halos`; T a
+     multiple of G: none for the first, G/2 for the shifted one) and hold
+     their own kv heads, each half's kv heads fetch only their own, zeros
+     in front of the shorter.
      Elsewhere ("xla") `chunked_causal_attention` (memory linear, one
      [block, block] tile per head at a time), per half: W dummy queries in
      front keep the causal order by index, and a token's id (document,
@@ -96,6 +97,13 @@ def halo_size(seq: int, axis_size: int, group_size: int,
 
 
 KERNELS = ("pallas", "pallas_interpret")
+
+
+def s2_halos(seq: int, axis_size: int, group_size: int) -> tuple[int, int]:
+  """The halos ("flash") of the unshifted and the shifted half of the
+  heads, whose groups start at 0 and G/2 (`halo_size`)."""
+  return tuple(halo_size(seq, axis_size, group_size, offset)
+               for offset in (0, group_size // 2))
 
 
 def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
@@ -185,7 +193,7 @@ def _s2_window(q_BTNH, k_BTKH, v_BTKH, kernel, move, start, seq, axis_size,
   long as the longer half needs; with kv heads split between the halves,
   each half's halo holds only the tokens it needs, the rest zeros that no
   query sees (so no more bytes move than in the XLA path)."""
-  W0, W1 = (halo_size(seq, axis_size, G, offset) for offset in (0, G // 2))
+  W0, W1 = s2_halos(seq, axis_size, G)
   N, K = q_BTNH.shape[2], k_BTKH.shape[2]
   lengths = (W0, W1) if N % 2 == 0 and K % 2 == 0 else (max(W0, W1),) * 2
   W = max(W0, W1)

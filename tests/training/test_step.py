@@ -195,21 +195,28 @@ def test_a_context_that_does_not_split_fails_before_compiling():
                    _batch(1, 1, 36))
 
 
-@pytest.mark.skipif(not gpu_target.AVAILABLE,
-                    reason="needs jax[cuda12-local] (requirements-test.txt)")
-def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
-  # XLA:GPU for 8 compile-only H100s (JAX's CUDA plugin, no GPU). The Triton
-  # custom call has no partitioning rule: unless each device calls it on
-  # its own rows, GSPMD all-gathers q, k, v and every device attends all 8.
+def _gpu_step_calls(tc, mesh_spec, target):
+  """(the custom-call lines naming `target`, the whole HLO) of a 2-layer
+  train step at 1024 tokens (head_dim 64) compiled by XLA:GPU for 8
+  compile-only H100s (JAX's CUDA plugin, no GPU)."""
   cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=2,
                     max_position_embeddings=1024)
+  mesh = make_mesh(mesh_spec, gpu_target.devices("h100", 8))
+  with gpu_target.assume_cudnn():
+    hlo = lower_step(cfg, tc, mesh, ctx=1024)[0].compile().as_text()
+  return [line for line in hlo.splitlines()
+          if "custom-call(" in line and target in line], hlo
+
+
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs jax[cuda12-local] (requirements-test.txt)")
+def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
+  # The Triton custom call has no partitioning rule: unless each device
+  # calls it on its own rows, GSPMD all-gathers q, k, v and every device
+  # attends all 8.
   tc = TrainConfig(attention=AttentionSpec(implementation="pallas"), accum=1)
-  mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
-  lowered, _ = lower_step(cfg, tc, mesh, ctx=1024)
-  hlo = lowered.compile().as_text()
-  calls = [line for line in hlo.splitlines()
-           if "custom-call(" in line and "triton" in line]
+  calls, hlo = _gpu_step_calls(tc, "fsdp=8", "triton")
   assert len(calls) >= 3  # forward, dQ, dK/dV
   for line in calls:
     # Operands are [batch, seq, heads, head_dim]: one row per device.
@@ -221,19 +228,11 @@ def test_fused_kernel_runs_on_each_devices_rows_when_compiled_for_gpu():
 @pytest.mark.skipif(not gpu_target.AVAILABLE,
                     reason="needs JAX's CUDA plugin (requirements-test.txt)")
 def test_context_step_runs_the_fused_kernel_on_windows_for_gpu():
-  # XLA:GPU for 8 compile-only H100s, --mesh context=8, default attention:
-  # each device's S²-Attn is the Pallas kernel on its own 128 queries and a
-  # window of 256 keys and values (a halo of 128 = G/2 fetched by
-  # collective-permute, then its own), never the 1024-token sequence.
-  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=1024)
-  mesh = make_mesh("context=8", gpu_target.devices("h100", 8))
-  with gpu_target.assume_cudnn():
-    lowered, _ = lower_step(cfg, TrainConfig(accum=1), mesh, ctx=1024)
-  hlo = lowered.compile().as_text()
-  calls = [line for line in hlo.splitlines()
-           if "custom-call(" in line and "triton" in line]
+  # --mesh context=8, default attention: each device's S²-Attn is the
+  # Pallas kernel on its own 128 queries and a window of 256 keys and values
+  # (a halo of 128 = G/2 fetched by collective-permute, then its own), never
+  # the 1024-token sequence.
+  calls, hlo = _gpu_step_calls(TrainConfig(accum=1), "context=8", "triton")
   assert len(calls) >= 3  # forward, dQ, dK/dV
   for line in calls:
     shapes = set(re.findall(r"bf16\[1,(\d+),2,64\]", line))
@@ -248,16 +247,8 @@ def test_cudnn_s2_runs_on_each_devices_rows_when_compiled_for_gpu():
   # The same for grouped cuDNN S²-Attn, `auto`'s choice on a GPU: with one
   # row per device its main call holds the 4 + 3 groups of G = 256 of one
   # row ([7, 256, heads / 2, 64]), not of all 8 (56).
-  cfg = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=128,
-                    num_hidden_layers=2, num_attention_heads=2,
-                    max_position_embeddings=1024)
   tc = TrainConfig(attention=AttentionSpec(implementation="cudnn"), accum=1)
-  mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
-  with gpu_target.assume_cudnn():
-    lowered, _ = lower_step(cfg, tc, mesh, ctx=1024)
-  hlo = lowered.compile().as_text()
-  calls = [line for line in hlo.splitlines()
-           if "custom-call(" in line and "__cudnn$fmha" in line]
+  calls, hlo = _gpu_step_calls(tc, "fsdp=8", "__cudnn$fmha")
   assert len(calls) == 6  # forward, its recomputation, backward: 2 each
   shapes = {shape for line in calls
             for shape in re.findall(r"bf16\[(\d+),(\d+),1,64\]", line)}
