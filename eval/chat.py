@@ -11,10 +11,10 @@ import jax
 import numpy as np
 
 from eval.common import add_model_args, load_model
-from longlora_jax import cli
-from longlora_jax.errors import LongLoraError
-from longlora_jax.generate import generate
-from longlora_jax.sft import CHAT_PROMPT
+from longlora_jax.core import cli
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.model.generation import generate
+from longlora_jax.data.sft import CHAT_PROMPT
 
 
 def parse_args(argv=None):

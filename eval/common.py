@@ -2,10 +2,10 @@
 
 import dataclasses
 
-from longlora_jax import cli
-from longlora_jax.config import RopeScaling
-from longlora_jax.io.checkpoint import Checkpoint, param_shardings
-from longlora_jax.sharding import make_mesh
+from longlora_jax.core import cli
+from longlora_jax.model.config import RopeScaling
+from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.parallel.sharding import make_mesh
 
 
 def add_model_args(parser) -> None:

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from longlora_jax import cli
-from longlora_jax.io.files import check_writable, write_json, write_text
+from longlora_jax.core import cli
+from longlora_jax.core.files import check_writable, write_json, write_text
 
 # Section -> (seconds it may take, seconds it needs to start), in the order
 # they run: what matters most first (`gpu_check_sections` holds them).
@@ -101,7 +101,7 @@ def _run_section(args, name: str, limit: float) -> dict:
 
 
 def _child(args) -> int:
-  from eval import gpu_check_sections as sections
+  from bench import gpu_sections as sections
   save = lambda result: write_json(args.out / f".{args.section}.json", result)
   save(getattr(sections, args.section)(args.smoke, save))
   return 0

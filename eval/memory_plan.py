@@ -31,7 +31,9 @@ environment when set), or against --usable-gib. The CUDA context and
 allocator fragmentation come on top.
 """
 
+import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -40,9 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from eval import memory_search
-from longlora_jax import cli, gpu_target
-from longlora_jax.errors import LongLoraError
+from longlora_jax.perf import memory_search
+from longlora_jax.core import cli
+from longlora_jax.perf import gpu_target
+from longlora_jax.core.errors import LongLoraError
 
 
 def parse_args(argv=None):
@@ -133,7 +136,7 @@ def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
 def _mesh(args):
   import jax
 
-  from longlora_jax.sharding import make_mesh
+  from longlora_jax.parallel.sharding import make_mesh
   n = _devices_in(args.mesh)
   return make_mesh(args.mesh, jax.devices()[:n] if args.target == "cpu" else
                    gpu_target.devices(args.target, n))
@@ -159,9 +162,9 @@ def plan_eval(args) -> dict:
   a decode step at --ctx."""
   import jax
 
-  from longlora_jax.config import PRESETS, LlamaConfig, preset
-  from longlora_jax.generate import lower_extend
-  from longlora_jax.kv_cache import cache_sharding
+  from longlora_jax.model.config import PRESETS, LlamaConfig, preset
+  from longlora_jax.model.generation import lower_extend
+  from longlora_jax.model.kv_cache import cache_sharding
   config = (preset(args.model) if args.model in PRESETS else
             LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
   mesh = _mesh(args)
@@ -190,8 +193,8 @@ def plan_eval(args) -> dict:
 def _loading(config, mesh) -> dict:
   """The loader's peaks (bf16 weights into their shards), one process per
   8-device host."""
-  from longlora_jax.io.checkpoint import param_shardings
-  from longlora_jax.io.hf import loading_memory
+  from longlora_jax.checkpoints.checkpoint import param_shardings
+  from longlora_jax.checkpoints.hf import loading_memory
   peaks = loading_memory(config, param_shardings(config, mesh), "bfloat16",
                          process_devices=min(mesh.size, 8))
   return {k: v / 2**30 for k, v in peaks.items()}
@@ -222,9 +225,9 @@ def plan(args) -> dict:
   import jax
 
   from longlora_jax.attention.dispatch import AttentionSpec, fused_for
-  from longlora_jax.config import PRESETS, LlamaConfig, preset
-  from longlora_jax.flops import paper_flops, step_flops
-  from longlora_jax.sharding import batch_parallelism
+  from longlora_jax.model.config import PRESETS, LlamaConfig, preset
+  from longlora_jax.model.flops import paper_flops, step_flops
+  from longlora_jax.parallel.sharding import batch_parallelism
   from longlora_jax.training.recipe import TrainConfig
   from longlora_jax.training.step import lower_step
 
@@ -365,7 +368,11 @@ def main(argv=None):
     os.environ["XLA_FLAGS"] = (
         f"{flags} --xla_force_host_platform_device_count={_devices_in(args.mesh)}")
   if args.find_max_ctx:
-    found = memory_search.find_max_ctx(args, plan)
+    found = memory_search.find_max_ctx(
+        lambda ctx: plan(argparse.Namespace(**{**vars(args), "ctx": ctx})),
+        args.ctx_step, memory_search.usable_gib(args.target, args.usable_gib),
+        s2=args.attention == "s2",
+        report=None if args.json else functools.partial(print, flush=True))
     if args.json:
       print(json.dumps(found, indent=2))
     else:

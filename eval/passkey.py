@@ -14,11 +14,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from eval.common import add_model_args, load_model
-from longlora_jax import cli
-from longlora_jax.errors import LongLoraError
-from longlora_jax.io.files import check_writable, write_json
-from longlora_jax.passkey import default_protocol, filler_lengths, retrieval
-from longlora_jax.plots import save_plot
+from longlora_jax.core import cli
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.core.files import check_writable, write_json
+from longlora_jax.evaluation.passkey import default_protocol, filler_lengths, retrieval
+from longlora_jax.core.plots import save_plot
 
 
 def parse_args(argv=None):

@@ -8,12 +8,12 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from eval.common import add_model_args, load_model
-from longlora_jax import cli
-from longlora_jax.data import (TOKEN_SUFFIXES, iter_texts, load_tokens,
+from longlora_jax.core import cli
+from longlora_jax.data.text import (TOKEN_SUFFIXES, iter_texts, load_tokens,
                                tokenize_documents)
-from longlora_jax.io.files import check_writable, write_json
-from longlora_jax.perplexity import MODES, evaluate, window_starts
-from longlora_jax.plots import save_plot
+from longlora_jax.core.files import check_writable, write_json
+from longlora_jax.evaluation.perplexity import MODES, evaluate, window_starts
+from longlora_jax.core.plots import save_plot
 
 
 def parse_args(argv=None):

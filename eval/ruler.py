@@ -16,11 +16,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval.common import add_model_args, load_model
-from longlora_jax import cli, ruler
-from longlora_jax import ruler_sources as rs
-from longlora_jax import ruler_tasks as rt
-from longlora_jax.io.files import check_writable, write_json
-from longlora_jax.plots import save_heatmap
+from longlora_jax.core import cli
+from longlora_jax.evaluation.ruler import suite as ruler
+from longlora_jax.evaluation.ruler import sources as rs
+from longlora_jax.evaluation.ruler import tasks as rt
+from longlora_jax.core.files import check_writable, write_json
+from longlora_jax.core.plots import save_heatmap
 
 
 def parse_args(argv=None):

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from eval.common import add_mesh_arg, sharded_params
-from longlora_jax import cli
-from longlora_jax.errors import LongLoraError
-from longlora_jax.io.checkpoint import Checkpoint
-from longlora_jax.model import forward
+from longlora_jax.core import cli
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.checkpoints.checkpoint import Checkpoint
+from longlora_jax.model.llama import forward
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
                 "Long context models read whole books at once.")

@@ -1,13 +1,13 @@
 """longlora_jax: LongLoRA context extension of Llama models in JAX/Flax.
 
 The names below load lazily; the rest lives in the subpackages
-`longlora_jax.attention` (S²-Attn and causal attention), `longlora_jax.io`
+`longlora_jax.attention` (S²-Attn and causal attention), `longlora_jax.checkpoints`
 (checkpoints, adapters, files) and `longlora_jax.training` (the engine).
 """
 
 import os as _os
 
-from longlora_jax import _lazy
+from longlora_jax.core import lazy as _lazy
 
 # JAX's CUDA plugin (the test requirements install it for its compiler,
 # which needs no GPU) checks the CUDA libraries when JAX starts and logs a
@@ -20,38 +20,35 @@ if not any(map(_os.path.exists, ("/dev/nvidiactl", "/dev/nvidia0",
 
 __getattr__, __dir__ = _lazy.exports(__name__, {
     # model
-    "LlamaConfig": "config",
-    "preset": "config",
-    "init_params": "model",
-    "forward": "model",
-    "hidden_states": "model",
-    "generate": "generate",
-    # checkpoints
-    "Checkpoint": "io.checkpoint",
-    "load_hf": "io.checkpoint",
-    "save_hf": "io.hf",
-    "load_peft": "io.peft",
-    "save_peft": "io.peft",
+    "LlamaConfig": "model.config",
+    "preset": "model.config",
+    "init_params": "model.llama",
+    "forward": "model.llama",
+    "hidden_states": "model.llama",
+    "generate": "model.generation",
     # LoRA
-    "add_lora": "lora",
-    "merge": "lora",
-    "trainable_mask": "lora",
+    "add_lora": "model.lora",
+    "merge": "model.lora",
+    "trainable_mask": "model.lora",
     # attention
     "AttentionSpec": "attention.dispatch",
     "get_attention": "attention.dispatch",
     "s2_attention": "attention.dispatch",
+    # checkpoints
+    "Checkpoint": "checkpoints.checkpoint",
+    "load_hf": "checkpoints.checkpoint",
+    "save_hf": "checkpoints.hf",
+    "load_peft": "checkpoints.peft.adapter",
+    "save_peft": "checkpoints.peft.adapter",
     # training
     "TrainConfig": "training.recipe",
     "RunSpec": "training.recipe",
     "TrainState": "training.step",
     "initial_state": "training.step",
     "jit_train_step": "training.step",
-    "make_mesh": "sharding",
+    "make_mesh": "parallel.sharding",
     # errors
-    "LongLoraError": "errors",
-    "CheckpointError": "errors",
-}, submodules=("attention", "io", "training", "config", "model", "lora",
-               "generate", "kv_cache", "loss", "rope", "sharding", "flops",
-               "data", "sft", "passkey", "perplexity", "ruler", "ruler_tasks",
-               "demo", "demo_report",
-               "distributed", "gpu_target", "plots", "errors", "cli"))
+    "LongLoraError": "core.errors",
+    "CheckpointError": "core.errors",
+}, submodules=("core", "parallel", "attention", "model", "checkpoints", "data",
+               "training", "evaluation", "perf", "demo"))

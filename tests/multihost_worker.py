@@ -10,7 +10,7 @@ import dataclasses
 import json
 import sys
 
-from longlora_jax.distributed import global_batch, initialize_from_env, process_slice
+from longlora_jax.parallel.distributed import global_batch, initialize_from_env, process_slice
 
 initialize_from_env()  # Before anything touches a device.
 
@@ -18,8 +18,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from longlora_jax import LlamaConfig, init_params, lora  # noqa: E402
-from longlora_jax.sharding import make_mesh  # noqa: E402
+from longlora_jax import LlamaConfig, init_params  # noqa: E402
+from longlora_jax.model import lora  # noqa: E402
+from longlora_jax.parallel.sharding import make_mesh  # noqa: E402
 from longlora_jax.attention.dispatch import AttentionSpec  # noqa: E402
 from longlora_jax.training.recipe import TrainConfig  # noqa: E402
 from longlora_jax.training.step import init_state, jit_train_step  # noqa: E402
@@ -53,8 +54,8 @@ def main(out_file):
 
 def load(directory, out_file):
   from safetensors.numpy import load_file
-  from longlora_jax.io import hf as hf_io
-  from longlora_jax.io.checkpoint import Checkpoint, param_shardings
+  from longlora_jax.checkpoints import hf as hf_io
+  from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
   read = []
   open_weights = hf_io.open_weights
 

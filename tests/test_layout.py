@@ -12,6 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "longlora_jax"
+PACKAGES = sorted(_p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+                  for _p in PACKAGE.rglob("__init__.py"))
 ATTENTION = sorted(p.stem for p in (PACKAGE / "attention").glob("*.py")
                    if p.stem != "__init__")
 
@@ -70,7 +72,7 @@ def test_library_imports_form_a_dag():
   # checked too, apart from the lazy package exports (`_lazy`).
   assert _cycle(_library_graph(top_level_only=True)) is None
   everywhere = _library_graph(top_level_only=False)
-  for package in ("longlora_jax", "longlora_jax.attention", "longlora_jax.io",
+  for package in ("longlora_jax", "longlora_jax.attention", "longlora_jax.checkpoints",
                   "longlora_jax.training"):
     everywhere[package] = set()  # __init__: lazy name -> module table only
   assert _cycle(everywhere) is None
@@ -111,7 +113,7 @@ def test_every_attention_module_imports_first_and_alone():
 
 def test_importing_the_package_loads_no_framework():
   code = ("import sys, longlora_jax, longlora_jax.attention, "
-          "longlora_jax.training, longlora_jax.io; "
+          "longlora_jax.training, longlora_jax.checkpoints; "
           "print(sorted(m for m in ('jax', 'optax', 'orbax', 'flax', "
           "'transformers') if m in sys.modules))")
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -122,7 +124,7 @@ def test_importing_the_package_loads_no_framework():
 
 
 def _commands() -> dict[str, Path]:
-  return {_module_name(p): p for d in ("train", "eval")
+  return {_module_name(p): p for d in ("train", "eval", "bench")
           for p in (ROOT / d).glob("*.py")
           if "__main__" in p.read_text()}
 
@@ -135,19 +137,22 @@ def test_no_command_imports_another_command():
     assert not imported - {name}, (name, imported)
 
 
-@pytest.mark.parametrize("folder", ["attention", "io", "training", "."])
+@pytest.mark.parametrize("folder", sorted({
+    p.parent.relative_to(ROOT / "tests").as_posix()
+    for p in (ROOT / "tests").rglob("test_*.py")
+    if p.parent.name not in ("commands", "bench")}))
 def test_library_tests_do_not_import_commands(folder):
   tests = [p for p in (ROOT / "tests" / folder).glob("*.py")]
   assert tests
   for path in tests:
     bad = {m for m in _imports(path, top_level_only=False)
-           if m.split(".")[0] in ("train", "eval")}
+           if m.split(".")[0] in ("train", "eval", "bench")}
     assert not bad, (path.name, bad)
 
 
 def test_no_file_is_long():
   sources = itertools.chain(*((ROOT / d).rglob("*.py") for d in (
-      "longlora_jax", "train", "eval", "tests")))
+      "longlora_jax", "train", "eval", "bench", "tests")))
   long = {str(p.relative_to(ROOT)): n for p in sources
           if (n := len(p.read_text().splitlines())) > 420}
   assert not long

@@ -9,9 +9,9 @@ tokenizer); `peft` the LoRA adapter with the trained embedding and norms.
 
 from pathlib import Path
 
-from longlora_jax import cli
-from longlora_jax.errors import LongLoraError
-from longlora_jax.io.files import check_writable
+from longlora_jax.core import cli
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.core.files import check_writable
 from longlora_jax.training.export import load_run, print_commands, write_outputs
 
 

@@ -15,7 +15,7 @@ passkey retrieval of the base model, the base model with position
 interpolation but no training, and the extended model.
 """
 
-from longlora_jax import cli
+from longlora_jax.core import cli
 from longlora_jax.training import options, run
 
 

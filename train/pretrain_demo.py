@@ -1,8 +1,8 @@
 """Pretrains the demo base model (a tiny byte-level Llama) from scratch.
 
-  python -m train.pretrain_demo              # writes assets/demo-base/
+  python -m train.pretrain_demo              # writes the built-in `demo` checkpoint
 
-Trains `longlora_jax.demo.DEMO_CONFIG` at its native context (256 tokens)
+Trains `longlora_jax.demo.base.DEMO_CONFIG` at its native context (256 tokens)
 on the training split of the Python standard library's source, with the
 training engine of `longlora_jax.training` (full fine-tuning of every
 weight, full attention, AdamW with cosine decay), and saves it in Hugging
@@ -19,15 +19,16 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from longlora_jax import cli
+from longlora_jax.core import cli
 from longlora_jax.attention.dispatch import AttentionSpec
-from longlora_jax.data import batches, document_tokens, packed_rows, prefetch
-from longlora_jax.demo import (ASSET_DIR, DATA_DIR, DEMO_CONFIG, demo_data,
+from longlora_jax.data.text import batches, document_tokens, packed_rows, prefetch
+from longlora_jax.demo.base import (DATA_DIR, DEMO_CONFIG, demo_data,
                                save_byte_tokenizer)
-from longlora_jax.io.files import check_writable
-from longlora_jax.io.hf import save_hf
-from longlora_jax.model import init_params
-from longlora_jax.sharding import make_mesh
+from longlora_jax.core.files import check_writable
+from longlora_jax.checkpoints.hf import save_hf
+from longlora_jax.checkpoints.hub import BUILTIN
+from longlora_jax.model.llama import init_params
+from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.training.recipe import TrainConfig
 from longlora_jax.training.step import (initial_state, jit_train_step,
                                         params_of)
@@ -35,7 +36,7 @@ from longlora_jax.training.step import (initial_state, jit_train_step,
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--out", type=Path, default=ASSET_DIR,
+  p.add_argument("--out", type=Path, default=BUILTIN["demo"],
                  help="the model directory to write")
   p.add_argument("--data-dir", type=Path, default=DATA_DIR,
                  help="where the standard library's split is written")

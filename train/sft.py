@@ -13,7 +13,7 @@ longest. Everything else (LoRA+/--full-ft, mesh, checkpoints, --resume,
 progress, HF and PEFT export, `python -m train.export`) is train.extend's.
 """
 
-from longlora_jax import cli
+from longlora_jax.core import cli
 from longlora_jax.training import options, run
 
 

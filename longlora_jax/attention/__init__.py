@@ -14,7 +14,7 @@ Modules, each importing only those above it:
   dispatch               names, `AttentionSpec`, "auto"
 """
 
-from longlora_jax import _lazy
+from longlora_jax.core import lazy as _lazy
 
 __getattr__, __dir__ = _lazy.exports(__name__, {
     "AttentionFn": "dispatch",

@@ -10,7 +10,7 @@ train step, the loop, checkpoints and the export of a run.
   run       a whole run, as the commands start it
 """
 
-from longlora_jax import _lazy
+from longlora_jax.core import lazy as _lazy
 
 __getattr__, __dir__ = _lazy.exports(__name__, {
     "TrainConfig": "recipe",

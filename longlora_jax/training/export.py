@@ -8,13 +8,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.config import LlamaConfig
-from longlora_jax.errors import CheckpointError, LongLoraError
-from longlora_jax.io.checkpoint import Checkpoint, param_shardings
-from longlora_jax.io.hf import save_hf
-from longlora_jax.io.peft import save_peft
-from longlora_jax.passkey import default_protocol
-from longlora_jax.sharding import make_mesh
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core.errors import CheckpointError, LongLoraError
+from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.checkpoints.hf import save_hf
+from longlora_jax.checkpoints.peft.adapter import save_peft
+from longlora_jax.evaluation.passkey import default_protocol
+from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
                                           target_config)
@@ -72,7 +72,7 @@ def print_commands(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
           base.tokenizer) == "official" else spec.ctx // 4)
       data = spec.data
       if spec.ckpt == "demo":
-        from longlora_jax.demo import demo_data
+        from longlora_jax.demo.base import demo_data
         train, heldout = map(str, demo_data())
         data = heldout if data == train else data
       print(f"evaluate it with:\n"

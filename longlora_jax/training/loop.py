@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from longlora_jax.distributed import global_batch, process_slice
-from longlora_jax.errors import LongLoraError
-from longlora_jax.flops import peak_flops, step_flops
-from longlora_jax.io.files import atomic_path, reported
-from longlora_jax.plots import save_plot
-from longlora_jax.sharding import batch_parallelism
+from longlora_jax.parallel.distributed import global_batch, process_slice
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.model.flops import peak_flops, step_flops
+from longlora_jax.core.files import atomic_path, reported
+from longlora_jax.core.plots import save_plot
+from longlora_jax.parallel.sharding import batch_parallelism
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import RunSpec, group_size
 

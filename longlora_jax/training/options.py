@@ -9,10 +9,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from longlora_jax import cli
+from longlora_jax.core import cli
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
-from longlora_jax.errors import LongLoraError
+from longlora_jax.core.errors import LongLoraError
 
 S2_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
 from longlora_jax.training.recipe import (LONGALPACA, OFFLOADS, REDPAJAMA,

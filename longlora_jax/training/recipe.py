@@ -17,13 +17,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from longlora_jax import lora
+from longlora_jax.model import lora
 from longlora_jax.attention import cudnn_s2, pallas_s2
 from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
 from longlora_jax.attention.groups import s2_group_size
-from longlora_jax.config import LlamaConfig
-from longlora_jax.errors import LongLoraError
-from longlora_jax.io.files import write_json
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.core.files import write_json
 
 SCHEDULES = ("constant", "cosine", "linear")
 # What goes to pinned host memory between the forward and backward pass.

@@ -14,18 +14,21 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from longlora_jax import demo, demo_report, lora, sft
-from longlora_jax.data import (Position, batches, document_tokens, packed_rows,
+from longlora_jax.demo import base as demo
+from longlora_jax.demo import report as demo_report
+from longlora_jax.model import lora
+from longlora_jax.data import sft
+from longlora_jax.data.text import (Position, batches, document_tokens, packed_rows,
                                prefetch)
-from longlora_jax.distributed import initialize_from_env
-from longlora_jax.errors import LongLoraError
-from longlora_jax.io import lock
-from longlora_jax.io.checkpoint import Checkpoint, param_shardings
-from longlora_jax.io.files import (check_writable, free_bytes, human_bytes,
+from longlora_jax.parallel.distributed import initialize_from_env
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.core import lock
+from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.core.files import (check_writable, free_bytes, human_bytes,
                                    write_json)
-from longlora_jax.io.lock import LOCK_FILE
-from longlora_jax.model import init_params
-from longlora_jax.sharding import batch_parallelism, make_mesh
+from longlora_jax.core.lock import LOCK_FILE
+from longlora_jax.model.llama import init_params
+from longlora_jax.parallel.sharding import batch_parallelism, make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.export import print_commands, write_outputs
 from longlora_jax.training.loop import (METRICS_FILE, loop, plot_loss,

@@ -26,8 +26,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
-from longlora_jax.errors import CheckpointError, LongLoraError
-from longlora_jax.io.files import os_cause
+from longlora_jax.core.errors import CheckpointError, LongLoraError
+from longlora_jax.core.files import os_cause
 from longlora_jax.training.step import TrainState
 
 # Where a run keeps the checkpoints that could not be read.

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from longlora_jax import lora
+from longlora_jax.model import lora
 from longlora_jax.attention.groups import s2_group_size
-from longlora_jax.config import LlamaConfig
-from longlora_jax.errors import LongLoraError
-from longlora_jax.loss import chunked_cross_entropy, next_token_targets
-from longlora_jax.model import hidden_states, init_params
-from longlora_jax.sharding import (activation_mesh, activation_spec,
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.model.loss import chunked_cross_entropy, next_token_targets
+from longlora_jax.model.llama import hidden_states, init_params
+from longlora_jax.parallel.sharding import (activation_mesh, activation_spec,
                                    batch_parallelism, context_parallelism,
                                    shardings_like)
 from longlora_jax.training.recipe import MODES, RunSpec, TrainConfig

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import gpu_target
+from longlora_jax.perf import gpu_target
 from longlora_jax.attention.context import fetch, halo_size
 from longlora_jax.attention.dispatch import (context_form, full_attention,
                                              get_attention, s2_attention)
 from longlora_jax.attention.pallas_s2 import pallas_causal_attention
-from longlora_jax.sharding import activation_mesh, make_mesh, per_row_shard
+from longlora_jax.parallel.sharding import activation_mesh, make_mesh, per_row_shard
 from tests.references import attention as ref
 
 # batch, seq, q_heads, kv_heads, group, mesh: slices of L = seq / context.
@@ -140,8 +140,8 @@ def _moved(attention_fn, seq, mesh_spec="context=8"):
   """Collective bytes per device of one attention's forward and backward."""
   from jax.sharding import NamedSharding
 
-  from longlora_jax.hlo import collective_bytes
-  from longlora_jax.sharding import activation_spec
+  from longlora_jax.perf.hlo import collective_bytes
+  from longlora_jax.parallel.sharding import activation_spec
   mesh = make_mesh(mesh_spec)
 
   def loss(q, k, v):
@@ -182,8 +182,8 @@ def test_kernel_path_moves_each_halves_own_halo_when_compiled_for_gpu(
   # dim 64, counted by hand.
   from jax.sharding import NamedSharding
 
-  from longlora_jax.hlo import collective_bytes
-  from longlora_jax.sharding import activation_spec
+  from longlora_jax.perf.hlo import collective_bytes
+  from longlora_jax.parallel.sharding import activation_spec
   mesh = make_mesh("context=8", gpu_target.devices("h100", 8))
   attention = functools.partial(s2_attention, group_size=128)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import gpu_target
+from longlora_jax.perf import gpu_target
 from longlora_jax.attention.cudnn_s2 import (cudnn_causal_attention,
                                            cudnn_s2_attention)
 from tests.references import attention as ref
@@ -158,7 +158,7 @@ def test_full_attention_training_step_is_cudnn_for_h100():
   from longlora_jax import LlamaConfig
   from longlora_jax.attention.chunked import CPU_BLOCK, DEFAULT_BLOCK
   from longlora_jax.attention.dispatch import AttentionSpec
-  from longlora_jax.sharding import make_mesh
+  from longlora_jax.parallel.sharding import make_mesh
   from longlora_jax.training.recipe import TrainConfig
   from longlora_jax.training.step import lower_step
   # No model dimension is a chunk block size (128, 512): any [block, block]

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import gpu_target
+from longlora_jax.perf import gpu_target
 from longlora_jax.attention.pallas_cache import (BLOCK_Q,
                                                  pallas_cached_attention,
                                                  takes)
-from longlora_jax.kv_cache import cached_attention
+from longlora_jax.model.kv_cache import cached_attention
 from tests.references import attention as ref
 
 
@@ -111,7 +111,7 @@ def test_each_device_runs_its_rows_and_kv_heads_under_a_mesh():
   # partitioning rule, so it runs per device on the cache's own split
   # (rows over fsdp, kv heads over tensor), nothing of the cache gathered.
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from longlora_jax.sharding import BATCH_AXES, make_mesh
+  from longlora_jax.parallel.sharding import BATCH_AXES, make_mesh
   mesh = make_mesh("fsdp=2,tensor=2", jax.devices()[:4])
   rng = np.random.default_rng(1)
   S, start, C = 512, 130, BLOCK_Q

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import gpu_target
+from longlora_jax.perf import gpu_target
 from longlora_jax.attention import pallas_kernels, pallas_s2
 from longlora_jax.attention.dense import causal_attention
 from longlora_jax.attention.pallas_s2 import (BlockConfig, pallas_causal_attention,

@@ -7,7 +7,7 @@ import transformers
 
 from eval import chat
 from longlora_jax import LlamaConfig, init_params, save_hf
-from longlora_jax.generate import generate
+from longlora_jax.model.generation import generate
 
 
 class PieceTokenizer:

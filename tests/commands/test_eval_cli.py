@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from eval import passkey, perplexity, tokenize
-from longlora_jax import gpu_target
-from longlora_jax.demo import demo_checkpoint
+from eval import passkey, perplexity
+from eval import pretokenize as tokenize
+from longlora_jax.perf import gpu_target
+from longlora_jax.checkpoints.hub import resolve_checkpoint
 from tests.conftest import ROOT
 
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  return demo_checkpoint(tmp_path_factory.mktemp("demo") / "base")
+  return resolve_checkpoint("demo")
 
 
 def test_passkey_cli(demo, tmp_path, capsys):
@@ -48,7 +49,7 @@ def test_readme_passkey_command_is_the_printed_one_and_its_lengths(
     demo, tmp_path, capsys):
   # The demo run prints the command the README shows; run as shown, it
   # tests the lengths the README names, all within the trained 1024.
-  from longlora_jax.io.checkpoint import Checkpoint
+  from longlora_jax.checkpoints.checkpoint import Checkpoint
   from longlora_jax.training.export import print_commands
   from longlora_jax.training.recipe import RunSpec
   readme = (Path(ROOT) / "README.md").read_text()

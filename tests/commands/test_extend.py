@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from longlora_jax import LongLoraError, forward
-from longlora_jax.demo import save_byte_tokenizer
+from longlora_jax.demo.base import save_byte_tokenizer
 from longlora_jax.training import loop
 from longlora_jax.training.export import load_run
 from tests.references import hf_models

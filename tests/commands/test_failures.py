@@ -256,7 +256,7 @@ def test_a_second_run_on_one_directory_is_refused(files):
      "argument --warmup: '-5' is not an integer >= 0"),
     ("train.sft", ["--beta2", "1"],
      "argument --beta2: '1' is not a finite number in [0, 1)"),
-    ("eval.bench_host_memory", ["--ckpt", "M", "--out", "D",
+    ("bench.host_memory", ["--ckpt", "M", "--out", "D",
                                 "--max-shard-size", "5XB"],
      "argument --max-shard-size: '5XB' is not a size in bytes or e.g. 5GB "
      "or 500MB"),
@@ -315,7 +315,7 @@ def test_bad_files_are_one_line_exit_2_and_write_nothing(files,
       "ro_ruler": (("eval.ruler", ["--ckpt", "/nope", "--out",
                                    ro("ruler")]),
                    f"{read_only_dir}/ruler: {cannot}"),
-      "ro_tokenize": (("eval.tokenize", ["--tokenizer", model, "--data",
+      "ro_tokenize": (("eval.pretokenize", ["--tokenizer", model, "--data",
                                          data, "--out", ro("t.bin")]),
                       f"{read_only_dir}: {cannot}"),
       # Token ids outside the vocabulary (259), before anything runs.
@@ -325,7 +325,7 @@ def test_bad_files_are_one_line_exit_2_and_write_nothing(files,
                     f"{tmp}/big.npy: token id 300 at position 3,000 is "
                     "outside the model's vocabulary of 259 (ids 0 to 258); "
                     "tokenize the data with this model's tokenizer (python "
-                    "-m eval.tokenize)"),
+                    "-m eval.pretokenize)"),
       "vocab_negative": (("eval.perplexity", [
           "--ckpt", model, "--data", str(tmp / "negative.npy"), "--out",
           str(tmp / "ppl")]),

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from eval import memory_plan
-from longlora_jax import gpu_target
+from longlora_jax.perf import gpu_target
 from longlora_jax import LlamaConfig
-from longlora_jax.errors import LongLoraError
+from longlora_jax.core.errors import LongLoraError
 from tests.conftest import ROOT
 
 
@@ -150,7 +150,7 @@ def test_eval_plan_splits_weights_and_cache_over_the_tensor_axis(tmp_path):
 
 
 def test_llama31_8b_preset_has_its_shapes():
-  from longlora_jax.config import preset
+  from longlora_jax.model.config import preset
   cfg = preset("llama3.1-8b")
   assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers,
           cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,

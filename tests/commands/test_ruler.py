@@ -8,13 +8,13 @@ import sys
 import pytest
 
 from eval import ruler
-from longlora_jax.demo import demo_checkpoint
+from longlora_jax.checkpoints.hub import resolve_checkpoint
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  return demo_checkpoint(tmp_path_factory.mktemp("demo") / "base")
+  return resolve_checkpoint("demo")
 
 
 def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
@@ -52,7 +52,7 @@ def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,message", [
-    # The types every command shares (longlora_jax.cli).
+    # The types every command shares (longlora_jax.core.cli).
     (["--samples", "0"],
      "error: argument --samples: '0' is not an integer >= 1 (see --help)"),
     (["--lengths", "4x"], "error: argument --lengths: '4x' is not an integer "

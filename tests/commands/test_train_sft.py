@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from longlora_jax import LongLoraError
-from longlora_jax.demo import save_byte_tokenizer
+from longlora_jax.demo.base import save_byte_tokenizer
 from tests.references import hf_models
 from train import extend, sft
 

@@ -4,7 +4,7 @@ layout, from a tiny HF Llama on disk: the independent side of the PEFT tests."""
 import jax
 import transformers
 
-from longlora_jax import lora
+from longlora_jax.model import lora
 from tests.references import hf_models
 from tests.references.hf_models import peft, torch  # None without PyTorch
 

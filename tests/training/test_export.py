@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from longlora_jax import forward
-from longlora_jax.config import LlamaConfig
-from longlora_jax.demo import save_byte_tokenizer
-from longlora_jax.io.checkpoint import Checkpoint
-from longlora_jax.sharding import make_mesh
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.demo.base import save_byte_tokenizer
+from longlora_jax.checkpoints.checkpoint import Checkpoint
+from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.training.export import (print_commands, ruler_lengths,
                                          write_outputs)
 from longlora_jax.training.options import make_spec

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from longlora_jax.attention.dispatch import AttentionSpec
-from longlora_jax.errors import LongLoraError
+from longlora_jax.core.errors import LongLoraError
 from longlora_jax.training import options
 from longlora_jax.training.recipe import RunSpec, TrainConfig
 

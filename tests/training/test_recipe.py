@@ -1,4 +1,4 @@
-from longlora_jax.config import LlamaConfig, RopeScaling
+from longlora_jax.model.config import LlamaConfig, RopeScaling
 from longlora_jax.training.recipe import RunSpec, target_config
 
 

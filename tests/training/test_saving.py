@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import (CheckpointError, LlamaConfig, LongLoraError,
-                          init_params, lora)
+from longlora_jax import CheckpointError, LlamaConfig, LongLoraError, init_params
+from longlora_jax.model import lora
 from longlora_jax.attention.dispatch import AttentionSpec
-from longlora_jax.sharding import make_mesh
+from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import TrainConfig
 from longlora_jax.training.step import init_state, jit_train_step, params_of

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from longlora_jax import (LlamaConfig, LongLoraError, forward, gpu_target,
-                          init_params, lora)
+from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
+from longlora_jax.perf import gpu_target
+from longlora_jax.model import lora
 from longlora_jax.attention.dispatch import AttentionSpec
-from longlora_jax.sharding import make_mesh, shardings_like
+from longlora_jax.parallel.sharding import make_mesh, shardings_like
 from longlora_jax.training.recipe import RunSpec, TrainConfig
 from longlora_jax.training.step import (init_state, initial_run_state,
                                         jit_train_step, learning_rate,

@@ -1,0 +1,224 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+import transformers
+
+from longlora_jax import (CheckpointError, LlamaConfig, forward, init_params,
+                          preset)
+from longlora_jax.model.config import RopeScaling
+from tests.references import hf_models
+from tests.references.hf_models import TINY_CONFIGS
+
+
+def _hf_dict(**kwargs):
+  return transformers.LlamaConfig(**kwargs).to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_reads_transformers_configs(name):
+  kwargs = TINY_CONFIGS[name]
+  hf = transformers.LlamaConfig(**kwargs)
+  cfg = LlamaConfig.from_hf_dict(hf.to_dict())
+  assert cfg.hidden_size == hf.hidden_size
+  assert cfg.num_key_value_heads == hf.num_key_value_heads
+  assert cfg.head_dim == hf.head_dim
+  assert cfg.rope_theta == hf.rope_parameters["rope_theta"]
+  assert cfg.tie_word_embeddings == hf.tie_word_embeddings
+  factor = hf.rope_parameters.get("factor")
+  assert cfg.rope_factor == (factor or 1.0)
+
+
+def test_both_rope_spellings():
+  base = dict(model_type="llama", vocab_size=10, hidden_size=8,
+              intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+  v4 = LlamaConfig.from_hf_dict(
+      {**base, "rope_theta": 5e5, "rope_scaling": {"type": "linear",
+                                                    "factor": 8.0}})
+  v4b = LlamaConfig.from_hf_dict(
+      {**base, "rope_theta": 5e5, "rope_scaling": {"rope_type": "linear",
+                                                    "factor": 8}})
+  v5 = LlamaConfig.from_hf_dict(
+      {**base, "rope_parameters": {"rope_type": "linear", "factor": 8.0,
+                                   "rope_theta": 5e5}})
+  assert v4 == v4b == v5
+  assert v5.rope_scaling == RopeScaling(8.0) and v5.rope_theta == 5e5
+  plain = LlamaConfig.from_hf_dict(
+      {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+  assert plain.rope_scaling is None and plain.rope_factor == 1.0
+
+
+def test_to_hf_dict_is_read_back_by_transformers(tmp_path):
+  cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, rope_theta=5e5,
+                    rope_scaling=RopeScaling(4.0), max_position_embeddings=256)
+  cfg.save(tmp_path)
+  hf = transformers.LlamaConfig.from_pretrained(tmp_path)
+  assert hf.rope_parameters["rope_type"] == "linear"
+  assert hf.rope_parameters["factor"] == 4.0
+  assert hf.rope_parameters["rope_theta"] == 5e5
+  assert hf.num_key_value_heads == 2 and hf.max_position_embeddings == 256
+  # transformers 4.x reads these two keys.
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["rope_scaling"]["type"] == "linear"
+  assert saved["rope_theta"] == 5e5
+  assert LlamaConfig.from_pretrained(tmp_path) == cfg
+
+
+def test_with_context_uses_ceil_factor():
+  cfg = LlamaConfig(max_position_embeddings=4096)
+  assert cfg.with_context(100000).rope_factor == 25.0  # ceil(24.4)
+  assert cfg.with_context(8192).rope_factor == 2.0
+  assert cfg.with_context(8193).rope_factor == 3.0
+  assert cfg.with_context(4096).rope_scaling is None
+  assert cfg.with_context(8192).max_position_embeddings == 4096
+
+
+def _num_params(cfg):
+  shapes = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("llama2-7b", 6_738_415_616),
+    ("llama2-13b", 13_015_864_320),
+    ("llama2-70b", 68_976_648_192),
+])
+def test_presets_have_published_parameter_counts(name, expected):
+  assert _num_params(preset(name)) == expected
+
+
+def test_presets_shapes():
+  c70 = preset("llama2-70b")
+  assert (c70.num_key_value_heads, c70.head_dim, c70.num_hidden_layers) == (8, 128, 80)
+  with pytest.raises(CheckpointError, match="unknown model preset"):
+    preset("llama2-8b")
+
+
+@pytest.mark.parametrize("patch,message", [
+    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
+     "model_type='gpt2'.*supported families: llama, mistral, qwen2, qwen3"),
+    ({"model_type": "mixtral"}, "no MoE, Gemma, Phi or multimodal"),
+    ({"model_type": "gemma"}, "model_type='gemma'"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}},
+     "rope type 'longrope' is not supported"),
+    ({"rope_scaling": {"type": "linear"}}, "needs a factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     "needs low_freq_factor and high_freq_factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                          "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"num_key_value_heads": 3}, "not a multiple"),
+])
+def test_bad_configs(patch, message):
+  d = {**_hf_dict(vocab_size=10, hidden_size=8, intermediate_size=8,
+                  num_hidden_layers=1, num_attention_heads=2), **patch}
+  if "rope_scaling" in patch:
+    d.pop("rope_parameters")
+  with pytest.raises(CheckpointError, match=message):
+    LlamaConfig.from_hf_dict(d)
+
+
+def test_missing_keys_named():
+  with pytest.raises(CheckpointError, match="hidden_size"):
+    LlamaConfig.from_hf_dict({"model_type": "llama", "vocab_size": 10})
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.FAMILY_CONFIGS))
+def test_reads_and_writes_each_family_as_transformers_does(name):
+  kwargs = dict(hf_models.FAMILY_CONFIGS[name])
+  hf = transformers.AutoConfig.for_model(kwargs.pop("model_type", "llama"),
+                                         **kwargs)
+  cfg = LlamaConfig.from_hf_dict(hf.to_dict())
+  assert cfg.model_type == hf.model_type
+  assert cfg.head_dim == hf.head_dim
+  assert cfg.qk_norm == (hf.model_type == "qwen3")
+  assert cfg.qkv_bias == (hf.model_type == "qwen2"
+                          or bool(getattr(hf, "attention_bias", False)))
+  assert cfg.o_bias == bool(getattr(hf, "attention_bias", False))
+  assert cfg.rope_type == hf.rope_parameters["rope_type"]
+  back = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+  assert type(back) is type(hf)
+  for key in ("hidden_size", "num_key_value_heads", "head_dim",
+              "tie_word_embeddings", "max_position_embeddings",
+              "sliding_window"):
+    assert getattr(back, key, None) == getattr(hf, key, None), key
+  # (transformers keeps the 4.x spelling's "type" beside "rope_type".)
+  rope = lambda c: {k: v for k, v in c.rope_parameters.items()
+                    if v is not None and k != "type"}
+  assert rope(back) == rope(hf)
+  assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+
+
+def test_linear_scaling_keeps_the_format_transformers_4_34_validates():
+  # transformers 4.34-4.42 (the official LongLoRA pins 4.34) refuse a
+  # `rope_scaling` with other keys than `type` and `factor`.
+  d = LlamaConfig(rope_scaling=RopeScaling(8.0)).to_hf_dict()
+  assert d["rope_scaling"] == {"type": "linear", "factor": 8.0}
+  llama3 = LlamaConfig(rope_scaling=RopeScaling(
+      8.0, "llama3", original_max_position_embeddings=8192,
+      low_freq_factor=1.0, high_freq_factor=4.0)).to_hf_dict()
+  # 4.43's format (rope_type and every parameter), and 5.x's.
+  assert llama3["rope_scaling"] == {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  assert llama3["rope_parameters"] == {**llama3["rope_scaling"],
+                                       "rope_theta": 10000.0}
+
+
+def test_sliding_windows_are_read_and_long_sequences_refused():
+  base = dict(vocab_size=10, hidden_size=8, intermediate_size=8,
+              num_hidden_layers=1, num_attention_heads=2)
+  mistral = LlamaConfig.from_hf_dict(
+      {**base, "model_type": "mistral", "sliding_window": 24})
+  qwen_off = LlamaConfig.from_hf_dict(
+      {**base, "model_type": "qwen2", "use_sliding_window": False,
+       "sliding_window": 24})
+  qwen_on = LlamaConfig.from_hf_dict(
+      {**base, "model_type": "qwen2", "use_sliding_window": True,
+       "sliding_window": 24, "max_window_layers": 1})
+  assert (mistral.sliding_window, qwen_off.sliding_window,
+          qwen_on.sliding_window) == (24, None, 24)
+  mistral.check_length(24)
+  qwen_off.check_length(10**6)
+  for cfg in (mistral, qwen_on):
+    with pytest.raises(CheckpointError, match="sliding window of 24 tokens.*"
+                       "25 tokens are more. Use a checkpoint without"):
+      cfg.check_length(25)
+  params = init_params(mistral, jax.random.key(0))
+  with pytest.raises(CheckpointError, match="sliding window"):
+    forward(mistral, params, jnp.zeros((1, 25), jnp.int32))
+
+
+def test_extension_keeps_llama3_and_yarn_and_interpolates_the_rest():
+  llama31 = preset("llama3.1-8b")
+  assert (llama31.original_context, llama31.context) == (8192, 131072)
+  x4 = llama31.with_context(400_000)  # ceil(400k / 131072) = 4
+  assert (x4.rope_type, x4.rope_factor, x4.max_position_embeddings,
+          x4.context) == ("llama3", 32.0, 524288, 524288)
+  assert x4.rope_scaling.original_max_position_embeddings == 8192
+  assert llama31.with_context(100_000) == llama31  # already long enough
+  linear = llama31.with_context(400_000, "linear")
+  assert (linear.rope_type, linear.rope_factor,
+          linear.max_position_embeddings) == ("linear", 49.0, 8192)
+  yarn = LlamaConfig(rope_scaling=RopeScaling(
+      4.0, "yarn", original_max_position_embeddings=32768),
+      max_position_embeddings=32768)
+  assert yarn.context == 131072
+  assert yarn.with_context(262144).rope_factor == 8.0
+  assert yarn.with_context(262144).max_position_embeddings == 32768
+  assert yarn.with_context(262144).context == 262144
+  llama2 = preset("llama2-7b")
+  assert llama2.with_context(100_000).rope_factor == 25.0
+  assert llama2.with_context(100_000).rope_type == "linear"
+  y = llama2.with_context(32768, "yarn")
+  # max_position_embeddings stays the pretraining length, which
+  # transformers 4.43-4.44 read as yarn's original context.
+  assert (y.rope_type, y.rope_factor, y.max_position_embeddings,
+          y.rope_scaling.original_max_position_embeddings, y.context) == (
+              "yarn", 8.0, 4096, 4096, 32768)
+  assert LlamaConfig(rope_scaling=RopeScaling(8.0)).context == 32768

@@ -1,0 +1,184 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longlora_jax.model.llama import REMAT_POLICIES
+from longlora_jax import (LlamaConfig, forward, init_params,
+                          load_hf)
+from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("remat",))
+def _logits(config, params, ids, remat="none"):
+  return forward(config, params, ids, remat=remat)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.TINY_CONFIGS))
+@pytest.mark.parametrize("batch,seq", [(1, 1), (2, 17), (3, 64)])
+def test_logits_match_transformers(tiny_hf, name, batch, seq):
+  directory, hf_model = tiny_hf(name)
+  config, params = load_hf(directory, dtype=jnp.float32)
+  ids = hf_models.random_ids(config.vocab_size, batch, seq, seed=seq)
+  want = hf_models.hf_logits(hf_model, ids)
+  got = np.asarray(_logits(config, params, jnp.asarray(ids)))
+  assert got.dtype == np.float32 and got.shape == (batch, seq, config.vocab_size)
+  assert np.abs(want).std() > 0.5  # Logits large enough for 1e-4 to matter.
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(hf_models.FAMILY_CONFIGS))
+@pytest.mark.parametrize("batch,seq", [(1, 12), (3, 40), (2, 100)])
+def test_families_match_transformers(tiny_hf, name, batch, seq):
+  # Below and above each model's original context (16 to 32 tokens), where
+  # the RoPE types differ. Dynamic NTK depends on the longest sequence a
+  # transformers model has seen, so each length gets a fresh one.
+  directory, _ = tiny_hf(name)
+  hf_models.require("torch")
+  import transformers
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=torch.float32).eval()
+  config, params = load_hf(directory, dtype=jnp.float32)
+  assert config.model_type == hf_model.config.model_type
+  ids = hf_models.random_ids(config.vocab_size, batch, seq, seed=seq)
+  want = hf_models.hf_logits(hf_model, ids)
+  got = np.asarray(_logits(config, params, jnp.asarray(ids)))
+  assert np.abs(want).std() > 0.5
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+
+
+def test_position_interpolation_matters(tiny_hf):
+  # Negative control: the same weights without the factor are far off, so
+  # the parity test above really checks the RoPE scaling.
+  directory, hf_model = tiny_hf("pi4")
+  config, params = load_hf(directory, dtype=jnp.float32)
+  ids = hf_models.random_ids(config.vocab_size, 1, 48)
+  unscaled = LlamaConfig(**{**config.__dict__, "rope_scaling": None})
+  got = np.asarray(_logits(unscaled, params, jnp.asarray(ids)))
+  assert np.abs(got - hf_models.hf_logits(hf_model, ids)).max() > 1e-2
+
+
+@pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
+def test_remat_policies_same_values_and_grads(tiny_hf, remat):
+  directory, hf_model = tiny_hf("gqa")
+  config, params = load_hf(directory, dtype=jnp.float32)
+  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
+
+  def loss(p):
+    return jnp.mean(jax.nn.log_softmax(forward(config, p, ids, remat=remat)))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  # Reference gradient: torch autograd through the transformers model.
+  hf_model.zero_grad()
+  logits = hf_model(torch.tensor(np.asarray(ids))).logits
+  want_value = torch.log_softmax(logits, -1).mean()
+  want_value.backward()
+  np.testing.assert_allclose(value, want_value.item(), rtol=1e-5)
+  want = hf_model.model.layers[1].self_attn.q_proj.weight.grad.numpy().T
+  got = np.asarray(grads["layers"]["self_attn"]["q_proj"]["kernel"][1])
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
+  want = hf_model.model.embed_tokens.weight.grad.numpy()
+  np.testing.assert_allclose(grads["embed_tokens"]["embedding"], want,
+                             atol=1e-6, rtol=1e-4)
+
+
+def test_offloaded_layer_inputs_give_the_same_gradients_bit_for_bit(tiny_hf):
+  # "offload" keeps what "full" keeps, on the host: the same computation.
+  # (XLA:CPU has the memory kinds, but JAX lowers the move to pinned_host
+  # only for GPU and TPU; tests/training/test_step.py checks that XLA:GPU
+  # really places the layer inputs in host memory.)
+  directory, _ = tiny_hf("gqa")
+  config, params = load_hf(directory, dtype=jnp.float32)
+  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
+
+  def grads(remat):
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(
+        forward(config, p, ids, remat=remat)))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  offloaded, full = grads("offload"), grads("full")
+  for got, want in zip(jax.tree.leaves(offloaded), jax.tree.leaves(full)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert np.abs(np.asarray(full[1]["layers"]["mlp"]["up_proj"]["kernel"])
+                ).max() > 0
+
+
+def test_segments_equal_separate_documents(tiny_hf):
+  # Two packed documents with restarted positions must give exactly what
+  # transformers gives for each document alone.
+  directory, hf_model = tiny_hf("gqa")
+  config, params = load_hf(directory, dtype=jnp.float32)
+  a = hf_models.random_ids(config.vocab_size, 1, 11, seed=1)
+  b = hf_models.random_ids(config.vocab_size, 1, 9, seed=2)
+  ids = np.concatenate([a, b], axis=1)
+  segments = np.array([[0] * 11 + [1] * 9])
+  positions = np.array([list(range(11)) + list(range(9))])
+  got = np.asarray(forward(config, params, jnp.asarray(ids),
+                           positions_BT=jnp.asarray(positions),
+                           segment_ids_BT=jnp.asarray(segments)))
+  want = np.concatenate([hf_models.hf_logits(hf_model, a),
+                         hf_models.hf_logits(hf_model, b)], axis=1)
+  np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_bfloat16_params_and_compute(tiny_hf):
+  directory, hf_model = tiny_hf("mha")
+  config, params = load_hf(directory, dtype=jnp.bfloat16)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  ids = hf_models.random_ids(config.vocab_size, 2, 24)
+  got = np.asarray(_logits(config, params, jnp.asarray(ids)))
+  assert got.dtype == np.float32
+  want = hf_models.hf_logits(hf_model, ids)
+  # bf16 has 8 mantissa bits: relative error of a few percent of the scale.
+  assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+  # Mixed precision: fp32 compute on bf16 weights is closer.
+  got32 = np.asarray(forward(config, params, jnp.asarray(ids),
+                             dtype=jnp.float32))
+  assert np.abs(got32 - want).max() < np.abs(got - want).max()
+
+
+def test_init_matches_transformers_scheme():
+  cfg = LlamaConfig(vocab_size=500, hidden_size=128, intermediate_size=256,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    initializer_range=0.05, pad_token_id=3)
+  params = init_params(cfg, jax.random.key(0))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, x in flat:
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      np.testing.assert_array_equal(x, 1.0)
+    else:
+      assert abs(float(jnp.std(x)) - 0.05) < 0.005, name
+      assert abs(float(jnp.mean(x))) < 0.005, name
+  np.testing.assert_array_equal(params["embed_tokens"]["embedding"][3], 0.0)
+  # Layers are initialised independently, not copies of one another.
+  q = params["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert not np.allclose(q[0], q[1])
+  bf16 = init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16))
+
+
+def test_compile_time_does_not_unroll_layers():
+  # nn.scan: the lowered program holds one layer body whatever the depth.
+  def hlo_size(layers):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=layers, num_attention_heads=4)
+    params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return len(jax.jit(functools.partial(forward, cfg)).lower(
+        params, ids).as_text())
+  assert hlo_size(16) < 1.05 * hlo_size(2)
+
+
+def test_unknown_attention_and_remat():
+  cfg = LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8,
+                    num_hidden_layers=1, num_attention_heads=2)
+  params = init_params(cfg, jax.random.key(0))
+  ids = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="unknown attention 'nope'"):
+    forward(cfg, params, ids, attention="nope")
+  with pytest.raises(ValueError, match="unknown remat policy"):
+    forward(cfg, params, ids, remat="some")

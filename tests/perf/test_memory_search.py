@@ -1,0 +1,38 @@
+import pytest
+
+from longlora_jax.perf import memory_search
+from longlora_jax.core.errors import LongLoraError
+
+
+def test_largest_fitting_bisects_on_the_grid():
+  # A fake plan: 2 GiB plus 0.5 GiB per 8192 tokens. 9.6 GiB fits 15 steps
+  # (9.5 GiB), not 16 (10 GiB); 10 GiB fits 16 exactly.
+  probed = []
+
+  def fits(usable):
+    def check(ctx):
+      probed.append(ctx)
+      return 2 + 0.5 * ctx / 8192 <= usable
+    return check
+
+  assert memory_search.largest_fitting(fits(9.6), 8192) == 15 * 8192
+  # Doubling 1, 2, 4, 8, 16 steps, then bisecting 8..16: 12, 14, 15.
+  assert probed == [k * 8192 for k in (1, 2, 4, 8, 16, 12, 14, 15)]
+  assert memory_search.largest_fitting(fits(10.0), 8192) == 16 * 8192
+  assert memory_search.largest_fitting(fits(2.4), 8192) is None
+  assert memory_search.largest_fitting(fits(2.5), 8192) == 8192
+
+
+def test_usable_memory_is_what_jax_preallocates(monkeypatch):
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  gib, source = memory_search.usable_gib("h100")
+  assert gib == 0.75 * 80 and "default" in source
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", ".9")
+  gib, source = memory_search.usable_gib("h100")
+  assert gib == 0.9 * 80 and "XLA_PYTHON_CLIENT_MEM_FRACTION" in source
+  assert memory_search.usable_gib("h100", 50)[0] == 50
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "90%")
+  with pytest.raises(LongLoraError, match="not a fraction"):
+    memory_search.usable_gib("h100")
+  with pytest.raises(LongLoraError, match="needs --usable-gib"):
+    memory_search.usable_gib("cpu")
