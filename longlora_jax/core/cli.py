@@ -1,6 +1,7 @@
-"""Shared behaviour of the `python -m train.*` / `python -m eval.*` commands:
-the parser (one-line errors, defaults in --help), the types that check
-numbers at the door, and the wrapper that turns a user error into one line.
+"""Shared behaviour of the `python -m train.*`, `eval.*` and `bench.*`
+commands: the parser (one-line errors, defaults in --help), the types that
+check numbers at the door, the options several commands share (declared
+once, in OPTIONS), and the wrapper that turns a user error into one line.
 """
 
 import argparse
@@ -94,6 +95,38 @@ count = integer(1)  # sizes, steps, lengths, trials
 index = integer(0)  # seeds, steps counted from 0, warmup
 positive = real(0.0, low_open=True)  # learning rates, scales
 fraction = real(0.0, 1.0, low_open=True)  # ratios, top-p
+
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+# Options that several commands take, declared once: `option(parser, name,
+# **overrides)` adds one, with a command's own default or help where it
+# differs (`help` overrides replace the text; `purpose` is put in front).
+OPTIONS = {
+    "--ckpt": dict(help="hf:ORG/NAME (through the Hugging Face cache), a "
+                        "local checkpoint directory, or demo (the built-in "
+                        "tiny model)"),
+    "--mesh": dict(default="fsdp=-1",
+                   help="device mesh as axis=size pairs over data, fsdp, "
+                        "tensor and context (-1: the devices left), e.g. "
+                        "fsdp=8, data=2,fsdp=4 or context=8"),
+    "--dtype": dict(default="bfloat16", choices=DTYPES,
+                    help="weights and compute"),
+    "--heads": dict(type=count, default=32, help="query heads"),
+    "--kv-heads": dict(type=count, default=None,
+                       help="key/value heads (GQA; default: --heads)"),
+    "--head-dim": dict(type=count, default=128),
+}
+
+
+def option(parser: argparse.ArgumentParser, name: str, *, purpose: str = "",
+           **overrides) -> None:
+  """Adds the shared option `name` (a key of OPTIONS) to `parser`."""
+  kwargs = {**OPTIONS[name], **overrides}
+  if purpose:
+    kwargs["help"] = f"{purpose}: {kwargs['help']}" if kwargs.get("help") \
+        else purpose
+  parser.add_argument(name, **kwargs)
 
 
 def run(main: Callable[[], int | None]) -> None:
