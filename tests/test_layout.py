@@ -4,6 +4,7 @@ on its own, commands stand alone, library tests stay off the commands."""
 import ast
 import itertools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,60 @@ def test_no_file_is_long():
   long = {str(p.relative_to(ROOT)): n for p in sources
           if (n := len(p.read_text().splitlines())) > 420}
   assert not long
+
+
+# The layers, lowest first: a library module imports only modules of its own
+# package or of packages on earlier layers (two packages on one layer import
+# neither each other). docs/architecture.md shows the same list.
+LAYERS = (("core",), ("parallel",), ("attention",), ("model",), ("perf",),
+          ("checkpoints",), ("data",), ("training", "evaluation"), ("demo",))
+COMMAND_FOLDERS = ("train", "eval", "bench")
+
+
+def _package(module: str) -> str | None:
+  parts = module.split(".")
+  return parts[1] if parts[0] == "longlora_jax" and len(parts) > 1 else None
+
+
+def _layer(package: str) -> int:
+  (index,) = [i for i, layer in enumerate(LAYERS) if package in layer]
+  return index
+
+
+def test_every_subpackage_has_a_layer():
+  subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+  assert subpackages == {p for layer in LAYERS for p in layer}
+
+
+def test_imports_flow_down_the_layers():
+  wrong = []
+  for importer, imported in _library_graph(top_level_only=False).items():
+    if importer == "longlora_jax":
+      continue  # the package's face: a lazy name -> module table
+    for target in imported:
+      a, b = _package(importer), _package(target)
+      if b is None or a == b:
+        continue
+      if not _layer(b) < _layer(a):
+        wrong.append(f"{importer} -> {target}")
+  assert not wrong
+
+
+def test_the_library_imports_no_command_and_no_test():
+  for path in PACKAGE.rglob("*.py"):
+    bad = {m for m in _imports(path, top_level_only=False)
+           if m.split(".")[0] in (*COMMAND_FOLDERS, "tests")}
+    assert not bad, (path.relative_to(ROOT), bad)
+
+
+def test_the_training_engine_prints_no_evaluation_command():
+  for path in (PACKAGE / "training").rglob("*.py"):
+    assert "python -m eval." not in path.read_text(), path.name
+
+
+def test_architecture_doc_lists_the_same_layers():
+  text = (ROOT / "docs" / "architecture.md").read_text()
+  (block,) = re.findall(r"^```layers\n(.*?)^```", text, re.S | re.M)
+  documented = [tuple(p.strip() for p in line.split(":")[0].split("|"))
+                for line in block.strip().splitlines()]
+  assert documented == [*LAYERS, ("commands",)]

@@ -1,0 +1,222 @@
+"""Memory-efficient causal attention: flash-attention-2 in pure JAX.
+
+The sequence is cut into blocks of `block_size` tokens. Each query block
+visits the key blocks at or below the diagonal (those above are skipped, so
+causal attention costs about half the square) with an online softmax, and
+keeps its log-sum-exp. The backward pass (a `jax.custom_vjp`) recomputes the
+probabilities block by block from that log-sum-exp. Neither pass holds more
+than one `[block, block]` score tile per head, so memory grows linearly with
+the sequence: 100k tokens fit where dense attention's seq^2 scores would not.
+It is the portable path on CPU and the fallback on GPU.
+
+Shapes: `q: [batch, seq, q_heads, head_dim]`, `k, v: [batch, seq, kv_heads,
+head_dim]`. Query heads are handled as `[kv_heads, Q]` (Q = q_heads /
+kv_heads), so K/V are never repeated. Softmax statistics, accumulators and
+gradients accumulate in float32; the products take the input dtype.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.attention.masks import attention_mask
+
+# Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
+# to run efficiently on GPU, tiles small next to the O(seq) activations.
+DEFAULT_BLOCK = 512
+# On a CPU a head's tiles should stay in its caches: for forward + backward
+# at 8192 tokens, 8 heads of 64, 256 took 0.75x the time of 512, and with
+# head-major tiles 128 takes 0.78x the time of 256 for S²-Attn's groups and
+# the same for full attention (BENCHMARKS.md).
+CPU_BLOCK = 128
+
+
+def default_block() -> int:
+  """The block `chunked_causal_attention` takes on JAX's default backend."""
+  return CPU_BLOCK if jax.default_backend() == "cpu" else DEFAULT_BLOCK
+
+
+def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
+                             block_size: int | None = None):
+  """Causal attention with O(seq) memory in both passes ("chunked").
+
+  Same result as `dense.causal_attention`. The block is `block_size`
+  (default `default_block()`),
+  or the largest divisor of the sequence between half of it and it (100k
+  tokens: 500), or the whole sequence when shorter. Otherwise the sequence
+  is padded at the end, after every real token, so causality alone hides the
+  padding (at the cost of padded copies of q, k, v).
+  """
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  if N % K:
+    raise ValueError(f"q_heads={N} is not a multiple of kv_heads={K}")
+  if block_size is None:
+    block_size = default_block()
+  if block_size < 1:
+    raise ValueError(f"block_size={block_size} must be positive")
+  block = _block_for(T, block_size)
+  pad = -T % block
+  if pad:
+    pad_seq = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    q_BTNH, k_BTKH, v_BTKH = map(pad_seq, (q_BTNH, k_BTKH, v_BTKH))
+    if segment_ids_BT is not None:
+      segment_ids_BT = pad_seq(segment_ids_BT)
+  # Head-major inside: a tile of one head is contiguous, so no product
+  # re-lays out its operands.
+  q_BKQTH = q_BTNH.reshape(B, T + pad, K, N // K, H).transpose(0, 2, 3, 1, 4)
+  out_BKQTH = _flash(block, q_BKQTH, k_BTKH.transpose(0, 2, 1, 3),
+                     v_BTKH.transpose(0, 2, 1, 3), segment_ids_BT)
+  out_BTKQH = out_BKQTH.transpose(0, 3, 1, 2, 4)
+  return out_BTKQH.reshape(B, T + pad, N, H)[:, :T]
+
+
+def _block_for(seq, block_size):
+  if seq <= block_size:
+    return seq
+  divisors = [b for b in range(block_size, block_size // 2, -1) if seq % b == 0]
+  return divisors[0] if divisors else block_size
+
+
+def _tile(x, index, block, axis):
+  return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
+
+
+def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked):
+  """Scaled float32 scores of query block i against key block j: `[batch,
+  kv_heads, Q, t, s]` (t, s: the query and key blocks), -inf where the mask
+  hides the key when `masked` (a tile below the diagonal and without
+  documents hides none)."""
+  H = q_BKQtH.shape[-1]
+  s_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
+                       preferred_element_type=jnp.float32) * (H ** -0.5)
+  if not masked:
+    return s_BKQts
+  pos = jnp.arange(block)
+  seg_q = seg_k = None
+  if segment_ids_BT is not None:
+    seg_q = _tile(segment_ids_BT, i, block, 1)
+    seg_k = _tile(segment_ids_BT, j, block, 1)
+  mask_Bts = attention_mask(i * block + pos, j * block + pos, seg_q, seg_k)
+  return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
+
+
+def _visit(i, j_lo, j_hi, segment_ids_BT, tile, carry):
+  """Runs `tile(j, carry, masked)` over blocks [j_lo, j_hi), a range that
+  holds the diagonal block i: the mask only where it can hide a key."""
+  if segment_ids_BT is not None:
+    return jax.lax.fori_loop(j_lo, j_hi, functools.partial(tile, masked=True),
+                             carry)
+  below = lambda lo, hi, c: jax.lax.fori_loop(
+      lo, hi, functools.partial(tile, masked=False), c)
+  carry = below(j_lo, jnp.minimum(i, j_hi), carry)
+  carry = tile(i, carry, masked=True)
+  return below(jnp.maximum(i + 1, j_lo), j_hi, carry)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  return _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT)[0]
+
+
+def _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  """Output `[batch, kv_heads, Q, seq, head_dim]` and float32 log-sum-exp
+  `[batch, kv_heads, Q, seq]`."""
+  B, K, Q, T, H = q_BKQTH.shape
+  n = T // block
+
+  def query_block(i):
+    q_BKQtH = _tile(q_BKQTH, i, block, 3)
+
+    def key_block(j, carry, masked):
+      m_BKQt, l_BKQt, acc_BKQtH = carry
+      s_BKQts = _scores(q_BKQtH, _tile(k_BKTH, j, block, 2), i, j, block,
+                        segment_ids_BT, masked)
+      m_new = jnp.maximum(m_BKQt, s_BKQts.max(-1))
+      # A row with no visible key yet (other segments only) keeps m = -inf;
+      # shifting by 0 instead makes its weights exp(-inf) = 0, not NaN.
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+      p_BKQts = jnp.exp(s_BKQts - m_safe[..., None])
+      correction = jnp.exp(m_BKQt - m_safe)
+      l_BKQt = l_BKQt * correction + p_BKQts.sum(-1)
+      acc_BKQtH = acc_BKQtH * correction[..., None] + jnp.einsum(
+          "BKQts,BKsH->BKQtH", p_BKQts.astype(v_BKTH.dtype),
+          _tile(v_BKTH, j, block, 2), preferred_element_type=jnp.float32)
+      return m_new, l_BKQt, acc_BKQtH
+
+    init = (jnp.full((B, K, Q, block), -jnp.inf), jnp.zeros((B, K, Q, block)),
+            jnp.zeros((B, K, Q, block, H)))
+    # Key blocks after the diagonal are never visited; each query sees its
+    # own key in block i, so l > 0 at the end.
+    m_BKQt, l_BKQt, acc_BKQtH = _visit(i, 0, i + 1, segment_ids_BT,
+                                       key_block, init)
+    out_BKQtH = acc_BKQtH / l_BKQt[..., None]
+    return out_BKQtH.astype(q_BKQTH.dtype), m_BKQt + jnp.log(l_BKQt)
+
+  out_nBKQtH, lse_nBKQt = jax.lax.map(query_block, jnp.arange(n))
+  out_BKQTH = jnp.moveaxis(out_nBKQtH, 0, 3).reshape(B, K, Q, T, H)
+  lse_BKQT = jnp.moveaxis(lse_nBKQt, 0, 3).reshape(B, K, Q, T)
+  return out_BKQTH, lse_BKQT
+
+
+def _flash_fwd(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  out_BKQTH, lse_BKQT = _forward(block, q_BKQTH, k_BKTH, v_BKTH,
+                                 segment_ids_BT)
+  return out_BKQTH, (q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH,
+                     lse_BKQT)
+
+
+def _flash_bwd(block, residuals, dout_BKQTH):
+  """Flash-attention-2 backward: an outer loop over key blocks accumulates
+  their dK and dV over the query blocks at or after them, and adds each
+  tile's share of dQ into one float32 dQ (O(seq), updated in place)."""
+  q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH, lse_BKQT = residuals
+  B, K, Q, T, H = q_BKQTH.shape
+  n = T // block
+  scale = H ** -0.5
+  dtype = q_BKQTH.dtype
+  # D = rowsum(dO * O), the softmax-Jacobian term shared by a row's tiles.
+  delta_BKQT = jnp.einsum("BKQTH,BKQTH->BKQT", dout_BKQTH, out_BKQTH,
+                          preferred_element_type=jnp.float32)
+
+  def key_block(dq_BKQTH, j):
+    k_BKsH = _tile(k_BKTH, j, block, 2)
+    v_BKsH = _tile(v_BKTH, j, block, 2)
+
+    def query_block(i, carry, masked):
+      dq_BKQTH, dk_BKsH, dv_BKsH = carry
+      q_BKQtH = _tile(q_BKQTH, i, block, 3)
+      do_BKQtH = _tile(dout_BKQTH, i, block, 3)
+      s_BKQts = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked)
+      p_BKQts = jnp.exp(s_BKQts - _tile(lse_BKQT, i, block, 3)[..., None])
+      dv_BKsH += jnp.einsum("BKQts,BKQtH->BKsH", p_BKQts.astype(dtype),
+                            do_BKQtH, preferred_element_type=jnp.float32)
+      dp_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", do_BKQtH, v_BKsH,
+                            preferred_element_type=jnp.float32)
+      ds_BKQts = (p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
+                  ).astype(dtype)
+      dk_BKsH += scale * jnp.einsum("BKQts,BKQtH->BKsH", ds_BKQts, q_BKQtH,
+                                    preferred_element_type=jnp.float32)
+      dq_BKQtH = _tile(dq_BKQTH, i, block, 3) + scale * jnp.einsum(
+          "BKQts,BKsH->BKQtH", ds_BKQts, k_BKsH,
+          preferred_element_type=jnp.float32)
+      dq_BKQTH = jax.lax.dynamic_update_slice_in_dim(dq_BKQTH, dq_BKQtH,
+                                                     i * block, axis=3)
+      return dq_BKQTH, dk_BKsH, dv_BKsH
+
+    zeros = jnp.zeros((B, K, block, H), jnp.float32)
+    # Query blocks before the diagonal cannot see key block j: skipped.
+    dq_BKQTH, dk_BKsH, dv_BKsH = _visit(j, j, n, segment_ids_BT, query_block,
+                                        (dq_BKQTH, zeros, zeros))
+    # Complete after the inner loop: store in the input dtype.
+    return dq_BKQTH, (dk_BKsH.astype(k_BKTH.dtype),
+                      dv_BKsH.astype(v_BKTH.dtype))
+
+  dq_BKQTH, (dk_nBKsH, dv_nBKsH) = jax.lax.scan(
+      key_block, jnp.zeros((B, K, Q, T, H), jnp.float32), jnp.arange(n))
+  unblock = lambda x_nBKsH: jnp.moveaxis(x_nBKsH, 0, 2).reshape(B, K, T, H)
+  return dq_BKQTH.astype(dtype), unblock(dk_nBKsH), unblock(dv_nBKsH), None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,20 @@
+"""Which keys a query may see: the one definition every attention uses."""
+
+import jax.numpy as jnp
+
+
+def attention_mask(q_pos_T, k_pos_S, q_segment_ids_BT=None,
+                   k_segment_ids_BS=None):
+  """`[batch or 1, T, S]` bool: a query may attend a key at or before it in
+  its own segment."""
+  mask_BTS = (q_pos_T[:, None] >= k_pos_S[None, :])[None]
+  if q_segment_ids_BT is not None:
+    mask_BTS = mask_BTS & (q_segment_ids_BT[:, :, None]
+                           == k_segment_ids_BS[:, None, :])
+  return mask_BTS
+
+
+def causal_mask(seq_len: int, segment_ids_BT=None):
+  """`[batch or 1, seq, seq]` bool: query t may attend key s."""
+  t = jnp.arange(seq_len)
+  return attention_mask(t, t, segment_ids_BT, segment_ids_BT)

@@ -1,0 +1,104 @@
+"""Opening a checkpoint: its location resolved once, then its config,
+tokenizer and parameters from the one object every command uses."""
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core.errors import CheckpointError
+from longlora_jax.parallel.sharding import shardings_like
+from longlora_jax.checkpoints.hf import expected_shapes, read_params
+from longlora_jax.checkpoints.hub import resolve_checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """A Hugging Face Llama checkpoint: `Checkpoint.open(...)`.
+
+  name: as given (`hf:ORG/NAME[@revision]`, a directory, or `demo`);
+  directory: where its files are; config: its config.json.
+  """
+  name: str
+  directory: Path
+  config: LlamaConfig
+
+  @classmethod
+  def open(cls, name: str | os.PathLike) -> "Checkpoint":
+    """Resolves `name` (a directory, `hf:ORG/NAME[@revision]` through the
+    Hugging Face cache, or `demo`, the built-in tiny model) and reads its
+    config. Raises CheckpointError with the fix when it cannot."""
+    name = str(name)
+    directory = resolve_checkpoint(name)
+    return cls(name, directory, LlamaConfig.from_pretrained(directory))
+
+  def params(self, dtype=jnp.bfloat16, shardings=None):
+    """The weights as our parameter tree, in `dtype`; `shardings` (a tree
+    like the parameters, e.g. `param_shardings(config, mesh)`) places each
+    device's part as it is read, and no whole tensor on any one device."""
+    return read_params(self.directory, self.config, dtype, shardings)
+
+  @functools.cached_property
+  def tokenizer(self):
+    """Its tokenizer (`load_tokenizer`)."""
+    return load_tokenizer(self.directory)
+
+  @property
+  def eos_id(self) -> int:
+    """The end-of-document token: the tokenizer's, else the config's."""
+    eos = self.tokenizer.eos_token_id
+    return int(np.atleast_1d(self.config.eos_token_id)[0]) if eos is None \
+        else eos
+
+
+def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):
+  """`(LlamaConfig, params)` of a HF Llama checkpoint: a local directory or
+  `hf:ORG/NAME[@rev]`; `dtype` bfloat16, float16 or float32 (or their
+  names). Raises CheckpointError when it is missing, malformed or not a
+  Llama."""
+  checkpoint = Checkpoint.open(path_or_id)
+  return checkpoint.config, checkpoint.params(dtype)
+
+
+def load_tokenizer(directory: str | os.PathLike):
+  """transformers' tokenizer of a directory (a checkpoint, or tokenizer files
+  alone); one with `tokenizer.model` and no `tokenizer.json` (what the
+  official LongLoRA merge script saves) encodes as SentencePiece does."""
+  import transformers
+  directory = Path(directory)
+  config_file = directory / "tokenizer_config.json"
+  try:
+    if ((directory / "tokenizer.model").exists()
+        and not (directory / "tokenizer.json").exists()):
+      # transformers 5's LlamaTokenizer ranks the BPE merges it builds from
+      # tokenizer.model by piece id, not score, so "▁▁" merges first and
+      # runs of spaces encode differently; its generic backend follows the
+      # SentencePiece model (transformers 4 lacks it and needs it not).
+      # legacy=True encodes each text between special tokens as
+      # SentencePiece does, leading spaces included. Llama prepends BOS.
+      backend = getattr(transformers, "TokenizersBackend",
+                        transformers.AutoTokenizer)
+      configured = config_file.exists() and "add_bos_token" in json.loads(
+          config_file.read_text())
+      return backend.from_pretrained(
+          directory, legacy=True,
+          **({} if configured else {"add_bos_token": True}))
+    return transformers.AutoTokenizer.from_pretrained(directory)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
+
+
+def param_shardings(config: LlamaConfig, mesh):
+  """The parameters' shardings on `mesh` by the sharding rules
+  (`sharding.param_spec`), from their shapes alone: decided before any byte
+  is read, and the same as a train state's for its frozen weights."""
+  return shardings_like(traverse_util.unflatten_dict({
+      path: jax.ShapeDtypeStruct(shape, jnp.float32)
+      for path, shape in expected_shapes(config).items()}), mesh)

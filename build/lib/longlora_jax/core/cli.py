@@ -1,0 +1,142 @@
+"""Shared behaviour of the `python -m train.*`, `eval.*` and `bench.*`
+commands: the parser (one-line errors, defaults in --help), the types that
+check numbers at the door, the options several commands share (declared
+once, in OPTIONS), and the wrapper that turns a user error into one line.
+"""
+
+import argparse
+import copy
+import math
+import sys
+from typing import Callable
+
+from longlora_jax.core.errors import LongLoraError
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """The description as written; every option's default after its help."""
+
+  def _format_action(self, action):
+    default = action.default
+    if (action.option_strings and action.help is not argparse.SUPPRESS
+        and default not in (None, False, argparse.SUPPRESS)
+        and "default" not in (action.help or "")):
+      shown = " ".join(map(str, default)) if isinstance(
+          default, (list, tuple)) else str(default)
+      action = copy.copy(action)
+      action.help = (f"{action.help} " if action.help else "") + (
+          f"(default: {shown})".replace("%", "%%"))
+    return super()._format_action(action)
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with the project's conventions: a wrong option is one line
+  "error: ..." and exit code 2, as every other user error."""
+
+  def __init__(self, description: str, **kwargs):
+    """`description`: the command's docstring, shown as written."""
+    super().__init__(description=description, formatter_class=_HelpFormatter,
+                     **kwargs)
+
+  def error(self, message):
+    print(f"error: {message} (see --help)", file=sys.stderr)
+    sys.exit(2)
+
+
+def _bounds(low, high, low_open: bool = False, high_open: bool = False
+            ) -> str:
+  if high is None:
+    return f"> {low:g}" if low_open else f">= {low:g}"
+  return (f"in {'(' if low_open else '['}{low:g}, {high:g}"
+          f"{')' if high_open else ']'}")
+
+
+def integer(low: int = 1, high: int | None = None, *,
+            tokens: bool = False) -> Callable[[str], int]:
+  """An argparse `type`: an integer in [low, high]; with `tokens`, a k
+  suffix counts 1024, as RULER names its lengths (4k = 4096, 0.75k = 768)."""
+  def parse(text: str) -> int:
+    try:
+      value = (float(text[:-1]) * 1024 if tokens and text[-1:] in ("k", "K")
+               else int(text))
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and value == int(value) and value >= low
+            and (high is None or value <= high)):
+      raise argparse.ArgumentTypeError(
+          f"{text!r} is not an integer {_bounds(low, high)}"
+          + (" (e.g. 4096 or 4k)" if tokens else ""))
+    return int(value)
+  return parse
+
+
+def real(low: float = 0.0, high: float | None = None, *,
+         low_open: bool = False, high_open: bool = False
+         ) -> Callable[[str], float]:
+  """An argparse `type`: a finite number in [low, high] (an end excluded
+  when open)."""
+  def parse(text: str) -> float:
+    try:
+      value = float(text)
+    except ValueError:
+      value = math.nan
+    if not (math.isfinite(value) and (value > low if low_open else value >= low)
+            and (high is None or (value < high if high_open
+                                  else value <= high))):
+      raise argparse.ArgumentTypeError(
+          f"{text!r} is not a finite number "
+          f"{_bounds(low, high, low_open, high_open)}")
+    return value
+  return parse
+
+
+# The ranges most options take.
+count = integer(1)  # sizes, steps, lengths, trials
+index = integer(0)  # seeds, steps counted from 0, warmup
+positive = real(0.0, low_open=True)  # learning rates, scales
+fraction = real(0.0, 1.0, low_open=True)  # ratios, top-p
+
+
+DTYPES = ("bfloat16", "float32", "float16")
+
+# Options that several commands take, declared once: `option(parser, name,
+# **overrides)` adds one, with a command's own default or help where it
+# differs (`help` overrides replace the text; `purpose` is put in front).
+OPTIONS = {
+    "--ckpt": dict(help="hf:ORG/NAME (through the Hugging Face cache), a "
+                        "local checkpoint directory, or demo (the built-in "
+                        "tiny model)"),
+    "--mesh": dict(default="fsdp=-1",
+                   help="device mesh as axis=size pairs over data, fsdp, "
+                        "tensor and context (-1: the devices left), e.g. "
+                        "fsdp=8, data=2,fsdp=4 or context=8"),
+    "--dtype": dict(default="bfloat16", choices=DTYPES,
+                    help="weights and compute"),
+    "--heads": dict(type=count, default=32, help="query heads"),
+    "--kv-heads": dict(type=count, default=None,
+                       help="key/value heads (GQA; default: --heads)"),
+    "--head-dim": dict(type=count, default=128),
+}
+
+
+def option(parser: argparse.ArgumentParser, name: str, *, purpose: str = "",
+           **overrides) -> None:
+  """Adds the shared option `name` (a key of OPTIONS) to `parser`."""
+  kwargs = {**OPTIONS[name], **overrides}
+  if purpose:
+    kwargs["help"] = f"{purpose}: {kwargs['help']}" if kwargs.get("help") \
+        else purpose
+  parser.add_argument(name, **kwargs)
+
+
+def run(main: Callable[[], int | None]) -> None:
+  """Runs `main`; a user error becomes one line on stderr and exit code 2."""
+  try:
+    code = main()
+  except LongLoraError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+  sys.exit(code or 0)

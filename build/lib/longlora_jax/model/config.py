@@ -1,0 +1,413 @@
+"""Model configuration, spelled with Hugging Face `config.json` keys.
+
+One decoder covers the Llama family as transformers writes it: Llama 1-3.3
+(and Llama-architecture models such as SmolLM2, TinyLlama, Yi), Mistral,
+Qwen2/Qwen2.5 and Qwen3 (dense). What differs between them is data here:
+biases on the attention projections, RMSNorm of q and k per head (Qwen3),
+a sliding window, and the RoPE scaling type.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+from longlora_jax.core.errors import CheckpointError
+from longlora_jax.core.files import write_json
+
+# model_type -> the transformers class that a checkpoint of it loads as.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# RoPE types computed exactly as transformers does (`rope`); others (e.g.
+# "longrope") are refused, not ignored.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# Keys whose explicit `null` in config.json means something (no token, no
+# window, or "derive it"); a null anywhere else means "use the default".
+_NULLABLE = ("bos_token_id", "eos_token_id", "pad_token_id",
+             "num_key_value_heads", "head_dim", "sliding_window")
+# RopeScaling fields that transformers reads from rope_scaling /
+# rope_parameters, per type (besides rope_type and factor).
+_ROPE_KEYS = {
+    "default": (), "linear": (), "dynamic": (),
+    "llama3": ("low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+    "yarn": ("original_max_position_embeddings", "beta_fast", "beta_slow",
+             "attention_factor", "mscale", "mscale_all_dim", "truncate"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """A RoPE scaling type and its parameters, as transformers names them.
+
+  "linear": positions / factor (position interpolation, LongLoRA's);
+  "dynamic": NTK-aware, the base stretched with the sequence length at use;
+  "yarn": YaRN (interpolation ramped by frequency, beta_fast/beta_slow, and
+  an attention factor); "llama3": Llama 3.1's smooth frequency scaling.
+  """
+  factor: float
+  rope_type: str = "linear"
+  original_max_position_embeddings: int | None = None
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  beta_fast: float | None = None
+  beta_slow: float | None = None
+  attention_factor: float | None = None
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  truncate: bool | None = None
+
+  def hf_dict(self) -> dict[str, Any]:
+    """rope_type, factor and the type's parameters that are set."""
+    keys = _ROPE_KEYS[self.rope_type]
+    return {"rope_type": self.rope_type, "factor": self.factor,
+            **{k: getattr(self, k) for k in keys
+               if getattr(self, k) is not None}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """A Llama-family decoder. Field names are the HF `config.json` keys,
+  except the family switches that transformers derives from `model_type`:
+  `qkv_bias`/`o_bias` (biases on q, k, v and on o), `qk_norm` (Qwen3's
+  RMSNorm of q and k over head_dim before RoPE).
+
+  Frozen (hashable) so it can be a static argument of `jax.jit`.
+  """
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None  # None: same as attention heads.
+  head_dim: int | None = None  # None: hidden_size // num_attention_heads.
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+  model_type: str = "llama"
+  qkv_bias: bool = False
+  o_bias: bool = False
+  qk_norm: bool = False
+  # Attention sees at most this many keys back (Mistral v0.1, Qwen with
+  # use_sliding_window); None: no window. Sequences longer than the window
+  # are refused (`check_length`), so shorter ones are exact without it.
+  sliding_window: int | None = None
+  max_window_layers: int | None = None
+
+  def __post_init__(self):
+    # Resolve the derived defaults once so every reader sees plain ints.
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      object.__setattr__(
+          self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if self.model_type not in FAMILIES:
+      raise CheckpointError(
+          f"model_type {self.model_type!r} is not supported (supported: "
+          f"{', '.join(FAMILIES)})")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise CheckpointError(
+          f"num_attention_heads={self.num_attention_heads} is not a multiple "
+          f"of num_key_value_heads={self.num_key_value_heads}")
+    if self.head_dim % 2:
+      raise CheckpointError(f"head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def rope_type(self) -> str:
+    return self.rope_scaling.rope_type if self.rope_scaling else "default"
+
+  @property
+  def rope_factor(self) -> float:
+    """The RoPE scaling factor (1.0: none)."""
+    return self.rope_scaling.factor if self.rope_scaling else 1.0
+
+  @property
+  def original_context(self) -> int:
+    """Context the RoPE frequencies were pretrained at, before any scaling:
+    llama3 and yarn name it, the other types keep it as
+    max_position_embeddings (how transformers reads linear scaling)."""
+    original = (self.rope_scaling and
+                self.rope_scaling.original_max_position_embeddings)
+    return int(original or self.max_position_embeddings)
+
+  @property
+  def context(self) -> int:
+    """Tokens this config's RoPE is meant for: the original context times
+    a linear or dynamic factor; max_position_embeddings for llama3 (Llama
+    3.1: 8192 x 16); for yarn the larger of the two."""
+    kind, n = self.rope_type, int(self.max_position_embeddings)
+    if kind in ("linear", "dynamic"):
+      return int(n * self.rope_factor)
+    if kind == "yarn":
+      return max(n, int(self.original_context * self.rope_factor))
+    return n
+
+  def with_context(self, ctx: int, rope: str | None = None) -> "LlamaConfig":
+    """This config extended to `ctx` tokens.
+
+    rope None: a config that already scales with llama3 or yarn keeps its
+    type, its factor times ceil(ctx / context) (llama3 also its
+    max_position_embeddings, as Llama 3.1 writes it); any other gets
+    LongLoRA's linear position interpolation. "linear": factor ceil(ctx /
+    original context), as the official LongLoRA code computes it. "yarn":
+    YaRN with that factor over the original context (transformers' default
+    beta_fast 32, beta_slow 1). Both keep max_position_embeddings the
+    original length: how transformers reads "linear", and what its 4.43-
+    4.44 releases take as yarn's pretraining length.
+    """
+    kind = self.rope_type
+    if rope is None:
+      rope = kind if kind in ("llama3", "yarn") else "linear"
+    if rope not in ("linear", "yarn", "llama3"):
+      raise ValueError(f"unknown RoPE extension {rope!r}; choose linear or "
+                       "yarn")
+    if rope == kind and kind in ("llama3", "yarn"):
+      m = math.ceil(ctx / self.context)
+      if m <= 1:
+        return self
+      return dataclasses.replace(
+          self, max_position_embeddings=self.max_position_embeddings * (
+              m if kind == "llama3" else 1),
+          rope_scaling=dataclasses.replace(self.rope_scaling,
+                                           factor=self.rope_factor * m))
+    if rope == "llama3":
+      raise ValueError("llama3 RoPE scaling extends a llama3 config only; "
+                       "choose linear or yarn")
+    original = self.original_context
+    factor = float(math.ceil(ctx / original))
+    scaling = None
+    if factor > 1:
+      scaling = (RopeScaling(factor) if rope == "linear" else RopeScaling(
+          factor, "yarn", original_max_position_embeddings=original))
+    return dataclasses.replace(self, rope_scaling=scaling,
+                               max_position_embeddings=original)
+
+  def check_length(self, seq: int) -> None:
+    """Refuses sequences a sliding window would cut (see `sliding_window`)."""
+    if self.sliding_window is not None and seq > self.sliding_window:
+      raise CheckpointError(
+          f"this {self.model_type} checkpoint attends within a sliding window "
+          f"of {self.sliding_window} tokens, which longlora_jax does not apply;"
+          f" {seq} tokens are more. Use a checkpoint without a window (Mistral "
+          "v0.2 and later; Qwen with use_sliding_window false)")
+
+  # ---- Hugging Face config.json ----
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json"):
+    """Builds a config from a parsed HF `config.json` (transformers 4 or 5)."""
+    model_type = d.get("model_type")
+    archs = d.get("architectures") or []
+    if model_type not in FAMILIES:
+      raise CheckpointError(
+          f"{source}: model_type={model_type!r}, architectures={archs} is not "
+          f"supported; supported families: {', '.join(FAMILIES)} (dense "
+          "decoders; no MoE, Gemma, Phi or multimodal models)")
+    if d.get("hidden_act", "silu") != "silu":
+      raise CheckpointError(f"{source}: hidden_act={d['hidden_act']!r} is "
+                            "not supported (these families use 'silu')")
+    if d.get("mlp_bias"):
+      raise CheckpointError(f"{source}: mlp_bias=true is not supported")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
+                           "num_hidden_layers", "num_attention_heads")
+               if k not in d]
+    if missing:
+      raise CheckpointError(f"{source}: missing required keys {missing}")
+
+    rope = _parse_rope(d, source)
+    family = _FAMILY_KEYS[model_type](d)
+    fields = {f.name for f in dataclasses.fields(cls)} - {
+        "rope_scaling", *family}
+    kwargs = {k: v for k, v in d.items()
+              if k in fields and (v is not None or k in _NULLABLE)}
+    if "rope_theta" in rope:
+      kwargs["rope_theta"] = rope["rope_theta"]
+    try:
+      return cls(rope_scaling=rope.get("scaling"), **kwargs, **family)
+    except (TypeError, ValueError) as e:
+      raise CheckpointError(f"{source}: {e}") from None
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The HF `config.json` dict of this family, readable by transformers
+    5.x and 4.43+ (4.34+ for linear scaling, the official LongLoRA pin)."""
+    d = {"architectures": [FAMILIES[self.model_type]], "hidden_act": "silu"}
+    own = ("rope_scaling", "qkv_bias", "o_bias", "qk_norm", "sliding_window",
+           "max_window_layers")
+    for f in dataclasses.fields(self):
+      if f.name not in own:
+        value = getattr(self, f.name)
+        d[f.name] = list(value) if isinstance(value, tuple) else value
+    window = {"sliding_window": self.sliding_window}
+    if self.model_type in ("qwen2", "qwen3"):
+      window = {"use_sliding_window": self.sliding_window is not None,
+                "sliding_window": self.sliding_window,
+                "max_window_layers": (self.max_window_layers
+                                      or self.num_hidden_layers)}
+    d.update({
+        "llama": {"attention_bias": self.qkv_bias, "mlp_bias": False},
+        "mistral": window,
+        "qwen2": window,
+        "qwen3": {"attention_bias": self.qkv_bias, **window},
+    }[self.model_type])
+    d.update(_rope_hf_dicts(self.rope_scaling, self.rope_theta))
+    return d
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike) -> "LlamaConfig":
+    """Reads `config.json` from a checkpoint directory (or the file itself)."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.exists(file):
+      raise CheckpointError(f"{file}: not found; a Hugging Face checkpoint "
+                            "directory must contain config.json")
+    try:
+      with open(file) as f:
+        d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+      raise CheckpointError(f"{file}: expected a JSON object")
+    return cls.from_hf_dict(d, source=str(file))
+
+  def save(self, directory: str | os.PathLike, **extra) -> None:
+    write_json(os.path.join(directory, "config.json"),
+               {**self.to_hf_dict(), **extra})
+
+
+def _biases(d: dict[str, Any], qkv: bool | None = None) -> dict[str, bool]:
+  """attention_bias sets the biases of q, k, v and o (Llama, Qwen3)."""
+  bias = bool(d.get("attention_bias", False))
+  return {"qkv_bias": bias if qkv is None else qkv, "o_bias": bias and qkv is
+          None}
+
+
+def _window(d: dict[str, Any], switch: str | None = None) -> dict[str, Any]:
+  """Mistral's sliding_window; Qwen's only where use_sliding_window."""
+  on = d.get(switch, False) if switch else True
+  window = d.get("sliding_window") if on else None
+  return {"sliding_window": window,
+          "max_window_layers": d.get("max_window_layers") if window else None}
+
+
+# model_type -> the family switches from its config.json.
+_FAMILY_KEYS = {
+    "llama": lambda d: {**_biases(d), **_window({})},
+    "mistral": lambda d: {**_biases({}), **_window(d)},
+    "qwen2": lambda d: {**_biases(d, qkv=True),
+                        **_window(d, "use_sliding_window")},
+    "qwen3": lambda d: {**_biases(d), "qk_norm": True,
+                        **_window(d, "use_sliding_window")},
+}
+
+
+def _rope_hf_dicts(scaling: RopeScaling | None, theta: float) -> dict:
+  """`rope_scaling` (transformers 4.x) and `rope_parameters` (5.x).
+
+  Linear and dynamic scaling are written with exactly the keys `type` and
+  `factor`, which transformers 4.34-4.42 require (the official LongLoRA
+  pins 4.34); llama3 and yarn exist from 4.43, in its `rope_type` format.
+  """
+  if scaling is None:
+    return {"rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+  params = scaling.hf_dict()
+  legacy = ({"type": scaling.rope_type, "factor": scaling.factor}
+            if scaling.rope_type in ("linear", "dynamic") else params)
+  return {"rope_scaling": legacy,
+          "rope_parameters": {**params, "rope_theta": theta}}
+
+
+def _parse_rope(d: dict[str, Any], source: str) -> dict[str, Any]:
+  """RoPE theta and scaling from either transformers spelling."""
+  params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  if not isinstance(params, dict):
+    raise CheckpointError(f"{source}: rope scaling must be an object, "
+                          f"got {params!r}")
+  out = {}
+  if params.get("rope_theta") is not None:
+    out["rope_theta"] = float(params["rope_theta"])
+  elif d.get("rope_theta") is not None:
+    out["rope_theta"] = float(d["rope_theta"])
+  rope_type = params.get("rope_type") or params.get("type") or "default"
+  if rope_type not in ROPE_TYPES:
+    raise CheckpointError(
+        f"{source}: rope type {rope_type!r} is not supported "
+        f"(supported: {', '.join(ROPE_TYPES)})")
+  if params.get("partial_rotary_factor", 1.0) != 1.0:
+    raise CheckpointError(f"{source}: partial_rotary_factor "
+                          f"{params['partial_rotary_factor']} is not supported")
+  if rope_type == "default":
+    return out
+  factor = params.get("factor")
+  original = (params.get("original_max_position_embeddings")
+              or d.get("original_max_position_embeddings"))
+  if rope_type in ("llama3", "yarn"):
+    original = original or d.get("max_position_embeddings")
+    if factor is None and rope_type == "yarn" and original:
+      factor = d["max_position_embeddings"] / original  # transformers' rule
+  if not isinstance(factor, (int, float)) or factor < 1:
+    raise CheckpointError(
+        f"{source}: {rope_type} rope scaling needs a factor >= 1, got "
+        f"{factor!r}")
+  if rope_type == "llama3" and not all(
+      isinstance(params.get(k), (int, float))
+      for k in ("low_freq_factor", "high_freq_factor")):
+    raise CheckpointError(f"{source}: llama3 rope scaling needs "
+                          "low_freq_factor and high_freq_factor")
+  extra = {k: params[k] for k in _ROPE_KEYS[rope_type]
+           if params.get(k) is not None}
+  if rope_type in ("llama3", "yarn"):
+    extra["original_max_position_embeddings"] = int(original)
+  if rope_type == "linear" and factor == 1:
+    return out
+  out["scaling"] = RopeScaling(float(factor), rope_type, **extra)
+  return out
+
+
+_LLAMA3_ROPE = RopeScaling(8.0, "llama3", original_max_position_embeddings=8192,
+                           low_freq_factor=1.0, high_freq_factor=4.0)
+PRESETS = {
+    "llama2-7b": LlamaConfig(),
+    "llama2-13b": LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40),
+    "llama2-70b": LlamaConfig(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8),
+    "llama3.1-8b": LlamaConfig(
+        vocab_size=128256, intermediate_size=14336, num_key_value_heads=8,
+        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        max_position_embeddings=131072, bos_token_id=128000,
+        eos_token_id=128001),
+    "llama3.1-70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+        num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+        max_position_embeddings=131072, bos_token_id=128000,
+        eos_token_id=128001),
+    "qwen2.5-7b": LlamaConfig(
+        model_type="qwen2", vocab_size=152064, hidden_size=3584,
+        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=32768, qkv_bias=True, bos_token_id=151643,
+        eos_token_id=151643),
+    "mistral-7b": LlamaConfig(  # v0.3: no sliding window
+        model_type="mistral", vocab_size=32768, intermediate_size=14336,
+        num_key_value_heads=8, rope_theta=1000000.0,
+        max_position_embeddings=32768),
+}
+
+
+def preset(name: str) -> LlamaConfig:
+  if name not in PRESETS:
+    raise CheckpointError(
+        f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name]

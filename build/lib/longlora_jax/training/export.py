@@ -1,0 +1,147 @@
+"""A run's outputs: the merged model (HF format) and the PEFT adapter, from
+the end of training or from any saved checkpoint, and the commands that
+evaluate them."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core.errors import CheckpointError, LongLoraError
+from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.checkpoints.hf import save_hf
+from longlora_jax.checkpoints.peft.adapter import save_peft
+from longlora_jax.evaluation.passkey import default_protocol
+from longlora_jax.parallel.sharding import make_mesh
+from longlora_jax.training import saving
+from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
+                                          target_config)
+from longlora_jax.training.step import initial_run_state, params_of
+
+
+def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
+                  params, targets: dict[str, Path], *, overwrite: bool = True,
+                  max_shard_size: int | str = "5GB") -> dict[str, Path]:
+  """Writes `params` (the run's tree, LoRA nodes included) to each of
+  `targets`: "hf" the merged model (with `base`'s tokenizer), "peft" the
+  adapter; `config` carries the RoPE scaling. Each directory appears only
+  once complete."""
+  if "peft" in targets and spec.mode == "full":
+    raise LongLoraError("a full fine-tuning run has no adapter; export it "
+                        "as --format hf")
+  dtype = jnp.dtype(spec.recipe.dtype)
+  written = {}
+  # Every process takes part (the parameters may be sharded over them);
+  # process 0 writes, one tensor at a time, LoRA merged a layer at a time.
+  if "hf" in targets:
+    written["hf"] = save_hf(config, params, targets["hf"],
+                            tokenizer_from=base.directory, dtype=dtype,
+                            overwrite=overwrite, merge_lora=True,
+                            max_shard_size=max_shard_size)
+  if "peft" in targets:
+    written["peft"] = save_peft(
+        config, params, targets["peft"], extra=MODES[spec.mode],
+        base_model_name_or_path=_hub_name(base), dtype=dtype,
+        overwrite=overwrite)
+  return written if jax.process_index() == 0 else {}
+
+
+def _hub_name(base: Checkpoint) -> str:
+  """How transformers finds `base`: its Hub id, else its directory."""
+  if base.name.startswith("hf:"):
+    return base.name[3:].partition("@")[0]
+  return str(Path(base.directory).absolute())
+
+
+def print_commands(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
+                   written: dict[str, Path]) -> None:
+  """How to evaluate (or chat with) what was written from `base`; `config`
+  is the trained one, with its RoPE scaling."""
+  if "hf" in written:
+    hf = written["hf"]
+    print(f"\nmerged model (HF format): {hf}")
+    if spec.task == "sft":
+      print("ask it about a long document with:\n  python -m eval.chat "
+            f"--ckpt {hf} --material FILE.txt --question \"...\"")
+    else:
+      # The official lengths need 274 tokens or more; measured ones land
+      # where asked, in quarters of the context.
+      interval = (max(spec.ctx // 8, 274) if default_protocol(
+          base.tokenizer) == "official" else spec.ctx // 4)
+      data = spec.data
+      if spec.ckpt == "demo":
+        from longlora_jax.demo.base import demo_data
+        train, heldout = map(str, demo_data())
+        data = heldout if data == train else data
+      print(f"evaluate it with:\n"
+            f"  python -m eval.perplexity --ckpt {hf} --data {data} "
+            f"--seq-len {config.original_context} {spec.ctx}\n"
+            f"  python -m eval.passkey --ckpt {hf} --max-tokens {spec.ctx} "
+            f"--interval {interval}\n"
+            f"  python -m eval.ruler --ckpt {hf} --lengths "
+            f"{' '.join(map(str, ruler_lengths(config.original_context, spec.ctx)))}")
+  if "peft" in written:
+    rope = config.to_hf_dict()["rope_parameters"]
+    print(f"\nPEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
+          "load it with PyTorch and peft on its base model (recorded in "
+          "adapter_config.json) with the RoPE scaling it was trained with, "
+          "in float32 (the merged model's logits):\n"
+          "  import torch\n"
+          "  from peft import AutoPeftModelForCausalLM\n"
+          f"  model = AutoPeftModelForCausalLM.from_pretrained("
+          f"'{written['peft']}', dtype=torch.float32, "
+          f"rope_parameters={rope}, "
+          f"max_position_embeddings={config.max_position_embeddings})")
+
+
+def ruler_lengths(native: int, ctx: int) -> list[int]:
+  """RULER's lengths for a model extended from `native` to `ctx` tokens:
+  the native length doubled up to the trained one, which ends the list."""
+  lengths = [native]
+  while lengths[-1] * 2 < ctx:
+    lengths.append(lengths[-1] * 2)
+  return lengths + [ctx] if ctx > native else lengths
+
+
+def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
+  """(spec, base checkpoint, extended config, params with LoRA nodes, step)
+  of a saved checkpoint of the run in `run_dir`: `step`, else the newest
+  that reads completely (newer unreadable ones are named in a warning and
+  left in place: `--resume` sets them aside), sharded over `mesh` (default:
+  the run's)."""
+  spec = read_spec(run_dir)
+  directory = run_dir / "checkpoints"
+  steps = saving.steps_in(directory)
+  if not steps:
+    raise LongLoraError(f"{run_dir}: no checkpoints saved yet")
+  if step is None:
+    step, bad = saving.newest_readable(directory)
+    if step is None:
+      raise CheckpointError(f"{saving.describe_unreadable(directory, bad)}; "
+                            "no checkpoint of this run reads completely")
+    if bad:
+      print(f"warning: {saving.describe_unreadable(directory, bad)}; "
+            f"exporting step {step}", file=sys.stderr)
+  elif step not in steps:
+    raise LongLoraError(f"{run_dir}: no checkpoint of step {step}; saved: "
+                        f"{', '.join(map(str, steps))}")
+  elif why := saving.unreadable(directory / str(step)):
+    readable = [s for s in steps
+                if s != step and not saving.unreadable(directory / str(s))]
+    raise CheckpointError(
+        f"{directory / str(step)} is unreadable ({why}); readable steps: "
+        f"{', '.join(map(str, readable)) or 'none'}")
+  base = Checkpoint.open(spec.ckpt)
+  if base.config.to_hf_dict() != spec.base_config:
+    raise CheckpointError(f"{spec.ckpt} is no longer the model {run_dir} was "
+                          "trained from (its config.json differs)")
+  device_mesh = make_mesh(mesh or spec.mesh)
+  state = initial_run_state(spec, base.params(
+      spec.recipe.dtype, param_shardings(base.config, device_mesh)),
+      device_mesh)
+  mngr = saving.manager(directory, read_only=True)
+  state, _ = saving.restore(mngr, step, state)
+  mngr.close()
+  return spec, base, target_config(spec, base.config), params_of(state), step

@@ -1,0 +1,168 @@
+"""The options of `train.extend` and `train.sft`: one parser for both, and
+the mapping between a flat dict of options (what the command line gives)
+and a `RunSpec`. An option's name is the field it sets (`--lr` sets
+`TrainConfig.lr`), except the attention options, which set `AttentionSpec`
+fields (`--full-attn`: kind, `--group-ratio`, `--s2-variant`: variant,
+`--s2-impl`: implementation)."""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from longlora_jax.core import cli
+from longlora_jax.attention.dispatch import AttentionSpec
+from longlora_jax.attention.groups import VARIANTS
+from longlora_jax.core.errors import LongLoraError
+
+S2_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
+from longlora_jax.training.recipe import (LONGALPACA, OFFLOADS, REDPAJAMA,
+                                          RunSpec, TrainConfig)
+
+# The demo's recipe where it differs: a 1M-parameter byte-level model
+# adapts to PI in a few hundred steps at a higher learning rate; float32
+# because CPUs have no fast bfloat16.
+DEMO = dict(ctx=1024, steps=200, batch=8, accum=1, lr=2e-3, dtype="float32",
+            remat="none")
+# Options a resumed run may change (a new --lr, e.g. after a NaN, makes it
+# another run from there on); the others must stay the run's.
+RESUMABLE = ("steps", "lr", "save_every", "keep")
+# Option -> AttentionSpec field.
+_ATTENTION = {"attention": "kind", "group_ratio": "group_ratio",
+              "s2_variant": "variant", "s2_impl": "implementation"}
+_RECIPE = tuple(f.name for f in dataclasses.fields(TrainConfig)
+                if f.name != "attention")
+_RUN = tuple(f.name for f in dataclasses.fields(RunSpec)
+             if f.name not in ("recipe", "base_config", "task"))
+
+
+def make_spec(options: dict, *, task: str, base_config: dict) -> RunSpec:
+  """A RunSpec from `options` (names as in `options_of`); the others take
+  their defaults."""
+  unknown = set(options) - {*_ATTENTION, *_RECIPE, *_RUN}
+  if unknown:
+    raise ValueError(f"unknown run options {sorted(unknown)}")
+  pick = lambda names: {k: options[k] for k in names if k in options}
+  if options.get("attention") == "full" and options.get("s2_impl", "auto") != (
+      "auto"):
+    raise LongLoraError("--s2-impl chooses how S²-Attn runs; drop it with "
+                        "--full-attn")
+  attention = AttentionSpec(**{_ATTENTION[k]: v
+                               for k, v in pick(_ATTENTION).items()})
+  recipe = TrainConfig(attention=attention, **pick(_RECIPE))
+  return RunSpec(task=task, base_config=base_config, recipe=recipe,
+                 **pick(_RUN))
+
+
+def options_of(spec: RunSpec) -> dict:
+  """The flat options that `make_spec` turns into `spec`."""
+  attention = spec.recipe.attention
+  return {**{k: getattr(attention, f) for k, f in _ATTENTION.items()},
+          **{k: getattr(spec.recipe, k) for k in _RECIPE},
+          **{k: getattr(spec, k) for k in _RUN}}
+
+
+def default(name: str):
+  """The default of option `name` (for help texts)."""
+  for cls, names in ((AttentionSpec, {v: k for k, v in _ATTENTION.items()}),
+                     (TrainConfig, {}), (RunSpec, {})):
+    for f in dataclasses.fields(cls):
+      if names.get(f.name, f.name) == name:
+        return f.default
+  raise KeyError(name)
+
+
+def given(args: argparse.Namespace) -> dict:
+  """The options set on the command line."""
+  names = {*_ATTENTION, *_RECIPE, *_RUN}
+  return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def parser(task: str, doc: str) -> argparse.ArgumentParser:
+  """The command line of train.extend (`task` "extend") or train.sft."""
+  d = default
+  p = cli.Parser(doc)
+  if task == "extend":
+    p.add_argument("--ckpt", help="hf:ORG/NAME, a local HF checkpoint "
+                   "directory, or demo (the default)")
+    p.add_argument("--ctx", type=cli.count, help="target context in tokens "
+                   f"(demo: {DEMO['ctx']})")
+    p.add_argument("--data", help="HF dataset name (streamed), .txt/.md/"
+                   ".jsonl/.json/.parquet file or a directory of them, or a "
+                   f".bin/.npy token file (default {REDPAJAMA}; demo: the "
+                   "Python standard library's source)")
+    p.add_argument("--text-field",
+                   help=f"text column of records ({d('text_field')})")
+  else:
+    p.add_argument("--ckpt", help="hf:ORG/NAME or a local HF checkpoint "
+                   "directory, usually a context-extended model")
+    p.add_argument("--ctx", type=cli.count, help="tokens per packed row (its "
+                   "RoPE scaling is kept, or raised to ceil(ctx / original))")
+    p.add_argument("--data", help="{instruction, output[, input]} records: "
+                   "HF dataset name, .json/.jsonl/.parquet file or a "
+                   f"directory of them (default {LONGALPACA})")
+  p.add_argument("--out", type=Path, help=f"run directory (default "
+                 f"runs/{task}/NAME-CTX" + ("; demo: runs/demo/extend)"
+                                            if task == "extend" else ")"))
+  p.add_argument("--resume", action="store_true",
+                 help="continue the run in --out from its last checkpoint")
+  mode = p.add_mutually_exclusive_group()
+  mode.add_argument("--full-ft", dest="mode", action="store_const",
+                    const="full", help="train every weight instead of LoRA+")
+  mode.add_argument("--lora-only", dest="mode", action="store_const",
+                    const="lora", help="LoRA without the trainable embedding "
+                    "and norms")
+  p.add_argument("--lora-rank", type=cli.count, help=f"({d('lora_rank')})")
+  p.add_argument("--lora-alpha", type=cli.positive,
+                 help=f"({d('lora_alpha'):g})")
+  p.add_argument("--full-attn", dest="attention", action="store_const",
+                 const="full", help="train with full attention, not S²-Attn")
+  p.add_argument("--group-ratio", type=cli.fraction, help="S²-Attn group "
+                 f"size as a fraction of --ctx ({d('group_ratio')})")
+  p.add_argument("--s2-variant", choices=VARIANTS,
+                 help=f"({d('s2_variant')})")
+  p.add_argument("--s2-impl", choices=S2_IMPLEMENTATIONS,
+                 help="S²-Attn implementation: auto (the fastest that takes "
+                      "the shapes here), cudnn (grouped cuDNN attention, "
+                      "NVIDIA), pallas (the fused Pallas/Triton kernel), xla "
+                      "(dense groups), chunked (flash-style, any group size)"
+                      f" ({d('s2_impl')})")
+  p.add_argument("--mesh", help="device mesh (fsdp=-1: all devices on "
+                 "fsdp; e.g. data=2,fsdp=4; context=8 splits each sequence "
+                 "over 8 devices)")
+  p.add_argument("--rope", choices=("auto", "linear", "yarn"),
+                 help="how RoPE reaches --ctx: linear position interpolation "
+                      "by ceil(ctx / original context) (LongLoRA's), or YaRN "
+                      "with that factor; auto: linear, except that a llama3 "
+                      "or yarn config keeps its type with the factor times "
+                      f"ceil(ctx / its context) ({d('rope')})")
+  p.add_argument("--batch", type=cli.count, help="micro-batch per "
+                 f"data-parallel device ({d('batch')}; demo {DEMO['batch']})")
+  p.add_argument("--accum", type=cli.count, help="gradient accumulation "
+                 f"steps ({d('accum')}; demo {DEMO['accum']})")
+  p.add_argument("--steps", type=cli.count, help="optimizer steps "
+                 f"({d('steps')}; demo {DEMO['steps']})")
+  p.add_argument("--lr", type=cli.positive, help="peak learning rate "
+                 f"({d('lr'):g}; demo {DEMO['lr']:g})")
+  p.add_argument("--warmup", type=cli.index, help=f"linear warmup steps "
+                 f"({d('warmup')})")
+  p.add_argument("--beta2", type=cli.real(0.0, 1.0, high_open=True),
+                 help=f"AdamW beta2 ({d('beta2')}, as the official scripts "
+                 "run; the paper states 0.95)")
+  p.add_argument("--weight-decay", type=cli.real(0.0),
+                 help=f"({d('weight_decay'):g})")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), help="frozen "
+                 f"weights, compute and export ({d('dtype')}; demo "
+                 f"{DEMO['dtype']})")
+  p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
+                 f"checkpointing ({d('remat')}; demo {DEMO['remat']})")
+  p.add_argument("--offload", choices=OFFLOADS, help="activations: keep "
+                 "the layer inputs that --remat full saves for the backward "
+                 "pass in pinned host memory instead of GPU memory (the same "
+                 f"gradients; longer contexts fit) ({d('offload')})")
+  p.add_argument("--seed", type=cli.index, help="LoRA initialisation and "
+                 f"data order ({d('seed')})")
+  p.add_argument("--save-every", type=cli.count, help="checkpoint every N "
+                 f"steps ({d('save_every')})")
+  p.add_argument("--keep", type=cli.count, help="checkpoints kept, the "
+                 f"newest ({d('keep')})")
+  return p

@@ -1,0 +1,234 @@
+"""What defines a run, in one vocabulary from the command line (`--lr`) to
+run.json (`"lr"`) to the train step (`TrainConfig.lr`).
+
+`TrainConfig` is what the train step needs: the optimisation recipe and the
+attention it trains with, described by data (`AttentionSpec`). `RunSpec` is
+a whole run: the model, context, data, LoRA and mesh around a
+`TrainConfig`. Defaults are the official LongLoRA fine-tuning (8 GPUs x
+micro-batch 1 x accumulation 8, AdamW at 2e-5 with 20 warmup steps then
+constant, no weight decay, bf16, gradient checkpointing, LoRA rank 8 /
+alpha 16 on q,k,v,o plus the embedding and norms, S²-Attn groups of ctx/4).
+beta2 is 0.999, what the official scripts run (HF Trainer's default); the
+paper states 0.95.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from longlora_jax.model import lora
+from longlora_jax.attention import cudnn_s2, pallas_s2
+from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
+from longlora_jax.attention.groups import s2_group_size
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core.errors import LongLoraError
+from longlora_jax.core.files import write_json
+
+SCHEDULES = ("constant", "cosine", "linear")
+# What goes to pinned host memory between the forward and backward pass.
+OFFLOADS = ("none", "activations")
+REDPAJAMA = "togethercomputer/RedPajama-Data-1T-Sample"
+LONGALPACA = "Yukang/LongAlpaca-12k"
+RUN_FILE = "run.json"
+# What trains besides the adapters, per mode ("full" trains every weight).
+MODES = {"lora+": lora.LORA_PLUS, "lora": (), "full": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The optimisation recipe of the train step.
+
+  accum: micro-batches per optimizer step (the leading axis of the batch
+  the step takes); dtype: compute dtype and that of the frozen weights;
+  offload "activations": remat "full" with the layer inputs it keeps in
+  pinned host memory (same gradients, less device memory).
+  """
+  attention: AttentionSpec = AttentionSpec()
+  remat: str = "full"
+  offload: str = "none"
+  dtype: str = "bfloat16"
+  accum: int = 8
+  loss_chunk: int = 2048
+  lr: float = 2e-5
+  warmup: int = 20
+  schedule: str = "constant"
+  steps: int = 1000
+  beta1: float = 0.9
+  beta2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+
+  def __post_init__(self):
+    if not isinstance(self.attention, AttentionSpec):
+      raise LongLoraError(f"attention must be an AttentionSpec, got "
+                          f"{self.attention!r}")
+    if self.schedule not in SCHEDULES:
+      raise LongLoraError(f"unknown schedule {self.schedule!r}; choose one of "
+                          f"{', '.join(SCHEDULES)}")
+    if self.accum < 1:
+      raise LongLoraError(f"accum must be >= 1, got {self.accum}")
+    if self.offload not in OFFLOADS:
+      raise LongLoraError(f"unknown offload {self.offload!r}; choose one of "
+                          f"{', '.join(OFFLOADS)}")
+    if self.offload == "activations" and self.remat != "full":
+      raise LongLoraError(f"--offload activations moves what --remat full "
+                          f"keeps to the host; it needs --remat full, not "
+                          f"{self.remat}")
+
+  @property
+  def remat_policy(self) -> str:
+    """The model's remat policy (`model.REMAT_POLICIES`) for this recipe."""
+    return "offload" if self.offload == "activations" else self.remat
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """Everything that defines a run; saved as run.json in its directory.
+
+  ckpt: the base checkpoint (`hf:ORG/NAME`, a directory or `demo`); ctx:
+  the context it trains at; task: "extend" (packed documents) or "sft"
+  (instructions); mode: "lora+", "lora" or "full"; rope: how RoPE
+  extends ("auto", "linear" or "yarn", see `target_config`); batch: sequences per
+  data-parallel device per micro-batch; base_config: the base checkpoint's
+  config.json, to recognise it on resume.
+  """
+  ckpt: str
+  ctx: int
+  base_config: dict
+  task: str = "extend"
+  data: str = REDPAJAMA
+  text_field: str = "text"
+  mode: str = "lora+"
+  lora_rank: int = 8
+  lora_alpha: float = 16.0
+  mesh: str = "fsdp=-1"
+  rope: str = "auto"
+  batch: int = 1
+  seed: int = 0
+  save_every: int = 100
+  keep: int = 2
+  recipe: TrainConfig = TrainConfig()
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
+    recipe = dict(d["recipe"])
+    recipe["attention"] = AttentionSpec(**recipe["attention"])
+    return cls(**{**d, "recipe": TrainConfig(**recipe)})
+
+
+def read_spec(run_dir: Path) -> RunSpec:
+  file = run_dir / RUN_FILE
+  if not file.exists():
+    raise LongLoraError(f"{run_dir}: no {RUN_FILE}; not a train.extend or "
+                        "train.sft run directory")
+  try:
+    return RunSpec.from_dict(json.loads(file.read_text()))
+  except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+    raise LongLoraError(f"{file}: not a run record of this version "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def write_spec(run_dir: Path, spec: RunSpec) -> None:
+  write_json(run_dir / RUN_FILE, spec.to_dict())
+
+
+def target_config(spec: RunSpec, config: LlamaConfig) -> LlamaConfig:
+  """The base config with the RoPE scaling the run trains with
+  (`LlamaConfig.with_context` with `spec.rope`: by default linear PI by
+  ceil(ctx / original context), or a llama3/yarn config's own type).
+  Fine-tuning keeps a checkpoint that is already long enough as it is (an
+  extended model tuned on shorter rows)."""
+  if spec.task == "sft" and config.context >= spec.ctx:
+    return config
+  return config.with_context(spec.ctx, None if spec.rope == "auto"
+                             else spec.rope)
+
+
+def group_size(spec: RunSpec) -> int | None:
+  """S²-Attn's group size in tokens; None for full attention."""
+  attention = spec.recipe.attention
+  return int(spec.ctx * attention.group_ratio) if attention.kind == "s2" \
+      else None
+
+
+def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
+  """--ctx against the checkpoint and the S²-Attn groups, with the nearest
+  valid contexts when it does not split into groups."""
+  original = config.context
+  if spec.task == "extend" and spec.ctx <= original:
+    raise LongLoraError(
+        f"--ctx {spec.ctx} is not larger than the checkpoint's context of "
+        f"{original} tokens; extend it, e.g. --ctx {2 * original} or --ctx "
+        f"{4 * original}")
+  try:
+    config.check_length(spec.ctx)
+  except LongLoraError as e:
+    raise LongLoraError(f"--ctx {spec.ctx}: {e}") from None
+  attention = spec.recipe.attention
+  if attention.kind != "s2":
+    return
+  def valid(ctx):
+    try:
+      s2_group_size(ctx, group_ratio=attention.group_ratio)
+      return ctx > original or spec.task == "sft"
+    except ValueError:
+      return False
+  if not valid(spec.ctx):
+    lowest = original if spec.task == "extend" else 0
+    below = next((c for c in range(spec.ctx - 1, lowest, -1) if valid(c)),
+                 None)
+    above = next((c for c in range(spec.ctx + 1, 4 * spec.ctx + 64)
+                  if valid(c)), None)
+    nearest = " or ".join(str(c) for c in (below, above) if c)
+    raise LongLoraError(
+        f"--ctx {spec.ctx} does not split into S²-Attn groups of "
+        f"{attention.group_ratio:g} x ctx tokens (an even group size that "
+        "divides the context); " + (
+            f"nearest valid: {nearest}" if nearest else
+            "no context near it does; use --group-ratio "
+            + _nearest_ratios(spec.ctx, attention.group_ratio)))
+
+
+def _nearest_ratios(ctx: int, ratio: float) -> str:
+  """The group ratios nearest `ratio` that split `ctx` into groups."""
+  ratios = [g / ctx for g in range(2, ctx + 1, 2) if ctx % g == 0]
+  below = max((r for r in ratios if r < ratio), default=None)
+  above = min((r for r in ratios if r > ratio), default=None)
+  return " or ".join(f"{r:g}" for r in (below, above) if r) or "0.25"
+
+
+def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
+  """An explicit S²-Attn implementation that cannot run here, refused
+  before anything loads."""
+  attention = spec.recipe.attention
+  impl = attention.implementation
+  if attention.kind != "s2" or impl not in ("cudnn", "pallas"):
+    return
+  fix = "; use --s2-impl auto (or xla, chunked)"
+  if not on_nvidia_gpu(None):
+    raise LongLoraError(f"--s2-impl {impl} needs an NVIDIA GPU{fix}")
+  if spec.task == "sft":
+    raise LongLoraError(f"--s2-impl {impl} cannot keep the packed examples "
+                        f"of train.sft apart{fix}")
+  if impl == "cudnn" and spec.recipe.dtype not in ("bfloat16", "float16"):
+    raise LongLoraError(f"--s2-impl cudnn runs bfloat16 only (--dtype "
+                        f"{spec.recipe.dtype}){fix}")
+  dims = cudnn_s2.HEAD_DIMS if impl == "cudnn" else pallas_s2.HEAD_DIMS
+  if config.head_dim not in dims:
+    raise LongLoraError(f"--s2-impl {impl} does not take head_dim "
+                        f"{config.head_dim}{fix}")
+
+
+def check_counts(spec: RunSpec) -> None:
+  for name, value in (("batch", spec.batch), ("accum", spec.recipe.accum),
+                      ("steps", spec.recipe.steps),
+                      ("save_every", spec.save_every), ("keep", spec.keep),
+                      ("lora_rank", spec.lora_rank)):
+    if value < 1:
+      raise LongLoraError(f"--{name.replace('_', '-')} must be >= 1")
+
