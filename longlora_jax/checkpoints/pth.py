@@ -111,6 +111,8 @@ def _normalize(index, shape) -> tuple:
       entry = np.asarray(entry, np.int64).reshape(-1)
       if entry.size and (entry.min() < 0 or entry.max() >= n):
         raise IndexError(f"index out of range for an axis of {n}")
+      if entry.size and np.all(np.diff(entry) == 1):  # one run: a slice
+        entry = slice(int(entry[0]), int(entry[-1]) + 1, 1)
     out.append(entry)
   return tuple(out)
 

@@ -5,9 +5,11 @@ tensor-parallel shards, and loaded by us."""
 
 import importlib
 import json
+import os
 import shutil
 import sys
 import types
+from pathlib import Path
 from unittest import mock
 
 import jax.numpy as jnp
@@ -153,6 +155,10 @@ def _cases(reference, tmp_path, name):
           "fsdp=4,tensor=2")
 
 
+def _leaves(params):
+  return traverse_util.flatten_dict(params).values()
+
+
 CASES = ["llama2_7b", "llama2_13b", "llama2_70b", "llama3_1_8b",
          "llama3_replicated_kv"]
 
@@ -174,3 +180,173 @@ def test_logits_match_meta_reference(reference, tmp_path, name):
     flat = traverse_util.flatten_dict(params)
     for path, sharding in traverse_util.flatten_dict(shardings).items():
       assert flat[path].sharding == sharding, path
+
+
+def test_each_device_reads_only_its_part(reference, tmp_path, monkeypatch):
+  # Every byte read from the shards lands on a device that holds it: the
+  # bytes read are the devices' parts, and no read is larger than one
+  # device's part of one layer of one tensor.
+  directory, _, mesh = _cases(reference, tmp_path, "llama2_70b")
+  reads, block = [], pth.LazyTensor._block
+  monkeypatch.setattr(pth.LazyTensor, "_block", lambda self, index: (
+      reads.append((part := block(self, index)).nbytes) or part))
+  checkpoint = Checkpoint.open(directory)
+  shardings = param_shardings(checkpoint.config, make_mesh(mesh))
+  reads.clear()
+  params = checkpoint.params("float32", shardings)
+  parts = [(s.data.nbytes, s.data.shape[0] if path[0] == "layers" else 1)
+           for path, value in traverse_util.flatten_dict(params).items()
+           for s in value.addressable_shards]
+  assert sum(reads) == sum(n for n, _ in parts)
+  assert max(reads) <= max(n // layers for n, layers in parts)
+  assert max(reads) * 8 < max(v.nbytes for v in _leaves(params))
+
+
+@pytest.mark.parametrize("dim,multiple_of,multiplier,width", [
+    (4096, 256, None, 11008), (5120, 256, None, 13824),  # Llama 2 7B, 13B
+    (8192, 4096, 1.3, 28672), (4096, 1024, 1.3, 14336),  # 70B, 3.1 8B
+    (16384, 4096, 1.2, 53248), (2048, 256, 1.5, 8192),  # 3.1 405B, 3.2 1B
+    (3072, 256, 1.0, 8192), (8192, 256, 1.0, 22016)])  # 3.2 3B, Code 34B
+def test_ffn_width_of_released_models(dim, multiple_of, multiplier, width):
+  # intermediate_size of each model's Hugging Face config.json.
+  assert meta.ffn_width(dim, multiple_of, multiplier) == width
+
+
+@pytest.mark.parametrize("params,vocab,context", [
+    (dict(norm_eps=1e-6), 32000, 2048),  # Llama 1
+    (dict(norm_eps=1e-5), 32000, 4096),  # Llama 2
+    (dict(norm_eps=1e-5, rope_theta=1e6), 32016, 16384),  # Code Llama
+    (dict(norm_eps=1e-5, rope_theta=500000.0), 128256, 8192),  # Llama 3.0
+    (dict(norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True),
+     128256, 131072)])  # Llama 3.1, 3.2, 3.3
+def test_original_context_of_released_models(params, vocab, context):
+  got, why = meta.original_context(params, vocab)
+  assert got == context and why
+  assert meta.original_context(params, vocab, 12345) == (12345, "as given")
+
+
+def test_tokenizer_vocab(tmp_path):
+  (tmp_path / "sp.model").write_bytes(_sentencepiece(77))
+  (tmp_path / "tk.model").write_bytes(_tiktoken(300))
+  assert meta.tokenizer_vocab(tmp_path / "sp.model") == 77
+  assert meta.tokenizer_vocab(tmp_path / "tk.model") == 300 + 256
+  llama_models = pytest.importorskip("llama_models")
+  shipped = os.path.join(os.path.dirname(llama_models.__file__), "llama3",
+                         "tokenizer.model")
+  assert meta.tokenizer_vocab(Path(shipped)) == 128256  # Llama 3's vocab
+
+
+def test_config_and_note(reference, tmp_path):
+  directory, _, _ = _cases(reference, tmp_path, "llama3_1_8b")
+  checkpoint = Checkpoint.open(directory)
+  c = checkpoint.config
+  # int(1.3 * int(2 * 4 * 64 / 3)) = 221, rounded up to a multiple of 32.
+  assert (c.intermediate_size, c.num_key_value_heads, c.head_dim) == (
+      224, 2, 8)
+  assert c.rope_scaling.hf_dict() == {
+      "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  assert c.max_position_embeddings == 131072
+  assert "original context 131072 tokens: Llama 3.1" in checkpoint.note
+  given = Checkpoint.open(directory, original_context=65536)
+  assert given.config.max_position_embeddings == 65536
+  assert "65536 tokens: as given" in given.note
+
+
+def test_original_folder_and_hub_repo(reference, tmp_path, monkeypatch):
+  # Llama 3.x Hub repos keep Meta's layout under original/; a repo with no
+  # Hugging Face weights is fetched (here: found in the offline cache) as
+  # Meta's files.
+  from huggingface_hub import constants
+  source, _, _ = _cases(reference, tmp_path, "llama2_7b")
+  local = tmp_path / "local"
+  shutil.copytree(source, local / "original")
+  repo = tmp_path / "hub" / "models--acme--meta" / "snapshots" / "abc"
+  shutil.copytree(source, repo / "original")
+  (repo.parent.parent / "refs").mkdir()
+  (repo.parent.parent / "refs" / "main").write_text("abc")
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+  want = Checkpoint.open(source).params("float32")
+  for name in (local, "hf:acme/meta"):
+    checkpoint = Checkpoint.open(name)
+    assert checkpoint.directory.name == "original"
+    for a, b in zip(_leaves(checkpoint.params("float32")),
+                    _leaves(want)):
+      np.testing.assert_array_equal(a, b)
+
+
+def _damage(reference, tmp_path, what):
+  directory, _, _ = _cases(reference, tmp_path, "llama2_13b")
+  params = json.loads((directory / "params.json").read_text())
+  shard = lambda i: directory / f"consolidated.{i:02d}.pth"
+  if what == "missing_shard":
+    shard(1).rename(shard(2))
+  elif what == "last_shard_gone":
+    shard(1).unlink()
+  elif what == "not_dividing":
+    shutil.copy(shard(1), shard(2))
+  elif what == "ffn_contradicts":
+    (directory / "params.json").write_text(json.dumps(
+        {**params, "multiple_of": 128}))
+  elif what == "layers_contradict":
+    (directory / "params.json").write_text(json.dumps(
+        {**params, "n_layers": 3}))
+  elif what == "vocab_contradicts":
+    (directory / "tokenizer.model").write_bytes(_sentencepiece(100))
+  elif what == "no_params":
+    (directory / "params.json").unlink()
+  elif what == "bad_json":
+    (directory / "params.json").write_text("{not json")
+  elif what == "extra_tensor":
+    for i in range(2):
+      state = torch.load(shard(i), weights_only=True)
+      state["layers.0.attention.wq.lora_a"] = torch.zeros(2, 64)
+      torch.save(state, shard(i))
+  elif what == "malicious":
+    torch.save({"x": _Payload()}, shard(0))
+  elif what in ("tiled_kv", "split_kv_head"):
+    llama3 = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2,
+                  multiple_of=32, norm_eps=1e-5, vocab_size=128)
+    model = _meta_model(reference, **llama3)
+    shutil.rmtree(directory)
+    states = (_reshard(reference, [model.state_dict()], 8, n_kv=2)
+              if what == "tiled_kv" else  # fairscale's plain row split
+              _split(model.state_dict(), 4, _LLAMA2_SPLIT))
+    _save(directory, llama3, states)
+  return directory
+
+
+class _Payload:
+  def __reduce__(self):
+    return os.system, ("true",)
+
+
+@pytest.mark.parametrize("what,message", [
+    ("missing_shard", r"consolidated.01.pth: missing \(have 2 of 3 shards\)"),
+    ("last_shard_gone", r"consolidated.00.pth: tok_embeddings.weight has "
+     r"shape \(128, 32\), but params.json over 1 shard\(s\) implies "
+     r"\(64, 64\).*download the missing"),
+    ("not_dividing", r"3 shards do not divide n_heads=4"),
+    ("ffn_contradicts", r"consolidated.00.pth: layers.0.feed_forward.w1.weight"
+     r" has shape \(96, 64\), but params.json over 2 shard\(s\) implies "
+     r"\(128, 64\); fix params.json"),
+    ("layers_contradict", r"consolidated.00.pth: tensor "
+     r"layers.2.attention.wq.weight is missing; params.json \(n_layers=3\)"),
+    ("vocab_contradicts", r"tok_embeddings.weight has shape \(128, 32\), "
+     r"but params.json over 2 shard\(s\) implies \(100, 32\)"),
+    ("no_params", r"params.json: not found"),
+    ("bad_json", r"params.json: not valid JSON"),
+    ("extra_tensor", r"consolidated.00.pth: holds tensors a Llama text model "
+     r"does not have \(layers.0.attention.wq.lora_a\)"),
+    ("malicious", r"consolidated.00.pth: refuses to unpickle the global "
+     r"\w+.system"),
+    ("tiled_kv", r"consolidated.01.pth: layers.0.attention.wk.weight differs "
+     r"from its replica in consolidated.00.pth"),
+    ("split_kv_head", r"attention.wk.weight has shape \(4, 64\), but "
+     r"params.json over 4 shard\(s\) implies \(8, 64\)"),
+])
+def test_bad_checkpoints(reference, tmp_path, what, message):
+  directory = _damage(reference, tmp_path, what)
+  with pytest.raises(CheckpointError, match=message) as e:
+    Checkpoint.open(directory)
+  assert "\n" not in str(e.value)
