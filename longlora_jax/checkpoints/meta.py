@@ -121,6 +121,25 @@ def original_context(params: dict, vocab: int,
   return 4096, "Llama 2 (rope_theta 10000, norm_eps 1e-05)"
 
 
+def rope_scaling(params: dict) -> tuple[RopeScaling | None, str]:
+  """Meta's scaled RoPE where params.json sets use_scaled_rope, and the
+  factor's source. Meta's reference code fixes the factor at 8 (low 1, high
+  4, original 8192); Llama 3.2 1B and 3B (dim 2048 x 16 layers, 3072 x 28)
+  were trained with 32, which Meta confirmed after release and their
+  Hugging Face configs say, though their params.json does not. A
+  `rope_scaling_factor` in params.json (Llama 4's key) wins."""
+  if not params.get("use_scaled_rope"):
+    return None, "no RoPE scaling"
+  factor, why = 8.0, "factor 8, Meta's llama3 constant"
+  if (params["dim"], params["n_layers"]) in ((2048, 16), (3072, 28)):
+    factor, why = 32.0, "factor 32, Llama 3.2 1B/3B's"
+  if params.get("rope_scaling_factor"):
+    factor, why = float(params["rope_scaling_factor"]), "factor from params.json"
+  return RopeScaling(factor, "llama3", original_max_position_embeddings=8192,
+                     low_freq_factor=1.0, high_freq_factor=float(
+                         params.get("rope_high_freq_factor", 4.0))), why
+
+
 def read_config(directory: Path, original_context: int | None = None
                 ) -> tuple[LlamaConfig, str]:
   """(config, note) of a folder in Meta's layout, the shapes of its shards
@@ -205,12 +224,7 @@ def _config(directory, params, files, shards, override):
       vocab = shards[0]["output.weight"].shape[0] * len(shards)
       source = "the weights (no tokenizer.model)"
   context, why = original_context(params, vocab, override)
-  scaling = None
-  if params.get("use_scaled_rope"):
-    scaling = RopeScaling(
-        float(params.get("rope_scaling_factor", 8.0)), "llama3",
-        original_max_position_embeddings=8192, low_freq_factor=1.0,
-        high_freq_factor=float(params.get("rope_high_freq_factor", 4.0)))
+  scaling, rope = rope_scaling(params)
   llama3 = vocab >= 128000
   try:
     config = LlamaConfig(
@@ -230,7 +244,7 @@ def _config(directory, params, files, shards, override):
   except (CheckpointError, TypeError, ValueError) as e:
     raise CheckpointError(f"{file}: {e}") from None
   note = (f"{directory}: Meta's layout, {len(files)} shard(s); vocab {vocab} "
-          f"from {source}; original context {context} tokens: {why} "
+          f"from {source}; {rope}; original context {context} tokens: {why} "
           "(params.json does not record it; override it if wrong)")
   return config, note
 

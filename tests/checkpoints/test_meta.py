@@ -225,6 +225,19 @@ def test_original_context_of_released_models(params, vocab, context):
   assert meta.original_context(params, vocab, 12345) == (12345, "as given")
 
 
+@pytest.mark.parametrize("dim,layers,factor", [
+    (4096, 32, 8.0), (8192, 80, 8.0),  # Llama 3.1 8B, 3.3 70B
+    (2048, 16, 32.0), (3072, 28, 32.0)])  # Llama 3.2 1B, 3B
+def test_scaled_rope_factor(dim, layers, factor):
+  # The factors of these models' Hugging Face config.json.
+  params = dict(dim=dim, n_layers=layers, use_scaled_rope=True)
+  scaling, _ = meta.rope_scaling(params)
+  assert scaling.hf_dict() == {
+      "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  assert meta.rope_scaling({**params, "use_scaled_rope": False})[0] is None
+
+
 def test_tokenizer_vocab(tmp_path):
   (tmp_path / "sp.model").write_bytes(_sentencepiece(77))
   (tmp_path / "tk.model").write_bytes(_tiktoken(300))
