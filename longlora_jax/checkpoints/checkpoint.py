@@ -17,6 +17,7 @@ from longlora_jax.core.errors import CheckpointError
 from longlora_jax.parallel.sharding import shardings_like
 from longlora_jax.checkpoints.hf import expected_shapes, read_params
 from longlora_jax.checkpoints.hub import resolve_checkpoint
+from longlora_jax.checkpoints import meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,26 +25,36 @@ class Checkpoint:
   """A Hugging Face Llama checkpoint: `Checkpoint.open(...)`.
 
   name: as given (`hf:ORG/NAME[@revision]`, a directory, or `demo`);
-  directory: where its files are; config: its config.json.
+  directory: where its files are; config: its config.json (or, in Meta's
+  layout, params.json); note: what a Meta-layout checkpoint's files did not
+  say and how it was decided (`meta.read_config`), for commands to print.
   """
   name: str
   directory: Path
   config: LlamaConfig
+  note: str | None = None
 
   @classmethod
-  def open(cls, name: str | os.PathLike) -> "Checkpoint":
+  def open(cls, name: str | os.PathLike,
+           original_context: int | None = None) -> "Checkpoint":
     """Resolves `name` (a directory, `hf:ORG/NAME[@revision]` through the
     Hugging Face cache, or `demo`, the built-in tiny model) and reads its
-    config. Raises CheckpointError with the fix when it cannot."""
+    config; a directory in Meta's layout (or with it under `original/`)
+    too, its original context decided from its files unless
+    `original_context` is given. Raises CheckpointError with the fix when
+    it cannot."""
     name = str(name)
     directory = resolve_checkpoint(name)
+    if (folder := meta.locate(directory)) is not None:
+      return cls(name, folder, *meta.read_config(folder, original_context))
     return cls(name, directory, LlamaConfig.from_pretrained(directory))
 
   def params(self, dtype=jnp.bfloat16, shardings=None):
     """The weights as our parameter tree, in `dtype`; `shardings` (a tree
     like the parameters, e.g. `param_shardings(config, mesh)`) places each
     device's part as it is read, and no whole tensor on any one device."""
-    return read_params(self.directory, self.config, dtype, shardings)
+    read = meta.read_params if meta.is_meta(self.directory) else read_params
+    return read(self.directory, self.config, dtype, shardings)
 
   @functools.cached_property
   def tokenizer(self):

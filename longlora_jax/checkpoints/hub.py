@@ -13,6 +13,9 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 # Checkpoints shipped as package data: the demo's tiny pretrained Llama,
 # written by `python -m train.pretrain_demo`.
 BUILTIN = {"demo": Path(__file__).parent / "builtin" / "demo"}
+# Meta's own release layout (checkpoints.meta), at the top or in original/:
+# fetched from a Hub repo that has no Hugging Face weights.
+META_FILES = ("*.pth", "*params.json", "*tokenizer.model")
 
 
 def resolve_checkpoint(spec: str | os.PathLike,
@@ -23,7 +26,7 @@ def resolve_checkpoint(spec: str | os.PathLike,
 
   Hub ids go through huggingface_hub's cache (honours HF_HOME and
   HF_HUB_OFFLINE). Safetensors are fetched; `.bin` weights only when the repo
-  has no safetensors.
+  has no safetensors; Meta's layout (META_FILES) when it has neither.
   """
   spec = str(spec)
   if spec in BUILTIN:
@@ -44,6 +47,8 @@ def resolve_checkpoint(spec: str | os.PathLike,
   path = _snapshot(repo, revision or None, patterns)
   if "*.safetensors" in patterns and not any(path.glob("*.safetensors")):
     path = _snapshot(repo, revision or None, (*patterns, "*.bin"))
+    if not any(path.glob("*.bin")):
+      path = _snapshot(repo, revision or None, (*patterns, *META_FILES))
   return path
 
 
