@@ -12,16 +12,19 @@ in blocks of 256, each with its own float32 absmax.
 `quantize` runs once, in NumPy, where weights are loaded; `dequantize` is
 jax.numpy and runs inside `jax.jit` (the scanned layer calls it). Both follow
 bitsandbytes 0.50 on the CPU (`quantize_4bit`, `dequantize_4bit`) bit for bit,
-with three exceptions that tests/model/test_nf4.py pins down:
+but for these (the first two pinned down by tests/model/test_nf4.py):
 
-- the offset is the mean of the absmaxes rounded once to float32, where
-  bitsandbytes takes torch's float32 mean, whose summation order depends on
-  the CPU's vector width; so the offset can differ by an ulp or two. Given the
-  same offset, the nested bytes are the same.
+- the offset is the absmaxes' float64 mean rounded to float32, where
+  bitsandbytes takes torch's float32 mean, whose summation order is the
+  CPU's own; for small tensors the two can differ by an ulp or two. Given
+  the same offset, the nested bytes are the same.
 - XLA on the CPU flushes subnormal floats to zero, so a value whose
   dequantized magnitude is below 2**-126 comes back as a zero of its sign.
-- bitsandbytes' 8-bit quantizer on ARM CPUs rounds differently (NEON code);
-  this follows its x86 build.
+- bitsandbytes' 8-bit quantizer has NEON code of its own on ARM CPUs; this
+  follows its x86 build, the one compared.
+
+Checkpoints quantized elsewhere (on GPUs) are read as they are
+(checkpoints/bnb.py): dequantizing needs only the stored blocks.
 """
 
 import functools
@@ -107,19 +110,20 @@ class NF4Tensor:
     return self.offset is not None
 
 
-def _blocks(flat: np.ndarray, blocksize: int, pad: float = 0.0) -> np.ndarray:
-  """flat [n] -> [ceil(n / blocksize), blocksize], the last row padded."""
+def _blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
+  """flat [n] -> [ceil(n / blocksize), blocksize], the last row padded with
+  zeros."""
   rows = -(-flat.size // blocksize)
-  out = np.full(rows * blocksize, pad, flat.dtype)
+  out = np.zeros(rows * blocksize, flat.dtype)
   out[:flat.size] = flat
   return out.reshape(rows, blocksize)
 
 
 def _scaled(flat: np.ndarray, blocksize: int):
   """(value / absmax clipped to [-1, 1], absmax) as bitsandbytes' CPU
-  `quantize_4bit` computes them: full blocks multiply by 1 / absmax (an
-  all-zero block divides by 1e-38 instead and keeps absmax 0); a short last
-  block divides by its absmax and stores it raised to at least 1e-38."""
+  `quantize_4bit` computes them: a full block multiplies by 1 / absmax,
+  with absmax raised to 1e-38 if below (zero, subnormal) but stored as it
+  is; a short last block divides by its absmax, raised and stored so."""
   full = flat.size - flat.size % blocksize
   head = flat[:full].reshape(-1, blocksize)
   absmax = np.abs(head).max(axis=1, initial=_F32(0))
@@ -163,8 +167,8 @@ def _quantize_dynamic(x: np.ndarray, blocksize: int, code: np.ndarray):
 
 def quantize(w, blocksize: int = BLOCKSIZE,
              double_quant: bool = True) -> NF4Tensor:
-  """NF4 of `w` (any float array; float32 holds every value exactly), as
-  bitsandbytes' `quantize_4bit(w, quant_type="nf4", blocksize=blocksize,
+  """NF4 of `w` (a float array, taken as float32, as bitsandbytes computes),
+  as bitsandbytes' `quantize_4bit(w, quant_type="nf4", blocksize=blocksize,
   compress_statistics=double_quant)` on the CPU."""
   w = np.asarray(w)
   if w.dtype.kind in "biuc":
@@ -199,7 +203,7 @@ def _per_block(values, scale, blocksize: int):
   return values.reshape(*lead, blocks * blocksize)[..., :n]
 
 
-def absmax(t: NF4Tensor):
+def _absmax(t: NF4Tensor):
   """The float32 absmax of each block [..., blocks]: as stored, or undone
   from its nested 8 bits as bitsandbytes does (code * absmax, then + offset,
   each rounded to float32)."""
@@ -228,5 +232,5 @@ def dequantize(t: NF4Tensor, dtype=jnp.bfloat16):
   codes = jnp.stack([packed >> 4, packed & 15], axis=-1)
   codes = codes.reshape(*lead, -1)[..., :n]
   values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
-  values = _per_block(values, absmax(t), t.blocksize)
+  values = _per_block(values, _absmax(t), t.blocksize)
   return values.astype(dtype).reshape(*lead, *t.shape)
