@@ -12,4 +12,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "resolve_checkpoint": "hub",
     "load_peft": "peft.adapter",
     "save_peft": "peft.adapter",
-}, submodules=("checkpoint", "hf", "hub", "peft", "weights"))
+}, submodules=("bnb", "checkpoint", "hf", "hub", "meta", "peft", "pth",
+               "weights"))
