@@ -51,12 +51,11 @@ def parse_args(argv=None):
   p.add_argument("--methods", nargs="+", choices=METHODS,
                  default=list(DEFAULT_METHODS))
   p.add_argument("--batch", type=cli.count, default=1)
-  p.add_argument("--heads", type=cli.count, default=4, help="query heads")
-  p.add_argument("--kv-heads", type=cli.count, default=None,
-                 help="default: heads")
-  p.add_argument("--head-dim", type=cli.count, default=64)
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                 help="default: bfloat16 on GPU, float32 on CPU")
+  cli.option(p, "--heads", default=4)
+  cli.option(p, "--kv-heads")
+  cli.option(p, "--head-dim", default=64)
+  cli.option(p, "--dtype", default=None, choices=("float32", "bfloat16"),
+             help="q, k and v (default: bfloat16 on GPU, float32 on CPU)")
   p.add_argument("--group-ratio", type=cli.fraction, default=0.25,
                  help="S²-Attn group size / seq (LongLoRA: 1/4)")
   p.add_argument("--group-size", type=cli.integer(2), default=None,
@@ -74,7 +73,7 @@ def parse_args(argv=None):
                  help="one process per measurement, so the allocator's peak "
                       "memory is per measurement (GPU)")
   p.add_argument("--gpu-suite", action="store_true",
-                 help="issue 4's GPU comparison: " + ", ".join(
+                 help="the GPU comparison: " + ", ".join(
                      f"{k}={v}" for k, v in GPU_SUITE.items())
                  + " (explicit flags after it still apply)")
   p.add_argument("--time-max-seq", type=cli.count, default=8192,

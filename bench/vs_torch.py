@@ -72,10 +72,11 @@ def parse_args(argv=None):
   model = p.add_argument_group("model (transformers LlamaConfig)")
   for flag, default, text in (
       ("hidden", 512, "hidden size"), ("layers", 8, "decoder layers"),
-      ("heads", 8, "attention heads (as many kv heads)"),
       ("intermediate", 1376, "MLP size"), ("vocab", 32000, "vocabulary")):
     model.add_argument(f"--{flag}", default=default, help=text,
                        type=cli.integer(1))
+  cli.option(model, "--heads", default=8,
+             help="attention heads (as many kv heads)")
   model.add_argument("--init-std", default=0.02,
                      type=cli.real(0),
                      help="std of the random weights (transformers' "
