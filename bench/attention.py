@@ -30,6 +30,7 @@ import datetime
 import time
 from pathlib import Path
 
+from bench import timing
 from longlora_jax.core import cli
 
 
@@ -117,7 +118,8 @@ def attention_for(method: str, seq: int, args):
   import functools
 
   from longlora_jax.attention.chunked import chunked_causal_attention
-  from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
+  from longlora_jax.attention.cudnn_s2 import (cudnn_causal_attention,
+                                               cudnn_s2_attention)
   from longlora_jax.attention.dense import causal_attention
   from longlora_jax.attention.dispatch import s2_attention
   from longlora_jax.attention.pallas_s2 import (pallas_causal_attention,
@@ -141,23 +143,6 @@ def attention_for(method: str, seq: int, args):
                                     variant=args.variant),
       "full_cudnn": cudnn_causal_attention,
   }[method]
-
-
-def cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH):
-  import jax
-  return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                      implementation="cudnn")
-
-
-def _timed(compiled, inputs, repeats):
-  import jax
-  jax.block_until_ready(compiled(*inputs))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
 
 
 def measure(method: str, seq: int, args, dtype) -> dict:
@@ -206,7 +191,8 @@ def measure(method: str, seq: int, args, dtype) -> dict:
       memory = compiled.memory_analysis()
       result[prefix + "temp_bytes"] = int(memory.temp_size_in_bytes)
       if inputs is not None:
-        result[prefix + "time_s"] = _timed(compiled, inputs, args.repeats)
+        result[prefix + "time_s"] = timing.timed(
+            lambda: compiled(*inputs), args.repeats).median_s
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it
       result[prefix + "error"] = f"{type(e).__name__}: {str(e)[:200]}"
   stats = jax.devices()[0].memory_stats() or {}
