@@ -2,7 +2,7 @@
 shards, adding LoRA, LoRA+ S²-Attn train steps, and exporting the merged
 model and the adapter. Peak resident memory (Linux) of each phase.
 
-  python -m bench.host_memory --ckpt DIR --mesh fsdp=8 --out /tmp/export
+  python -m bench.host_memory --ckpt DIR --mesh fsdp=8 --out runs/host_memory
 
 On a CPU the devices' buffers are host memory too, so a phase's peak over
 the memory held before it is what that phase adds: loading adds the model
