@@ -30,6 +30,7 @@ import datetime
 import time
 from pathlib import Path
 
+from bench import timing
 from longlora_jax.core import cli
 
 
@@ -51,12 +52,11 @@ def parse_args(argv=None):
   p.add_argument("--methods", nargs="+", choices=METHODS,
                  default=list(DEFAULT_METHODS))
   p.add_argument("--batch", type=cli.count, default=1)
-  p.add_argument("--heads", type=cli.count, default=4, help="query heads")
-  p.add_argument("--kv-heads", type=cli.count, default=None,
-                 help="default: heads")
-  p.add_argument("--head-dim", type=cli.count, default=64)
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                 help="default: bfloat16 on GPU, float32 on CPU")
+  cli.option(p, "--heads", default=4)
+  cli.option(p, "--kv-heads")
+  cli.option(p, "--head-dim", default=64)
+  cli.option(p, "--dtype", default=None, choices=("float32", "bfloat16"),
+             help="q, k and v (default: bfloat16 on GPU, float32 on CPU)")
   p.add_argument("--group-ratio", type=cli.fraction, default=0.25,
                  help="S²-Attn group size / seq (LongLoRA: 1/4)")
   p.add_argument("--group-size", type=cli.integer(2), default=None,
@@ -74,7 +74,7 @@ def parse_args(argv=None):
                  help="one process per measurement, so the allocator's peak "
                       "memory is per measurement (GPU)")
   p.add_argument("--gpu-suite", action="store_true",
-                 help="issue 4's GPU comparison: " + ", ".join(
+                 help="the GPU comparison: " + ", ".join(
                      f"{k}={v}" for k, v in GPU_SUITE.items())
                  + " (explicit flags after it still apply)")
   p.add_argument("--time-max-seq", type=cli.count, default=8192,
@@ -118,7 +118,8 @@ def attention_for(method: str, seq: int, args):
   import functools
 
   from longlora_jax.attention.chunked import chunked_causal_attention
-  from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
+  from longlora_jax.attention.cudnn_s2 import (cudnn_causal_attention,
+                                               cudnn_s2_attention)
   from longlora_jax.attention.dense import causal_attention
   from longlora_jax.attention.dispatch import s2_attention
   from longlora_jax.attention.pallas_s2 import (pallas_causal_attention,
@@ -142,23 +143,6 @@ def attention_for(method: str, seq: int, args):
                                     variant=args.variant),
       "full_cudnn": cudnn_causal_attention,
   }[method]
-
-
-def cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH):
-  import jax
-  return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
-                                      implementation="cudnn")
-
-
-def _timed(compiled, inputs, repeats):
-  import jax
-  jax.block_until_ready(compiled(*inputs))  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*inputs))
-    times.append(time.perf_counter() - t0)
-  return sorted(times)[len(times) // 2]
 
 
 def measure(method: str, seq: int, args, dtype) -> dict:
@@ -207,7 +191,8 @@ def measure(method: str, seq: int, args, dtype) -> dict:
       memory = compiled.memory_analysis()
       result[prefix + "temp_bytes"] = int(memory.temp_size_in_bytes)
       if inputs is not None:
-        result[prefix + "time_s"] = _timed(compiled, inputs, args.repeats)
+        result[prefix + "time_s"] = timing.timed(
+            lambda: compiled(*inputs), args.repeats).median_s
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it
       result[prefix + "error"] = f"{type(e).__name__}: {str(e)[:200]}"
   stats = jax.devices()[0].memory_stats() or {}

@@ -25,16 +25,15 @@ from longlora_jax.perf import gpu_target
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--ctx", type=cli.count, nargs="+",
-                 default=[131072, 1048576], help="sequence lengths")
+  cli.option(p, "--ctx", nargs="+", default=[131072, 1048576],
+             help="sequence lengths")
   p.add_argument("--context", type=cli.count, nargs="+", default=[8],
                  help="devices on the context axis")
   p.add_argument("--group", type=cli.count, nargs="+", default=None,
                  help="S² group sizes G (default: ctx / 4)")
-  p.add_argument("--heads", type=cli.count, default=32, help="query heads")
-  p.add_argument("--kv-heads", type=cli.count, default=None,
-                 help="default: heads")
-  p.add_argument("--head-dim", type=cli.count, default=128)
+  cli.option(p, "--heads")
+  cli.option(p, "--kv-heads")
+  cli.option(p, "--head-dim")
   p.add_argument("--methods", nargs="+", choices=("s2", "full"),
                  default=["s2", "full"])
   p.add_argument("--variant", choices=("flash", "roll"), default="flash",

@@ -24,8 +24,8 @@ def parse_args(argv=None):
                       "shape")
   p.add_argument("--hidden", type=cli.count, default=512)
   p.add_argument("--layers", type=cli.count, default=8)
-  p.add_argument("--heads", type=cli.count, default=8)
-  p.add_argument("--kv-heads", type=cli.count, default=None)
+  cli.option(p, "--heads", default=8)
+  cli.option(p, "--kv-heads")
   p.add_argument("--vocab", type=cli.count, default=32000)
   p.add_argument("--prompts", type=cli.count, nargs="+",
                  default=[4096, 16384, 32768], help="prompt lengths")
@@ -33,8 +33,9 @@ def parse_args(argv=None):
                  help="new tokens per prompt")
   p.add_argument("--chunk", type=cli.count, default=2048,
                  help="prefill chunk")
-  p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                 help="default: bfloat16 on GPU, float32 on CPU")
+  cli.option(p, "--dtype", default=None, choices=("float32", "bfloat16"),
+             help="weights and compute (default: bfloat16 on GPU, float32 "
+                  "on CPU)")
   p.add_argument("--json", metavar="OUT", type=Path)
   return p.parse_args(argv)
 

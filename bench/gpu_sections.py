@@ -5,6 +5,7 @@ is measured so far, which is what remains if the section runs out of time."""
 import dataclasses
 import functools
 import importlib.metadata
+import itertools
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import timing
 from longlora_jax.perf import gpu_target
 from longlora_jax.attention import pallas_s2
 from longlora_jax.attention.context import s2_halos
@@ -260,14 +262,14 @@ def _train(implementation, smoke, save):
     compiled = step.lower(state, batches[0]).compile()
     compile_s = round(time.time() - t0, 1)
     memory = compiled.memory_analysis()
-    state, m = compiled(state, batches[0])  # warm-up
-    losses, times = [float(m["loss"])], []
-    for i in range(2 if smoke else 4):
-      t0 = time.time()
-      state, m = compiled(state, batches[(i + 1) % 2])
-      losses.append(float(m["loss"]))  # waits for the step
-      times.append(time.time() - t0)
-    seconds = float(np.median(times))
+    calls = itertools.count()  # the warm-up takes batch 0, then 1, 0, ...
+
+    def train_step():
+      nonlocal state
+      state, m = compiled(state, batches[next(calls) % 2])
+      return float(m["loss"])  # waits for the step
+    timed = timing.timed(train_step, 2 if smoke else 4)
+    losses, seconds = [timed.first, *timed.results], timed.median_s
     flops = step_flops(config, ctx, batch=1, group_size=ctx // 4)
     peak = peak_flops(device)
     stats = device.memory_stats() or {}
@@ -334,16 +336,12 @@ def sweep(smoke, save):
         (("group_size", G), ("config", config), ("interpret", smoke))))
     entry = dict(changes=change, config=dataclasses.asdict(config))
     try:
-      got = jax.block_until_ready(fn(q, k, v, w))
+      timed = timing.timed(lambda: fn(q, k, v, w), 5)
+      got = timed.first
       reference = reference or got
       entry["max_rel_err_vs_default"] = max(
           map(_rel, jax.tree.leaves(got), jax.tree.leaves(reference)))
-      times = []
-      for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(q, k, v, w))
-        times.append(time.perf_counter() - t0)
-      entry["time_s"] = float(np.median(times))
+      entry["time_s"] = timed.median_s
     except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
       entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     print(json.dumps(entry), flush=True)

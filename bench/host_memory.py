@@ -2,7 +2,7 @@
 shards, adding LoRA, LoRA+ S²-Attn train steps, and exporting the merged
 model and the adapter. Peak resident memory (Linux) of each phase.
 
-  python -m bench.host_memory --ckpt DIR --mesh fsdp=8 --out /tmp/export
+  python -m bench.host_memory --ckpt DIR --mesh fsdp=8 --out runs/host_memory
 
 On a CPU the devices' buffers are host memory too, so a phase's peak over
 the memory held before it is what that phase adds: loading adds the model
@@ -38,21 +38,17 @@ def _shard_size(text: str) -> int | str:
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--ckpt", required=True,
-                 help="HF checkpoint directory or hf:ORG/NAME")
-  p.add_argument("--mesh", default="fsdp=-1",
-                 help="device mesh, e.g. fsdp=8 or fsdp=4,tensor=2")
-  p.add_argument("--ctx", type=cli.count, default=None,
-                 help="context the run extends to (RoPE factor); default "
-                      "twice the model's")
+  cli.option(p, "--ckpt", required=True)
+  cli.option(p, "--mesh")
+  cli.option(p, "--ctx", help="context the run extends to (RoPE factor); "
+                              "default twice the model's")
   p.add_argument("--steps", type=cli.index, default=1,
                  help="LoRA+ S²-Attn train steps between loading and export "
                       "(0: export the freshly adapted model)")
   p.add_argument("--seq-len", type=cli.integer(8), default=64,
                  help="tokens per row of the train steps (one row per "
                       "data-parallel device)")
-  p.add_argument("--dtype", default="bfloat16",
-                 choices=("bfloat16", "float32", "float16"))
+  cli.option(p, "--dtype")
   p.add_argument("--max-shard-size", type=_shard_size, default="1GB",
                  help="the exported model's shard files (transformers' 5GB "
                       "for real runs; smaller shows the bound on small "

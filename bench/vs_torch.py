@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import timing
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 
@@ -72,10 +73,11 @@ def parse_args(argv=None):
   model = p.add_argument_group("model (transformers LlamaConfig)")
   for flag, default, text in (
       ("hidden", 512, "hidden size"), ("layers", 8, "decoder layers"),
-      ("heads", 8, "attention heads (as many kv heads)"),
       ("intermediate", 1376, "MLP size"), ("vocab", 32000, "vocabulary")):
     model.add_argument(f"--{flag}", default=default, help=text,
                        type=cli.integer(1))
+  cli.option(model, "--heads", default=8,
+             help="attention heads (as many kv heads)")
   model.add_argument("--init-std", default=0.02,
                      type=cli.real(0),
                      help="std of the random weights (transformers' "
@@ -154,17 +156,9 @@ def save_model(args, directory: str) -> dict:
 def _timed(run, repeats: int) -> dict:
   """Runs `run` once untimed, then `repeats` times; `run` returns (seconds
   it measured itself or None for its wall time, extras)."""
-  t0 = time.perf_counter()
-  _, first = run()
-  warmup = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    seconds, extras = run()
-    times.append(seconds if seconds is not None else
-                 time.perf_counter() - t0)
-  return {"time_s": statistics.median(times), "times_s": times,
-          "warmup_s": warmup, "first": first, **extras}
+  t = timing.timed(run, repeats, seconds=lambda result: result[0])
+  return {"time_s": t.median_s, "times_s": list(t.times_s),
+          "warmup_s": t.warmup_s, "first": t.first[1], **t.results[-1][1]}
 
 
 def _clock(stamps: list):

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from eval.common import add_model_args, load_model
+from longlora_jax.checkpoints.checkpoint import load_model
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.model.generation import generate
@@ -19,7 +19,11 @@ from longlora_jax.data.sft import CHAT_PROMPT
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  add_model_args(p)
+  cli.option(p, "--ckpt", required=True)
+  cli.option(p, "--ctx")
+  cli.option(p, "--pi-factor")
+  cli.option(p, "--dtype")
+  cli.option(p, "--mesh")
   p.add_argument("--material", type=Path, required=True,
                  help="a (long) .txt document the question is about")
   p.add_argument("--question", required=True)
@@ -62,7 +66,8 @@ def main(argv=None):
                         "a .txt file")
   if not args.material.is_file():
     raise LongLoraError(f"--material {args.material}: no such file")
-  config, params, tokenizer, _ = load_model(args)
+  config, params, tokenizer, _ = load_model(
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
   material = args.material.read_text(encoding="utf-8", errors="replace")
   prompt = CHAT_PROMPT.format(material=material, question=args.question)
   ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]

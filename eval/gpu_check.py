@@ -2,7 +2,7 @@
 train steps of a 7B-shaped model, the attention benchmark, tile sweeps and
 the compile-only memory plan of the same step.
 
-  python -m eval.gpu_check                  # a GPU box: about 6 min on an H100
+  python -m eval.gpu_check                  # a GPU box (times: BENCHMARKS.md)
   python -m eval.gpu_check --smoke          # anywhere: tiny sizes, interpreter
 
 Writes OUT/gpu_check.json (every number) and OUT/gpu_check.md (a summary),

@@ -54,9 +54,9 @@ def parse_args(argv=None):
                  help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
                       "qwen2.5-7b, mistral-7b) or a checkpoint directory / "
                       "config.json")
-  p.add_argument("--ctx", type=cli.count, default=100000,
-                 help="sequence length")
-  p.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, data=2,fsdp=4")
+  cli.option(p, "--ctx", default=100000, help="sequence length")
+  cli.option(p, "--mesh", default="fsdp=8",
+             purpose="the mesh planned for (8 devices when an axis is -1)")
   p.add_argument("--batch", type=cli.count, default=1,
                  help="sequences per device")
   p.add_argument("--accum", type=cli.count, default=1,

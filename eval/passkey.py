@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model
+from longlora_jax.checkpoints.checkpoint import load_model
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import check_writable, write_json
@@ -23,7 +23,11 @@ from longlora_jax.core.plots import save_plot
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  add_model_args(p)
+  cli.option(p, "--ckpt", required=True)
+  cli.option(p, "--ctx")
+  cli.option(p, "--pi-factor")
+  cli.option(p, "--dtype")
+  cli.option(p, "--mesh")
   p.add_argument("--max-tokens", type=cli.integer(1, tokens=True),
                  default=32000,
                  help="longest prompt, in tokens (100k = 102400, or the "
@@ -76,7 +80,8 @@ def run(config, params, tokenizer, *, max_tokens, interval, num_tests,
 def main(argv=None):
   args = parse_args(argv)
   check_writable(args.out)
-  config, params, tokenizer, directory = load_model(args)
+  config, params, tokenizer, directory = load_model(
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
   protocol = args.protocol or default_protocol(tokenizer)
   rows = run(config, params, tokenizer, max_tokens=args.max_tokens,
              interval=args.interval, num_tests=args.num_tests,

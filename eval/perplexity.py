@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model
+from longlora_jax.checkpoints.checkpoint import load_model
 from longlora_jax.core import cli
 from longlora_jax.data.text import (TOKEN_SUFFIXES, iter_texts, load_tokens,
                                tokenize_documents)
@@ -18,7 +18,11 @@ from longlora_jax.core.plots import save_plot
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  add_model_args(p)
+  cli.option(p, "--ckpt", required=True)
+  cli.option(p, "--ctx")
+  cli.option(p, "--pi-factor")
+  cli.option(p, "--dtype")
+  cli.option(p, "--mesh")
   p.add_argument("--data", required=True,
                  help="token file (.bin uint16 / .npy), text file(s) or "
                       "directory, or a HF dataset name")
@@ -52,7 +56,8 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   check_writable(args.out)
-  config, params, tokenizer, directory = load_model(args)
+  config, params, tokenizer, directory = load_model(
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
   if Path(args.data).suffix in TOKEN_SUFFIXES:
     tokens = load_tokens(args.data, config.vocab_size)
   else:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval.common import add_model_args, load_model
+from longlora_jax.checkpoints.checkpoint import load_model
 from longlora_jax.core import cli
 from longlora_jax.evaluation.ruler import suite as ruler
 from longlora_jax.evaluation.ruler import sources as rs
@@ -26,7 +26,11 @@ from longlora_jax.core.plots import save_heatmap
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  add_model_args(p)
+  cli.option(p, "--ckpt", required=True)
+  cli.option(p, "--ctx")
+  cli.option(p, "--pi-factor")
+  cli.option(p, "--dtype")
+  cli.option(p, "--mesh")
   p.add_argument("--lengths", nargs="+", default=[4096, 8192, 16384, 32768],
                  type=cli.integer(64, tokens=True),
                  help="prompt + generation lengths in tokens (4k = 4096)")
@@ -66,7 +70,8 @@ def main(argv=None):
       ("squad", rs.read_squad, args.squad),
       ("hotpotqa", rs.read_hotpotqa, args.hotpotqa)) if path}
   sources = rs.make_sources(rs.read_haystack(args.haystack), qa)
-  config, params, tokenizer, directory = load_model(args)
+  config, params, tokenizer, directory = load_model(
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
   chat = ruler.uses_chat(tokenizer, args.chat_template)
   settings = {"checkpoint": str(directory), "rope_factor": config.rope_factor,
               "dtype": args.dtype, "seed": args.seed, "samples": args.samples,

@@ -11,10 +11,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from eval.common import add_mesh_arg, sharded_params
+from longlora_jax.checkpoints.checkpoint import load_model
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
-from longlora_jax.checkpoints.checkpoint import Checkpoint
 from longlora_jax.model.llama import forward
 
 DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
@@ -23,24 +22,19 @@ DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. "
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--ckpt", default="demo",
-                 help="HF checkpoint directory, hf:ORG/NAME, or 'demo' (the "
-                      "built-in tiny model pretrained on Python source)")
+  cli.option(p, "--ckpt", default="demo")
   p.add_argument("--text", default=DEFAULT_TEXT, help="the text to score")
-  p.add_argument("--dtype", default="float32",
-                 choices=("float32", "bfloat16", "float16"))
+  cli.option(p, "--dtype", default="float32")
   p.add_argument("--top-k", type=cli.count, default=5,
                  help="most likely next tokens shown")
-  add_mesh_arg(p)
+  cli.option(p, "--mesh")
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  checkpoint = Checkpoint.open(args.ckpt)
-  config, directory = checkpoint.config, checkpoint.directory
-  params = sharded_params(checkpoint, args.dtype, args.mesh)
-  tokenizer = checkpoint.tokenizer
+  config, params, tokenizer, directory = load_model(args.ckpt, args.dtype,
+                                                    args.mesh)
   ids = tokenizer(args.text, return_tensors="np")["input_ids"]
   if ids.shape[1] < 2:
     raise LongLoraError("--text must encode to at least 2 tokens")

@@ -26,8 +26,9 @@ def parse_args(argv=None):
                  help="the model (or adapter) directory to write")
   p.add_argument("--format", choices=("hf", "peft"), default="hf",
                  help="hf: merged model; peft: LoRA adapter + embed/norms")
-  p.add_argument("--mesh", help="device mesh the run's weights are sharded "
-                 "over while exporting (default: the run's own --mesh)")
+  cli.option(p, "--mesh", default=None,
+             purpose="sharding the run's weights while exporting "
+                     "(default: the run's own --mesh)")
   return p.parse_args(argv)
 
 

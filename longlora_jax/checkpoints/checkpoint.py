@@ -6,15 +6,16 @@ import functools
 import json
 import os
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from longlora_jax.model.config import LlamaConfig
+from longlora_jax.model.config import LlamaConfig, RopeScaling
 from longlora_jax.core.errors import CheckpointError
-from longlora_jax.parallel.sharding import shardings_like
+from longlora_jax.parallel.sharding import make_mesh, shardings_like
 from longlora_jax.checkpoints.hf import expected_shapes, read_params
 from longlora_jax.checkpoints.hub import resolve_checkpoint
 from longlora_jax.checkpoints import meta
@@ -76,6 +77,38 @@ def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):
   Llama."""
   checkpoint = Checkpoint.open(path_or_id)
   return checkpoint.config, checkpoint.params(dtype)
+
+
+class Model(NamedTuple):
+  """A checkpoint loaded for inference (`load_model`)."""
+  config: LlamaConfig
+  params: Any
+  tokenizer: Any
+  directory: Path
+
+
+def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
+               ctx: int | None = None, pi_factor: float | None = None
+               ) -> Model:
+  """A checkpoint as the evaluation commands use it: its weights read
+  straight into their shards on `mesh` (a `make_mesh` spec such as
+  "fsdp=8", or a Mesh), so no device holds the whole model.
+
+  The RoPE scaling: `pi_factor` forces linear interpolation by that factor
+  (1: none); else `ctx`, the context the model was fine-tuned to, sets
+  ceil(ctx / original context) when the config has no scaling of its own.
+  """
+  checkpoint = Checkpoint.open(ckpt)
+  config = checkpoint.config
+  if pi_factor is not None:
+    config = dataclasses.replace(
+        config, rope_scaling=RopeScaling(pi_factor) if pi_factor > 1 else None)
+  elif ctx and config.rope_scaling is None:
+    config = config.with_context(ctx)
+  if isinstance(mesh, str):
+    mesh = make_mesh(mesh)
+  params = checkpoint.params(dtype, param_shardings(checkpoint.config, mesh))
+  return Model(config, params, checkpoint.tokenizer, checkpoint.directory)
 
 
 def load_tokenizer(directory: str | os.PathLike):

@@ -116,12 +116,21 @@ OPTIONS = {
     "--kv-heads": dict(type=count, default=None,
                        help="key/value heads (GQA; default: --heads)"),
     "--head-dim": dict(type=count, default=128),
+    "--ctx": dict(type=count, default=None,
+                  help="context the model was fine-tuned to; sets the linear "
+                       "RoPE factor ceil(ctx / original) when the config has "
+                       "none"),
+    "--pi-factor": dict(type=real(1.0), default=None,
+                        help="force this RoPE interpolation factor (e.g. the "
+                             "paper's extended PI: a 32k model evaluated at "
+                             "48k)"),
 }
 
 
-def option(parser: argparse.ArgumentParser, name: str, *, purpose: str = "",
-           **overrides) -> None:
-  """Adds the shared option `name` (a key of OPTIONS) to `parser`."""
+def option(parser, name: str, *, purpose: str = "", **overrides) -> None:
+  """Adds the shared option `name` (a key of OPTIONS) to `parser` (a parser
+  or an argument group); `overrides` replace its settings, `purpose` goes in
+  front of its help."""
   kwargs = {**OPTIONS[name], **overrides}
   if purpose:
     kwargs["help"] = f"{purpose}: {kwargs['help']}" if kwargs.get("help") \

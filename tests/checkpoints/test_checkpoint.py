@@ -10,8 +10,10 @@ import transformers
 from flax import traverse_util
 
 from longlora_jax.checkpoints import hf as hf_io
-from longlora_jax.checkpoints.checkpoint import (Checkpoint, load_tokenizer,
-                                        param_shardings)
+from longlora_jax.checkpoints.checkpoint import (Checkpoint, load_model,
+                                                 load_tokenizer,
+                                                 param_shardings)
+from longlora_jax.checkpoints.hub import resolve_checkpoint
 from longlora_jax.parallel.sharding import make_mesh
 from tests.conftest import SHARED_TOKENIZER
 
@@ -158,3 +160,22 @@ def test_loads_straight_into_the_planned_shards(tiny_hf, monkeypatch, mesh):
                      for n in names]) if path[0] == "layers" else (
         state[names[0]].T if path[-1] == "kernel" else state[names[0]])
     np.testing.assert_array_equal(np.asarray(value), want, err_msg=str(path))
+
+
+@pytest.mark.parametrize("ctx,pi_factor,factor", [
+    (None, None, 1.0), (1024, None, 4.0), (1000, None, 4.0), (None, 6, 6.0),
+    (1024, 1, 1.0)])
+def test_load_model_sets_the_rope_factor_from_ctx_or_pi_factor(
+    ctx, pi_factor, factor):
+  model = load_model("demo", "float32", "fsdp=4,tensor=2", ctx=ctx,
+                     pi_factor=pi_factor)
+  # The demo model's native context is 256: ceil(ctx / 256); --pi-factor
+  # wins over --ctx, and 1 means no scaling.
+  assert model.config.rope_factor == factor
+  assert (model.config.rope_scaling is None) == (factor == 1.0)
+  assert model.directory == resolve_checkpoint("demo")
+  # Every weight read into its shards on the mesh asked for, in float32.
+  for leaf in traverse_util.flatten_dict(model.params).values():
+    assert dict(leaf.sharding.mesh.shape) == {
+        "data": 1, "fsdp": 4, "tensor": 2, "context": 1}
+    assert leaf.dtype == np.float32

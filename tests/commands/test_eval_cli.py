@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval import passkey, perplexity
+from eval import chat, passkey, perplexity, ruler
 from eval import pretokenize as tokenize
 from longlora_jax.perf import gpu_target
 from longlora_jax.checkpoints.hub import resolve_checkpoint
@@ -144,16 +144,17 @@ def test_user_errors(demo, args, message):
   assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("flags,factor", [([], 1.0), (["--ctx", "1024"], 4.0),
-                                          (["--ctx", "1000"], 4.0),
-                                          (["--pi-factor", "6"], 6.0),
-                                          (["--ctx", "1024", "--pi-factor", "1"], 1.0)])
-def test_rope_factor_from_ctx_or_pi_factor(demo, flags, factor):
-  import argparse
-
-  from eval.common import add_model_args, load_model
-  parser = argparse.ArgumentParser()
-  add_model_args(parser)
-  config, _, _, _ = load_model(parser.parse_args(["--ckpt", str(demo), *flags]))
-  # The demo model's native context is 256: ceil(ctx / 256).
-  assert config.rope_factor == factor
+@pytest.mark.parametrize("command,required", [
+    (passkey, []), (perplexity, ["--data", "D"]), (ruler, []),
+    (chat, ["--material", "M", "--question", "?"])])
+def test_the_model_options_reach_the_arguments(command, required):
+  # What main hands to load_model (checkpoint.load_model, tested in
+  # tests/checkpoints/test_checkpoint.py).
+  args = command.parse_args(["--ckpt", "C", *required])
+  assert (args.ckpt, args.ctx, args.pi_factor, args.dtype, args.mesh) == (
+      "C", None, None, "bfloat16", "fsdp=-1")
+  args = command.parse_args(["--ckpt", "C", *required, "--ctx", "1000",
+                             "--pi-factor", "6", "--dtype", "float32",
+                             "--mesh", "fsdp=4,tensor=2"])
+  assert (args.ckpt, args.ctx, args.pi_factor, args.dtype, args.mesh) == (
+      "C", 1000, 6.0, "float32", "fsdp=4,tensor=2")

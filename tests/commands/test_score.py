@@ -4,6 +4,7 @@ import sys
 
 import pytest
 
+from longlora_jax.checkpoints.hub import resolve_checkpoint
 from tests.conftest import ROOT
 
 
@@ -25,7 +26,10 @@ def test_scores_demo_checkpoint(tmp_path):
   # The demo model is pretrained on Python source: far below the 259 of a
   # uniform guess over its vocabulary.
   assert float(lines["perplexity"]) < 12, result.stdout
-  assert (tmp_path / "runs" / "demo" / "base" / "model.safetensors").exists()
+  # The default --ckpt: the built-in model, read where the package keeps
+  # it; nothing is written.
+  assert lines["checkpoint"] == str(resolve_checkpoint("demo"))
+  assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("ckpt,message", [

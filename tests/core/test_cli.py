@@ -68,6 +68,45 @@ def test_help_shows_the_description_as_written_and_defaults(capsys):
   assert "default: None" not in out
 
 
+def test_option_adds_a_shared_option_with_a_commands_default_and_purpose(
+    capsys):
+  p = cli.Parser("A command.")
+  cli.option(p, "--dtype", default="float32", purpose="the scored model")
+  cli.option(p, "--mesh")
+  cli.option(p, "--heads", default=4)
+  assert vars(p.parse_args([])) == {"dtype": "float32", "mesh": "fsdp=-1",
+                                    "heads": 4}
+  # The shared choices and type stay.
+  assert p.parse_args(["--dtype", "float16"]).dtype == "float16"
+  with pytest.raises(SystemExit):
+    p.parse_args(["--dtype", "int8"])
+  assert "argument --dtype: invalid choice: 'int8'" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    p.parse_args(["--heads", "0"])
+  assert "argument --heads: '0' is not an integer >= 1" in (
+      capsys.readouterr().err)
+  with pytest.raises(SystemExit):
+    p.parse_args(["--help"])
+  out = " ".join(capsys.readouterr().out.split())
+  assert "the scored model: weights and compute (default: float32)" in out
+  assert "query heads (default: 4)" in out
+  # Another command's parser gets the shared default, not this one's.
+  q = cli.Parser("Another.")
+  cli.option(q, "--dtype")
+  cli.option(q, "--heads")
+  assert vars(q.parse_args([])) == {"dtype": "bfloat16", "heads": 32}
+
+
+def test_no_command_declares_a_shared_option_itself():
+  # Each shared option is declared once, in cli.OPTIONS: a command adds it
+  # with cli.option.
+  from tests.test_layout import _commands
+  for name, path in _commands().items():
+    text = path.read_text()
+    for option in cli.OPTIONS:
+      assert f'add_argument("{option}"' not in text, (name, option)
+
+
 def test_run_turns_a_user_error_into_one_line(capsys):
   def main():
     raise LongLoraError("--x is wrong; use --y")
