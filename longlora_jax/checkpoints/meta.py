@@ -263,8 +263,7 @@ class _Layout:
     """The layout, once every shard's tensors match what params.json
     implies; CheckpointError naming the file and the fix otherwise."""
     n, c = len(shards), config
-    d, heads, kv, h = (c.hidden_size, c.num_attention_heads,
-                       c.num_key_value_heads, c.head_dim)
+    d, heads, kv = c.hidden_size, c.num_attention_heads, c.num_key_value_heads
     sizes = {"n_heads": heads, "dim": d, "the FFN width": c.intermediate_size,
              "vocab_size": c.vocab_size}
     for what, size in sizes.items():
