@@ -1,14 +1,22 @@
 """Writing outputs so that a failure never leaves half of one: every file
 and directory is written under a temporary name and renamed into place, and
 a failure of the file system (full, read-only, not permitted) is one line
-naming the path and the fix."""
+naming the path and the fix.
+
+A write killed half way (SIGKILL, power loss) leaves its temporary sibling
+behind; the next write of the same target reclaims it once its writer is
+known to be gone (`reclaim_unfinished`), so no debris outlives a rerun.
+"""
 
 import contextlib
 import errno
+import functools
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from pathlib import Path
@@ -116,14 +124,142 @@ def check_writable(path: str | os.PathLike) -> Path:
   return path
 
 
+# ---- unfinished writes: whose they are, and reclaiming them ----
+#
+# A temporary sibling is named for its target and its writer:
+#   .NAME.partial-PID-START-NONCE@HOST   (a directory; .NAME.old-... is the
+#                                         target it is replacing, set aside)
+#   .STEM.partial-PID-START-NONCE@HOST.SUFFIX   (a file: its suffix stays
+#                                         last, as np.save and savefig go by it)
+# PID is the writing process, START its start time in clock ticks since boot
+# (from /proc; 0 where there is none), so that a reused PID is not taken for
+# the writer; HOST is the host name (letters, digits and '-', shortened) and
+# a hash of the full name and the PID namespace (containers that share a
+# host name do not see each other's processes).
+_PROC = Path("/proc")
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+  """(state, start time) of process `pid`, None when there is none."""
+  try:
+    text = (_PROC / str(pid) / "stat").read_text()
+  except OSError:  # No such process, or one hidden from us.
+    return None
+  fields = text.rpartition(")")[2].split()  # The name may hold ") ".
+  return fields[0], int(fields[19])
+
+
+def _has_proc() -> bool:
+  return (_PROC / "self" / "stat").exists()
+
+
+@functools.cache
+def _host() -> str:
+  name = socket.gethostname()
+  try:
+    namespace = os.readlink("/proc/self/ns/pid")
+  except OSError:
+    namespace = ""
+  short = re.sub(r"[^A-Za-z0-9-]", "-", name.split(".")[0])[:24] or "host"
+  digest = hashlib.sha1(f"{name} {namespace}".encode()).hexdigest()[:4]
+  return f"{short}-{digest}"
+
+
+def _sibling(target: Path, kind: str, suffix: str = "") -> Path:
+  """A new temporary sibling of `target`, named for this process."""
+  pid = os.getpid()
+  found = _proc_stat(pid) if _has_proc() else None
+  stem = target.name[:len(target.name) - len(suffix)]
+  return target.with_name(f".{stem}.{kind}-{pid}-{found[1] if found else 0}"
+                          f"-{uuid.uuid4().hex[:8]}@{_host()}{suffix}")
+
+
+def _writer_gone(pid: int, start: int, host: str) -> bool | None:
+  """Whether the process that wrote a sibling has ended; None when it ran
+  on another machine (or PID namespace), where no one here can tell."""
+  if host != _host():
+    return None
+  found = _proc_stat(pid) if _has_proc() else None
+  if found is not None:
+    return (found[0] in "ZXx"  # Ended, not yet reaped.
+            or bool(start) and found[1] != start)  # The PID is reused.
+  try:  # No /proc, or one that hides others' processes.
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # Someone else's process: it runs.
+    return False
+  return False
+
+
+def _size(path: Path) -> int:
+  if path.is_dir() and not path.is_symlink():
+    return sum(f.lstat().st_size for f in path.rglob("*") if not f.is_dir())
+  return path.lstat().st_size
+
+
+def reclaim_unfinished(target: str | os.PathLike, *,
+                       file: bool = False) -> None:
+  """Removes what interrupted writes of `target` (a directory, or a `file`)
+  left beside it, saying so in one line each.
+
+  The rule: a sibling named for `target` and for a writer on this host (and
+  PID namespace) is removed when that process has ended, or its PID now
+  belongs to a process started at another time; a set-aside previous
+  `target` (.old-) is put back when `target` is missing, else removed. A
+  sibling whose writer runs is never touched: two writes of one target
+  each keep their own. One written from another host, as on a shared file
+  system, or named as older versions did (no writer in the name), is never
+  removed, since its writer cannot be seen from here; a note names it.
+  Nothing else is ever touched, and a failure to reclaim is passed over
+  (the write goes on).
+  """
+  target = Path(target)
+  suffix = target.suffix if file else ""
+  stem = target.name[:len(target.name) - len(suffix)]
+  pattern = re.compile(re.escape(f".{stem}.") + r"(partial|old)-(?:(\d+)-"
+                       r"(\d+)-[0-9a-f]{8}@([A-Za-z0-9-]+)|[0-9a-f]{8})"
+                       + re.escape(suffix))
+  try:
+    names = sorted(os.listdir(target.parent))
+  except OSError:
+    return
+  for name in names:
+    if not (match := pattern.fullmatch(name)):
+      continue
+    kind, pid, start, host = match.groups()
+    path = target.parent / name
+    try:
+      gone = pid and _writer_gone(int(pid), int(start), host)
+      if gone is False:
+        continue
+      size = human_bytes(_size(path))
+      if not gone:
+        who = (f"pid {pid} on host {host.rpartition('-')[0]}" if pid else
+               "an earlier version")
+        print(f"note: {path} ({size}) is an unfinished write of "
+              f"{target.name} by {who}; remove it if that run has ended")
+      elif kind == "old" and not os.path.lexists(target):
+        os.rename(path, target)
+        print(f"note: restored {target}, which an interrupted run (pid "
+              f"{pid}) had set aside to replace it")
+      else:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() \
+            else path.unlink()
+        print(f"note: removed an unfinished write left by an interrupted "
+              f"run (pid {pid}): {path} ({size})")
+    except (OSError, OverflowError):  # Reclaiming never fails a write.
+      pass
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
   """A temporary sibling of the file `path` to write; it replaces `path`
-  when the block completes and is removed if the block raises."""
+  when the block completes and is removed if the block raises. What
+  interrupted writes of `path` left is reclaimed first."""
   path = Path(path)
-  # The suffix stays last: writers such as np.save and savefig go by it.
-  tmp = path.with_name(f".{path.stem}.partial-{uuid.uuid4().hex[:8]}"
-                       f"{path.suffix}")
+  reclaim_unfinished(path, file=True)
+  tmp = _sibling(path, "partial", path.suffix)
   try:
     with reported(path):
       path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,15 +285,17 @@ def write_json(path: str | os.PathLike, obj) -> Path:
 def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
   """A temporary sibling of the directory `out` to write into; it replaces
   `out` (an existing one is swapped out, then removed) when the block
-  completes, and is removed if it raises, so `out` is never partial."""
+  completes, and is removed if it raises, so `out` is never partial. What
+  interrupted writes of `out` left is reclaimed first."""
   out = Path(out)
-  tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+  reclaim_unfinished(out)
+  tmp = _sibling(out, "partial")
   try:
     with reported(out):
       tmp.mkdir(parents=True)
       yield tmp
       if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = _sibling(out, "old")
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old, ignore_errors=True)

@@ -16,7 +16,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from longlora_jax.data.text import Position, iter_records
+from longlora_jax.data.sources import check_source, iter_records
+from longlora_jax.data.text import Position
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.model.loss import IGNORE_INDEX
 
@@ -116,9 +117,12 @@ def _row(examples: list[Example], ctx: int, pad_id: int) -> dict:
 def load_examples(source: str, tokenizer,
                   ctx: int) -> tuple[list[Example], int]:
   """(examples, how many were truncated) of every record in `source` (a
-  .json/.jsonl/.parquet file, a directory of them or a HF dataset name)."""
+  .json/.jsonl/.parquet file, a directory of them or a HF dataset name);
+  "instruction" and "output" must be strings, "input" one where given."""
+  fields = ("instruction", "output")
+  check_source(source, fields)
   examples = [tokenize_example(tokenizer, r, ctx) for r in
-              iter_records(source, fields=("instruction", "output"))]
+              iter_records(source, fields=fields, optional=("input",))]
   if not examples:
     raise LongLoraError(f"{source}: no instruction records")
   return examples, sum(e.truncated for e in examples)

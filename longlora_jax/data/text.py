@@ -1,9 +1,5 @@
-"""Token streams: reading and writing flat token files, tokenising text.
-
-A flat token file is the official LongLoRA/landmark-attention format: the
-token ids of a corpus, one after another, as raw little-endian uint16
-(`.bin`), or a NumPy `.npy` array (any integer dtype, e.g. for vocabularies
-above 65,535).
+"""Token streams: writing flat token files (see `sources` for the
+format), tokenising text, packing documents into training rows.
 """
 
 import dataclasses
@@ -12,56 +8,14 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import atomic_path
-
-TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
-
-
-def load_tokens(path: str | os.PathLike,
-                vocab_size: int | None = None) -> np.ndarray:
-  """A flat token file, memory-mapped (not read into memory); with
-  `vocab_size`, every id is checked to lie in [0, vocab_size)."""
-  path = Path(path)
-  if path.is_dir():
-    raise LongLoraError(f"{path}: is a directory; pass a .bin or .npy token "
-                        "file (python -m eval.pretokenize writes one)")
-  if not path.exists():
-    raise LongLoraError(f"{path}: no such file")
-  if path.suffix == ".bin":
-    if path.stat().st_size % 2:
-      raise LongLoraError(f"{path}: odd size; a .bin token file is uint16")
-    tokens = np.memmap(path, dtype=np.uint16, mode="r")
-  elif path.suffix == ".npy":
-    tokens = np.load(path, mmap_mode="r")
-    if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-      raise LongLoraError(f"{path}: expected a 1-D integer array, got "
-                          f"{tokens.dtype} {tokens.shape}")
-  else:
-    raise LongLoraError(f"{path}: not a token file (.bin or .npy)")
-  if vocab_size is not None:
-    check_vocabulary(tokens, vocab_size, str(path))
-  return tokens
-
-
-def check_vocabulary(tokens: np.ndarray, vocab_size: int, source: str, *,
-                     chunk: int = 1 << 24) -> None:
-  """Raises LongLoraError naming the first id outside [0, vocab_size), its
-  position and the vocabulary; reads `chunk` ids at a time."""
-  for start in range(0, len(tokens), chunk):
-    ids = np.asarray(tokens[start:start + chunk])
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-      i = int(np.argmax(bad))
-      raise LongLoraError(
-          f"{source}: token id {int(ids[i])} at position {start + i:,} is "
-          f"outside the model's vocabulary of {vocab_size:,} (ids 0 to "
-          f"{vocab_size - 1:,}); tokenize the data with this model's "
-          "tokenizer (python -m eval.pretokenize)")
+from longlora_jax.data.sources import (TOKEN_SUFFIXES, check_source,
+                                       iter_texts, load_tokens)
 
 
 def write_tokens(path: str | os.PathLike, tokens: np.ndarray) -> Path:
@@ -81,89 +35,6 @@ def write_tokens(path: str | os.PathLike, tokens: np.ndarray) -> Path:
       np.save(tmp, tokens.astype(np.uint32 if tokens.max(initial=0) > 65535
                                  else np.uint16))
   return path
-
-
-def iter_texts(source: str, *, text_field: str = "text",
-               split: str = "train") -> Iterator[str]:
-  """Documents from a text file, a directory of them, or a HF dataset name.
-
-  Files: .txt/.md (one document per file), .jsonl/.json (the `text_field` of
-  each record), .parquet (its `text_field` column).
-  """
-  for record in iter_records(source, fields=(text_field,), split=split):
-    yield record[text_field]
-
-
-def iter_records(source: str, *, fields: tuple[str, ...],
-                 split: str = "train") -> Iterator[dict]:
-  """Records (dicts) from files, a directory of them, or a HF dataset name
-  (streamed); each must hold every name in `fields`. A .txt/.md file is one
-  record whose first field is the file's text."""
-  path = Path(source)
-  if path.is_dir():
-    files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
-    if not files:
-      raise LongLoraError(f"{path}: no {'/'.join(TEXT_SUFFIXES)} files")
-    for f in files:
-      yield from iter_records(str(f), fields=fields)
-    return
-  if path.exists():
-    records, where = _file_records(path, fields[0]), str(path)
-  elif _looks_like_dataset(source):
-    records, where = _dataset_records(source, split), f"dataset {source!r}"
-  else:
-    raise LongLoraError(f"{source}: no such file or directory")
-  for i, record in enumerate(records):
-    missing = [f for f in fields if f not in record]
-    if missing:
-      raise LongLoraError(f"{where}: record {i + 1} has no {missing[0]!r} "
-                          f"field (it has "
-                          f"{', '.join(map(repr, sorted(record)))})")
-    yield record
-
-
-def _looks_like_dataset(name: str) -> bool:
-  """"ORG/NAME" or "NAME": no file suffix, not a path."""
-  return (name.count("/") <= 1 and not Path(name).suffix
-          and not name.startswith((".", "/", "~")))
-
-
-def _file_records(path: Path, text_field: str) -> Iterator[dict]:
-  import json
-  if path.suffix in (".txt", ".md"):
-    yield {text_field: path.read_text(encoding="utf-8", errors="replace")}
-  elif path.suffix in (".jsonl", ".json"):
-    with open(path, encoding="utf-8") as f:
-      if path.suffix == ".json":
-        records = json.load(f)
-        yield from records if isinstance(records, list) else [records]
-      else:
-        for i, line in enumerate(f):
-          if line.strip():
-            try:
-              yield json.loads(line)
-            except json.JSONDecodeError as e:
-              raise LongLoraError(f"{path}: line {i + 1} is not JSON ({e})"
-                                  ) from None
-  elif path.suffix == ".parquet":
-    import pyarrow.parquet as pq
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-      yield from batch.to_pylist()
-  else:
-    raise LongLoraError(f"{path}: unsupported file type {path.suffix!r}; use "
-                        f"{', '.join(TEXT_SUFFIXES)}")
-
-
-def _dataset_records(name: str, split: str) -> Iterator[dict]:
-  import datasets
-  try:
-    ds = datasets.load_dataset(name, split=split, streaming=True)
-  except Exception as e:  # datasets raises many types, all mean "cannot load"
-    raise LongLoraError(
-        f"dataset {name!r} cannot be loaded ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''}); pass a local file or "
-        "directory, or check the name and your network/HF_DATASETS_OFFLINE") from None
-  yield from ds
 
 
 def tokenize_documents(tokenizer, texts: Iterable[str], *,
@@ -192,7 +63,6 @@ def tokenize_documents(tokenizer, texts: Iterable[str], *,
 # `Position` of four integers resumes it exactly without replaying the
 # tokeniser over what came before.
 
-TOKEN_SUFFIXES = (".bin", ".npy")
 # A flat token file is read in pieces of this many tokens (its "documents").
 _TOKEN_PIECE = 1 << 20
 
@@ -227,8 +97,7 @@ def document_tokens(source: str, tokenizer=None, *, eos_id: int | None = None,
     return pieces
   if tokenizer is None or eos_id is None:
     raise ValueError("text sources need a tokenizer and an eos_id")
-  if not Path(source).exists() and not _looks_like_dataset(source):
-    raise LongLoraError(f"{source}: no such file or directory")
+  check_source(source, (text_field,))
 
   def docs(start: int):
     texts = itertools.islice(iter_texts(source, text_field=text_field),

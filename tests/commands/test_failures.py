@@ -342,3 +342,30 @@ def test_bad_files_are_one_line_exit_2_and_write_nothing(files,
         name, stderr)
   assert sorted(os.listdir(tmp)) == ["big.npy", "negative.npy"]
   assert list(read_only_dir.iterdir()) == []
+
+
+def test_damaged_data_is_one_line_and_creates_nothing(tmp_path):
+  # As a new user meets them: a Parquet file whose footer is cut off, a JSON
+  # array cut short; each names the file, and no run directory is made.
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  parquet = tmp_path / "train.parquet"
+  pq.write_table(pa.table({"text": ["the sky is blue"] * 50}), parquet)
+  parquet.write_bytes(parquet.read_bytes()[:-3])
+  truncated = tmp_path / "train.json"
+  truncated.write_text(json.dumps([{"text": "the grass is green"}] * 20)[:-30])
+  cases = {"parquet": (parquet, r"not a readable Parquet file \(Parquet "
+                       r"magic bytes not found in footer"),
+           "json": (truncated, r"not valid JSON at line 1, column \d+ "
+                    r"\(byte \d+\): ")}
+  results = run_commands({name: ("train.extend", [
+      "--data", str(path), "--steps", "1", "--out", str(tmp_path / name)])
+                          for name, (path, _) in cases.items()})
+  for name, (path, message) in cases.items():
+    code, stderr = results[name]
+    assert code == 2, (name, stderr)
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and re.match(
+        rf"error: {re.escape(str(path))}: {message}.*; fix or remove the "
+        "file$", lines[0]), (name, stderr)
+    assert not (tmp_path / name).exists(), name

@@ -140,3 +140,36 @@ def test_load_examples_counts_truncations(tmp_path):
   assert truncated == 1
   assert [len(e.input_ids) for e in examples] == [19, 32]
   assert (examples[0].labels != IGNORE_INDEX).sum() == 3  # "yo" + EOS
+
+
+def test_records_must_hold_strings(tmp_path):
+  import json
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  path = tmp_path / "r.jsonl"
+  cases = [
+      ({"instruction": "hi", "output": 4}, "record 1 at line 1: 'output' is "
+       "a number, not a string; fix or remove the file"),
+      ({"instruction": "hi", "output": "yo", "input": ["a"]}, "record 1 at "
+       "line 1: 'input' is a list, not a string; fix or remove the file"),
+  ]
+  for record, message in cases:
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(LongLoraError) as error:
+      sft.load_examples(str(path), CharTokenizer(), 32)
+    assert str(error.value) == f"{path}: {message}"
+  # No "input", or a null one: the prompt without input.
+  path.write_text(json.dumps({"instruction": "hi", "output": "yo",
+                              "input": None}) + "\n")
+  (example,), _ = sft.load_examples(str(path), CharTokenizer(), 32)
+  assert len(example.input_ids) == 19
+  # A Parquet file without an output column fails on opening, before any
+  # record is tokenised.
+  pq.write_table(pa.table({"instruction": ["hi"]}), tmp_path / "r.parquet")
+
+  def never(*args, **kwargs):
+    raise AssertionError("nothing is tokenised")
+  with pytest.raises(LongLoraError) as error:
+    sft.load_examples(str(tmp_path / "r.parquet"), never, 32)
+  assert str(error.value) == (f"{tmp_path / 'r.parquet'}: no 'output' column "
+                              "(it has 'instruction')")

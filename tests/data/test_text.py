@@ -3,14 +3,13 @@ import json
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from longlora_jax import LongLoraError
+from longlora_jax.data.sources import load_tokens
 from longlora_jax.data.text import (Position, batches, document_tokens,
-                               iter_texts, load_tokens, packed_rows, prefetch,
-                               tokenize_documents, write_tokens)
+                                    packed_rows, prefetch, tokenize_documents,
+                                    write_tokens)
 
 
 def test_bin_round_trip_is_raw_uint16(tmp_path):
@@ -28,63 +27,6 @@ def test_npy_for_large_vocabularies(tmp_path):
     write_tokens(tmp_path / "t.bin", tokens)
   write_tokens(tmp_path / "t.npy", tokens)
   np.testing.assert_array_equal(load_tokens(tmp_path / "t.npy"), tokens)
-
-
-@pytest.mark.parametrize("name,content,message", [
-    ("odd.bin", b"\x01\x02\x03", "odd size"),
-    ("x.csv", b"1,2", "not a token file"),
-])
-def test_bad_token_files(tmp_path, name, content, message):
-  (tmp_path / name).write_bytes(content)
-  with pytest.raises(LongLoraError, match=message):
-    load_tokens(tmp_path / name)
-  with pytest.raises(LongLoraError, match="no such file"):
-    load_tokens(tmp_path / "missing.bin")
-  (tmp_path / "folder.bin").mkdir()
-  with pytest.raises(LongLoraError, match="folder.bin: is a directory; pass "
-                     "a .bin or .npy token file"):
-    load_tokens(tmp_path / "folder.bin")
-
-
-@pytest.mark.parametrize("chunk", [3, 1 << 24])  # Chunk by chunk, or at once.
-def test_token_ids_are_checked_against_the_vocabulary(tmp_path, chunk):
-  from longlora_jax.data.text import check_vocabulary
-  ids = np.arange(20, dtype=np.int64) % 7
-  check_vocabulary(ids, 7, "t", chunk=chunk)
-  big, negative = ids.copy(), ids.astype(np.int32)
-  big[11], big[15] = 7, 9
-  negative[13] = -1
-  with pytest.raises(LongLoraError) as error:
-    check_vocabulary(big, 7, "t.npy", chunk=chunk)
-  assert str(error.value) == (
-      "t.npy: token id 7 at position 11 is outside the model's vocabulary "
-      "of 7 (ids 0 to 6); tokenize the data with this model's tokenizer "
-      "(python -m eval.pretokenize)")
-  with pytest.raises(LongLoraError, match="token id -1 at position 13 is"):
-    check_vocabulary(negative, 7, "t.npy", chunk=chunk)
-  np.save(tmp_path / "neg.npy", negative)
-  write_tokens(tmp_path / "big.bin", big)
-  with pytest.raises(LongLoraError, match="big.bin: token id 7 at position "
-                     "11 is outside the model's vocabulary of 7"):
-    load_tokens(tmp_path / "big.bin", vocab_size=7)
-  with pytest.raises(LongLoraError, match="neg.npy: token id -1 at "):
-    document_tokens(str(tmp_path / "neg.npy"), vocab_size=7)
-  assert len(load_tokens(tmp_path / "big.bin", vocab_size=10)) == 20
-
-
-def test_text_sources(tmp_path):
-  (tmp_path / "a.txt").write_text("first doc")
-  (tmp_path / "b.jsonl").write_text(
-      json.dumps({"text": "second"}) + "\n\n" + json.dumps({"text": "third"}) + "\n")
-  pq.write_table(pa.table({"text": ["fourth", "fifth"]}), tmp_path / "c.parquet")
-  assert list(iter_texts(str(tmp_path))) == ["first doc", "second", "third",
-                                             "fourth", "fifth"]
-  assert list(iter_texts(str(tmp_path / "b.jsonl"))) == ["second", "third"]
-  (tmp_path / "bad.jsonl").write_text(json.dumps({"body": "x"}) + "\n")
-  with pytest.raises(LongLoraError, match="record 1 has no 'text' field"):
-    list(iter_texts(str(tmp_path / "bad.jsonl")))
-  with pytest.raises(LongLoraError, match="no such file or directory"):
-    list(iter_texts(str(tmp_path / "nope.txt")))
 
 
 def test_tokenize_documents_concatenates_with_bos():
@@ -196,6 +138,25 @@ def test_too_little_data(tmp_path):
     next(packed_rows(docs, 64, source="d.jsonl"))
   with pytest.raises(LongLoraError, match="no such file or directory"):
     document_tokens(str(tmp_path / "missing.jsonl"), ByteTok(), eos_id=0)
+
+
+def test_damaged_data_fails_before_a_document_is_read(tmp_path):
+  # What opening shows (here a Parquet footer cut off, a .npy header cut
+  # short) fails when the source is opened, before anything is tokenised.
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  pq.write_table(pa.table({"text": ["a document"] * 3}), tmp_path / "d.parquet")
+  data = (tmp_path / "d.parquet").read_bytes()
+  (tmp_path / "d.parquet").write_bytes(data[:len(data) // 2])
+  np.save(tmp_path / "t.npy", np.arange(10))
+  (tmp_path / "t.npy").write_bytes((tmp_path / "t.npy").read_bytes()[:40])
+
+  class Never:
+    def __call__(self, *args, **kwargs):
+      raise AssertionError("nothing is tokenised")
+  for name in ("d.parquet", "t.npy"):
+    with pytest.raises(LongLoraError, match=rf"^{tmp_path / name}: not a "):
+      document_tokens(str(tmp_path / name), Never(), eos_id=0)
 
 
 def test_prefetch_runs_ahead_and_forwards_errors():
