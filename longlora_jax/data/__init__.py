@@ -4,4 +4,4 @@ packed rows) and SFT conversations."""
 from longlora_jax.core import lazy as _lazy
 
 __getattr__, __dir__ = _lazy.exports(__name__, {
-}, submodules=("text", "sft"))
+}, submodules=("sources", "text", "sft"))
