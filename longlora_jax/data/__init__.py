@@ -1,5 +1,6 @@
-"""Training data: token streams (text files, JSON, Parquet, token files,
-packed rows) and SFT conversations."""
+"""Training data: its sources read and checked at the door (text, JSON,
+JSONL, Parquet, token files, directories), token streams and packed rows,
+and SFT conversations."""
 
 from longlora_jax.core import lazy as _lazy
 
