@@ -234,7 +234,9 @@ def _config(directory, params, files, shards, override):
         rope_theta=float(params.get("rope_theta", 10000.0)),
         rope_scaling=scaling, max_position_embeddings=context,
         bos_token_id=128000 if llama3 else 1,
-        eos_token_id=128001 if llama3 else 2)
+        # Meta's generation stops at <|end_of_text|>, <|eom_id|> and
+        # <|eot_id|> (tokenizer.LLAMA3_STOP); a document ends with the first.
+        eos_token_id=(128001, 128008, 128009) if llama3 else 2)
   except (CheckpointError, TypeError, ValueError) as e:
     raise CheckpointError(f"{file}: {e}") from None
   note = (f"{directory}: Meta's layout, {len(files)} shard(s); vocab {vocab} "
