@@ -60,8 +60,9 @@ def _llama3_model() -> Path:
 @pytest.fixture(scope="module")
 def meta3():
   """Meta's Llama 3 tokenizer (it needs tiktoken, not torch)."""
+  model = _llama3_model()  # skips without llama-models
   from llama_models.llama3.tokenizer import Tokenizer
-  return Tokenizer(_llama3_model())
+  return Tokenizer(model)
 
 
 @pytest.fixture(scope="module")
