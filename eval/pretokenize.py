@@ -8,7 +8,7 @@ from pathlib import Path
 from longlora_jax.core import cli
 from longlora_jax.data.text import iter_texts, tokenize_documents, write_tokens
 from longlora_jax.core.files import check_writable
-from longlora_jax.checkpoints.checkpoint import load_tokenizer
+from longlora_jax.checkpoints.tokenizer import load_tokenizer
 from longlora_jax.checkpoints.hub import TOKENIZER_FILES, resolve_checkpoint
 
 

@@ -3,7 +3,6 @@ tokenizer and parameters from the one object every command uses."""
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,11 +13,11 @@ import numpy as np
 from flax import traverse_util
 
 from longlora_jax.model.config import LlamaConfig, RopeScaling
-from longlora_jax.core.errors import CheckpointError
 from longlora_jax.parallel.sharding import make_mesh, shardings_like
 from longlora_jax.checkpoints.hf import expected_shapes, read_params
 from longlora_jax.checkpoints.hub import resolve_checkpoint
 from longlora_jax.checkpoints import meta
+from longlora_jax.checkpoints.tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,33 +109,6 @@ def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
   params = checkpoint.params(dtype, param_shardings(checkpoint.config, mesh))
   return Model(config, params, checkpoint.tokenizer, checkpoint.directory)
 
-
-def load_tokenizer(directory: str | os.PathLike):
-  """transformers' tokenizer of a directory (a checkpoint, or tokenizer files
-  alone); one with `tokenizer.model` and no `tokenizer.json` (what the
-  official LongLoRA merge script saves) encodes as SentencePiece does."""
-  import transformers
-  directory = Path(directory)
-  config_file = directory / "tokenizer_config.json"
-  try:
-    if ((directory / "tokenizer.model").exists()
-        and not (directory / "tokenizer.json").exists()):
-      # transformers 5's LlamaTokenizer ranks the BPE merges it builds from
-      # tokenizer.model by piece id, not score, so "▁▁" merges first and
-      # runs of spaces encode differently; its generic backend follows the
-      # SentencePiece model (transformers 4 lacks it and needs it not).
-      # legacy=True encodes each text between special tokens as
-      # SentencePiece does, leading spaces included. Llama prepends BOS.
-      backend = getattr(transformers, "TokenizersBackend",
-                        transformers.AutoTokenizer)
-      configured = config_file.exists() and "add_bos_token" in json.loads(
-          config_file.read_text())
-      return backend.from_pretrained(
-          directory, legacy=True,
-          **({} if configured else {"add_bos_token": True}))
-    return transformers.AutoTokenizer.from_pretrained(directory)
-  except (OSError, ValueError) as e:
-    raise CheckpointError(f"{directory}: no usable tokenizer ({e})") from None
 
 
 def param_shardings(config: LlamaConfig, mesh):

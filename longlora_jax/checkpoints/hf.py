@@ -26,6 +26,9 @@ from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import atomic_dir, output_dir, write_json
 from longlora_jax.checkpoints.hub import TOKENIZER_FILES, resolve_checkpoint
+from longlora_jax.checkpoints.tokenizer import (load_tokenizer,
+                                              rebuilt_for_export,
+                                              save_tokenizer)
 from longlora_jax.checkpoints.weights import open_weights, write_safetensors
 from longlora_jax.model.lora import LoRA, merge
 from longlora_jax.model.llama import init_params
@@ -265,7 +268,11 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
   transformers 4 and 5 spellings), `model.safetensors` (or shards plus
   `model.safetensors.index.json` above `max_shard_size`),
   `generation_config.json`, and the tokenizer files of `tokenizer_from` (a
-  directory or `hf:` id). The directory appears only once complete.
+  directory or `hf:` id): copied, or, where it has tokenizer.model and no
+  tokenizer.json (Meta's releases), written from its loaded tokenizer
+  (`tokenizer.save_tokenizer`) so that transformers loads the same
+  tokenizer from the export alone. The directory appears only once
+  complete.
 
   The parameters may be sharded over devices and processes: one tensor
   (one layer of a stacked one) at a time comes to the host and goes into
@@ -284,12 +291,14 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
   dtype = as_dtype(dtype) if dtype else np.dtype(
       flat[("embed_tokens", "embedding")].dtype)
   writing = jax.process_index() == 0
-  tokenizer_dir = None
+  tokenizer_dir = tokenizer = None
   if tokenizer_from is not None:
     tokenizer_dir = resolve_checkpoint(tokenizer_from, patterns=TOKENIZER_FILES)
     if not any((tokenizer_dir / f).exists() for f in TOKENIZER_FILES):
       raise CheckpointError(f"{tokenizer_from}: no tokenizer files "
                             f"({', '.join(TOKENIZER_FILES)})")
+    if rebuilt_for_export(tokenizer_dir):
+      tokenizer = load_tokenizer(tokenizer_dir)
 
   tensors = list(hf_tensors(config, expected_shapes(config)))
   shards, size, limit = [[]], 0, parse_size(max_shard_size)
@@ -332,7 +341,9 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
            if getattr(config, k) is not None}
     write_json(tmp / "generation_config.json",
                {**gen, **(generation_config or {})})
-    if tokenizer_dir is not None:
+    if tokenizer is not None:
+      save_tokenizer(tokenizer, tmp, tokenizer_dir)
+    elif tokenizer_dir is not None:
       for f in TOKENIZER_FILES:
         if (tokenizer_dir / f).exists():
           shutil.copyfile(tokenizer_dir / f, tmp / f)

@@ -26,13 +26,13 @@ from longlora_jax.core.errors import CheckpointError
 from longlora_jax.model.config import LlamaConfig, RopeScaling
 from longlora_jax.checkpoints import hf
 from longlora_jax.checkpoints.pth import open_pth
+from longlora_jax.checkpoints.tokenizer import (LLAMA3_SPECIAL, TIKTOKEN,
+                                              model_format, read_ranks)
 
 PARAMS = "params.json"
 _SHARD = re.compile(r"consolidated\.(\d+)\.pth")
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json",
                "pytorch_model.bin", "pytorch_model.bin.index.json")
-# Meta's Llama 3 tokenizer: its tiktoken ranks, then this many special tokens.
-LLAMA3_SPECIAL_TOKENS = 256
 # Our parameter path -> (Meta's tensor name, the axis its shards split: 0
 # the output rows, 1 the input columns, None replicated; "embed" is 1 for
 # Llama 1/2, 0 for Llama 3, told apart by the shapes). Rows are Meta's
@@ -88,17 +88,11 @@ def tokenizer_vocab(file: Path) -> int:
   """Tokens of Meta's tokenizer.model: its SentencePiece pieces (Llama 1,
   2, Code Llama), or its tiktoken ranks plus Meta's 256 special tokens
   (Llama 3)."""
-  data = file.read_bytes()
-  if re.match(rb"[A-Za-z0-9+/]+=* \d+\r?\n", data):
-    return sum(1 for line in data.splitlines() if line.strip()) + (
-        LLAMA3_SPECIAL_TOKENS)
+  if model_format(file) == TIKTOKEN:
+    return len(read_ranks(file)) + len(LLAMA3_SPECIAL)
   import sentencepiece
-  try:
-    return sentencepiece.SentencePieceProcessor(
-        model_proto=data).get_piece_size()
-  except (RuntimeError, OSError, TypeError) as e:
-    raise CheckpointError(f"{file}: neither a SentencePiece model nor a "
-                          f"tiktoken file ({e})") from None
+  return sentencepiece.SentencePieceProcessor(
+      model_file=str(file)).get_piece_size()
 
 
 def original_context(params: dict, vocab: int,
@@ -240,7 +234,9 @@ def _config(directory, params, files, shards, override):
         rope_theta=float(params.get("rope_theta", 10000.0)),
         rope_scaling=scaling, max_position_embeddings=context,
         bos_token_id=128000 if llama3 else 1,
-        eos_token_id=128001 if llama3 else 2)
+        # Meta's generation stops at <|end_of_text|>, <|eom_id|> and
+        # <|eot_id|> (tokenizer.LLAMA3_STOP); a document ends with the first.
+        eos_token_id=(128001, 128008, 128009) if llama3 else 2)
   except (CheckpointError, TypeError, ValueError) as e:
     raise CheckpointError(f"{file}: {e}") from None
   note = (f"{directory}: Meta's layout, {len(files)} shard(s); vocab {vocab} "

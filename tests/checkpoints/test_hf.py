@@ -327,6 +327,35 @@ def test_real_llama2_tokenizer_is_copied(tiny_hf, tmp_path):
   assert tok("12345")["input_ids"] == [1, 29871, 29896, 29906, 29941, 29946, 29945]
 
 
+@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER),
+                    reason="shared Llama-2 tokenizer fixture not present")
+@pytest.mark.parametrize("files", [
+    ("tokenizer.model",),
+    ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")],
+    ids=["meta_release", "merge_script"])
+def test_sentencepiece_tokenizer_is_written_anew(tiny_hf, tmp_path, files):
+  # tokenizer.model without tokenizer.json (Meta's releases, the official
+  # merge script): transformers 5 reads a copy of it with "a  b" and
+  # indented code wrong, so the export writes tokenizer.json from the
+  # tokenizer that encodes as SentencePiece.
+  import sentencepiece
+  from tests.checkpoints.test_tokenizer import TEXTS
+  source = tmp_path / "source"
+  source.mkdir()
+  for f in files:
+    shutil.copy(os.path.join(SHARED_TOKENIZER, f), source)
+  sp = sentencepiece.SentencePieceProcessor(
+      model_file=str(source / "tokenizer.model"))
+  config, params = load_hf(tiny_hf("mha")[0], dtype="float32")
+  out = save_hf(config, params, tmp_path / "out", tokenizer_from=source)
+  tok = transformers.AutoTokenizer.from_pretrained(out)
+  for text in TEXTS:
+    assert tok(text)["input_ids"] == [1] + sp.encode(text), text
+  assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+  assert (out / "tokenizer.model").read_bytes() == (
+      source / "tokenizer.model").read_bytes()
+
+
 def test_dtype_override_and_bad_dtype(tiny_hf, tmp_path):
   directory, _ = tiny_hf("mha")
   config, params = load_hf(directory, dtype="float32")

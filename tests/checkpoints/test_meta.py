@@ -363,3 +363,36 @@ def test_bad_checkpoints(reference, tmp_path, what, message):
   with pytest.raises(CheckpointError, match=message) as e:
     Checkpoint.open(directory)
   assert "\n" not in str(e.value)
+
+
+def test_llama3_release_exports_its_tokenizer(reference, tmp_path):
+  # A Llama 3 release, its vocab told by its tokenizer.model (Meta's
+  # tiktoken file): our tokenizer and the Hugging Face export's, loaded by
+  # transformers with nothing beside it, encode as Meta's tokenizer, and
+  # generation stops where Meta's does.
+  import transformers
+  from llama_models.llama3 import tokenizer as meta_tokenizer
+  from longlora_jax import save_hf
+  from tests.checkpoints.test_tokenizer import TEXTS
+  model_file = Path(meta_tokenizer.__file__).parent / "tokenizer.model"
+  theirs = meta_tokenizer.Tokenizer(model_file)
+  params = dict(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, multiple_of=16,
+                norm_eps=1e-5, rope_theta=500000.0, use_scaled_rope=True)
+  model = _meta_model(reference, theirs.n_words, **params)
+  directory = _save(tmp_path / "llama3", {**params, "vocab_size": -1},
+                    [model.state_dict()], model_file.read_bytes())
+  checkpoint = Checkpoint.open(directory)
+  assert checkpoint.config.vocab_size == theirs.n_words
+  assert checkpoint.config.eos_token_id == tuple(theirs.stop_tokens)
+  assert checkpoint.eos_id == theirs.eos_id
+  out = save_hf(checkpoint.config, checkpoint.params("float32"),
+                tmp_path / "hf", tokenizer_from=checkpoint.directory)
+  exported = transformers.AutoTokenizer.from_pretrained(out)
+  for text in TEXTS:
+    want = theirs.encode(text, bos=True, eos=False, allowed_special="all")
+    assert checkpoint.tokenizer(text)["input_ids"] == want, text
+    assert exported(text)["input_ids"] == want, text
+  generation = json.loads((out / "generation_config.json").read_text())
+  assert (generation["bos_token_id"], generation["eos_token_id"]) == (
+      theirs.bos_id, theirs.stop_tokens)
+  assert not (out / "tokenizer.model").exists()  # tiktoken: nothing reads it

@@ -7,7 +7,7 @@ import pytest
 
 from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
 from longlora_jax.data import sft
-from longlora_jax.checkpoints.checkpoint import load_tokenizer
+from longlora_jax.checkpoints.tokenizer import load_tokenizer
 from longlora_jax.model.loss import IGNORE_INDEX
 from longlora_jax.data.sft import Example, format_prompt, pack, tokenize_example
 from tests.conftest import SHARED_TOKENIZER

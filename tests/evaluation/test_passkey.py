@@ -3,7 +3,7 @@ import os
 import pytest
 
 from longlora_jax.core.errors import LongLoraError
-from longlora_jax.checkpoints.checkpoint import load_tokenizer
+from longlora_jax.checkpoints.tokenizer import load_tokenizer
 from longlora_jax.evaluation.passkey import (answer_ids, default_protocol, filler_lengths,
                                   is_correct, passkey_prompt)
 from tests.conftest import SHARED_TOKENIZER
