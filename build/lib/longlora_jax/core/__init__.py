@@ -1,7 +1,0 @@
-"""Shared ground: errors that mean "the user can fix this", atomic files
-and the run lock, command-line helpers, lazy exports, plots."""
-
-from longlora_jax.core import lazy as _lazy
-
-__getattr__, __dir__ = _lazy.exports(__name__, {}, submodules=(
-    "errors", "files", "lock", "cli", "lazy", "plots"))
