@@ -217,7 +217,7 @@ def ours(workload: str, length: int, args, directory: str) -> dict:
       return None, {"loss": float(metrics["loss"]), "trained": trained}
   elif workload == "attention":
     from longlora_jax.attention.dispatch import get_attention
-    attend = get_attention("auto")
+    attend = get_attention("full")
     q, k, v, w = (jnp.asarray(x) for x in attention_inputs(args, length))
     value_and_grads = jax.jit(jax.value_and_grad(
         lambda q, k, v: jnp.sum(attend(q, k, v) * w), argnums=(0, 1, 2)))
