@@ -119,3 +119,29 @@ def test_mask_is_the_reference_key_sets(seq, group, variant):
     keys = ref.s2_keys(seq, group, head == 1, variant)
     assert [list(np.flatnonzero(row)) for row in np.asarray(visible)] == [
         sorted(ks) for ks in keys]  # "roll" lists keys in rolled order
+
+
+def test_scalars_place_a_window_in_the_sequence():
+  # Groups of 16, shifted by 8. Key 0 of the window at global position -8
+  # (a halo wrapped from the sequence's end): the first unshifted boundary
+  # is key 8 (global 0), the first shifted one key 0 (global -8), and the
+  # first real key is 8. At global 40: boundaries at keys 8 (48) and 0 (40).
+  groups = blocks.Groups(seq=64, size=16, shift=8, wrap=False, heads=2)
+  assert groups.scalars(4, -8).tolist() == [4, 8, 0, 8]
+  assert groups.scalars(0, 40).tolist() == [0, 8, 0, 0]
+  traced = groups.scalars(jnp.int32(4), jnp.int32(-8))
+  assert traced.dtype == jnp.int32 and traced.tolist() == [4, 8, 0, 8]
+  rolled = blocks.Groups(seq=64, size=16, shift=8, wrap=True, heads=2)
+  with pytest.raises(ValueError, match="need the whole sequence"):
+    rolled.scalars(4, 0)
+
+
+def test_visit_runs_the_ranges_in_order_with_their_masks():
+  # Blocks [1, 3) and [5, 6) and the wrapped [8, 9) masked, [3, 5) not:
+  # each block adds 2**block to its sum.
+  add = lambda i, sums, masked: sums.at[0 if masked else 1].add(
+      jnp.left_shift(1, i))
+  sums = blocks.visit((1, 3, 5, 6, (8, 9)), add, jnp.zeros(2, jnp.int32))
+  assert sums.tolist() == [2 + 4 + 32 + 256, 8 + 16]
+  assert blocks.visit((1, 3, 5, 6, None), add,
+                      jnp.zeros(2, jnp.int32)).tolist() == [38, 24]
