@@ -9,7 +9,7 @@ trained, lm_head frozen, AdamW, gradient checkpointing per layer) with the
 official S²-Attn `forward_noflashattn` for "s2_step"
 (tests/references/longlora_torch.py) and sdpa for "full_step", and
 `model.generate` (greedy); "attention" is one layer's causal attention
-alone, forward + backward: our "auto" (chunked on a CPU) against torch's
+alone, forward + backward: our "full" (chunked on a CPU) against torch's
 sdpa. The two sides alternate, --pairs times per workload and length. A
 process runs its workload once untimed (the warm-up: compilation on our
 side) and then --repeats times; its time is the median. Ratios are ours / theirs per pair: their median and min-max.
