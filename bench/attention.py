@@ -1,7 +1,7 @@
 """Attention benchmark: forward (+ backward) time, FLOP rate and memory.
 
-Compares full (dense) attention, chunked (flash-style, pure JAX) attention,
-S²-Attn with dense ("xla") and chunked groups, the fused Pallas S²-Attn
+Compares dense and chunked (flash-style, pure JAX) full attention,
+S²-Attn with dense and chunked groups, the fused Pallas S²-Attn
 kernel, and on GPU cuDNN baselines, at growing sequence lengths on the
 current backend. Memory is XLA's compiled temporary buffer size
 (`memory_analysis().temp_size_in_bytes`), which needs no allocation, so it is
@@ -12,13 +12,13 @@ reported beyond the lengths that are timed; on GPU also the allocator's peak
   python -m bench.attention --gpu-suite --json gpu.json   # on a GPU
 
 Methods:
-  full, chunked        dense / chunked causal attention
-  s2_xla, s2_chunked   `s2_attention` (--variant) with dense / chunked groups
-  pallas               the fused Pallas S²-Attn kernel (`pallas_s2`); off
+  dense, chunked       full attention, dense / chunked
+  s2_dense, s2_chunked `s2_attention` (--variant) with dense / chunked groups
+  pallas               the fused Pallas S²-Attn kernel (`pallas.grouped`); off
                        GPU only with --interpret (Pallas interpreter, slow)
   pallas_causal        the same kernel with one group (causal attention)
   s2_cudnn             S²-Attn as grouped cuDNN flash attention
-                       (`attention.cudnn_s2`, --variant); GPU only
+                       (`attention.cudnn_grouped`, --variant); GPU only
   full_cudnn           causal cuDNN attention over the whole sequence; GPU
 FLOP/s counts only the pairs each method must attend
 (`attention_flops(..., group_size=G, variant=...)`: no recomputation, no
@@ -34,14 +34,14 @@ from bench import timing
 from longlora_jax.core import cli
 
 
-METHODS = ("full", "chunked", "s2_xla", "s2_chunked", "pallas",
+METHODS = ("dense", "chunked", "s2_dense", "s2_chunked", "pallas",
            "pallas_causal", "s2_cudnn", "full_cudnn")
-DEFAULT_METHODS = ("full", "chunked", "s2_xla", "s2_chunked")
+DEFAULT_METHODS = ("dense", "chunked", "s2_dense", "s2_chunked")
 GPU_SUITE = dict(seqs=[8192, 16384, 32768, 65536], heads=32, head_dim=128,
                  dtype="bfloat16", forward=True, isolate=True,
-                 methods=["pallas", "s2_cudnn", "s2_xla", "full_cudnn",
+                 methods=["pallas", "s2_cudnn", "s2_dense", "full_cudnn",
                           "pallas_causal"],
-                 time_max_seq=65536, full_max_seq=65536)
+                 time_max_seq=65536, dense_max_seq=65536)
 
 
 def parse_args(argv=None):
@@ -79,8 +79,8 @@ def parse_args(argv=None):
                  + " (explicit flags after it still apply)")
   p.add_argument("--time-max-seq", type=cli.count, default=8192,
                  help="longer sequences: memory only (compiled, not run)")
-  p.add_argument("--full-max-seq", type=cli.count, default=4096,
-                 help="longer sequences: full attention memory only")
+  p.add_argument("--dense-max-seq", type=cli.count, default=4096,
+                 help="longer sequences: dense attention memory only")
   p.add_argument("--repeats", type=cli.count, default=3,
                  help="timed runs after a warm-up; the median is reported")
   p.add_argument("--json", metavar="OUT", type=Path,
@@ -106,9 +106,9 @@ def skip_reason(method: str, backend: str, args) -> str | None:
   if method.endswith("cudnn") and backend != "gpu":
     return "cuDNN attention needs a CUDA GPU"
   if method.startswith("pallas"):
-    from longlora_jax.attention import pallas_s2
-    if not pallas_s2.AVAILABLE:
-      return f"Pallas Triton is not importable: {pallas_s2.IMPORT_ERROR}"
+    from longlora_jax.attention.pallas import grouped
+    if not grouped.AVAILABLE:
+      return f"Pallas Triton is not importable: {grouped.IMPORT_ERROR}"
     if backend != "gpu" and not args.interpret:
       return "the Pallas Triton kernel needs a GPU (or --interpret)"
   return None
@@ -118,20 +118,20 @@ def attention_for(method: str, seq: int, args):
   import functools
 
   from longlora_jax.attention.chunked import chunked_causal_attention
-  from longlora_jax.attention.cudnn_s2 import (cudnn_causal_attention,
-                                               cudnn_s2_attention)
-  from longlora_jax.attention.dense import causal_attention
+  from longlora_jax.attention.cudnn_grouped import (cudnn_causal_attention,
+                                                     cudnn_s2_attention)
+  from longlora_jax.attention.dense import dense_causal_attention
   from longlora_jax.attention.dispatch import s2_attention
-  from longlora_jax.attention.pallas_s2 import (pallas_causal_attention,
-                                                pallas_s2_attention)
+  from longlora_jax.attention.pallas.grouped import (pallas_causal_attention,
+                                                     pallas_s2_attention)
 
   group = group_size(method, seq, args)
   s2 = functools.partial(s2_attention, group_size=group, variant=args.variant)
   return {
-      "full": causal_attention,
+      "dense": dense_causal_attention,
       "chunked": functools.partial(chunked_causal_attention,
                                    block_size=args.block),
-      "s2_xla": functools.partial(s2, implementation="xla"),
+      "s2_dense": functools.partial(s2, implementation="dense"),
       "s2_chunked": functools.partial(s2, implementation="chunked",
                                       block_size=args.block),
       "pallas": functools.partial(pallas_s2_attention, group_size=group,
@@ -177,7 +177,7 @@ def measure(method: str, seq: int, args, dtype) -> dict:
   shapes = [jax.ShapeDtypeStruct(s, dtype)
             for s in (q_shape, kv_shape, kv_shape)]
   # Dense full attention's O(seq^2) memory limits its timed lengths.
-  timed_limit = args.full_max_seq if method == "full" else args.time_max_seq
+  timed_limit = args.dense_max_seq if method == "dense" else args.time_max_seq
   inputs = None
   if seq <= min(timed_limit, args.time_max_seq):
     keys = jax.random.split(jax.random.key(seq), 3)

@@ -19,11 +19,11 @@ import numpy as np
 
 from bench import timing
 from longlora_jax.perf import gpu_target
-from longlora_jax.attention import pallas_s2
 from longlora_jax.attention.context import s2_halos
-from longlora_jax.attention.cudnn_s2 import cudnn_s2_attention
+from longlora_jax.attention.cudnn_grouped import cudnn_s2_attention
 from longlora_jax.attention.dispatch import (FUSED_PREFERENCE, AttentionSpec,
                                              fused_for, s2_attention)
+from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.model.config import LlamaConfig, preset
 from longlora_jax.model.flops import peak_flops, step_flops
 from longlora_jax.model.llama import init_params
@@ -65,10 +65,10 @@ def env(smoke, save):
               compute_capability=getattr(device, "compute_capability", None),
               memory_stats=device.memory_stats(), nvidia_smi=smi,
               peak_bf16_flops=peak_flops(device),
-              pallas_available=pallas_s2.AVAILABLE,
+              pallas_available=pallas_grouped.AVAILABLE,
               compile_only_available=gpu_target.AVAILABLE,
               fused_preference=list(FUSED_PREFERENCE),
-              auto=fused_for(128, jnp.bfloat16) or "xla/chunked")
+              auto=fused_for(128, jnp.bfloat16) or "dense/chunked")
 
 
 # ---- correctness ----
@@ -102,14 +102,14 @@ def _compare(fn, options, shape, dtype, want_fn, tol, precision=None):
                   g.dtype == dtype for g in (out, *grads)))
 
 
-def _xla_reference(G, variant):
+def _dense_reference(G, variant):
   """S²-Attn by reshape/roll in float32 at "highest" precision."""
   def want(q, k, v, w):
     up = lambda x: x.astype(jnp.float32)
     with jax.default_matmul_precision("highest"):
       return ref.value_and_grads(
           s2_attention, (("group_size", G), ("variant", variant),
-                         ("implementation", "xla")), up(q), up(k), up(v), w)
+                         ("implementation", "dense")), up(q), up(k), up(v), w)
   return want
 
 
@@ -137,7 +137,7 @@ def _context_windows(q_BTNH, k_BTKH, v_BTKH, *, group_size, variant,
   outs = []
   for c in range(slices):
     window = jnp.arange(c * T - W, (c + 1) * T) % seq
-    outs.append(pallas_s2.pallas_window_attention(
+    outs.append(pallas_grouped.pallas_window_attention(
         q_BTNH[:, c * T:(c + 1) * T], k_BTKH[:, window], v_BTKH[:, window],
         q_start=W, origin=c * T - W, group_size=G,
         segment_ids_BT=segment_ids_BT, interpret=interpret))
@@ -150,7 +150,7 @@ def _checks(smoke):
   bf16, f32 = jnp.bfloat16, jnp.float32
   interpret = (("interpret", True),) if smoke or not _on_gpu() else ()
   impls = {
-      "pallas": (pallas_s2.pallas_s2_attention, interpret),
+      "pallas": (pallas_grouped.pallas_s2_attention, interpret),
       "cudnn": (cudnn_s2_attention,
                 () if _on_gpu() else (("implementation", "xla"),)),
   }
@@ -171,18 +171,18 @@ def _checks(smoke):
             reference(G, variant), tol, precision)
 
   return [
-      *(check(i, "7b", big, bf16, "flash", _xla_reference) for i in impls),
+      *(check(i, "7b", big, bf16, "flash", _dense_reference) for i in impls),
       *(check(i, "small", small, bf16, v, _float64_reference)
         for i in impls for v in ("flash", "roll")),
-      *(check(i, "7b", big, bf16, "roll", _xla_reference) for i in impls),
-      *(check(i, "gqa", gqa, bf16, "flash", _xla_reference) for i in impls),
-      *(check(i, "padded", pad, bf16, "flash", _xla_reference)
+      *(check(i, "7b", big, bf16, "roll", _dense_reference) for i in impls),
+      *(check(i, "gqa", gqa, bf16, "flash", _dense_reference) for i in impls),
+      *(check(i, "padded", pad, bf16, "flash", _dense_reference)
         for i in impls),
-      check("pallas", "7b", big, f32, "flash", _xla_reference, 1e-4,
+      check("pallas", "7b", big, f32, "flash", _dense_reference, 1e-4,
             "highest"),
-      check("pallas", "padded", pad, f32, "roll", _xla_reference, 1e-4,
+      check("pallas", "padded", pad, f32, "roll", _dense_reference, 1e-4,
             "highest"),
-      check("pallas_window", "gqa", gqa, bf16, "flash", _xla_reference),
+      check("pallas_window", "gqa", gqa, bf16, "flash", _dense_reference),
       check("pallas_window", "small", small, f32, "flash",
             _float64_reference, 1e-4, "highest"),
   ]
@@ -294,7 +294,7 @@ def train_pallas(smoke, save):
 
 
 def train_cudnn(smoke, save):
-  return _train("cudnn" if _on_gpu() else "xla", smoke, save)
+  return _train("cudnn" if _on_gpu() else "dense", smoke, save)
 
 
 # ---- attention benchmark, tile sweep, memory plan ----
@@ -303,13 +303,13 @@ def bench(smoke, save):
   with tempfile.TemporaryDirectory() as tmp:
     result = f"{tmp}/bench.json"
     if smoke:
-      args = ["--seqs", "256", "--methods", "pallas", "s2_xla", "full",
+      args = ["--seqs", "256", "--methods", "pallas", "s2_dense", "dense",
               "--heads", "4", "--head-dim", "64", "--interpret"]
     else:
       args = ["--seqs", "8192", "16384", "32768", "--methods", "pallas",
               "s2_cudnn", "full_cudnn", "--heads", "32", "--head-dim", "128",
               "--dtype", "bfloat16", "--time-max-seq", "32768",
-              "--full-max-seq", "32768", "--repeats", "5"]
+              "--dense-max-seq", "32768", "--repeats", "5"]
     subprocess.run([sys.executable, "-m", "bench.attention", *args,
                     "--forward", "--json", result], check=True)
     return json.loads(open(result).read())
@@ -320,7 +320,7 @@ def sweep(smoke, save):
   each checked against the default's output and gradients."""
   shape = (1, 256, 4, 4, 64) if smoke else (1, 32768, 32, 32, 128)
   G = shape[1] // 4
-  base = pallas_s2.default_config(shape[4])
+  base = pallas_grouped.default_config(shape[4])
   changes = [{}, dict(block_k_dkv=128), dict(block_q_dkv=64),
              dict(block_k_dq=64), dict(num_stages_bwd=3),
              dict(num_warps_bwd=4, num_stages_bwd=3),
@@ -332,7 +332,7 @@ def sweep(smoke, save):
       break
     config = dataclasses.replace(base, **change)
     fn = jax.jit(functools.partial(
-        ref.value_and_grads, pallas_s2.pallas_s2_attention,
+        ref.value_and_grads, pallas_grouped.pallas_s2_attention,
         (("group_size", G), ("config", config), ("interpret", smoke))))
     entry = dict(changes=change, config=dataclasses.asdict(config))
     try:

@@ -9,7 +9,7 @@ trained, lm_head frozen, AdamW, gradient checkpointing per layer) with the
 official S²-Attn `forward_noflashattn` for "s2_step"
 (tests/references/longlora_torch.py) and sdpa for "full_step", and
 `model.generate` (greedy); "attention" is one layer's causal attention
-alone, forward + backward: our "auto" (chunked on a CPU) against torch's
+alone, forward + backward: our "full" (chunked on a CPU) against torch's
 sdpa. The two sides alternate, --pairs times per workload and length. A
 process runs its workload once untimed (the warm-up: compilation on our
 side) and then --repeats times; its time is the median. Ratios are ours / theirs per pair: their median and min-max.
@@ -211,7 +211,7 @@ def ours(workload: str, length: int, args, directory: str) -> dict:
       return None, {"loss": float(metrics["loss"]), "trained": trained}
   elif workload == "attention":
     from longlora_jax.attention.dispatch import get_attention
-    attend = get_attention("auto")
+    attend = get_attention("full")
     q, k, v, w = (jnp.asarray(x) for x in attention_inputs(args, length))
     value_and_grads = jax.jit(jax.value_and_grad(
         lambda q, k, v: jnp.sum(attend(q, k, v) * w), argnums=(0, 1, 2)))

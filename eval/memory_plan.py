@@ -237,7 +237,8 @@ def plan(args) -> dict:
   # What a run on the target picks: the fused kernel on a GPU where it
   # applies (for full attention too), else S²-Attn's default and, for full
   # attention, the memory-efficient chunks (dense needs seq^2 memory).
-  # Under a context axis attention takes the XLA path (`attention.context`).
+  # Under a context axis attention takes the chunked path
+  # (`attention.context`).
   fused = (fused_for(config.head_dim, "bfloat16", platform="gpu")
            if args.target != "cpu" and mesh.shape["context"] == 1 else None)
   attention = AttentionSpec(

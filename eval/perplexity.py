@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from longlora_jax.attention.dispatch import ATTENTION_FNS
 from longlora_jax.checkpoints.checkpoint import load_model
 from longlora_jax.core import cli
 from longlora_jax.data.text import (TOKEN_SUFFIXES, iter_texts, load_tokens,
@@ -43,11 +44,12 @@ def parse_args(argv=None):
   p.add_argument("--max-tokens", type=cli.integer(1, tokens=True),
                  default=None,
                  help="when tokenising text, stop after this many tokens")
-  p.add_argument("--attention", default="auto",
-                 choices=("auto", "chunked", "full", "pallas"),
-                 help="auto: the fastest causal attention here (cuDNN or "
-                      "the Pallas kernel on NVIDIA GPUs, chunked "
-                      "elsewhere); full: dense, short contexts only")
+  p.add_argument("--attention", default="full",
+                 choices=[n for n in ATTENTION_FNS if n != "s2"],
+                 help="full: full attention by the fastest implementation "
+                      "here (cuDNN or the Pallas kernel on NVIDIA GPUs, "
+                      "chunked elsewhere); or by one: dense (short contexts "
+                      "only), chunked, pallas")
   p.add_argument("--out", type=Path, default=Path("runs/perplexity"),
                  help="directory for perplexity.json and perplexity.png")
   return p.parse_args(argv)

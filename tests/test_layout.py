@@ -15,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "longlora_jax"
 PACKAGES = sorted(_p.parent.relative_to(ROOT).as_posix().replace("/", ".")
                   for _p in PACKAGE.rglob("__init__.py"))
-ATTENTION = sorted(p.stem for p in (PACKAGE / "attention").glob("*.py")
-                   if p.stem != "__init__")
+ATTENTION = sorted(
+    p.relative_to(PACKAGE / "attention").with_suffix("").as_posix().replace(
+        "/", ".") for p in (PACKAGE / "attention").rglob("*.py")
+    if p.stem != "__init__")
 
 
 def _module_name(path: Path) -> str:
@@ -83,15 +85,19 @@ def test_attention_package_is_layered():
   # Leaves import no other attention module; dispatch is the only module
   # that imports the implementations it chooses between.
   graph = _library_graph(top_level_only=False)
-  inside = lambda m: {d.rsplit(".", 1)[1] for d in graph[
-      f"longlora_jax.attention.{m}"] if d.startswith("longlora_jax.attention.")}
+  prefix = "longlora_jax.attention."
+  inside = lambda m: {d[len(prefix):] for d in graph[prefix + m]
+                      if d[len(prefix):] in ATTENTION}
   assert inside("masks") == inside("groups") == inside("heads") == set()
   assert inside("dense") == inside("chunked") == {"masks"}
-  assert inside("pallas_kernels") == set()
+  assert inside("cached") == inside("pallas.blocks") == set()
+  assert inside("pallas.flash") == {"pallas.blocks"}
   assert inside("s2") == {"dense", "chunked", "heads"}
-  assert inside("pallas_s2") == {"groups", "pallas_kernels"}
-  assert inside("cudnn_s2") == {"groups", "heads"}
-  assert inside("context") == {"chunked", "groups", "heads", "pallas_s2"}
+  assert inside("pallas.grouped") == {"groups", "pallas.blocks",
+                                      "pallas.flash"}
+  assert inside("pallas.cached") == {"pallas.blocks", "pallas.flash"}
+  assert inside("cudnn_grouped") == {"groups", "heads"}
+  assert inside("context") == {"chunked", "groups", "heads", "pallas.grouped"}
   assert not any("dispatch" in inside(m) for m in ATTENTION)
 
 

@@ -62,7 +62,7 @@ def main(argv=None):
     data = prefetch(batches(packed_rows(docs, ctx, seed=args.seed,
                                         source=str(train_file)),
                             (1, args.batch)))
-    tc = TrainConfig(attention=AttentionSpec("full", implementation="xla"),
+    tc = TrainConfig(attention=AttentionSpec("full", implementation="dense"),
                      remat="none", dtype="float32", accum=1, lr=args.lr,
                      warmup=100, schedule="cosine", steps=args.steps,
                      beta2=0.95, weight_decay=0.1, loss_chunk=ctx)

@@ -25,10 +25,9 @@ from longlora_jax.attention.masks import attention_mask
 # Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
 # to run efficiently on GPU, tiles small next to the O(seq) activations.
 DEFAULT_BLOCK = 512
-# On a CPU a head's tiles should stay in its caches: for forward + backward
-# at 8192 tokens, 8 heads of 64, 256 took 0.75x the time of 512, and with
-# head-major tiles 128 takes 0.78x the time of 256 for S²-Attn's groups and
-# the same for full attention (BENCHMARKS.md).
+# On a CPU a head's tiles should stay in its caches: smaller tiles are
+# faster there, for S²-Attn's groups and full attention alike (see
+# BENCHMARKS.md, chunked attention's block on the CPU).
 CPU_BLOCK = 128
 
 
@@ -41,7 +40,7 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                              block_size: int | None = None):
   """Causal attention with O(seq) memory in both passes ("chunked").
 
-  Same result as `dense.causal_attention`. The block is `block_size`
+  Same result as `dense.dense_causal_attention`. The block is `block_size`
   (default `default_block()`),
   or the largest divisor of the sequence between half of it and it (100k
   tokens: 500), or the whole sequence when shorter. Otherwise the sequence

@@ -13,7 +13,7 @@ offset (0 for the first half; G/2 for the shifted half of "flash"):
      G < G: the earlier part of its groups (none when T is a multiple of G
      and the groups start at slice starts).
   2. Its queries attend [halo; own] keys. On NVIDIA GPUs ("pallas") one
-     call of the fused Pallas kernel for all heads (`pallas_s2.
+     call of the fused Pallas kernel for all heads (`pallas.grouped.
      pallas_window_attention`): the T queries sit at key index W of the
      window, whose key 0 is at global position c * T - W, and each head
      finds its groups' global boundaries and the sequence start (a halo
@@ -23,12 +23,12 @@ offset (0 for the first half; G/2 for the shifted half of "flash"):
      multiple of G: none for the first, G/2 for the shifted one) and hold
      their own kv heads, each half's kv heads fetch only their own, zeros
      in front of the shorter.
-     Elsewhere ("xla") `chunked_causal_attention` (memory linear, one
+     Elsewhere ("chunked") `chunked_causal_attention` (memory linear, one
      [block, block] tile per head at a time), per half: W dummy queries in
      front keep the causal order by index, and a token's id (document,
      group) hides other groups, other documents and the halo keys before
      the sequence start. The kernel takes no packed documents
-     (`segment_ids_BT`): with them the XLA path runs (`dispatch.
+     (`segment_ids_BT`): with them the chunked path runs (`dispatch.
      context_implementation`). cuDNN is not used: its masks are fixed when
      it compiles.
 
@@ -46,7 +46,7 @@ values (the whole sequence on every device) for comparison and evaluation.
 Balance: the causal work of a slice grows with its place in its group, but
 the shifted half's groups are offset by G/2, so a slice at the start of an
 unshifted group sits mid-way in a shifted one (for G = 2T the sum is the
-same on every device; for G = 4T 3:5 at worst). The XLA path runs the same
+same on every device; for G = 4T 3:5 at worst). The chunked path runs the same
 static window (W dummy queries + T) on every device, so no device waits on
 another; the kernel skips the tiles no query sees, so its devices differ
 by that ratio at most. Full attention's work grows with the slice's place
@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.groups import check_variant, s2_group_size
 from longlora_jax.attention.heads import even_halves
-from longlora_jax.attention.pallas_s2 import pallas_window_attention
+from longlora_jax.attention.pallas.grouped import pallas_window_attention
 
 
 def fetch(x_BT, offset: int, length: int, axis_name: str, axis_size: int):
@@ -110,12 +110,13 @@ def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
                          axis_size: int, group_size: int | None = None,
                          group_ratio: float = 0.25, variant: str = "flash",
                          segment_ids_BT=None, block_size: int | None = None,
-                         implementation: str = "xla"):
+                         implementation: str = "chunked"):
   """S²-Attn of this device's slice `[batch, T, heads, head_dim]` of a
   sequence of T * `axis_size` tokens split over `axis_name` (groups of the
   whole sequence, as `dispatch.s2_attention` takes them). `implementation`:
-  "xla" (chunked, any backend), "pallas" (the fused kernel on windows) or
-  "pallas_interpret" (the same through the Pallas interpreter)."""
+  "chunked" (`chunked_causal_attention`, any backend), "pallas" (the fused
+  kernel on windows) or "pallas_interpret" (the same through the Pallas
+  interpreter)."""
   B, T, N, H = q_BTNH.shape
   seq = T * axis_size
   G = s2_group_size(seq, group_size, group_ratio)
@@ -132,7 +133,7 @@ def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
       return _s2_window(q_BTNH, k_BTKH, v_BTKH, kernel, move, start, seq,
                         axis_size, G)
     q_BTNH, k_BTKH, v_BTKH = even_halves(q_BTNH, k_BTKH, v_BTKH)
-    # The shifted half rolled by -G/2 (as in the XLA path below) makes every
+    # The shifted half rolled by -G/2 (as in the chunked path below) makes every
     # group aligned: one call for both halves, no shift.
     q_BTNH, k_BTKH, v_BTKH = (_map_half(x, lambda h: move(h, shift, T))
                               for x in (q_BTNH, k_BTKH, v_BTKH))
@@ -141,9 +142,10 @@ def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
                                 for x in (k_BTKH, v_BTKH)),
                       q_start=W, origin=start - W, shifted=False)
     return _map_half(out_BTNH, lambda h: move(h, -shift, T))[:, :, :N]
-  if implementation != "xla":
+  if implementation != "chunked":
     raise ValueError(f"unknown context attention implementation "
-                     f"{implementation!r}; choose one of {('xla',) + KERNELS}")
+                     f"{implementation!r}; choose one of "
+                     f"{('chunked',) + KERNELS}")
   seg_BT = (jnp.zeros((B, T), jnp.int32) if segment_ids_BT is None
             else segment_ids_BT.astype(jnp.int32))
   pos_T = start + jnp.arange(T)
@@ -192,7 +194,7 @@ def _s2_window(q_BTNH, k_BTKH, v_BTKH, kernel, move, start, seq, axis_size,
   both halves of the heads (each finds its groups by index), the halo as
   long as the longer half needs; with kv heads split between the halves,
   each half's halo holds only the tokens it needs, the rest zeros that no
-  query sees (so no more bytes move than in the XLA path)."""
+  query sees (so no more bytes move than in the chunked path)."""
   W0, W1 = s2_halos(seq, axis_size, G)
   N, K = q_BTNH.shape[2], k_BTKH.shape[2]
   lengths = (W0, W1) if N % 2 == 0 and K % 2 == 0 else (max(W0, W1),) * 2
@@ -228,13 +230,13 @@ def _map_half(x_BTNH, fn):
 def full_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
                            axis_size: int, segment_ids_BT=None,
                            block_size: int | None = None,
-                           implementation: str = "xla"):
+                           implementation: str = "chunked"):
   """Causal attention of this device's queries over the whole sequence:
   keys, values (and segment ids) all-gathered over `axis_name`. The kernel
   ("pallas", "pallas_interpret") takes the local queries at their global
-  offset and stops at the diagonal; the XLA path ("xla") places them in a
-  sequence of dummy queries, memory linear in T but the work that of the
-  whole sequence's causal attention on every device."""
+  offset and stops at the diagonal; the chunked path ("chunked") places
+  them in a sequence of dummy queries, memory linear in T but the work that
+  of the whole sequence's causal attention on every device."""
   B, T, N, H = q_BTNH.shape
   gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
   start = jax.lax.axis_index(axis_name) * T

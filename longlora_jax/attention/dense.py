@@ -1,4 +1,4 @@
-"""Dense causal softmax attention: the XLA reference ("full")."""
+"""Dense causal attention ("dense"): the whole score matrix at once."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from longlora_jax.attention.masks import causal_mask
 
 
-def causal_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None):
+def dense_causal_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None):
   """Dense causal softmax attention with the attention signature.
 
   Grouped-query attention by reshaping the query heads into `[kv_heads,

@@ -1,4 +1,6 @@
-"""Choosing an attention: the registry, S²-Attn's "auto", and `AttentionSpec`.
+"""Choosing an attention: the names, the implementations and "auto",
+`AttentionSpec`, each attention's context-parallel form, and the attention
+of new tokens over the KV cache.
 
 An attention function maps `q: [batch, seq, q_heads, head_dim]`,
 `k, v: [batch, seq, kv_heads, head_dim]` (RoPE already applied) and optional
@@ -7,38 +9,65 @@ applies the 1/sqrt(head_dim) scale itself and is causal. The model takes a
 name, an `AttentionSpec` or any callable with that signature, and this
 module is the one place that turns the first two into a function.
 
-  "auto"     full causal attention, the fastest on this backend
-             (`full_attention`: cuDNN or the Pallas kernel on NVIDIA GPUs,
-             "chunked" elsewhere)
-  "full"     dense causal attention (`dense`), O(seq^2) memory
-  "chunked"  flash-style attention in pure JAX (`chunked`), O(seq)
-  "s2"       shifted sparse attention, LongLoRA's S²-Attn (`s2_attention`)
-  "pallas"   fused causal flash attention for GPUs (`pallas_s2`)
+Names (`ATTENTION_FNS`): "s2", shifted sparse attention, LongLoRA's S²-Attn
+(`s2_attention`); "full", full attention: causal attention over the whole
+sequence (`full_attention`, its implementation chosen by "auto"); and full
+attention by one implementation: "dense", "chunked", "pallas".
+
+Implementations (`IMPLEMENTATIONS`, one list for S²-Attn, full attention and
+the cache):
+
+  "auto"     the fastest that takes the shapes on this backend (`fused_for`)
+  "cudnn"    cuDNN's fused flash attention (`cudnn_grouped`), NVIDIA GPUs
+  "pallas"   the fused Pallas kernels (`pallas`), NVIDIA GPUs
+  "dense"    the whole score matrix at once (`dense`), O(seq^2) memory
+  "chunked"  flash-style in pure JAX (`chunked`), memory linear in seq
+  "pallas_interpret"  the Pallas kernels through the Pallas interpreter (any
+             backend, slow; for tests)
 """
 
 import dataclasses
 import functools
+import inspect
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention import context, cudnn_s2, pallas_s2
+from longlora_jax.attention import context, cudnn_grouped
+from longlora_jax.attention.cached import (CACHE_BLOCK,
+                                           chunked_cached_attention,
+                                           on_each_device)
 from longlora_jax.attention.chunked import (chunked_causal_attention,
                                             default_block)
-from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.pallas import cached as pallas_cached
+from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.s2 import s2_by_reshape
+from longlora_jax.core.errors import LongLoraError
 
 AttentionFn = Callable[..., jax.Array]
 KINDS = ("s2", "full")
-# What "auto" prefers on an NVIDIA GPU, fastest first: on an H100 grouped
-# cuDNN attention's forward + backward takes 0.71x, 0.52x and 0.44x the
-# Pallas kernel's time at 8k, 16k and 32k tokens (BENCHMARKS.md); the
-# kernel runs what cuDNN does not take (float32 inputs).
+# What "auto" prefers on an NVIDIA GPU, fastest first (see BENCHMARKS.md,
+# attention kernels); the Pallas kernel runs what cuDNN does not take
+# (float32 inputs, head dims past its tiles).
 FUSED_PREFERENCE = ("cudnn", "pallas")
-IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked",
+IMPLEMENTATIONS = ("auto", *FUSED_PREFERENCE, "dense", "chunked",
                    "pallas_interpret")
+# The cache's attention has no dense form (it reads the cache by blocks)
+# and no cuDNN one (cuDNN's causal mask is anchored at key 0, the cache's
+# queries at `start`).
+CACHED_IMPLEMENTATIONS = tuple(i for i in IMPLEMENTATIONS
+                               if i not in ("cudnn", "dense"))
+
+
+def check_implementation(implementation: str, what: str,
+                         takes: tuple[str, ...] = IMPLEMENTATIONS) -> None:
+  """ValueError unless `implementation` is one of `takes`."""
+  if implementation not in takes:
+    raise ValueError(f"unknown {what} implementation {implementation!r}; "
+                     f"choose one of {takes}")
 
 
 def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
@@ -53,18 +82,16 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
       head h // (q_heads / kv_heads).
     group_size: tokens per group; default int(seq * group_ratio).
     variant: "flash" (no leak) or "roll" (the paper's, leaks; see `groups`).
-    implementation: attention inside the groups. "auto": on an NVIDIA GPU
-      the fused implementation that takes the shapes (`fused_for`), else
-      "xla" for groups of at most `block_size` tokens and "chunked" for
-      larger ones. "cudnn": grouped cuDNN flash attention
-      (`cudnn_s2.cudnn_s2_attention`; bfloat16/float16, no
+    implementation: attention inside the groups, one of `IMPLEMENTATIONS`.
+      "auto": on an NVIDIA GPU the fused implementation that takes the
+      shapes (`fused_for`), else "dense" for groups of at most `block_size`
+      tokens and "chunked" for larger ones. "cudnn": grouped cuDNN flash
+      attention (`cudnn_grouped.cudnn_s2_attention`; bfloat16/float16, no
       `segment_ids_BT`); "pallas": the fused Pallas Triton kernel
-      (`pallas_s2.pallas_s2_attention`, GPU, default tiles; no
-      `segment_ids_BT`, `block_size` unused); "xla": dense, memory seq * G
-      per head; "chunked": `chunked_causal_attention` with `block_size`,
-      memory linear in seq for any G (e.g. G = 25k at 100k tokens);
-      "pallas_interpret": the Pallas kernel through the Pallas interpreter
-      (any backend, slow; for tests).
+      (`pallas.grouped.pallas_s2_attention`, GPU, default tiles; no
+      `segment_ids_BT`, `block_size` unused); "dense": memory seq * G per
+      head; "chunked": `chunked_causal_attention` with `block_size`, memory
+      linear in seq for any G (e.g. G = 25k at 100k tokens).
     segment_ids_BT: packed documents; tokens never attend across them.
   Returns:
     `[batch, seq, q_heads, head_dim]`.
@@ -74,25 +101,50 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   if block_size is None:
     block_size = default_block()
   check_variant(variant)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown S²-Attn implementation {implementation!r}; "
-                     f"choose one of {IMPLEMENTATIONS}")
+  check_implementation(implementation, "S²-Attn")
   if implementation == "auto":
     implementation = fused_for(H, q_BTNH.dtype,
                                packed=segment_ids_BT is not None) or (
-        "xla" if G <= block_size else "chunked")
+        "dense" if G <= block_size else "chunked")
   if implementation == "cudnn":
-    return cudnn_s2.cudnn_s2_attention(
+    return cudnn_grouped.cudnn_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
         segment_ids_BT=segment_ids_BT)
   if implementation in ("pallas", "pallas_interpret"):
-    return pallas_s2.pallas_s2_attention(
+    return pallas_grouped.pallas_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
         segment_ids_BT=segment_ids_BT,
         interpret=implementation == "pallas_interpret")
   return s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
                        inner=implementation, block_size=block_size,
                        segment_ids_BT=segment_ids_BT)
+
+
+def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
+                   implementation: str = "auto",
+                   block_size: int | None = None):
+  """Full attention (causal attention over the whole sequence) with the
+  attention signature.
+
+  implementation: one of `IMPLEMENTATIONS`; "auto" the fastest this backend
+  has: on an NVIDIA GPU the fused one that takes the shapes (`fused_for`:
+  cuDNN, else the Pallas kernel), else "chunked" (`block_size`).
+  """
+  check_implementation(implementation, "full attention")
+  if implementation == "auto":
+    implementation = fused_for(q_BTNH.shape[3], q_BTNH.dtype,
+                               packed=segment_ids_BT is not None) or "chunked"
+  if implementation == "chunked":
+    return chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH,
+                                    segment_ids_BT=segment_ids_BT,
+                                    block_size=block_size)
+  if implementation in ("pallas", "pallas_interpret"):
+    return pallas_grouped.pallas_causal_attention(
+        q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
+        interpret=implementation == "pallas_interpret")
+  fn = {"cudnn": cudnn_grouped.cudnn_causal_attention,
+        "dense": dense_causal_attention}[implementation]
+  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
 
 
 def fused_for(head_dim: int, dtype, *, packed: bool = False,
@@ -104,9 +156,10 @@ def fused_for(head_dim: int, dtype, *, packed: bool = False,
   if packed or not on_nvidia_gpu(platform):
     return None
   takes = {
-      "cudnn": jnp.dtype(dtype) in map(jnp.dtype, cudnn_s2.DTYPES)
-               and head_dim in cudnn_s2.HEAD_DIMS,
-      "pallas": pallas_s2.AVAILABLE and head_dim in pallas_s2.HEAD_DIMS,
+      "cudnn": jnp.dtype(dtype) in map(jnp.dtype, cudnn_grouped.DTYPES)
+               and head_dim in cudnn_grouped.HEAD_DIMS,
+      "pallas": pallas_grouped.AVAILABLE
+                and head_dim in pallas_grouped.HEAD_DIMS,
   }
   return next((name for name in FUSED_PREFERENCE if takes[name]), None)
 
@@ -131,10 +184,10 @@ class AttentionSpec:
   """An attention described by data (hashable, JSON-able): what a run
   records and `get_attention` turns into a function.
 
-  kind: "s2" (S²-Attn, training) or "full" (causal attention).
+  kind: "s2" (S²-Attn, training) or "full" (full attention).
   variant, group_ratio: S²-Attn's groups (`groups`).
-  implementation: for "s2" one of `IMPLEMENTATIONS` (see `s2_attention`);
-    for "full" one of `FULL_IMPLEMENTATIONS` (see `full_attention`).
+  implementation: one of `IMPLEMENTATIONS` (see `s2_attention`,
+    `full_attention`).
   """
   kind: str = "s2"
   variant: str = "flash"
@@ -146,98 +199,18 @@ class AttentionSpec:
       raise ValueError(f"unknown attention kind {self.kind!r}; choose one "
                        f"of {KINDS}")
     check_variant(self.variant)
-    if self.implementation not in (IMPLEMENTATIONS if self.kind == "s2"
-                                   else FULL_IMPLEMENTATIONS):
-      raise ValueError(f"unknown {self.kind} attention implementation "
-                       f"{self.implementation!r}")
-
-
-FULL_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
-
-
-def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
-                   implementation: str = "auto",
-                   block_size: int | None = None):
-  """Causal attention over the whole sequence, with the attention signature.
-
-  implementation: "auto" the fastest this backend has: on an NVIDIA GPU the
-  fused one that takes the shapes (`fused_for`: cuDNN, else the Pallas
-  kernel), else "chunked"; "cudnn" (`cudnn_s2.cudnn_causal_attention`),
-  "pallas" (`pallas_s2.pallas_causal_attention`), "chunked" (flash-style in
-  pure JAX, `block_size`) or "xla" (dense, seq^2 memory).
-  """
-  if implementation not in FULL_IMPLEMENTATIONS:
-    raise ValueError(f"unknown full attention implementation "
-                     f"{implementation!r}; choose one of "
-                     f"{FULL_IMPLEMENTATIONS}")
-  if implementation == "auto":
-    implementation = fused_for(q_BTNH.shape[3], q_BTNH.dtype,
-                               packed=segment_ids_BT is not None) or "chunked"
-  if implementation == "chunked":
-    return chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH,
-                                    segment_ids_BT=segment_ids_BT,
-                                    block_size=block_size)
-  fn = {"cudnn": cudnn_s2.cudnn_causal_attention,
-        "pallas": pallas_s2.pallas_causal_attention,
-        "xla": causal_attention}[implementation]
-  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
+    check_implementation(self.implementation,
+                         "S²-Attn" if self.kind == "s2" else "full attention")
 
 
 # Training uses S²-Attn; evaluation and generation use full attention.
 ATTENTION_FNS: dict[str, AttentionFn] = {
-    "auto": full_attention,  # the fastest causal attention on this backend
-    "full": causal_attention,
+    "full": full_attention,  # by the fastest implementation on this backend
+    "dense": dense_causal_attention,
     "chunked": chunked_causal_attention,
+    "pallas": pallas_grouped.pallas_causal_attention,  # fused kernel, GPU
     "s2": s2_attention,
-    "pallas": pallas_s2.pallas_causal_attention,  # fused kernel, GPU (Triton)
 }
-
-
-def context_form(attention_fn: AttentionFn) -> AttentionFn | None:
-  """The context-parallel form (`context`) of an attention function made
-  here (S²-Attn, or any causal attention), or None for other callables;
-  its implementation is chosen when called (`context_implementation`)."""
-  fn, kw = attention_fn, {}
-  if isinstance(attention_fn, functools.partial):
-    fn, kw = attention_fn.func, attention_fn.keywords
-  implementation = kw.get("implementation", "auto")
-  if fn is s2_attention:
-    return functools.partial(
-        _in_context, context.s2_context_attention, implementation,
-        group_size=kw.get("group_size"),
-        group_ratio=kw.get("group_ratio", 0.25),
-        variant=kw.get("variant", "flash"), block_size=kw.get("block_size"))
-  if fn is pallas_s2.pallas_causal_attention:
-    implementation = "pallas_interpret" if kw.get("interpret") else "pallas"
-  elif fn in (causal_attention, chunked_causal_attention):
-    implementation = "xla"
-  elif fn is not full_attention:
-    return None
-  return functools.partial(_in_context, context.full_context_attention,
-                           implementation, block_size=kw.get("block_size"))
-
-
-def _in_context(context_fn, implementation, q_BTNH, k_BTKH, v_BTKH, *,
-                segment_ids_BT=None, **options):
-  return context_fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
-                    implementation=context_implementation(
-                        implementation, q_BTNH.shape[3], q_BTNH.dtype,
-                        packed=segment_ids_BT is not None), **options)
-
-
-def context_implementation(implementation: str, head_dim: int, dtype, *,
-                           packed: bool = False) -> str:
-  """What runs attention under a context axis (`context`): the fused Pallas
-  kernel on each device's window wherever a fused implementation was asked
-  for or "auto" would fuse (`fused_for`), else the XLA path ("xla"). Not
-  cuDNN: its masks are fixed when it compiles, and a window's groups start
-  at a place that depends on the device."""
-  if implementation in context.KERNELS:
-    return implementation
-  fuse = implementation in ("cudnn", "pallas") or (
-      implementation == "auto" and fused_for(head_dim, dtype, packed=packed)
-      and pallas_s2.AVAILABLE and head_dim in pallas_s2.HEAD_DIMS)
-  return "pallas" if fuse else "xla"
 
 
 def get_attention(attention: "str | AttentionSpec | AttentionFn"
@@ -257,3 +230,122 @@ def get_attention(attention: "str | AttentionSpec | AttentionFn"
     raise ValueError(f"unknown attention {attention!r}; choose one of "
                      f"{sorted(ATTENTION_FNS)}, an AttentionSpec or a function")
   return ATTENTION_FNS[attention]
+
+
+# ---- context parallelism ----
+
+def _s2_context(*, implementation="auto", group_size=None, group_ratio=0.25,
+                variant="flash", block_size=None):
+  return functools.partial(
+      _in_context, context.s2_context_attention, implementation,
+      group_size=group_size, group_ratio=group_ratio, variant=variant,
+      block_size=block_size)
+
+
+def _full_context(*, implementation="auto", block_size=None):
+  return functools.partial(_in_context, context.full_context_attention,
+                           implementation, block_size=block_size)
+
+
+# Each attention function the library hands out (`ATTENTION_FNS`,
+# `get_attention`) -> its context-parallel form, made from the function's
+# keyword options.
+CONTEXT_FORMS: dict[AttentionFn, Callable[..., AttentionFn]] = {
+    s2_attention: _s2_context,
+    full_attention: _full_context,
+    dense_causal_attention: lambda: _full_context(implementation="chunked"),
+    chunked_causal_attention: lambda *, block_size=None: _full_context(
+        implementation="chunked", block_size=block_size),
+    pallas_grouped.pallas_causal_attention:
+        lambda *, config=None, interpret=False: _full_context(
+            implementation="pallas_interpret" if interpret else "pallas"),
+}
+
+
+def context_form(attention_fn: AttentionFn) -> AttentionFn | None:
+  """The context-parallel form (`context`) of an attention function the
+  library hands out, also as `functools.partial` of one with keyword
+  options (`CONTEXT_FORMS`); its implementation is chosen when called
+  (`context_implementation`). A function that wraps one (`functools.wraps`)
+  gets a form that refuses to run, in one line: the wrapper would be left
+  out. None for other callables (`per_row_shard` refuses them)."""
+  fn, options = _unbound(attention_fn)
+  make = _registered(fn)
+  if make is not None:
+    return make(**options)
+  inner, _ = _unbound(inspect.unwrap(fn))
+  if inner is not fn and _registered(inner) is not None:
+    return functools.partial(_refuse, inner)
+  return None
+
+
+def _unbound(fn):
+  """(function, keyword options) of a `functools.partial` that binds
+  keywords only, else (fn, {})."""
+  if isinstance(fn, functools.partial) and not fn.args:
+    return fn.func, fn.keywords
+  return fn, {}
+
+
+def _registered(fn):
+  return next((make for f, make in CONTEXT_FORMS.items() if f is fn), None)
+
+
+def _refuse(inner, *args, **kwargs):
+  name = getattr(inner, "__name__", repr(inner))
+  raise LongLoraError(
+      f"a function wrapping {name} has no context-parallel form (it would "
+      f"leave the wrapper out); under a context axis pass {name} itself "
+      f"(functools.partial for its options) or an AttentionSpec")
+
+
+def _in_context(context_fn, implementation, q_BTNH, k_BTKH, v_BTKH, *,
+                segment_ids_BT=None, **options):
+  return context_fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
+                    implementation=context_implementation(
+                        implementation, q_BTNH.shape[3], q_BTNH.dtype,
+                        packed=segment_ids_BT is not None), **options)
+
+
+def context_implementation(implementation: str, head_dim: int, dtype, *,
+                           packed: bool = False) -> str:
+  """What runs attention under a context axis (`context`): the fused Pallas
+  kernel on each device's window wherever a fused implementation was asked
+  for or "auto" would fuse (`fused_for`), else "chunked". Not cuDNN: its
+  masks are fixed when it compiles, and a window's groups start at a place
+  that depends on the device."""
+  if implementation in context.KERNELS:
+    return implementation
+  fuse = implementation in FUSED_PREFERENCE or (
+      implementation == "auto" and fused_for(head_dim, dtype, packed=packed)
+      and pallas_grouped.AVAILABLE and head_dim in pallas_grouped.HEAD_DIMS)
+  return "pallas" if fuse else "chunked"
+
+
+# ---- generation ----
+
+def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
+                     implementation: str = "auto", block: int = CACHE_BLOCK):
+  """Causal attention of C new queries at positions start..start+C-1 over
+  layer `layer` of the stacked KV cache (`model.kv_cache`), their own keys
+  and values already written.
+
+  implementation: one of `CACHED_IMPLEMENTATIONS`: "chunked" (the loop of
+  `cached.chunked_cached_attention`, blocks of `block`), "pallas" (one
+  fused kernel, `pallas.cached`, on each device's part of the cache;
+  NVIDIA GPUs), "pallas_interpret" (that kernel through the Pallas
+  interpreter; tests), or "auto": the kernel for the prefill chunks it
+  takes on an NVIDIA GPU, else "chunked".
+  """
+  check_implementation(implementation, "cached attention",
+                       CACHED_IMPLEMENTATIONS)
+  if implementation == "auto":
+    implementation = ("pallas" if on_nvidia_gpu() and pallas_cached.takes(
+        q_BCNH, v_LBKSH.shape[3]) else "chunked")
+  if implementation == "chunked":
+    return chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start,
+                                    block=block)
+  return on_each_device(functools.partial(
+      pallas_cached.pallas_cached_attention,
+      interpret=implementation == "pallas_interpret"))(
+          q_BCNH, k_LBKHS, v_LBKSH, layer, start)

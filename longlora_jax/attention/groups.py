@@ -19,7 +19,7 @@ groups:
     tokens of the sequence: it LEAKS the future into the past. Offered for
     fidelity to the paper only.
 
-Every implementation (`s2`, `pallas_s2`, `cudnn_s2`) and the FLOP count
+Every implementation (`s2`, `pallas`, `cudnn_grouped`) and the FLOP count
 read these.
 """
 

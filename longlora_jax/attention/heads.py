@@ -1,5 +1,5 @@
 """Query heads in S²-Attn's two halves, for the implementations that run
-both halves as one batched attention (`s2`, `cudnn_s2`): halves of equal
+both halves as one batched attention (`s2`, `cudnn_grouped`): halves of equal
 size whose query heads read their own kv heads in a uniform layout.
 
 Any layout becomes one: an odd number of query heads N gets a zero head

@@ -2,7 +2,7 @@
 
 The shifted half of the heads is rolled by -G/2, the two halves of the
 heads become two batch entries, and the sequence folds into `[batch * seq /
-G, G]` rows for a causal attention ("xla": dense, "chunked": flash-style in
+G, G]` rows for a causal attention ("dense", or "chunked": flash-style in
 pure JAX); never a seq x seq mask. "flash" splits the wrapped last group
 with a segment boundary. Cost and memory grow with seq * G, not seq^2.
 """
@@ -12,16 +12,16 @@ import functools
 import jax.numpy as jnp
 
 from longlora_jax.attention.chunked import chunked_causal_attention
-from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention.heads import even_halves
 
-INNER = ("xla", "chunked")
+INNER = ("dense", "chunked")
 
 
 def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
                   inner: str, block_size: int, segment_ids_BT=None):
   """S²-Attn with groups of `group_size` (checked by the caller), attention
-  inside the groups by `inner` ("xla": dense, memory seq * G per head;
+  inside the groups by `inner` ("dense": memory seq * G per head;
   "chunked": `chunked_causal_attention` with `block_size`, memory linear in
   seq for any G, e.g. G = 25k at 100k tokens)."""
   B, T, N, H = q_BTNH.shape
@@ -32,7 +32,7 @@ def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
   if inner not in INNER:
     raise ValueError(f"unknown inner attention {inner!r}; choose one of "
                      f"{INNER}")
-  attend = (causal_attention if inner == "xla" else
+  attend = (dense_causal_attention if inner == "dense" else
             functools.partial(chunked_causal_attention, block_size=block_size))
   shift = G // 2
 

@@ -92,7 +92,8 @@ def generate(config: LlamaConfig, params, input_ids, *, max_new_tokens: int,
   mesh = getattr(embedding.sharding, "mesh", None)
   cache = init_cache(config, B, max(P + max_new_tokens, n_chunks * chunk),
                      cache_dtype or embedding.dtype, mesh)
-  # Under the weights' mesh: kernels split their work over it (kv_cache).
+  # Under the weights' mesh: kernels split their work over it
+  # (attention.cached).
   with (jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()):
     # Padding written past the prompt is never attended: decode overwrites
     # each position before any query can see it.

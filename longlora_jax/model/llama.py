@@ -35,10 +35,9 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from longlora_jax.attention.dispatch import (AttentionFn, context_form,
-                                             get_attention)
+from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
+                                             context_form, get_attention)
 from longlora_jax.model.config import LlamaConfig
-from longlora_jax.model.kv_cache import cached_attention
 from longlora_jax.model.lora import LoRA, delta
 from longlora_jax.model.rope import apply_rope, rope_frequencies
 from longlora_jax.parallel.sharding import (context_slices, gather_over_context,

@@ -241,8 +241,11 @@ def per_row_shard(attention_fn, context_fn=None):
     if context > 1:
       if context_fn is None:
         raise LongLoraError(
-            f"attention {attention_fn!r} has no context-parallel form; use "
-            "S²-Attn or full attention, or a mesh without a context axis")
+            f"attention {attention_fn!r} has no context-parallel form; pass "
+            "one the library makes (a name, an AttentionSpec, or functools."
+            "partial of s2_attention or full_attention with its options, "
+            "not a function around one), or use a mesh without a context "
+            "axis")
       fn = functools.partial(context_fn, axis_name=SEQ_AXIS,
                              axis_size=context)
     rows = activation_spec(2)

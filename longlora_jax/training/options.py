@@ -10,11 +10,9 @@ import dataclasses
 from pathlib import Path
 
 from longlora_jax.core import cli
-from longlora_jax.attention.dispatch import AttentionSpec
+from longlora_jax.attention.dispatch import IMPLEMENTATIONS, AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
 from longlora_jax.core.errors import LongLoraError
-
-S2_IMPLEMENTATIONS = ("auto", "cudnn", "pallas", "xla", "chunked")
 from longlora_jax.training.recipe import (LONGALPACA, OFFLOADS, REDPAJAMA,
                                           RunSpec, TrainConfig)
 
@@ -120,11 +118,12 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
                  f"size as a fraction of --ctx ({d('group_ratio')})")
   p.add_argument("--s2-variant", choices=VARIANTS,
                  help=f"({d('s2_variant')})")
-  p.add_argument("--s2-impl", choices=S2_IMPLEMENTATIONS,
+  p.add_argument("--s2-impl", choices=IMPLEMENTATIONS,
                  help="S²-Attn implementation: auto (the fastest that takes "
                       "the shapes here), cudnn (grouped cuDNN attention, "
-                      "NVIDIA), pallas (the fused Pallas/Triton kernel), xla "
-                      "(dense groups), chunked (flash-style, any group size)"
+                      "NVIDIA), pallas (the fused Pallas/Triton kernel), dense "
+                      "(dense groups), chunked (flash-style, any group size), "
+                      "pallas_interpret (the kernel interpreted; tests)"
                       f" ({d('s2_impl')})")
   p.add_argument("--mesh", help="device mesh (fsdp=-1: all devices on "
                  "fsdp; e.g. data=2,fsdp=4; context=8 splits each sequence "

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from longlora_jax.model import lora
-from longlora_jax.attention import cudnn_s2, pallas_s2
+from longlora_jax.attention import cudnn_grouped
+from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
 from longlora_jax.attention.groups import s2_group_size
 from longlora_jax.model.config import LlamaConfig
@@ -209,7 +210,7 @@ def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
   impl = attention.implementation
   if attention.kind != "s2" or impl not in ("cudnn", "pallas"):
     return
-  fix = "; use --s2-impl auto (or xla, chunked)"
+  fix = "; use --s2-impl auto (or dense, chunked)"
   if not on_nvidia_gpu(None):
     raise LongLoraError(f"--s2-impl {impl} needs an NVIDIA GPU{fix}")
   if spec.task == "sft":
@@ -218,7 +219,8 @@ def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
   if impl == "cudnn" and spec.recipe.dtype not in ("bfloat16", "float16"):
     raise LongLoraError(f"--s2-impl cudnn runs bfloat16 only (--dtype "
                         f"{spec.recipe.dtype}){fix}")
-  dims = cudnn_s2.HEAD_DIMS if impl == "cudnn" else pallas_s2.HEAD_DIMS
+  dims = (cudnn_grouped.HEAD_DIMS if impl == "cudnn"
+          else pallas_grouped.HEAD_DIMS)
   if config.head_dim not in dims:
     raise LongLoraError(f"--s2-impl {impl} does not take head_dim "
                         f"{config.head_dim}{fix}")

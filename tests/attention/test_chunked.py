@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention.chunked import chunked_causal_attention
 from tests.references import attention as ref
 
@@ -31,7 +31,8 @@ def _check(shape, dtype, seed=0, segments=False):
   q, k, v, w, seg = _inputs(shape, dtype, seed, segments)
   out, grads = ref.value_and_grads(chunked_causal_attention,
                                    (("block_size", block),), q, k, v, w, seg)
-  full, full_grads = ref.value_and_grads(causal_attention, (), q, k, v, w, seg)
+  full, full_grads = ref.value_and_grads(dense_causal_attention, (), q, k, v,
+                                         w, seg)
   mask = ref.mask_from_keys([ref.causal_keys(T)] * N, seg, B)
   want, want_grads = ref.attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                    v.astype(jnp.float32), mask, w)
@@ -77,7 +78,7 @@ def test_no_seq_by_seq_tensor_in_forward_or_backward():
   seq = 4096
   square = seq * seq * 4  # one float32 score matrix
   # The measurement sees dense attention's scores...
-  assert _train_temp_bytes(causal_attention, seq) >= square
+  assert _train_temp_bytes(dense_causal_attention, seq) >= square
   # ...and the chunked path keeps nothing close to them.
   chunked = lambda q, k, v: chunked_causal_attention(q, k, v, block_size=128)
   assert _train_temp_bytes(chunked, seq) < square / 16

@@ -7,9 +7,11 @@ import pytest
 
 from longlora_jax.perf import gpu_target
 from longlora_jax.attention.context import fetch, halo_size
-from longlora_jax.attention.dispatch import (context_form, full_attention,
-                                             get_attention, s2_attention)
-from longlora_jax.attention.pallas_s2 import pallas_causal_attention
+from longlora_jax.attention.dispatch import (AttentionSpec, context_form,
+                                             full_attention, get_attention,
+                                             s2_attention)
+from longlora_jax.attention.pallas.grouped import pallas_causal_attention
+from longlora_jax.core.errors import LongLoraError
 from longlora_jax.parallel.sharding import activation_mesh, make_mesh, per_row_shard
 from tests.references import attention as ref
 
@@ -110,9 +112,48 @@ def test_full_attention_kernel_matches_float64_reference(T):
 
 
 def test_every_causal_attention_has_a_context_form():
-  for name in ("auto", "full", "chunked", "pallas", "s2"):
+  for name in ("full", "dense", "chunked", "pallas", "s2"):
     assert context_form(get_attention(name)) is not None
   assert context_form(lambda q, k, v, segment_ids_BT=None: q) is None
+
+
+def test_options_bound_twice_keep_their_context_form():
+  # An AttentionSpec's function with more options bound by the user.
+  B, T, N, K, G, mesh_spec = CASES[1]
+  mask_of = lambda seg: ref.mask_from_keys(
+      ref.s2_head_keys(T, G, N, "roll"), seg, B)
+  _check(get_attention(AttentionSpec("s2", variant="roll")),
+         (("group_size", G), ("block_size", 5)), mask_of, B, T, N, K,
+         mesh_spec, False)
+
+
+def test_a_function_around_an_attention_is_refused_in_one_line():
+  @functools.wraps(s2_attention)
+  def wrapped(q, k, v, *, segment_ids_BT=None):
+    return s2_attention(q, k, v, group_size=8, segment_ids_BT=segment_ids_BT)
+  around = lambda q, k, v, *, segment_ids_BT=None: s2_attention(
+      q, k, v, group_size=8, segment_ids_BT=segment_ids_BT)
+  q = jnp.zeros((8, 32, 2, 8))
+  run = lambda fn, mesh: _run_on(fn, mesh, q)
+  # Without a context axis both run as they are.
+  assert run(wrapped, "fsdp=8").shape == run(around, "fsdp=8").shape == q.shape
+  for fn, message in (
+      (wrapped, "a function wrapping s2_attention has no context-parallel "
+                "form (it would leave the wrapper out); under a context axis "
+                "pass s2_attention itself (functools.partial for its "
+                "options) or an AttentionSpec"),
+      (around, "has no context-parallel form; pass one the library makes (a "
+               "name, an AttentionSpec, or functools.partial of s2_attention "
+               "or full_attention with its options, not a function around "
+               "one), or use a mesh without a context axis")):
+    with pytest.raises(LongLoraError) as refused:
+      run(fn, "context=8")
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+def _run_on(fn, mesh_spec, q):
+  with activation_mesh(make_mesh(mesh_spec)):
+    return per_row_shard(fn, context_form(fn))(q, q, q)
 
 
 @pytest.mark.parametrize("offset,length", [(3, 4), (4, 4), (9, 4), (-7, 7),

@@ -2,7 +2,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.dense import dense_causal_attention
 from tests.references import attention as ref
 
 
@@ -15,7 +15,7 @@ def test_causal_attention_matches_reference(shape, segments, dtype):
   q, k, v = (jnp.asarray(x, dtype) for x in ref.random_qkv(rng, B, T, N, K, 8))
   w = jnp.asarray(rng.standard_normal((B, T, N, 8)), jnp.float32)
   seg = jnp.asarray(ref.random_segments(rng, B, T)) if segments else None
-  out, grads = ref.value_and_grads(causal_attention, (), q, k, v, w, seg)
+  out, grads = ref.value_and_grads(dense_causal_attention, (), q, k, v, w, seg)
   mask = ref.mask_from_keys([ref.causal_keys(T)] * N, seg, B)
   want, want_grads = ref.attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                    v.astype(jnp.float32), mask, w)

@@ -7,18 +7,18 @@ import pytest
 
 from longlora_jax import LlamaConfig, forward, init_params
 from longlora_jax.attention.chunked import chunked_causal_attention
-from longlora_jax.attention.dense import causal_attention
+from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention import dispatch
 from longlora_jax.attention.dispatch import (ATTENTION_FNS, AttentionSpec,
                                              full_attention, fused_for,
                                              get_attention, s2_attention)
-from longlora_jax.attention.pallas_s2 import pallas_causal_attention
+from longlora_jax.attention.pallas.grouped import pallas_causal_attention
 from tests.references import attention as ref
 
 
 def test_registry():
-  assert ATTENTION_FNS == {"auto": full_attention,
-                           "full": causal_attention,
+  assert ATTENTION_FNS == {"full": full_attention,
+                           "dense": dense_causal_attention,
                            "chunked": chunked_causal_attention,
                            "s2": s2_attention,
                            "pallas": pallas_causal_attention}
@@ -26,8 +26,8 @@ def test_registry():
     assert get_attention(name) is fn
   custom = functools.partial(s2_attention, variant="roll")
   assert get_attention(custom) is custom
-  with pytest.raises(ValueError, match="unknown attention 'dense'"):
-    get_attention("dense")
+  with pytest.raises(ValueError, match="unknown attention 'auto'"):
+    get_attention("auto")
 
 
 _logits = jax.jit(forward, static_argnums=0,
@@ -44,13 +44,13 @@ def test_model_runs_with_each_attention():
   seg = jnp.asarray(ref.random_segments(rng, 2, 32))
   logits = {name: np.asarray(_logits(config, params, ids, attention=name))
             for name in ATTENTION_FNS if name != "pallas"}  # pallas: GPU only
-  full = logits["full"]
+  full = logits["dense"]
   assert np.abs(full).std() > 0.3  # large enough for 1e-4 to matter
   np.testing.assert_allclose(logits["chunked"], full, atol=1e-4, rtol=0)
-  # "auto" off NVIDIA GPUs: the chunked path, exactly.
-  np.testing.assert_array_equal(logits["auto"], logits["chunked"])
+  # "full" off NVIDIA GPUs: the chunked path, exactly.
+  np.testing.assert_array_equal(logits["full"], logits["chunked"])
   with_seg = [_logits(config, params, ids, attention=name, segment_ids_BT=seg)
-              for name in ("full", "chunked")]
+              for name in ("dense", "chunked")]
   np.testing.assert_allclose(with_seg[1], with_seg[0], atol=1e-4, rtol=0)
   # S², default groups of 8: the first G/2 = 4 tokens see the same keys as
   # with full attention in every head; tokens past the first group do not.
@@ -66,8 +66,8 @@ def test_model_runs_with_each_attention():
                                         ("cudnn", "pallas")])
 def test_auto_takes_a_fused_implementation_only_on_a_gpu_for_its_shapes(
     preference, monkeypatch):
-  from longlora_jax.attention import pallas_s2
-  assert pallas_s2.AVAILABLE
+  from longlora_jax.attention.pallas import grouped
+  assert grouped.AVAILABLE
   monkeypatch.setattr(dispatch, "FUSED_PREFERENCE", preference)
   bf16, f32 = jnp.bfloat16, jnp.float32
   assert fused_for(128, bf16, platform="gpu") == preference[0]
@@ -94,13 +94,13 @@ def test_auto_takes_fused_paths_on_nvidia_gpus_only(kind, nvidia,
   assert (fused_for(128, jnp.bfloat16) is not None) == nvidia
 
 
-@pytest.mark.parametrize("implementation", ["auto", "chunked", "xla",
+@pytest.mark.parametrize("implementation", ["auto", "chunked", "dense",
                                             "cudnn"])
 def test_full_attention_spec_against_float64(implementation, monkeypatch):
   # "cudnn" runs here through jax.nn.dot_product_attention's XLA path.
-  from longlora_jax.attention import cudnn_s2
-  causal = cudnn_s2.cudnn_causal_attention
-  monkeypatch.setattr(cudnn_s2, "cudnn_causal_attention",
+  from longlora_jax.attention import cudnn_grouped
+  causal = cudnn_grouped.cudnn_causal_attention
+  monkeypatch.setattr(cudnn_grouped, "cudnn_causal_attention",
                       lambda *a, **k: causal(*a, **k, implementation="xla"))
   rng = np.random.default_rng(2)
   q, k, v = (jnp.asarray(x, jnp.float32)
@@ -122,11 +122,46 @@ def test_context_implementation_fuses_where_auto_would_with_the_window_kernel():
   from longlora_jax.attention.dispatch import context_implementation
   gpu = lambda impl, **kw: context_implementation(
       impl, 64, jnp.bfloat16, **kw)
-  assert context_implementation("auto", 64, jnp.bfloat16) == "xla"  # CPU
+  assert context_implementation("auto", 64, jnp.bfloat16) == "chunked"  # CPU
   with jax.sharding.use_abstract_mesh(_H100_MESH):
     assert gpu("auto") == "pallas"  # not cuDNN: its masks are static
     assert gpu("cudnn") == gpu("pallas") == "pallas"
-    assert gpu("auto", packed=True) == "xla"  # the kernel takes no segments
-    assert context_implementation("auto", 96, jnp.bfloat16) == "xla"
-    assert gpu("chunked") == gpu("xla") == "xla"
+    assert gpu("auto", packed=True) == "chunked"  # the kernel: no segments
+    assert context_implementation("auto", 96, jnp.bfloat16) == "chunked"
+    assert gpu("chunked") == gpu("dense") == "chunked"
   assert gpu("pallas_interpret") == "pallas_interpret"
+
+
+def test_full_attention_runs_the_kernel_it_names():
+  q, k, v = (jnp.asarray(x, jnp.float32) for x in ref.random_qkv(
+      np.random.default_rng(4), 1, 64, 2, 1, 64))
+  np.testing.assert_array_equal(
+      full_attention(q, k, v, implementation="pallas_interpret"),
+      pallas_causal_attention(q, k, v, interpret=True))
+  np.testing.assert_array_equal(
+      full_attention(q, k, v, implementation="dense"),
+      dense_causal_attention(q, k, v))
+
+
+def test_cached_attention_takes_the_loop_off_nvidia_gpus():
+  from longlora_jax.attention.cached import chunked_cached_attention
+  rng = np.random.default_rng(5)
+  q = jnp.asarray(rng.standard_normal((1, 3, 4, 8)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, 1, 2, 8, 512)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, 1, 2, 512, 8)), jnp.float32)
+  np.testing.assert_array_equal(
+      dispatch.cached_attention(q, k, v, 1, 20),
+      chunked_cached_attention(q, k, v, 1, 20))
+  for implementation in ("dense", "cudnn"):
+    with pytest.raises(ValueError, match="unknown cached attention "
+                       f"implementation '{implementation}'"):
+      dispatch.cached_attention(q, k, v, 1, 20, implementation=implementation)
+
+
+def test_every_implementation_is_one_a_spec_takes():
+  assert dispatch.IMPLEMENTATIONS[:3] == ("auto", *dispatch.FUSED_PREFERENCE)
+  for implementation in dispatch.IMPLEMENTATIONS:
+    for kind in dispatch.KINDS:
+      AttentionSpec(kind, implementation=implementation)
+  with pytest.raises(ValueError, match="unknown S²-Attn implementation 'xla'"):
+    AttentionSpec("s2", implementation="xla")

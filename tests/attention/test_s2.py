@@ -21,7 +21,7 @@ SHAPES = [
     (1, 16, 7, 7, 16),   # 7 heads, MHA, G = seq
 ]
 # Blocks of 5: groups of 4 are one block, 6 -> 3, 8 and 16 -> 4, 14 pads to 15.
-IMPLEMENTATIONS = {"xla": (), "chunked": (("block_size", 5),)}
+IMPLEMENTATIONS = {"dense": (), "chunked": (("block_size", 5),)}
 
 
 def _reference_mask(batch, seq, q_heads, group, variant, segment_ids=None):

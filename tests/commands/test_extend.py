@@ -201,9 +201,9 @@ def test_bad_input_is_one_line_and_writes_nothing(files, run):
       "pallas_on_cpu": (["--ckpt", model, "--ctx", "64", "--s2-impl",
                          "pallas", *out("pallas_on_cpu")],
                         "--s2-impl pallas needs an NVIDIA GPU; use --s2-impl "
-                        "auto (or xla, chunked)"),
+                        "auto (or dense, chunked)"),
       "impl_full": (["--ckpt", model, "--ctx", "64", "--full-attn",
-                     "--s2-impl", "xla", *out("impl_full")],
+                     "--s2-impl", "dense", *out("impl_full")],
                     "--s2-impl chooses how S²-Attn runs; drop it with "
                     "--full-attn"),
       "offload_dots": (["--ckpt", model, "--ctx", "64", "--offload",

@@ -28,11 +28,11 @@ def test_smoke_run_checks_every_section(tmp_path):
   assert all(d["compiled"] == d["expected"] == "xla"
              for d in sections["correctness"]["dispatch"].values())
   runs = sections["train_pallas"]["runs"] + sections["train_cudnn"]["runs"]
-  assert [r["implementation"] for r in runs] == ["pallas_interpret", "xla"]
-  # The same model and data: the fused kernel trains like the XLA path.
+  assert [r["implementation"] for r in runs] == ["pallas_interpret", "dense"]
+  # The same model and data: the fused kernel trains like the dense path.
   assert abs(runs[0]["losses"][0] - runs[1]["losses"][0]) < 1e-2
   assert {c["method"] for c in sections["bench"]["results"]} == {
-      "pallas", "s2_xla", "full"}
+      "pallas", "s2_dense", "dense"}
   assert sections["sweep"]["configs"][0]["max_rel_err_vs_default"] == 0
   assert sections["plan"]["per_device_gib"]["total"] > 0
   summary = (tmp_path / "gpu_check.md").read_text()

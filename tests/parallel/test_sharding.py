@@ -115,14 +115,14 @@ def test_arrays_really_are_sharded():
 def _rows_seen(mesh_spec, segments):
   """Runs `per_row_shard` under a mesh; returns (batch sizes the attention
   function saw, its output, the unsharded output)."""
-  from longlora_jax.attention.dense import causal_attention
+  from longlora_jax.attention.dense import dense_causal_attention
   from longlora_jax.parallel.sharding import activation_mesh, per_row_shard
   seen = []
 
   def attention(q, k, v, *, segment_ids_BT=None):
     seen.append((q.shape[0], None if segment_ids_BT is None
                  else segment_ids_BT.shape[0]))
-    return causal_attention(q, k, v, segment_ids_BT=segment_ids_BT)
+    return dense_causal_attention(q, k, v, segment_ids_BT=segment_ids_BT)
 
   mesh = make_mesh(mesh_spec)
   rng = np.random.default_rng(0)
@@ -135,7 +135,7 @@ def _rows_seen(mesh_spec, segments):
       return per_row_shard(attention)(q, k, v, segment_ids_BT=seg)
   out = jax.jit(sharded)(*(jax.device_put(x, batch_sharding(mesh, x.ndim))
                            for x in (q, k, v)), seg)
-  return seen, out, causal_attention(q, k, v, segment_ids_BT=seg)
+  return seen, out, dense_causal_attention(q, k, v, segment_ids_BT=seg)
 
 
 @pytest.mark.parametrize("mesh_spec, rows", [

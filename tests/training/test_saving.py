@@ -16,7 +16,7 @@ from longlora_jax.training.step import init_state, jit_train_step, params_of
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                   num_hidden_layers=2, num_attention_heads=4)
-TC = TrainConfig(attention=AttentionSpec("full", implementation="xla"),
+TC = TrainConfig(attention=AttentionSpec("full", implementation="dense"),
                  dtype="float32", remat="none", lr=1e-2, warmup=0,
                  loss_chunk=16)
 

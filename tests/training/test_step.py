@@ -26,7 +26,7 @@ CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
 # unsharded parameters can be compared at 1e-5.
 TC = TrainConfig(attention=AttentionSpec("s2"), dtype="float32", lr=1e-2,
                  warmup=0, remat="full", loss_chunk=8, eps=1e-3)
-FULL = AttentionSpec("full", implementation="xla")
+FULL = AttentionSpec("full", implementation="dense")
 
 
 def _state(tc=TC, mode="lora+"):

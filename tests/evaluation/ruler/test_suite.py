@@ -234,7 +234,7 @@ def test_the_suite_finds_a_known_answer():
     return scores
 
   assert score(params) == [0.0, 0.0]
-  tc = TrainConfig(attention=AttentionSpec("full", implementation="xla"),
+  tc = TrainConfig(attention=AttentionSpec("full", implementation="dense"),
                    dtype="float32", lr=1e-2, warmup=10, remat="none",
                    accum=1)
   state = init_state(params, lora.full_mask(params), tc)

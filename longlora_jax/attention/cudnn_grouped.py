@@ -1,4 +1,6 @@
-"""S²-Attn on cuDNN's fused flash attention, variant-exact.
+"""Causal attention in groups on cuDNN's fused flash attention: full
+attention as one group (`cudnn_causal_attention`) and S²-Attn, variant-exact
+(`cudnn_s2_attention`).
 
 Every S² group (`groups`) is an independent causal attention, so S²-Attn is
 a few *batched causal* attentions over groups, each one cuDNN call through
@@ -76,7 +78,7 @@ def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   """
   if segment_ids_BT is not None:
     raise ValueError("cuDNN S²-Attn does not support segment_ids_BT (packed "
-                     "documents); use the 'xla' or 'chunked' implementations "
+                     "documents); use the 'dense' or 'chunked' implementations "
                      "for them")
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]

@@ -1,9 +1,11 @@
-"""Fused S²-Attn in Pallas for the GPU Triton backend, forward and backward.
+"""Causal attention in groups by the fused Pallas kernels (GPU Triton
+backend), forward and backward: S²-Attn's groups, full attention as one
+group, and a device's window of a longer sequence.
 
 The kernels read the model's own `q: [batch, seq, q_heads, head_dim]` and
 `k, v: [batch, seq, kv_heads, head_dim]` in place: no transposes, rolls,
-head splits or repeated K/V in HBM. The S² groups (`groups`)
-are index arithmetic: query head h uses groups starting at 0 if
+head splits or repeated K/V in HBM. The S² groups (`attention.groups`) are
+index arithmetic (`blocks`): query head h uses groups starting at 0 if
 h < q_heads / 2, else at G/2 (first group [0, G/2)); "roll" adds, for the
 shifted heads' first G/2 queries, the wrapped keys [seq - G/2, seq). With no
 shift and G = seq every head is plain causal attention
@@ -46,10 +48,11 @@ Packed documents (`segment_ids_BT`) are not supported.
 
 `interpret=True` runs the same kernels through the Pallas interpreter on any
 backend (slow; for tests on CPU). The Triton backend is deprecated in jax
-0.11 (Mosaic GPU and jax-triton replace it); this module is the only place
-that knows about it, behind the attention signature, so another kernel can
-replace it. If Pallas Triton cannot be imported, `AVAILABLE` is False and the
-entry points raise ImportError when called; importing longlora_jax still works.
+0.11 (Mosaic GPU and jax-triton replace it); this subpackage is the only
+place that knows about it, behind the attention signature, so another kernel
+can replace it. If Pallas Triton cannot be imported, `AVAILABLE` is False and
+the entry points raise ImportError when called; importing longlora_jax still
+works.
 """
 
 import dataclasses
@@ -60,12 +63,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from longlora_jax.attention.groups import check_variant, s2_group_size
-from longlora_jax.attention.pallas_kernels import (AVAILABLE, IMPORT_ERROR,
-                                                   Groups, dkv_kernel,
-                                                   dq_kernel, forward_kernel,
-                                                   pl, plgpu)
+from longlora_jax.attention.pallas.blocks import Groups
+from longlora_jax.attention.pallas.flash import (AVAILABLE, HEAD_DIMS,
+                                                 IMPORT_ERROR, dkv_kernel,
+                                                 dq_kernel, forward_kernel,
+                                                 pl, plgpu)
 
-HEAD_DIMS = (64, 128)
 _MIN_BLOCK = 16  # Triton's smallest dot tile
 
 
@@ -80,8 +83,8 @@ class BlockConfig:
   and jax's Pallas GPU attention, with dK/dV key blocks of 64 so that its two
   float32 accumulators fit in registers: all three kernels compile for sm_90
   without register spills (checked offline with Triton 3.9 and ptxas, no
-  GPU). On an H100 the backward is 3x slower than cuDNN's; `eval.gpu_check`
-  times alternatives (its tile sweep). See BENCHMARKS.md, docs/kernels.md.
+  GPU). `eval.gpu_check` times alternatives (its tile sweep); for timings
+  see BENCHMARKS.md, attention kernels, and docs/kernels.md.
   """
   block_q: int = 128
   block_k: int = 64
@@ -242,7 +245,7 @@ def _check_no_segments(segment_ids_BT):
   if segment_ids_BT is not None:
     raise ValueError("the Pallas attention kernels do not support "
                      "segment_ids_BT (packed documents); use the 'chunked' "
-                     "or 'xla' implementations for them")
+                     "or 'dense' implementations for them")
 
 
 def _check_head_dim(head_dim):
@@ -278,7 +281,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
-      name="s2_attention_forward",
+      name="grouped_attention_forward",
   )(scalars, q_BTNH, k_BSKH, v_BSKH)
 
 
@@ -319,7 +322,7 @@ def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
       out_specs=query_spec,
       out_shape=jax.ShapeDtypeStruct(q_BTNH.shape, q_BTNH.dtype),
       compiler_params=params, interpret=interpret,
-      name="s2_attention_dq",
+      name="grouped_attention_dq",
   )(scalars, q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
 
   bk = config.block_k_dkv
@@ -337,7 +340,7 @@ def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
       out_shape=[jax.ShapeDtypeStruct(k_BSKH.shape, k_BSKH.dtype),
                  jax.ShapeDtypeStruct(v_BSKH.shape, v_BSKH.dtype)],
       compiler_params=params, interpret=interpret,
-      name="s2_attention_dkv",
+      name="grouped_attention_dkv",
   )(scalars, q_BTNH, k_BSKH, v_BSKH, do_BTNH, lse_BNT, delta_BNT)
   return dq_BTNH, dk_BSKH, dv_BSKH, None
 

@@ -1,7 +1,7 @@
-"""The fused Pallas S²-Attn kernel: interpret mode on CPU against the pure-JAX
-S²-Attn and the float64 reference, its block ranges against the reference key
-sets, the CUDA (Triton) lowering at Llama-2 7B shapes, and XLA:GPU's compile
-of the kernels to A100 and H100 PTX, all without a GPU."""
+"""Grouped causal attention by the fused Pallas kernels (S²-Attn, full
+attention): interpret mode on CPU against the pure-JAX S²-Attn and the float64
+reference, the CUDA (Triton) lowering at Llama-2 7B shapes, and XLA:GPU's
+compile of the kernels to A100 and H100 PTX, all without a GPU."""
 
 import re
 
@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from longlora_jax.perf import gpu_target
-from longlora_jax.attention import pallas_kernels, pallas_s2
-from longlora_jax.attention.dense import causal_attention
-from longlora_jax.attention.pallas_s2 import (BlockConfig, pallas_causal_attention,
-                                    pallas_s2_attention)
+from longlora_jax.attention.dense import dense_causal_attention
+from longlora_jax.attention.pallas import grouped
+from longlora_jax.attention.pallas.grouped import (BlockConfig,
+                                                   pallas_causal_attention,
+                                                   pallas_s2_attention)
 from longlora_jax.attention.dispatch import s2_attention
 from tests.references import attention as ref
 
-pytestmark = pytest.mark.skipif(not pallas_s2.AVAILABLE,
+pytestmark = pytest.mark.skipif(not grouped.AVAILABLE,
                                 reason="Pallas Triton not importable")
 
 
@@ -88,24 +89,24 @@ def _assert_all_close(got, want, tolerances):
 
 @pytest.mark.parametrize("variant", ["flash", "roll"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_matches_xla_and_reference_float32(case, variant):
+def test_matches_dense_and_reference_float32(case, variant):
   B, T, N, K, H, G, config = CASES[case]
   q, k, v, w = _inputs(B, T, N, K, H, jnp.float32)
   got = ref.value_and_grads(
       pallas_s2_attention, (("group_size", G), ("variant", variant),
                             ("config", config), ("interpret", True)),
       q, k, v, w)
-  xla = ref.value_and_grads(
+  dense = ref.value_and_grads(
       s2_attention, (("group_size", G), ("variant", variant),
-                     ("implementation", "xla")), q, k, v, w)
-  _assert_all_close(got, xla, F32)
+                     ("implementation", "dense")), q, k, v, w)
+  _assert_all_close(got, dense, F32)
   _assert_all_close(got, _s2_reference(q, k, v, w, G, variant), F32)
 
 
 @pytest.mark.parametrize("variant", ["flash", "roll"])
 @pytest.mark.parametrize("case", ["gqa_d128_g64_b64x32",
                                   "shared_kv_g96_b32x16"])
-def test_matches_xla_and_reference_bfloat16(case, variant):
+def test_matches_dense_and_reference_bfloat16(case, variant):
   B, T, N, K, H, G, config = CASES[case]
   q, k, v, w = _inputs(B, T, N, K, H, jnp.bfloat16, seed=1)
   got = ref.value_and_grads(
@@ -113,10 +114,10 @@ def test_matches_xla_and_reference_bfloat16(case, variant):
                             ("config", config), ("interpret", True)),
       q, k, v, w)
   assert got[0].dtype == jnp.bfloat16
-  xla = ref.value_and_grads(
+  dense = ref.value_and_grads(
       s2_attention, (("group_size", G), ("variant", variant),
-                     ("implementation", "xla")), q, k, v, w)
-  _assert_all_close(got, xla, BF16)
+                     ("implementation", "dense")), q, k, v, w)
+  _assert_all_close(got, dense, BF16)
   _assert_all_close(got, _s2_reference(q, k, v, w, G, variant), BF16)
 
 
@@ -127,7 +128,7 @@ def test_causal_entry_is_plain_causal_attention(shape):
   got = ref.value_and_grads(
       pallas_causal_attention, (("config", _config(32, 16)),
                                 ("interpret", True)), q, k, v, w)
-  want = ref.value_and_grads(causal_attention, (), q, k, v, w)
+  want = ref.value_and_grads(dense_causal_attention, (), q, k, v, w)
   _assert_all_close(got, want, F32)
 
 
@@ -139,119 +140,7 @@ def test_s2_attention_dispatches_to_the_kernel():
                              interpret=True)
   np.testing.assert_array_equal(got, want)
   ref.assert_close(got, s2_attention(q, k, v, group_size=32, variant="roll",
-                                     implementation="xla"), atol=1e-5)
-
-
-# The block ranges, evaluated eagerly, against the reference key sets: a
-# kernel visits exactly the tiles with at least one visible (query, key) pair
-# (so blocks outside a head's groups are never loaded), each once, and skips
-# the mask only on tiles where every pair is visible.
-
-def _visible_tiles(keys, block_q, block_k, seq=None):
-  """(any, all) visible pairs per [query tile, key tile] of a mask whose
-  row t lists the key indices query t sees (`seq` keys, default one per
-  query)."""
-  mask = np.zeros((len(keys), seq or len(keys)), bool)
-  for t, ks in enumerate(keys):
-    mask[t, ks] = True
-  tiles = mask.reshape(mask.shape[0] // block_q, block_q,
-                       mask.shape[1] // block_k, block_k)
-  return tiles.any((1, 3)), tiles.all((1, 3))
-
-
-def _ranges_to_sets(ranges):
-  lo, a, b, hi, wrap = ranges
-  lo, a, b, hi = int(lo), int(a), int(b), int(hi)
-  wrap_lo, wrap_hi = (0, 0) if wrap is None else (int(w) for w in wrap)
-  masked = [*range(lo, a), *range(b, hi), *range(wrap_lo, wrap_hi)]
-  unmasked = list(range(a, b))
-  assert len(set(masked + unmasked)) == len(masked + unmasked), ranges
-  return set(masked), set(unmasked)
-
-
-def _assert_exact_ranges(groups, scalars, keys, queries, block_q, block_k):
-  """For both heads, the key blocks of every query block and the query
-  blocks of every key block are exactly the tiles with a visible pair, and
-  the unmasked ones have only visible pairs."""
-  for head in (0, 1):
-    frame = groups.frame(scalars, jnp.int32(head))
-    any_QK, all_QK = _visible_tiles(keys[head], block_q, block_k, groups.seq)
-    for i in range(queries // block_q):
-      masked, unmasked = _ranges_to_sets(pallas_kernels.key_blocks(
-          groups, frame.q_start + i * block_q, block_q, block_k, frame))
-      assert masked | unmasked == set(np.flatnonzero(any_QK[i])), (head, i)
-      assert all(all_QK[i, j] for j in unmasked), (head, i)
-    for j in range(groups.seq // block_k):
-      masked, unmasked = _ranges_to_sets(pallas_kernels.query_blocks(
-          groups, jnp.int32(j * block_k), block_k, block_q, frame, queries))
-      assert masked | unmasked == set(np.flatnonzero(any_QK[:, j])), (head, j)
-      assert all(all_QK[i, j] for i in unmasked), (head, j)
-
-
-RANGE_CASES = [  # seq, group, block_q, block_k
-    (64, 8, 16, 16), (64, 16, 16, 32), (64, 32, 32, 16), (64, 64, 16, 16),
-    (96, 48, 16, 32), (96, 24, 32, 16), (128, 32, 64, 16), (128, 128, 64, 32),
-]
-
-
-@pytest.mark.parametrize("variant", ["flash", "roll"])
-@pytest.mark.parametrize("seq,group,block_q,block_k", RANGE_CASES)
-def test_block_ranges_are_exact(seq, group, block_q, block_k, variant):
-  groups = pallas_kernels.Groups(seq=seq, size=group, shift=group // 2,
-                                 wrap=variant == "roll", heads=2)
-  keys = [ref.s2_keys(seq, group, head == 1, variant) for head in (0, 1)]
-  _assert_exact_ranges(groups, groups.scalars(), keys, seq, block_q, block_k)
-
-
-def _window_keys(seq, group, shifted, q_start, origin, queries, keys):
-  """The reference key sets (`ref.s2_keys` of the whole sequence) of
-  queries at global positions origin + q_start + i, as key indices of the
-  window [origin, origin + keys)."""
-  whole = ref.s2_keys(seq, group, shifted, "flash")
-  return [[k - origin for k in whole[origin + q_start + i]
-           if 0 <= k - origin < keys] for i in range(queries)]
-
-
-# seq, group, queries, q_start, origin, block_q, block_k: windows as a
-# context axis cuts them (origin < 0: a halo wrapped from the sequence's
-# end), and a full-attention window (one group of seq) at a late slice.
-WINDOW_CASES = [
-    (128, 32, 16, 16, -16, 16, 16), (128, 32, 16, 16, 16, 16, 16),
-    (128, 64, 32, 48, 0, 16, 16), (128, 64, 32, 48, 48, 32, 16),
-    (192, 48, 32, 32, 40, 16, 32), (128, 128, 32, 96, 0, 32, 16),
-    (128, 32, 32, 0, 64, 32, 32), (128, 32, 16, 16, -8, 8, 16),
-    (96, 24, 16, 24, -12, 8, 8),
-    # Queries not on a key-block border: full attention at an offset of 40,
-    # S² windows offset by 20 and 12.
-    (128, 128, 16, 40, 0, 16, 8), (128, 32, 16, 20, 4, 16, 4),
-    (96, 24, 32, 12, -6, 8, 4),
-]
-
-
-@pytest.mark.parametrize("case", WINDOW_CASES, ids=str)
-def test_block_ranges_are_exact_on_windows(case):
-  seq, group, queries, q_start, origin, block_q, block_k = case
-  keys = q_start + queries
-  groups = pallas_kernels.Groups(seq=keys, size=group, shift=group // 2,
-                                 wrap=False, heads=2)
-  window = [_window_keys(seq, group, head == 1, q_start, origin, queries,
-                         keys) for head in (0, 1)]
-  _assert_exact_ranges(groups, groups.scalars(q_start, origin), window,
-                       queries, block_q, block_k)
-
-
-@pytest.mark.parametrize("variant", ["flash", "roll"])
-@pytest.mark.parametrize("seq,group", [(32, 8), (48, 12), (32, 32)])
-def test_mask_is_the_reference_key_sets(seq, group, variant):
-  groups = pallas_kernels.Groups(seq=seq, size=group, shift=group // 2,
-                                 wrap=variant == "roll", heads=2)
-  t = jnp.arange(seq)
-  for head in (0, 1):
-    visible = groups.visible(t[:, None], t[None, :], groups.frame(
-        groups.scalars(), jnp.int32(head)))
-    keys = ref.s2_keys(seq, group, head == 1, variant)
-    assert [list(np.flatnonzero(row)) for row in np.asarray(visible)] == [
-        sorted(ks) for ks in keys]  # "roll" lists keys in rolled order
+                                     implementation="dense"), atol=1e-5)
 
 
 @pytest.mark.parametrize("kwargs,shapes,message", [
@@ -312,7 +201,7 @@ def _triton_calls(lowered):
   assert not _COPIES.search(text)
   for shape in re.findall(r"stablehlo\.transpose.*-> tensor<([^>]*)>", text):
     assert shape.count("x") == 3, shape
-  return re.findall(r"name = \"(s2_attention_\w+)\"", text)
+  return re.findall(r"name = \"(grouped_attention_\w+)\"", text)
 
 
 @pytest.mark.parametrize("variant", ["flash", "roll"])
@@ -320,12 +209,13 @@ def test_lowers_for_cuda_at_llama_7b_shapes(variant):
   attention = lambda q, k, v: pallas_s2_attention(
       q, k, v, group_size=2048, variant=variant)
   forward = _lower_for_cuda(attention, LLAMA_7B, LLAMA_7B, LLAMA_7B)
-  assert _triton_calls(forward) == ["s2_attention_forward"]
+  assert _triton_calls(forward) == ["grouped_attention_forward"]
   grads = jax.grad(
       lambda q, k, v: attention(q, k, v).astype(jnp.float32).sum(), (0, 1, 2))
   both = _lower_for_cuda(grads, LLAMA_7B, LLAMA_7B, LLAMA_7B)
   assert sorted(_triton_calls(both)) == [
-      "s2_attention_dkv", "s2_attention_dq", "s2_attention_forward"]
+      "grouped_attention_dkv", "grouped_attention_dq",
+      "grouped_attention_forward"]
 
 
 def test_causal_and_gqa_lower_for_cuda():
@@ -364,7 +254,8 @@ def test_kernels_compile_to_ptx_for_the_gpu(target, arch, mma, tmp_path):
   grads = jax.grad(lambda q, k, v: pallas_s2_attention(
       q, k, v, group_size=2048).astype(jnp.float32).sum(), (0, 1, 2))
   kernels = _compile_for(target, grads, [LLAMA_7B] * 3, tmp_path)
-  names = ["s2_attention_forward", "s2_attention_dq", "s2_attention_dkv"]
+  names = ["grouped_attention_forward", "grouped_attention_dq",
+           "grouped_attention_dkv"]
   assert set(names) <= set(kernels)
   for name in names:
     assert re.search(rf"^\.target {arch}\b", kernels[name], re.M)
@@ -388,5 +279,5 @@ def test_float32_defaults_fit_an_a100(tmp_path):
   grads = jax.grad(lambda q, k, v: pallas_s2_attention(
       q, k, v, group_size=2048).sum(), (0, 1, 2))
   kernels = _compile_for("a100", grads, [q] * 3, tmp_path)
-  assert {"s2_attention_forward", "s2_attention_dq",
-          "s2_attention_dkv"} <= set(kernels)
+  assert {"grouped_attention_forward", "grouped_attention_dq",
+          "grouped_attention_dkv"} <= set(kernels)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from longlora_jax.perf import gpu_target
-from longlora_jax.attention.pallas_cache import (BLOCK_Q,
-                                                 pallas_cached_attention,
-                                                 takes)
-from longlora_jax.model.kv_cache import cached_attention
+from longlora_jax.attention.dispatch import cached_attention
+from longlora_jax.attention.pallas.cached import (BLOCK_Q,
+                                                  pallas_cached_attention,
+                                                  takes)
 from tests.references import attention as ref
 
 
@@ -41,9 +41,9 @@ def test_matches_float64_attention(start, heads, kv_heads):
   mask = ref.mask_from_keys([ref.causal_keys(end)] * heads, batch=2)
   want = ref.attention(q[:, :end], k[:, :end], v[:, :end], mask)[:, start:]
   ref.assert_close(got, want, relative=2e-6)
-  # And the XLA loop it replaces on a GPU.
+  # And the chunked loop it replaces on a GPU.
   loop = cached_attention(jnp.asarray(q[:, start:end]), keys_k, keys_v, 1,
-                          start, implementation="xla")
+                          start, implementation="chunked")
   ref.assert_close(got, loop, relative=2e-6)
 
 
@@ -68,7 +68,7 @@ def test_bfloat16_matches_float64():
 def test_takes_and_refuses():
   q = lambda C, H: jax.ShapeDtypeStruct((1, C, 4, H), jnp.bfloat16)
   assert takes(q(2048, 128), 100352)
-  assert not takes(q(1, 128), 100352)  # decoding stays on the XLA loop
+  assert not takes(q(1, 128), 100352)  # decoding stays on the chunked loop
   assert not takes(q(2048, 96), 100352)  # head_dim the kernel has no tile for
   assert not takes(q(2048, 128), 1000)
   cache_k = jnp.zeros((1, 1, 4, 96, 512))

@@ -1,6 +1,7 @@
-"""cuDNN S²-Attn: the grouping against the float64 reference (through
-jax.nn.dot_product_attention's XLA path, which runs anywhere), and the cuDNN
-path compiled by XLA:GPU for an H100 that is not here."""
+"""Grouped causal attention on cuDNN (S²-Attn, full attention): the
+grouping against the float64 reference (through jax.nn.dot_product_attention's
+XLA path, which runs anywhere), and the cuDNN path compiled by XLA:GPU for an
+H100 that is not here."""
 
 import re
 
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from longlora_jax.perf import gpu_target
-from longlora_jax.attention.cudnn_s2 import (cudnn_causal_attention,
-                                           cudnn_s2_attention)
+from longlora_jax.attention.cudnn_grouped import (cudnn_causal_attention,
+                                                cudnn_s2_attention)
 from tests.references import attention as ref
 
 # batch, seq, q_heads, kv_heads, group, head_dim
@@ -50,7 +51,7 @@ def test_keeps_the_dtype_and_refuses_segments():
   q = jnp.zeros((1, 16, 4, 8), jnp.bfloat16)
   out = cudnn_s2_attention(q, q, q, implementation="xla")
   assert out.dtype == jnp.bfloat16 and out.shape == q.shape
-  with pytest.raises(ValueError, match="use the 'xla' or 'chunked'"):
+  with pytest.raises(ValueError, match="use the 'dense' or 'chunked'"):
     cudnn_s2_attention(q, q, q, segment_ids_BT=jnp.zeros((1, 16), jnp.int32))
   with pytest.raises(ValueError, match="q_heads=4 is not a multiple of "
                                        "kv_heads=3"):
