@@ -51,7 +51,8 @@ def demo_data(directory: str | os.PathLike = DATA_DIR,
   if all(p.exists() for p in out):
     return out
   train, held = stdlib_files()
-  train = [train[i] for i in np.random.default_rng(seed).permutation(len(train))]
+  order = np.random.default_rng(seed).permutation(len(train))
+  train = [train[i] for i in order]
   directory.mkdir(parents=True, exist_ok=True)
   for path, files in zip(out, (train, held)):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:

@@ -274,8 +274,8 @@ def _setup(given: dict, task: Task, resume: bool, run_dir: Path,
 
 def _tidy(job: _Job) -> None:
   """Before the first write: a new run clears what a previous one left (in
-  the checkpoint defaults' directory, or one that never saved); a resumed one sets unreadable
-  checkpoints aside and removes unfinished exports."""
+  the checkpoint defaults' directory, or one that never saved); a resumed
+  one sets unreadable checkpoints aside and removes unfinished exports."""
   run_dir = job.run_dir
   if not job.resume:
     for p in _entries(run_dir):
@@ -334,7 +334,8 @@ def _train(job: _Job) -> tuple[int, dict[str, Path]]:
     plot_loss(run_dir, spec)
   if signum is not None:
     print(f"\n{signal.Signals(signum).name}: stopped after step "
-          f"{int(state.step)}; saved checkpoint {mngr_dir / str(int(state.step))}"
+          f"{int(state.step)}; saved checkpoint "
+          f"{mngr_dir / str(int(state.step))}"
           f"\nresume with: python -m train.{spec.task.name} --resume --out "
           f"{run_dir}")
     return 128 + signum, {}

@@ -16,7 +16,7 @@ from longlora_jax import LongLoraError
 from longlora_jax.training import loop, saving
 from tests.commands.test_extend import _args, _data, _metrics, _model
 from tests.conftest import run_commands
-from tests.io.test_lock import _holder
+from tests.core.test_lock import _holder
 from train import export, extend
 
 MODEL_FILES = ("hf/model.safetensors", "peft/adapter_model.safetensors")
