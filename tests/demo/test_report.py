@@ -32,8 +32,8 @@ def _hf_perplexities(ids, lengths, **rope):
 def test_report_measures_the_three_models(tmp_path, monkeypatch):
   hf_models.require("torch")
   # Two held-out documents, the byte tokenizer's 1 token a byte (plus the
-  # prepended space and EOS each): enough for one window at 1024.
-  texts = [json.__doc__ * 2, report.__doc__ * 4]
+  # prepended space and EOS each): enough for one window at 512.
+  texts = [json.__doc__, report.__doc__ * 2]
   heldout = tmp_path / "heldout.jsonl"
   heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
   monkeypatch.setattr(report, "demo_data", lambda: (None, heldout))
@@ -41,9 +41,9 @@ def test_report_measures_the_three_models(tmp_path, monkeypatch):
   ids = [i for t in texts for i in [*tok(t, add_special_tokens=False)[
       "input_ids"], 2]]
   assert len(ids) == sum(len((" " + t).encode()) + 1 for t in texts)
-  # "Extended": the base model with PI x4 and no training, as an export.
+  # "Extended": the base model with PI x2 and no training, as an export.
   base = Checkpoint.open("demo")
-  extended = save_hf(base.config.with_context(1024), base.params("float32"),
+  extended = save_hf(base.config.with_context(512), base.params("float32"),
                      tmp_path / "hf", tokenizer_from=base.directory,
                      dtype="float32")
   # Passkey retrieval (tested in tests/evaluation) stands in here: right
@@ -53,26 +53,26 @@ def test_report_measures_the_three_models(tmp_path, monkeypatch):
     calls.append((config.rope_factor, n_filler, trials))
     return int(len(calls) % 3 == 1), n_filler // 2
   monkeypatch.setattr(report, "retrieval", retrieval)
-  r = report.report(1024, extended, windows=1, trials=2)
-  assert (r["native"], r["ctx"], r["heldout_tokens"]) == (256, 1024, len(ids))
+  r = report.report(512, extended, windows=1, trials=2)
+  assert (r["native"], r["ctx"], r["heldout_tokens"]) == (256, 512, len(ids))
   rows = r["rows"]
   assert [row["model"] for row in rows] == [
-      "base model, no interpolation", "base + PI x4, no fine-tuning",
+      "base model, no interpolation", "base + PI x2, no fine-tuning",
       "extended (LongLoRA, hf)"]
-  assert [row["rope_factor"] for row in rows] == [1.0, 4.0, 4.0]
-  pi = {"rope_parameters": {"rope_type": "linear", "factor": 4.0,
+  assert [row["rope_factor"] for row in rows] == [1.0, 2.0, 2.0]
+  pi = {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
                             "rope_theta": 10000.0}}
   # Causal: a window's logits are the longer window's first ones.
-  want = {0: _hf_perplexities(ids, (256, 1024)),
-          1: _hf_perplexities(ids, (256, 1024), **pi)}
+  want = {0: _hf_perplexities(ids, (256, 512)),
+          1: _hf_perplexities(ids, (256, 512), **pi)}
   want[2] = want[1]
   for i, row in enumerate(rows):
     for key, value in want[i].items():
       assert row[key] == pytest.approx(value, rel=1e-4), (i, key)
   # Each model at fillers sized for prompts just above the native context
   # and just below the trained one (16 tokens either side).
-  fillers = [passkey_filler(tok, 256 + 16), passkey_filler(tok, 1024 - 16)]
-  assert calls == [(f, n, 2) for f in (1.0, 4.0, 4.0) for n in fillers]
+  fillers = [passkey_filler(tok, 256 + 16), passkey_filler(tok, 512 - 16)]
+  assert calls == [(f, n, 2) for f in (1.0, 2.0, 2.0) for n in fillers]
   assert [(row["passkey0"], row["passkey1"]) for row in rows] == [
       ({"accuracy": a / 2, "prompt_tokens": n // 2}, {
           "accuracy": b / 2, "prompt_tokens": fillers[1] // 2})
