@@ -12,7 +12,8 @@ from pathlib import Path
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import check_writable
-from longlora_jax.training.export import load_run, print_commands, write_outputs
+from longlora_jax.evaluation import suggest
+from longlora_jax.training.export import describe, load_run, write_outputs
 
 
 def parse_args(argv=None):
@@ -42,7 +43,11 @@ def main(argv=None):
   written = write_outputs(spec, base, config, params, {args.format: args.out},
                           overwrite=False)
   print(f"{args.run}: step {step} exported")
-  print_commands(spec, base, config, written)
+  print(f"\n{describe(written, config)}")
+  if "hf" in written:
+    print("\n" + suggest.commands(
+        spec.task.makes, written["hf"], tokenizer=base.tokenizer,
+        data=spec.data, native=config.original_context, ctx=spec.ctx))
 
 
 if __name__ == "__main__":

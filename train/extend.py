@@ -16,13 +16,27 @@ interpolation but no training, and the extended model.
 """
 
 from longlora_jax.core import cli
+from longlora_jax.demo import defaults, report, stdlib
+from longlora_jax.evaluation import suggest
 from longlora_jax.training import options, run
+from longlora_jax.training.tasks import EXTEND
+
+DEMO = defaults.EXTEND
 
 
 def main(argv=None) -> int:
-  args = options.parser("extend", __doc__).parse_args(argv)
-  return run.run(options.given(args), task="extend", resume=args.resume,
-                 out=args.out)
+  args = options.parser(EXTEND, __doc__, DEMO).parse_args(argv)
+  done = run.run(options.given(args), task=EXTEND, defaults=DEMO,
+                 resume=args.resume, out=args.out)
+  if "hf" in done.written:
+    print("\n" + suggest.commands(
+        EXTEND.makes, done.written["hf"], tokenizer=done.base.tokenizer,
+        data=stdlib.evaluation_data(done.spec.data),
+        native=done.config.original_context, ctx=done.spec.ctx))
+    if done.defaults is DEMO:
+      print("\n" + report.save_report(done.run_dir, done.spec.ctx,
+                                      done.written["hf"]))
+  return done.code
 
 
 if __name__ == "__main__":

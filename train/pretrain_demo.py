@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 from longlora_jax.core import cli
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.data.text import batches, document_tokens, packed_rows, prefetch
-from longlora_jax.demo.base import (DATA_DIR, DEMO_CONFIG, demo_data,
-                               save_byte_tokenizer)
+from longlora_jax.demo.base import DEMO_CONFIG, save_byte_tokenizer
+from longlora_jax.demo.stdlib import DATA_DIR, demo_data
 from longlora_jax.core.files import check_writable
 from longlora_jax.checkpoints.hf import save_hf
 from longlora_jax.checkpoints.hub import BUILTIN

@@ -14,13 +14,21 @@ progress, HF and PEFT export, `python -m train.export`) is train.extend's.
 """
 
 from longlora_jax.core import cli
+from longlora_jax.evaluation import suggest
 from longlora_jax.training import options, run
+from longlora_jax.training.tasks import SFT
 
 
 def main(argv=None) -> int:
-  args = options.parser("sft", __doc__).parse_args(argv)
-  return run.run(options.given(args), task="sft", resume=args.resume,
+  args = options.parser(SFT, __doc__).parse_args(argv)
+  done = run.run(options.given(args), task=SFT, resume=args.resume,
                  out=args.out)
+  if "hf" in done.written:
+    print("\n" + suggest.commands(
+        SFT.makes, done.written["hf"], tokenizer=done.base.tokenizer,
+        data=done.spec.data, native=done.config.original_context,
+        ctx=done.spec.ctx))
+  return done.code
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from longlora_jax.data.text import document_tokens
-from longlora_jax.demo.base import demo_data
 from longlora_jax.checkpoints.checkpoint import Checkpoint
+from longlora_jax.core.files import write_json
+from longlora_jax.data.text import document_tokens
+from longlora_jax.demo.stdlib import demo_data
 from longlora_jax.evaluation.passkey import passkey_filler, retrieval
 from longlora_jax.evaluation.perplexity import evaluate
 
@@ -20,8 +21,9 @@ def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
   near both lengths, of the base model, the base model with position
   interpolation but no training, and the extended model `extended_dir`.
 
-  Perplexity is the official protocol (`longlora_jax.evaluation.perplexity`, windows
-  256 tokens apart, `windows` of them evenly spaced) on the held-out files.
+  Perplexity is the official protocol (`longlora_jax.evaluation.perplexity`,
+  windows 256 tokens apart, `windows` of them evenly spaced) on the held-out
+  files.
   """
 
   base, extended = Checkpoint.open("demo"), Checkpoint.open(extended_dir)
@@ -77,3 +79,12 @@ def format_report(r: dict) -> str:
       "sized for this byte-level tokenizer so prompts land just above the "
       "native context and just below the extended one")
   return "\n".join(lines)
+
+
+def save_report(run_dir: str | os.PathLike, ctx: int,
+                extended_dir: str | os.PathLike) -> str:
+  """The report of a demo run extended to `ctx` tokens, written to
+  run_dir/report.json; the table and where it went."""
+  r = report(ctx, extended_dir)
+  file = write_json(Path(run_dir) / "report.json", r)
+  return f"{format_report(r)}\nwrote {file}"

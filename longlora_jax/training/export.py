@@ -1,6 +1,5 @@
 """A run's outputs: the merged model (HF format) and the PEFT adapter, from
-the end of training or from any saved checkpoint, and the commands that
-evaluate them."""
+the end of training or from any saved checkpoint, and how to load them."""
 
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ from longlora_jax.core.errors import CheckpointError, LongLoraError
 from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
 from longlora_jax.checkpoints.hf import save_hf
 from longlora_jax.checkpoints.peft.adapter import save_peft
-from longlora_jax.evaluation.passkey import default_protocol
 from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import (MODES, RunSpec, read_spec,
@@ -55,54 +53,26 @@ def _hub_name(base: Checkpoint) -> str:
   return str(Path(base.directory).absolute())
 
 
-def print_commands(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
-                   written: dict[str, Path]) -> None:
-  """How to evaluate (or chat with) what was written from `base`; `config`
-  is the trained one, with its RoPE scaling."""
+def describe(written: dict[str, Path], config: LlamaConfig) -> str:
+  """Where `written` (from `write_outputs`) lies and how to load the
+  adapter; `config` is the trained one, with its RoPE scaling."""
+  lines = []
   if "hf" in written:
-    hf = written["hf"]
-    print(f"\nmerged model (HF format): {hf}")
-    if spec.task == "sft":
-      print("ask it about a long document with:\n  python -m eval.chat "
-            f"--ckpt {hf} --material FILE.txt --question \"...\"")
-    else:
-      # The official lengths need 274 tokens or more; measured ones land
-      # where asked, in quarters of the context.
-      interval = (max(spec.ctx // 8, 274) if default_protocol(
-          base.tokenizer) == "official" else spec.ctx // 4)
-      data = spec.data
-      if spec.ckpt == "demo":
-        from longlora_jax.demo.base import demo_data
-        train, heldout = map(str, demo_data())
-        data = heldout if data == train else data
-      print(f"evaluate it with:\n"
-            f"  python -m eval.perplexity --ckpt {hf} --data {data} "
-            f"--seq-len {config.original_context} {spec.ctx}\n"
-            f"  python -m eval.passkey --ckpt {hf} --max-tokens {spec.ctx} "
-            f"--interval {interval}\n"
-            f"  python -m eval.ruler --ckpt {hf} --lengths "
-            f"{' '.join(map(str, ruler_lengths(config.original_context, spec.ctx)))}")
+    lines.append(f"merged model (HF format): {written['hf']}")
   if "peft" in written:
     rope = config.to_hf_dict()["rope_parameters"]
-    print(f"\nPEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
-          "load it with PyTorch and peft on its base model (recorded in "
-          "adapter_config.json) with the RoPE scaling it was trained with, "
-          "in float32 (the merged model's logits):\n"
-          "  import torch\n"
-          "  from peft import AutoPeftModelForCausalLM\n"
-          f"  model = AutoPeftModelForCausalLM.from_pretrained("
-          f"'{written['peft']}', dtype=torch.float32, "
-          f"rope_parameters={rope}, "
-          f"max_position_embeddings={config.max_position_embeddings})")
-
-
-def ruler_lengths(native: int, ctx: int) -> list[int]:
-  """RULER's lengths for a model extended from `native` to `ctx` tokens:
-  the native length doubled up to the trained one, which ends the list."""
-  lengths = [native]
-  while lengths[-1] * 2 < ctx:
-    lengths.append(lengths[-1] * 2)
-  return lengths + [ctx] if ctx > native else lengths
+    lines.append(
+        f"PEFT adapter (LoRA + modules_to_save): {written['peft']}\n"
+        "load it with PyTorch and peft on its base model (recorded in "
+        "adapter_config.json) with the RoPE scaling it was trained with, "
+        "in float32 (the merged model's logits):\n"
+        "  import torch\n"
+        "  from peft import AutoPeftModelForCausalLM\n"
+        f"  model = AutoPeftModelForCausalLM.from_pretrained("
+        f"'{written['peft']}', dtype=torch.float32, "
+        f"rope_parameters={rope}, "
+        f"max_position_embeddings={config.max_position_embeddings})")
+  return "\n\n".join(lines)
 
 
 def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):

@@ -88,7 +88,7 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
   first_step = int(state.step)
   # The bar says when the layer inputs live on the host (slower steps).
   offload = " (offload)" if spec.recipe.offload == "activations" else ""
-  bar = tqdm(total=steps, initial=first_step, desc=spec.task + offload,
+  bar = tqdm(total=steps, initial=first_step, desc=spec.task.name + offload,
              unit="step", disable=not main_process)
   batch, position = first
   tick = time.time()
@@ -175,4 +175,4 @@ def plot_loss(run_dir: Path, spec: RunSpec) -> None:
               [m["loss"] for m in metrics], xlabel="step",
               ylabel="loss (nats/token)", marker=None,
               title=f"{Path(spec.ckpt).name} -> {spec.ctx} tokens "
-                    f"({spec.task})")
+                    f"({spec.task.name})")

@@ -1,6 +1,7 @@
-"""The options of `train.extend` and `train.sft`: one parser for both, and
-the mapping between a flat dict of options (what the command line gives)
-and a `RunSpec`. An option's name is the field it sets (`--lr` sets
+"""The options of `train.extend` and `train.sft`: one parser, built from a
+task and the defaults of the checkpoint its command starts from, and the
+mapping between a flat dict of options (what the command line gives) and a
+`RunSpec`. An option's name is the field it sets (`--lr` sets
 `TrainConfig.lr`), except the attention options, which set `AttentionSpec`
 fields (`--full-attn`: kind, `--group-ratio`, `--s2-variant`: variant,
 `--s2-impl`: implementation)."""
@@ -8,19 +9,15 @@ fields (`--full-attn`: kind, `--group-ratio`, `--s2-variant`: variant,
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from longlora_jax.core import cli
 from longlora_jax.attention.dispatch import IMPLEMENTATIONS, AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
 from longlora_jax.core.errors import LongLoraError
-from longlora_jax.training.recipe import (LONGALPACA, OFFLOADS, REDPAJAMA,
-                                          RunSpec, TrainConfig)
+from longlora_jax.training.recipe import OFFLOADS, RunSpec, TrainConfig
+from longlora_jax.training.tasks import Task
 
-# The demo's recipe where it differs: a 1M-parameter byte-level model
-# adapts to PI in a few hundred steps at a higher learning rate; float32
-# because CPUs have no fast bfloat16.
-DEMO = dict(ctx=1024, steps=200, batch=8, accum=1, lr=2e-3, dtype="float32",
-            remat="none")
 # Options a resumed run may change (a new --lr, e.g. after a NaN, makes it
 # another run from there on); the others must stay the run's.
 RESUMABLE = ("steps", "lr", "save_every", "keep")
@@ -33,9 +30,28 @@ _RUN = tuple(f.name for f in dataclasses.fields(RunSpec)
              if f.name not in ("recipe", "base_config", "task"))
 
 
-def make_spec(options: dict, *, task: str, base_config: dict) -> RunSpec:
-  """A RunSpec from `options` (names as in `options_of`); the others take
-  their defaults."""
+@dataclasses.dataclass(frozen=True)
+class CheckpointDefaults:
+  """A checkpoint's own defaults for the runs of one command, where its
+  command line says nothing: chosen by the command, applied by the engine
+  to the runs of `ckpt` (and to a new run given no --ckpt).
+
+  options: option name -> value, as `make_spec` takes them; data: makes
+  and names the default --data (called only when a run takes it), which
+  `data_help` describes; out: the default run directory, where a new run
+  replaces the one before.
+  """
+  ckpt: str
+  options: Mapping[str, Any]
+  out: Path
+  data: Callable[[], str] | None = None
+  data_help: str = ""
+
+
+def make_spec(options: dict, *, task: Task | str,
+              base_config: dict) -> RunSpec:
+  """A RunSpec of `task` from `options` (names as in `options_of`); the
+  others take their defaults (--data: the task's)."""
   unknown = set(options) - {*_ATTENTION, *_RECIPE, *_RUN}
   if unknown:
     raise ValueError(f"unknown run options {sorted(unknown)}")
@@ -75,32 +91,38 @@ def given(args: argparse.Namespace) -> dict:
   return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
-def parser(task: str, doc: str) -> argparse.ArgumentParser:
-  """The command line of train.extend (`task` "extend") or train.sft."""
-  d = default
+def _shown(name: str, defaults: CheckpointDefaults | None,
+           form: str = "") -> str:
+  """Option `name`'s default for its help text, and the checkpoint
+  defaults' value where they set one."""
+  text = format(default(name), form)
+  if defaults and name in defaults.options:
+    text += f"; {defaults.ckpt} {format(defaults.options[name], form)}"
+  return f"({text})"
+
+
+def parser(task: Task, doc: str,
+           defaults: CheckpointDefaults | None = None
+           ) -> argparse.ArgumentParser:
+  """The command line of `task`'s command, with the `defaults` of the
+  checkpoint a run takes when given no --ckpt (None: --ckpt is needed)."""
+  d = lambda name, form="": _shown(name, defaults, form)
+  own = lambda name: (f" ({defaults.ckpt}: {defaults.options[name]})"
+                      if defaults and name in defaults.options else "")
   p = cli.Parser(doc)
-  if task == "extend":
-    p.add_argument("--ckpt", help="hf:ORG/NAME, a local HF checkpoint "
-                   "directory, or demo (the default)")
-    p.add_argument("--ctx", type=cli.count, help="target context in tokens "
-                   f"(demo: {DEMO['ctx']})")
-    p.add_argument("--data", help="HF dataset name (streamed), .txt/.md/"
-                   ".jsonl/.json/.parquet file or a directory of them, or a "
-                   f".bin/.npy token file (default {REDPAJAMA}; demo: the "
-                   "Python standard library's source)")
+  cli.option(p, "--ckpt", help=task.help["ckpt"] + (
+      f", or {defaults.ckpt} (the default)" if defaults else ""))
+  p.add_argument("--ctx", type=cli.count, help=task.help["ctx"] + own("ctx"))
+  p.add_argument("--data", help=f"{task.help['data']} (default {task.data}"
+                 + (f"; {defaults.ckpt}: {defaults.data_help})"
+                    if defaults and defaults.data else ")"))
+  if task.text_field:
     p.add_argument("--text-field",
-                   help=f"text column of records ({d('text_field')})")
-  else:
-    p.add_argument("--ckpt", help="hf:ORG/NAME or a local HF checkpoint "
-                   "directory, usually a context-extended model")
-    p.add_argument("--ctx", type=cli.count, help="tokens per packed row (its "
-                   "RoPE scaling is kept, or raised to ceil(ctx / original))")
-    p.add_argument("--data", help="{instruction, output[, input]} records: "
-                   "HF dataset name, .json/.jsonl/.parquet file or a "
-                   f"directory of them (default {LONGALPACA})")
+                   help=f"text column of records {d('text_field')}")
   p.add_argument("--out", type=Path, help=f"run directory (default "
-                 f"runs/{task}/NAME-CTX" + ("; demo: runs/demo/extend)"
-                                            if task == "extend" else ")"))
+                 f"runs/{task.name}/NAME-CTX" + (
+                     f"; {defaults.ckpt}: {defaults.out})" if defaults
+                     else ")"))
   p.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its last checkpoint")
   mode = p.add_mutually_exclusive_group()
@@ -109,59 +131,56 @@ def parser(task: str, doc: str) -> argparse.ArgumentParser:
   mode.add_argument("--lora-only", dest="mode", action="store_const",
                     const="lora", help="LoRA without the trainable embedding "
                     "and norms")
-  p.add_argument("--lora-rank", type=cli.count, help=f"({d('lora_rank')})")
-  p.add_argument("--lora-alpha", type=cli.positive,
-                 help=f"({d('lora_alpha'):g})")
+  p.add_argument("--lora-rank", type=cli.count, help=d("lora_rank"))
+  p.add_argument("--lora-alpha", type=cli.positive, help=d("lora_alpha", "g"))
   p.add_argument("--full-attn", dest="attention", action="store_const",
                  const="full", help="train with full attention, not S²-Attn")
   p.add_argument("--group-ratio", type=cli.fraction, help="S²-Attn group "
-                 f"size as a fraction of --ctx ({d('group_ratio')})")
-  p.add_argument("--s2-variant", choices=VARIANTS,
-                 help=f"({d('s2_variant')})")
+                 f"size as a fraction of --ctx {d('group_ratio')}")
+  p.add_argument("--s2-variant", choices=VARIANTS, help=d("s2_variant"))
   p.add_argument("--s2-impl", choices=IMPLEMENTATIONS,
                  help="S²-Attn implementation: auto (the fastest that takes "
                       "the shapes here), cudnn (grouped cuDNN attention, "
                       "NVIDIA), pallas (the fused Pallas/Triton kernel), dense "
                       "(dense groups), chunked (flash-style, any group size), "
                       "pallas_interpret (the kernel interpreted; tests)"
-                      f" ({d('s2_impl')})")
-  p.add_argument("--mesh", help="device mesh (fsdp=-1: all devices on "
-                 "fsdp; e.g. data=2,fsdp=4; context=8 splits each sequence "
-                 "over 8 devices)")
+                      f" {d('s2_impl')}")
+  # No argparse default: a resumed run keeps its own unless given.
+  cli.option(p, "--mesh", default=None,
+             help=f"{cli.OPTIONS['--mesh']['help']} {d('mesh')}")
   p.add_argument("--rope", choices=("auto", "linear", "yarn"),
                  help="how RoPE reaches --ctx: linear position interpolation "
                       "by ceil(ctx / original context) (LongLoRA's), or YaRN "
                       "with that factor; auto: linear, except that a llama3 "
                       "or yarn config keeps its type with the factor times "
-                      f"ceil(ctx / its context) ({d('rope')})")
+                      f"ceil(ctx / its context) {d('rope')}")
   p.add_argument("--batch", type=cli.count, help="micro-batch per "
-                 f"data-parallel device ({d('batch')}; demo {DEMO['batch']})")
+                 f"data-parallel device {d('batch')}")
   p.add_argument("--accum", type=cli.count, help="gradient accumulation "
-                 f"steps ({d('accum')}; demo {DEMO['accum']})")
-  p.add_argument("--steps", type=cli.count, help="optimizer steps "
-                 f"({d('steps')}; demo {DEMO['steps']})")
+                 f"steps {d('accum')}")
+  p.add_argument("--steps", type=cli.count, help=f"optimizer steps "
+                 f"{d('steps')}")
   p.add_argument("--lr", type=cli.positive, help="peak learning rate "
-                 f"({d('lr'):g}; demo {DEMO['lr']:g})")
+                 f"{d('lr', 'g')}")
   p.add_argument("--warmup", type=cli.index, help=f"linear warmup steps "
-                 f"({d('warmup')})")
+                 f"{d('warmup')}")
   p.add_argument("--beta2", type=cli.real(0.0, 1.0, high_open=True),
-                 help=f"AdamW beta2 ({d('beta2')}, as the official scripts "
-                 "run; the paper states 0.95)")
+                 help=f"AdamW beta2 {d('beta2')}: what the official scripts "
+                 "run (HF Trainer's default); the paper states 0.95")
   p.add_argument("--weight-decay", type=cli.real(0.0),
-                 help=f"({d('weight_decay'):g})")
-  p.add_argument("--dtype", choices=("bfloat16", "float32"), help="frozen "
-                 f"weights, compute and export ({d('dtype')}; demo "
-                 f"{DEMO['dtype']})")
+                 help=d("weight_decay", "g"))
+  cli.option(p, "--dtype", default=None, choices=("bfloat16", "float32"),
+             help=f"frozen weights, compute and export {d('dtype')}")
   p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
-                 f"checkpointing ({d('remat')}; demo {DEMO['remat']})")
+                 f"checkpointing {d('remat')}")
   p.add_argument("--offload", choices=OFFLOADS, help="activations: keep "
                  "the layer inputs that --remat full saves for the backward "
                  "pass in pinned host memory instead of GPU memory (the same "
-                 f"gradients; longer contexts fit) ({d('offload')})")
+                 f"gradients; longer contexts fit) {d('offload')}")
   p.add_argument("--seed", type=cli.index, help="LoRA initialisation and "
-                 f"data order ({d('seed')})")
+                 f"data order {d('seed')}")
   p.add_argument("--save-every", type=cli.count, help="checkpoint every N "
-                 f"steps ({d('save_every')})")
+                 f"steps {d('save_every')}")
   p.add_argument("--keep", type=cli.count, help="checkpoints kept, the "
-                 f"newest ({d('keep')})")
+                 f"newest {d('keep')}")
   return p

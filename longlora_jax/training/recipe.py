@@ -25,12 +25,12 @@ from longlora_jax.attention.groups import s2_group_size
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import write_json
+from longlora_jax.training import tasks
+from longlora_jax.training.tasks import EXTEND, Task
 
 SCHEDULES = ("constant", "cosine", "linear")
 # What goes to pinned host memory between the forward and backward pass.
 OFFLOADS = ("none", "activations")
-REDPAJAMA = "togethercomputer/RedPajama-Data-1T-Sample"
-LONGALPACA = "Yukang/LongAlpaca-12k"
 RUN_FILE = "run.json"
 # What trains besides the adapters, per mode ("full" trains every weight).
 MODES = {"lora+": lora.LORA_PLUS, "lora": (), "full": None}
@@ -89,17 +89,19 @@ class RunSpec:
   """Everything that defines a run; saved as run.json in its directory.
 
   ckpt: the base checkpoint (`hf:ORG/NAME`, a directory or `demo`); ctx:
-  the context it trains at; task: "extend" (packed documents) or "sft"
-  (instructions); mode: "lora+", "lora" or "full"; rope: how RoPE
-  extends ("auto", "linear" or "yarn", see `target_config`); batch: sequences per
-  data-parallel device per micro-batch; base_config: the base checkpoint's
-  config.json, to recognise it on resume.
+  the context it trains at; task: what it trains for (`tasks.EXTEND`,
+  packed documents, or `tasks.SFT`, instructions; given by name, as
+  run.json records it, it is looked up); data: default the task's; mode:
+  "lora+", "lora" or "full"; rope: how RoPE extends ("auto", "linear" or
+  "yarn", see `Task.target_config`); batch: sequences per data-parallel
+  device per micro-batch; base_config: the base checkpoint's config.json,
+  to recognise it on resume.
   """
   ckpt: str
   ctx: int
   base_config: dict
-  task: str = "extend"
-  data: str = REDPAJAMA
+  task: Task = EXTEND
+  data: str | None = None
   text_field: str = "text"
   mode: str = "lora+"
   lora_rank: int = 8
@@ -112,8 +114,15 @@ class RunSpec:
   keep: int = 2
   recipe: TrainConfig = TrainConfig()
 
+  def __post_init__(self):
+    if isinstance(self.task, str):
+      object.__setattr__(self, "task", tasks.named(self.task))
+    if self.data is None:
+      object.__setattr__(self, "data", self.task.data)
+
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """run.json's record: the task by its name."""
+    return {**dataclasses.asdict(self), "task": self.task.name}
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
@@ -129,7 +138,8 @@ def read_spec(run_dir: Path) -> RunSpec:
                         "train.sft run directory")
   try:
     return RunSpec.from_dict(json.loads(file.read_text()))
-  except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+  except (json.JSONDecodeError, TypeError, KeyError, ValueError,
+          LongLoraError) as e:
     raise LongLoraError(f"{file}: not a run record of this version "
                         f"({type(e).__name__}: {e})") from None
 
@@ -139,15 +149,9 @@ def write_spec(run_dir: Path, spec: RunSpec) -> None:
 
 
 def target_config(spec: RunSpec, config: LlamaConfig) -> LlamaConfig:
-  """The base config with the RoPE scaling the run trains with
-  (`LlamaConfig.with_context` with `spec.rope`: by default linear PI by
-  ceil(ctx / original context), or a llama3/yarn config's own type).
-  Fine-tuning keeps a checkpoint that is already long enough as it is (an
-  extended model tuned on shorter rows)."""
-  if spec.task == "sft" and config.context >= spec.ctx:
-    return config
-  return config.with_context(spec.ctx, None if spec.rope == "auto"
-                             else spec.rope)
+  """The base config with the RoPE scaling the run trains with, by its
+  task's rule (`Task.target_config`)."""
+  return spec.task.target_config(config, spec.ctx, spec.rope)
 
 
 def group_size(spec: RunSpec) -> int | None:
@@ -160,8 +164,8 @@ def group_size(spec: RunSpec) -> int | None:
 def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
   """--ctx against the checkpoint and the S²-Attn groups, with the nearest
   valid contexts when it does not split into groups."""
-  original = config.context
-  if spec.task == "extend" and spec.ctx <= original:
+  original, extends = config.context, spec.task.extends
+  if extends and spec.ctx <= original:
     raise LongLoraError(
         f"--ctx {spec.ctx} is not larger than the checkpoint's context of "
         f"{original} tokens; extend it, e.g. --ctx {2 * original} or --ctx "
@@ -176,11 +180,11 @@ def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
   def valid(ctx):
     try:
       s2_group_size(ctx, group_ratio=attention.group_ratio)
-      return ctx > original or spec.task == "sft"
+      return ctx > original or not extends
     except ValueError:
       return False
   if not valid(spec.ctx):
-    lowest = original if spec.task == "extend" else 0
+    lowest = original if extends else 0
     below = next((c for c in range(spec.ctx - 1, lowest, -1) if valid(c)),
                  None)
     above = next((c for c in range(spec.ctx + 1, 4 * spec.ctx + 64)
@@ -213,9 +217,9 @@ def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
   fix = "; use --s2-impl auto (or dense, chunked)"
   if not on_nvidia_gpu(None):
     raise LongLoraError(f"--s2-impl {impl} needs an NVIDIA GPU{fix}")
-  if spec.task == "sft":
+  if spec.task.packed:
     raise LongLoraError(f"--s2-impl {impl} cannot keep the packed examples "
-                        f"of train.sft apart{fix}")
+                        f"of train.{spec.task.name} apart{fix}")
   if impl == "cudnn" and spec.recipe.dtype not in ("bfloat16", "float16"):
     raise LongLoraError(f"--s2-impl cudnn runs bfloat16 only (--dtype "
                         f"{spec.recipe.dtype}){fix}")

@@ -1,6 +1,7 @@
 """A whole run, as `train.extend` and `train.sft` start it: the spec from the
 options (or the saved run on `--resume`), the base checkpoint, the data
-feed, the sharded step and the loop, then the exports."""
+feed, the sharded step and the loop, then the exports. What to do with
+them next is the commands' to say (`Outcome`)."""
 
 import contextlib
 import dataclasses
@@ -14,70 +15,96 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.demo import base as demo
-from longlora_jax.demo import report as demo_report
 from longlora_jax.model import lora
-from longlora_jax.data import sft
-from longlora_jax.data.text import (Position, batches, document_tokens, packed_rows,
-                               prefetch)
+from longlora_jax.model.config import LlamaConfig
+from longlora_jax.data.text import Position, batches, prefetch
 from longlora_jax.parallel.distributed import initialize_from_env
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core import lock
 from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
-from longlora_jax.core.files import (check_writable, free_bytes, human_bytes,
-                                   write_json)
+from longlora_jax.core.files import check_writable, free_bytes, human_bytes
 from longlora_jax.core.lock import LOCK_FILE
 from longlora_jax.model.llama import init_params
 from longlora_jax.parallel.sharding import batch_parallelism, make_mesh
 from longlora_jax.training import saving
-from longlora_jax.training.export import print_commands, write_outputs
+from longlora_jax.training.export import describe, write_outputs
 from longlora_jax.training.loop import (METRICS_FILE, loop, plot_loss,
                                         truncate_metrics)
-from longlora_jax.training.options import (DEMO, RESUMABLE, make_spec,
-                                           options_of)
-from longlora_jax.training.recipe import (LONGALPACA, RUN_FILE, RunSpec,
-                                          check_attention, check_counts,
-                                          check_ctx, read_spec, target_config,
-                                          write_spec)
+from longlora_jax.training.options import (RESUMABLE, CheckpointDefaults,
+                                           make_spec, options_of)
+from longlora_jax.training.recipe import (RUN_FILE, RunSpec, check_attention,
+                                          check_counts, check_ctx, read_spec,
+                                          target_config, write_spec)
+from longlora_jax.training.tasks import Task
 from longlora_jax.training.step import (initial_run_state, jit_train_step,
                                         params_of)
 
 
-def run_directory(given: dict, task: str, out: Path | None) -> Path:
-  """--out, else the demo's runs/demo/extend, else runs/TASK/NAME-CTX."""
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+  """How a run ended, for its command to report: `code` the exit code
+  (128 + the signal that stopped it), `written` the exports ("hf", "peft"
+  -> directory; none when stopped, and none on processes but the first),
+  `config` the trained model's (its RoPE scaling), `defaults` the
+  checkpoint defaults that applied to the run (None where none did)."""
+  code: int
+  spec: RunSpec
+  base: Checkpoint
+  config: LlamaConfig
+  run_dir: Path
+  written: dict[str, Path]
+  defaults: CheckpointDefaults | None
+
+
+def _defaults_of(ckpt: str, defaults: CheckpointDefaults | None
+                 ) -> CheckpointDefaults | None:
+  """`defaults` where they are checkpoint `ckpt`'s, else None."""
+  return defaults if defaults and defaults.ckpt == ckpt else None
+
+
+def _ckpt(given: dict, task: Task,
+          defaults: CheckpointDefaults | None) -> str:
+  """The checkpoint a new run starts from: --ckpt, else the defaults'."""
+  ckpt = given.get("ckpt") or (defaults.ckpt if defaults else None)
+  if ckpt is None:
+    raise LongLoraError(f"--ckpt is required: {task.needs['ckpt']}")
+  return ckpt
+
+
+def run_directory(given: dict, task: Task, out: Path | None,
+                  defaults: CheckpointDefaults | None = None) -> Path:
+  """--out, else the checkpoint defaults' directory, else
+  runs/TASK/NAME-CTX."""
   if out is not None:
     return out
-  ckpt = given.get("ckpt")
-  if ckpt in (None, "demo"):
-    return Path("runs") / "demo" / task
+  ckpt = _ckpt(given, task, defaults)
+  if own := _defaults_of(ckpt, defaults):
+    return own.out
   name = ckpt.rstrip("/").split("/")[-1].split("@")[0]
-  return Path("runs") / task / f"{name}-{given.get('ctx')}"
+  return Path("runs") / task.name / f"{name}-{given.get('ctx')}"
 
 
-def _new_spec(given: dict, task: str, base: Checkpoint) -> RunSpec:
-  demo_run = base.name == "demo" and task == "extend"
-  options = {**(DEMO if demo_run else {}),
-             **({"data": LONGALPACA} if task == "sft" else {}), **given,
-             "ckpt": base.name}
-  if demo_run and "data" not in given:
-    options["data"] = str(demo.demo_data()[0])
+def _new_spec(given: dict, task: Task, base: Checkpoint,
+              defaults: CheckpointDefaults | None) -> RunSpec:
+  own = _defaults_of(base.name, defaults)
+  options = {**(own.options if own else {}), **given, "ckpt": base.name}
+  if own and own.data and "data" not in given:
+    options["data"] = own.data()
   if "ctx" not in options:
-    raise LongLoraError(
-        "--ctx is required: " + ("the context to extend to, e.g. --ctx "
-                                 f"{4 * base.config.context}"
-                                 if task == "extend" else
-                                 "the tokens per training row"))
+    raise LongLoraError("--ctx is required: " + task.needs["ctx"].format(
+        ctx=4 * base.config.context))
   return make_spec(options, task=task, base_config=base.config.to_hf_dict())
 
 
-def _resumed_spec(given: dict, task: str, saved: RunSpec, run_dir: Path,
+def _resumed_spec(given: dict, task: Task, saved: RunSpec, run_dir: Path,
                   base: Checkpoint) -> RunSpec:
   """The saved spec with the options a resumed run may change; a different
   model, context or recipe is refused."""
-  if task != saved.task:
+  if task is not saved.task:
+    name = saved.task.name
     raise LongLoraError(
-        f"{run_dir} is a run of train.{saved.task}; resume it with "
-        f"python -m train.{saved.task} --resume --out {run_dir}")
+        f"{run_dir} is a run of train.{name}; resume it with "
+        f"python -m train.{name} --resume --out {run_dir}")
   if given.get("ckpt", saved.ckpt) != saved.ckpt:
     raise LongLoraError(
         f"{run_dir} is a run of --ckpt {saved.ckpt}, not of {given['ckpt']}; "
@@ -124,25 +151,23 @@ def _unstarted(run_dir: Path) -> bool:
              ) and not saving.steps_in(run_dir / "checkpoints")
 
 
-def prepare(given: dict, *, task: str, resume: bool, run_dir: Path,
+def prepare(given: dict, *, task: Task, resume: bool, run_dir: Path,
+            defaults: CheckpointDefaults | None = None,
             replaceable: bool = False) -> tuple[RunSpec, Checkpoint]:
   """(spec, base checkpoint) of the run in `run_dir`, checked before any
-  expensive work: a new run from the `given` options, or the saved one
-  continued (`resume`). A new run needs an empty `run_dir`, one that a run
-  left before its first checkpoint (started afresh, with a note), or one
-  holding a previous run when `replaceable` (the demo's default directory)."""
+  expensive work: a new run from the `given` options (and `defaults`, where
+  they are its checkpoint's), or the saved one continued (`resume`). A new
+  run needs an empty `run_dir`, one that a run left before its first
+  checkpoint (started afresh, with a note), or one holding a previous run
+  when `replaceable` (the checkpoint defaults' directory)."""
   if resume:
     saved = read_spec(run_dir)
     base = Checkpoint.open(saved.ckpt)
     spec = _resumed_spec(given, task, saved, run_dir, base)
   else:
-    if task == "sft" and given.get("ckpt") is None:
-      raise LongLoraError("--ckpt is required: the model to fine-tune, e.g. "
-                          "the merged model of a train.extend run "
-                          "(runs/demo/extend/hf)")
-    base = Checkpoint.open(given.get("ckpt") or "demo")
+    base = Checkpoint.open(_ckpt(given, task, defaults))
     spec = _new_spec({k: v for k, v in given.items() if k != "ckpt"}, task,
-                     base)
+                     base, defaults)
     previous = replaceable and (run_dir / RUN_FILE).exists()
     if _entries(run_dir) and not previous:
       if not _unstarted(run_dir):
@@ -188,27 +213,9 @@ def _resume_point(spec: RunSpec, run_dir: Path) -> tuple[int | None, dict]:
 
 
 def _data(spec: RunSpec, base: Checkpoint, start: Position, shape):
-  """Prefetched (batch of [*shape, ctx] arrays, position after it) pairs."""
-  if spec.task == "sft":
-    rows = _sft_rows(spec, base, start)
-  else:
-    docs = document_tokens(spec.data, base.tokenizer, eos_id=base.eos_id,
-                           text_field=spec.text_field,
-                           vocab_size=base.config.vocab_size)
-    rows = (({"input_ids": row}, position) for row, position in packed_rows(
-        docs, spec.ctx, seed=spec.seed, start=start, source=spec.data))
-  return prefetch(batches(rows, shape))
-
-
-def _sft_rows(spec: RunSpec, base: Checkpoint, start: Position):
-  examples, truncated = sft.load_examples(spec.data, base.tokenizer, spec.ctx)
-  if truncated:
-    print(f"warning: {truncated} of {len(examples)} examples are longer than "
-          f"--ctx {spec.ctx} tokens and were truncated")
-  pad_id = base.tokenizer.pad_token_id
-  yield from sft.sft_rows(examples, spec.ctx,
-                          base.eos_id if pad_id is None else pad_id,
-                          seed=spec.seed, start=start)
+  """Prefetched (batch of [*shape, ctx] arrays, position after it) pairs of
+  the task's rows."""
+  return prefetch(batches(spec.task.rows(spec, base, start), shape))
 
 
 @dataclasses.dataclass
@@ -230,10 +237,10 @@ class _Job:
   compile_s: float
 
 
-def _setup(given: dict, task: str, resume: bool, run_dir: Path,
-           replaceable: bool) -> _Job:
+def _setup(given: dict, task: Task, resume: bool, run_dir: Path,
+           defaults: CheckpointDefaults | None, replaceable: bool) -> _Job:
   spec, base = prepare(given, task=task, resume=resume, run_dir=run_dir,
-                       replaceable=replaceable)
+                       defaults=defaults, replaceable=replaceable)
   mesh = make_mesh(spec.mesh)
   _check_space(spec, base, run_dir, mesh)
   step0, bad = _resume_point(spec, run_dir) if resume else (None, {})
@@ -266,9 +273,9 @@ def _setup(given: dict, task: str, resume: bool, run_dir: Path,
 
 
 def _tidy(job: _Job) -> None:
-  """Before the first write: a new run clears what a previous one left (the
-  demo's, or one that never saved); a resumed one sets unreadable
-  checkpoints aside and removes unfinished exports."""
+  """Before the first write: a new run clears what a previous one left (in
+  the checkpoint defaults' directory, or one that never saved); a resumed
+  one sets unreadable checkpoints aside and removes unfinished exports."""
   run_dir = job.run_dir
   if not job.resume:
     for p in _entries(run_dir):
@@ -286,7 +293,9 @@ def _tidy(job: _Job) -> None:
           "unfinished")
 
 
-def _train(job: _Job) -> int:
+def _train(job: _Job) -> tuple[int, dict[str, Path]]:
+  """Trains and exports: (exit code, what was written, as `describe`
+  says)."""
   spec, run_dir, config, mesh = job.spec, job.run_dir, job.config, job.mesh
   main_process = jax.process_index() == 0
   if main_process:
@@ -325,49 +334,54 @@ def _train(job: _Job) -> int:
     plot_loss(run_dir, spec)
   if signum is not None:
     print(f"\n{signal.Signals(signum).name}: stopped after step "
-          f"{int(state.step)}; saved checkpoint {mngr_dir / str(int(state.step))}"
-          f"\nresume with: python -m train.{spec.task} --resume --out {run_dir}")
-    return 128 + signum
+          f"{int(state.step)}; saved checkpoint "
+          f"{mngr_dir / str(int(state.step))}"
+          f"\nresume with: python -m train.{spec.task.name} --resume --out "
+          f"{run_dir}")
+    return 128 + signum, {}
 
   targets = {"hf": run_dir / "hf"}
   if spec.mode != "full":
     targets["peft"] = run_dir / "peft"
   written = write_outputs(spec, job.base, config, params_of(state), targets)
-  print_commands(spec, job.base, config, written)
-  if spec.ckpt == "demo" and spec.task == "extend" and "hf" in written:
-    report = demo_report.report(spec.ctx, written["hf"])
-    write_json(run_dir / "report.json", report)
-    print(f"\n{demo_report.format_report(report)}\nwrote {run_dir / 'report.json'}")
-  return 0
+  if written:
+    print(f"\n{describe(written, config)}")
+  return 0, written
 
 
-def run(given: dict, *, task: str, resume: bool = False,
-        out: Path | None = None) -> int:
-  """The command: trains, exports and prints the evaluation commands;
-  returns the exit code (128 + signal when interrupted).
+def run(given: dict, *, task: Task,
+        defaults: CheckpointDefaults | None = None, resume: bool = False,
+        out: Path | None = None) -> Outcome:
+  """The command's run of `task`: trains, exports and says where the
+  exports are (`defaults`: those of the checkpoint a run takes when given
+  no --ckpt).
 
   The run directory is checked writable first and locked against a second
   run; a new run that fails before its first checkpoint leaves nothing.
   """
   initialize_from_env()
-  run_dir = run_directory(given, task, out)
+  if resume and out is None and "ckpt" not in given and defaults is None:
+    raise LongLoraError("--resume continues the run in --out: name its "
+                        "directory")
+  run_dir = run_directory(given, task, out, defaults)
   check_writable(run_dir)
   existed = run_dir.exists()
   main_process = jax.process_index() == 0
   with lock.hold(run_dir) if main_process else contextlib.nullcontext():
     try:
-      job = _setup(given, task, resume, run_dir, replaceable=(
-          task == "extend" and out is None
-          and given.get("ckpt") in (None, "demo")))
+      job = _setup(given, task, resume, run_dir, defaults, replaceable=(
+          out is None and defaults is not None and run_dir == defaults.out))
     except BaseException:
       if main_process and not existed:
         shutil.rmtree(run_dir, ignore_errors=True)
       raise
     try:
-      return _train(job)
+      code, written = _train(job)
     except BaseException:
       if main_process and not resume and not saving.steps_in(
           run_dir / "checkpoints"):
         for p in _entries(run_dir) if existed else [run_dir]:
           shutil.rmtree(p) if p.is_dir() else p.unlink()
       raise
+  return Outcome(code, job.spec, job.base, job.config, run_dir, written,
+                 _defaults_of(job.spec.ckpt, defaults))

@@ -50,15 +50,13 @@ def test_readme_passkey_command_is_the_printed_one_and_its_lengths(
   # The demo run prints the command the README shows; run as shown, it
   # tests the lengths the README names, all within the trained 1024.
   from longlora_jax.checkpoints.checkpoint import Checkpoint
-  from longlora_jax.training.export import print_commands
-  from longlora_jax.training.recipe import RunSpec
+  from longlora_jax.evaluation.suggest import commands
   readme = (Path(ROOT) / "README.md").read_text()
   (line,) = [l for l in readme.splitlines()
              if l.startswith("python -m eval.passkey --ckpt runs/demo")]
   base = Checkpoint.open("demo")
-  spec = RunSpec(ckpt="demo", ctx=1024, base_config={})
-  print_commands(spec, base, base.config.with_context(1024),
-                 {"hf": Path("runs/demo/extend/hf")})
+  print(commands("long-context", Path("runs/demo/extend/hf"),
+                 tokenizer=base.tokenizer, data="d", native=256, ctx=1024))
   assert f"  {line}\n" in capsys.readouterr().out
   args = line.split()[3:]
   args[args.index("--ckpt") + 1] = str(demo)

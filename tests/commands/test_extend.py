@@ -105,15 +105,14 @@ def test_trains_checkpoints_and_exports(run, files):
                              rtol=1e-4)
 
 
-def test_the_printed_peft_hint_gives_the_merged_models_logits(run, files,
-                                                              capsys):
+def test_the_printed_peft_hint_gives_the_merged_models_logits(run, files):
   # Run as printed, with nothing defined around it: the base model is the
   # one recorded in the adapter (the run's --ckpt, not "demo" or a name
   # that sends PEFT to the Hub).
-  from longlora_jax.training.export import print_commands
-  spec, base, config, _, _ = load_run(run)
-  print_commands(spec, base, config, {"peft": run / "peft"})
-  hint = [line[2:] for line in capsys.readouterr().out.splitlines()
+  from longlora_jax.training.export import describe
+  _, _, config, _, _ = load_run(run)
+  hint = [line[2:] for line in describe({"peft": run / "peft"},
+                                        config).splitlines()
           if line.startswith("  ")]
   assert hint[:2] == ["import torch",
                       "from peft import AutoPeftModelForCausalLM"]

@@ -11,7 +11,7 @@ from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core import lock
 from tests.conftest import ROOT
 
-HOLD = ("import sys, time; from longlora_jax.checkpoints import lock\n"
+HOLD = ("import sys, time; from longlora_jax.core import lock\n"
         "with lock.hold(sys.argv[1]):\n"
         "  print('held', flush=True); time.sleep(600)\n")
 

@@ -1,5 +1,6 @@
 """A run of each model family exports what it trained: the merged model in
-transformers and the PEFT adapter on the base model give our logits."""
+transformers and the PEFT adapter on the base model give our logits; what
+the run says about them loads the adapter as trained."""
 
 import shutil
 from pathlib import Path
@@ -14,10 +15,9 @@ from longlora_jax.model.config import LlamaConfig
 from longlora_jax.demo.base import save_byte_tokenizer
 from longlora_jax.checkpoints.checkpoint import Checkpoint
 from longlora_jax.parallel.sharding import make_mesh
-from longlora_jax.training.export import (print_commands, ruler_lengths,
-                                         write_outputs)
+from longlora_jax.training.export import describe, write_outputs
 from longlora_jax.training.options import make_spec
-from longlora_jax.training.recipe import RunSpec, target_config
+from longlora_jax.training.recipe import target_config
 from longlora_jax.training.step import (initial_run_state, jit_train_step,
                                         params_of)
 from tests.references import hf_models
@@ -82,27 +82,24 @@ def test_trained_family_exports_to_transformers_and_peft(tiny_hf, tmp_path,
   assert np.abs(np.asarray(untrained) - ours).max() > 1e-3
 
 
-def test_ruler_lengths_double_from_the_native_length_to_the_trained_one():
-  assert ruler_lengths(4096, 100000) == [4096, 8192, 16384, 32768, 65536,
-                                         100000]
-  assert ruler_lengths(256, 1024) == [256, 512, 1024]
-  assert ruler_lengths(4096, 4096) == [4096]
-
-
-def test_the_three_evaluations_are_printed_at_the_trained_length(
-    capsys, tmp_path):
-  # A base with Llama-2's tokenizer class: the official passkey schedule.
-  from transformers import LlamaTokenizer
-  LlamaTokenizer().save_pretrained(tmp_path)
-  base = Checkpoint("hf:meta-llama/Llama-2-7b-hf", tmp_path, LlamaConfig())
-  config = LlamaConfig().with_context(100000)  # Llama-2's 4096, x25
-  spec = RunSpec(ckpt="hf:meta-llama/Llama-2-7b-hf", ctx=100000,
-                 base_config={}, data="pg19.jsonl")
-  print_commands(spec, base, config, {"hf": Path("runs/x/hf")})
-  lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
-  assert ("python -m eval.perplexity --ckpt runs/x/hf --data pg19.jsonl "
-          "--seq-len 4096 100000") in lines
-  assert ("python -m eval.passkey --ckpt runs/x/hf --max-tokens 100000 "
-          "--interval 12500") in lines
-  assert ("python -m eval.ruler --ckpt runs/x/hf --lengths 4096 8192 16384 "
-          "32768 65536 100000") in lines
+def test_the_adapter_hint_loads_it_with_the_trained_rope_scaling(
+    monkeypatch):
+  # Llama-2 (4096 tokens) trained at 8192: linear PI x2, which transformers
+  # reads with max_position_embeddings kept at 4096.
+  import peft
+  config = LlamaConfig().with_context(8192)
+  text = describe({"hf": Path("runs/x/hf"), "peft": Path("runs/x/peft")},
+                  config)
+  assert text.splitlines()[0] == "merged model (HF format): runs/x/hf"
+  calls = []
+  monkeypatch.setattr(peft.AutoPeftModelForCausalLM, "from_pretrained",
+                      lambda *args, **kwargs: calls.append((args, kwargs)))
+  exec("\n".join(line[2:] for line in text.splitlines()
+                 if line.startswith("  ")), {})
+  ((args, kwargs),) = calls
+  assert args == ("runs/x/peft",)
+  assert kwargs["rope_parameters"] == {"rope_type": "linear", "factor": 2.0,
+                                       "rope_theta": 10000.0}
+  assert kwargs["max_position_embeddings"] == 4096
+  assert str(kwargs["dtype"]) == "torch.float32"
+  assert describe({"hf": Path("h")}, config) == "merged model (HF format): h"

@@ -5,11 +5,12 @@ import pytest
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.training import options
+from longlora_jax.training.tasks import EXTEND
 from longlora_jax.training.recipe import RunSpec, TrainConfig
 
 
 def test_the_command_line_spells_the_recipe():
-  args = options.parser("extend", "doc").parse_args(
+  args = options.parser(EXTEND, "doc").parse_args(
       ["--ckpt", "m", "--ctx", "64", "--lr", "1e-3", "--steps", "7",
        "--accum", "2", "--beta2", "0.95", "--dtype", "float32",
        "--group-ratio", "0.5", "--s2-variant", "roll", "--s2-impl", "chunked",
@@ -54,7 +55,7 @@ def test_full_attention_with_an_s2_implementation_is_refused():
 
 
 def test_offload_is_an_option_and_old_run_records_load():
-  args = options.parser("extend", "doc").parse_args(
+  args = options.parser(EXTEND, "doc").parse_args(
       ["--ckpt", "m", "--ctx", "64", "--offload", "activations"])
   spec = options.make_spec(options.given(args), task="extend",
                            base_config={})
@@ -66,4 +67,29 @@ def test_offload_is_an_option_and_old_run_records_load():
   assert RunSpec.from_dict(old).recipe.offload == "none"
   assert options.default("offload") == "none"
   with pytest.raises(SystemExit):
-    options.parser("extend", "doc").parse_args(["--offload", "weights"])
+    options.parser(EXTEND, "doc").parse_args(["--offload", "weights"])
+
+
+def test_the_parser_is_the_tasks_with_its_checkpoints_defaults():
+  from pathlib import Path
+  from longlora_jax.training.tasks import SFT
+  tiny = options.CheckpointDefaults(ckpt="tiny", options={"steps": 9},
+                                    out=Path("runs/tiny"))
+  extend = options.parser(EXTEND, "doc", tiny)
+  sft = options.parser(SFT, "doc")
+  flags = lambda p: {a.dest: a for a in p._actions}
+  assert "text_field" in flags(extend) and "text_field" not in flags(sft)
+  assert flags(extend)["steps"].help == "optimizer steps (1000; tiny 9)"
+  assert flags(extend)["ckpt"].help.endswith(", or tiny (the default)")
+  assert flags(extend)["out"].help == (
+      "run directory (default runs/extend/NAME-CTX; tiny: runs/tiny)")
+  assert flags(sft)["steps"].help == "optimizer steps (1000)"
+  assert flags(sft)["out"].help == "run directory (default runs/sft/NAME-CTX)"
+  assert "Yukang/LongAlpaca-12k" in flags(sft)["data"].help
+  # Unset options stay unset (a resumed run keeps its own), shared ones too.
+  assert options.given(sft.parse_args(["--ctx", "64"])) == {"ctx": 64}
+  assert options.given(sft.parse_args(["--mesh", "data=2", "--dtype",
+                                       "float32"])) == {
+      "mesh": "data=2", "dtype": "float32"}
+  with pytest.raises(SystemExit):
+    sft.parse_args(["--dtype", "float16"])
