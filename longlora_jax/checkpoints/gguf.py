@@ -14,6 +14,7 @@ converted and written, so the host never holds two.
 import dataclasses
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import atomic_path
 from longlora_jax.checkpoints.hf import (_slice, check_params,
                                          expected_shapes, hf_tensors, to_host)
+from longlora_jax.checkpoints.checkpoint import load_tokenizer
 from longlora_jax.checkpoints.hub import TOKENIZER_FILES, resolve_checkpoint
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.model.rope import rope_frequencies
@@ -45,8 +47,9 @@ _SPLITS = {
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*"
+    r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?"
+    r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "tekken",
 }
 _T = gguf.TokenType
@@ -64,10 +67,11 @@ def check_gguf(config: LlamaConfig, qtype: str = "f16") -> None:
   if kind == "llama3" and ARCHS[arch] != gguf.MODEL_ARCH.LLAMA:
     raise CheckpointError(f"llama.cpp's {arch} arch reads no llama3 RoPE "
                           "factors; extend it with linear or yarn")
-  if kind == "yarn" and (s.attention_factor is not None or s.mscale
-                         or s.mscale_all_dim or s.truncate is False
-                         or (s.beta_fast or 32) != 32
-                         or (s.beta_slow or 1) != 1):
+  if kind == "yarn" and (
+      s.mscale or s.mscale_all_dim or s.truncate is False
+      or (s.beta_fast or 32) != 32 or (s.beta_slow or 1) != 1
+      or not math.isclose(s.attention_factor or 0.1 * math.log(s.factor) + 1,
+                          0.1 * math.log(s.factor) + 1)):
     raise CheckpointError(
         "llama.cpp's yarn uses beta_fast 32, beta_slow 1, attention factor "
         "0.1 ln(factor) + 1 and truncated ramps; this config's yarn "
@@ -99,23 +103,24 @@ def interleave(w, heads: int):
 
 def _metadata(writer: gguf.GGUFWriter, config: LlamaConfig, qtype: str,
               name: str) -> None:
-  writer.add_type(gguf.GGUFType.MODEL)
-  writer.add_name(name)
-  writer.add_file_type(QTYPES[qtype][1])
-  writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-  writer.add_vocab_size(config.vocab_size)
-  # The context the model was trained for, not its base's.
-  writer.add_context_length(config.context)
-  writer.add_embedding_length(config.hidden_size)
-  writer.add_feed_forward_length(config.intermediate_size)
-  writer.add_block_count(config.num_hidden_layers)
-  writer.add_head_count(config.num_attention_heads)
-  writer.add_head_count_kv(config.num_key_value_heads)
-  writer.add_key_length(config.head_dim)
-  writer.add_value_length(config.head_dim)
-  writer.add_rope_dimension_count(config.head_dim)
-  writer.add_rope_freq_base(config.rope_theta)
-  writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+  # GGUFWriter.add_<key>(value) for each.
+  keys = {"type": gguf.GGUFType.MODEL, "name": name,
+          "file_type": QTYPES[qtype][1],
+          "quantization_version": gguf.GGML_QUANT_VERSION,
+          "vocab_size": config.vocab_size,
+          # The context the model was trained for, not its base's.
+          "context_length": config.context,
+          "embedding_length": config.hidden_size,
+          "feed_forward_length": config.intermediate_size,
+          "block_count": config.num_hidden_layers,
+          "head_count": config.num_attention_heads,
+          "head_count_kv": config.num_key_value_heads,
+          "key_length": config.head_dim, "value_length": config.head_dim,
+          "rope_dimension_count": config.head_dim,
+          "rope_freq_base": config.rope_theta,
+          "layer_norm_rms_eps": config.rms_norm_eps}
+  for key, value in keys.items():
+    getattr(writer, f"add_{key}")(value)
   s = config.rope_scaling
   if config.rope_type == "linear":
     writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -131,11 +136,16 @@ def _metadata(writer: gguf.GGUFWriter, config: LlamaConfig, qtype: str,
 
 # ---- the tokenizer ----
 
+def _pre_parts(tokenizer: dict) -> list[dict]:
+  """The pre-tokenizers of a tokenizer.json, a Sequence's or the one."""
+  pre = tokenizer.get("pre_tokenizer") or {}
+  return pre.get("pretokenizers", [pre])
+
+
 def _pre_tokenizer(tokenizer: dict, source: Path) -> str:
   """llama.cpp's name for a byte-level BPE's pre-tokenizer (how text is cut
   before merging)."""
-  pre = tokenizer.get("pre_tokenizer") or {}
-  parts = pre.get("pretokenizers", [pre])
+  parts = _pre_parts(tokenizer)
   splits = [p.get("pattern", {}).get("Regex") for p in parts
             if p.get("type") == "Split"]
   gpt2 = [p for p in parts if p.get("type") == "ByteLevel"
@@ -146,25 +156,25 @@ def _pre_tokenizer(tokenizer: dict, source: Path) -> str:
     return "gpt-2"
   if not tokenizer["model"].get("merges"):
     return "default"  # Without merges every byte is a token, however cut.
+  known = ", ".join(sorted({*_SPLITS.values(), "gpt-2"}))
   raise CheckpointError(
-      f"{source}: its pre-tokenizer {json.dumps(pre)[:120]} is none llama.cpp "
-      f"names here ({', '.join(sorted({*_SPLITS.values(), 'gpt-2'}))}); "
-      "GGUF cannot carry it")
+      f"{source}: its pre-tokenizer {json.dumps(parts)[:120]} is none of "
+      f"those llama.cpp names that we know ({known}); GGUF cannot carry it")
 
 
 def _bpe_vocab(directory: Path, vocab_size: int):
-  """(tokens, types, pre-tokenizer name, has merges) of a byte-level BPE tokenizer.json:
-  added special tokens are CONTROL, other added ones USER_DEFINED, ids the
-  file lacks UNUSED [PADi] (as llama.cpp's converter)."""
+  """(tokens, types, pre-tokenizer name, whether it has merges) of a
+  byte-level BPE tokenizer.json: added special tokens are CONTROL, other
+  added ones USER_DEFINED, ids the file lacks UNUSED [PADi] (as llama.cpp's
+  converter writes them)."""
   file = directory / "tokenizer.json"
   if not file.exists():
     raise CheckpointError(f"{directory}: no tokenizer.model or tokenizer.json;"
                           " a GGUF embeds its tokenizer")
   tokenizer = json.loads(file.read_text(encoding="utf-8"))
   model = tokenizer.get("model", {})
-  pre = tokenizer.get("pre_tokenizer") or {}
   if model.get("type") != "BPE" or model.get("byte_fallback") or not any(
-      p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", [pre])):
+      p.get("type") == "ByteLevel" for p in _pre_parts(tokenizer)):
     raise CheckpointError(f"{file}: not a byte-level BPE, and there is no "
                           "tokenizer.model; copy the SentencePiece "
                           "tokenizer.model beside it")
@@ -186,11 +196,12 @@ def _add_tokenizer(writer: gguf.GGUFWriter, config: LlamaConfig,
                    directory: Path) -> None:
   """The tokenizer of `directory`: SentencePiece (`tokenizer.model`) as the
   "llama" model with its scores, else a byte-level BPE (`tokenizer.json`)
-  as "gpt2" with its merges; special ids (the tokenizer's, else the
-  config's), add_bos and the chat template from its tokenizer_config."""
+  as "gpt2" with its merges; the special ids and add_bos/add_eos as
+  transformers' tokenizer of it has them, and the chat template of its
+  tokenizer_config."""
   n = config.vocab_size
   merges = False
-  if (directory / "tokenizer.model").exists():
+  if spm := (directory / "tokenizer.model").exists():
     tokens, scores, types = map(list, zip(
         *gguf.SentencePieceVocab(directory).all_tokens()))
     if len(tokens) > n:
@@ -222,12 +233,27 @@ def _add_tokenizer(writer: gguf.GGUFWriter, config: LlamaConfig,
     special = gguf.SpecialVocab(directory, load_merges=merges, n_vocab=n)
   finally:
     log.setLevel(level)
+  if not spm and not special.merges:
+    # llama.cpp requires a BPE's merges and gguf writes no empty list: one
+    # merge of two tokens of several characters, which no text forms
+    # without other merges, so it never applies.
+    special.merges = [" ".join([t for t in tokens if len(t) > 1][:2])]
+  # The special ids and whether BOS/EOS are added, as our commands' tokenizer
+  # (transformers') has them; the config's ids where it names none.
+  tokenizer = load_tokenizer(directory)
   eos = config.eos_token_id
-  for kind, token in (("bos", config.bos_token_id), ("pad",
-                      config.pad_token_id), ("eos", eos[0] if isinstance(
-                          eos, tuple) else eos)):
+  fallback = {"bos": config.bos_token_id, "pad": config.pad_token_id,
+              "eos": eos[0] if isinstance(eos, tuple) else eos}
+  for kind in ("bos", "eos", "unk", "pad"):
+    token = getattr(tokenizer, f"{kind}_token_id")
+    token = fallback.get(kind) if token is None else token
     if token is not None and 0 <= token < n:
-      special.special_token_ids.setdefault(kind, token)
+      special.special_token_ids[kind] = token
+  ids = tokenizer("a").input_ids
+  for kind in ("bos", "eos"):
+    token = special.special_token_ids.get(kind)
+    special.add_special_token[kind] = token is not None and (
+        ids[0] if kind == "bos" else ids[-1]) == token
   special.add_to_gguf(writer, quiet=True)
 
 
@@ -319,7 +345,9 @@ def save_gguf(path: str | os.PathLike, config: LlamaConfig, params,
   """
   check_gguf(config, qtype)
   out = Path(path).expanduser().absolute()
-  if out.is_dir() or (out.exists() and not overwrite):
+  if out.is_dir():
+    raise CheckpointError(f"{out}: is a directory; name the .gguf file")
+  if out.exists() and not overwrite:
     raise CheckpointError(f"{out}: exists; choose another file or pass "
                           "overwrite=True")
   flat = check_params(config, params, lora_ok=merge_lora)
