@@ -166,8 +166,7 @@ def test_yarn_and_llama3_rope_as_llama_cpp_reads_them(tmp_path):
                                          ("q8_0", Q8_LOGITS)])
 def test_demo_logits_and_greedy_through_transformers(tmp_path, demo, qtype,
                                                      bound):
-  checkpoint, params, ids = demo
-  ids = ids[:, :96]
+  checkpoint, params, ids = *demo[:2], demo[2][:, :96]
   out = gguf_io.save_gguf(tmp_path / "demo.gguf", checkpoint.config, params,
                           checkpoint.directory, qtype=qtype)
   model = _hf_model(out)
@@ -225,7 +224,8 @@ def _sentencepiece_tokenizer(directory):
       normalization_rule_name="identity", remove_extra_whitespaces=False,
       allow_whitespace_only_pieces=True, minloglevel=2)
   (directory / "tokenizer_config.json").write_text(json.dumps(dict(
-      add_bos_token=True, bos_token="<s>", eos_token="</s>", legacy=True)))
+      add_bos_token=True, bos_token="<s>", eos_token="</s>", legacy=True,
+      chat_template="{% for m in messages %}{{ m.content }}{% endfor %}")))
   return sentencepiece.SentencePieceProcessor(
       model_file=str(directory / "tokenizer.model"))
 
@@ -236,16 +236,17 @@ def test_sentencepiece_model_through_transformers(tmp_path):
   params = _random_params(config)
   out = gguf_io.save_gguf(tmp_path / "sp.gguf", config, params,
                           tmp_path / "tok")
-  fields = _fields(gguf.GGUFReader(out))
+  fields, ours = _fields(gguf.GGUFReader(out)), load_tokenizer(tmp_path / "tok")
   assert fields["tokenizer.ggml.tokens"][:400] == [
       sp.IdToPiece(i) for i in range(400)]
   np.testing.assert_array_equal(fields["tokenizer.ggml.scores"][:400], [
       sp.GetScore(i) for i in range(400)])
   types = fields["tokenizer.ggml.token_type"]
-  assert types[:3] == [2, 3, 3] and types[3] == 6 and types[400:] == [5] * 16
-  assert [fields[f"tokenizer.ggml.{k}"] for k in ("model", "bos_token_id",
-          "eos_token_id", "add_bos_token")] == ["llama", 1, 2, True]
-  ours = load_tokenizer(tmp_path / "tok")
+  assert types[:4] == [2, 3, 3, 6] and types[400:] == [5] * 16
+  assert [fields[f"tokenizer.{k}"] for k in (
+      "ggml.model", "ggml.bos_token_id", "ggml.eos_token_id",
+      "ggml.add_bos_token", "chat_template")] == [
+          "llama", 1, 2, True, ours.chat_template]
   theirs = transformers.AutoTokenizer.from_pretrained(out.parent,
                                                       gguf_file=out.name)
   for text in TEXTS:
@@ -355,8 +356,7 @@ def test_refusals_and_full_disks_leave_files_alone(tmp_path, monkeypatch):
 
 def test_streams_one_tensor_at_a_time(tmp_path, demo, monkeypatch):
   # Sharded over 8 devices; each tensor (layer) written before the next.
-  checkpoint, *_ = demo
-  config = checkpoint.config
+  checkpoint, config = demo[0], demo[0].config
   params = checkpoint.params("float32", param_shardings(
       config, make_mesh("fsdp=4,tensor=2")))
   live, alive_at_gather, gathered, gather = set(), [], [], gguf_io.to_host
