@@ -12,6 +12,7 @@ from pathlib import Path
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import check_writable
+from longlora_jax.demo import stdlib
 from longlora_jax.evaluation import suggest
 from longlora_jax.training.export import describe, load_run, write_outputs
 
@@ -47,7 +48,8 @@ def main(argv=None):
   if "hf" in written:
     print("\n" + suggest.commands(
         spec.task.makes, written["hf"], tokenizer=base.tokenizer,
-        data=spec.data, native=config.original_context, ctx=spec.ctx))
+        data=stdlib.evaluation_data(spec.data),
+        native=config.original_context, ctx=spec.ctx))
 
 
 if __name__ == "__main__":

@@ -198,8 +198,8 @@ def _size(path: Path) -> int:
   return path.lstat().st_size
 
 
-def reclaim_unfinished(target: str | os.PathLike, *,
-                       file: bool = False) -> None:
+def reclaim_unfinished(target: str | os.PathLike, *, file: bool = False,
+                       owned: bool = False) -> None:
   """Removes what interrupted writes of `target` (a directory, or a `file`)
   left beside it, saying so in one line each.
 
@@ -212,7 +212,9 @@ def reclaim_unfinished(target: str | os.PathLike, *,
   system, or named as older versions did (no writer in the name), is never
   removed, since its writer cannot be seen from here; a note names it.
   Nothing else is ever touched, and a failure to reclaim is passed over
-  (the write goes on).
+  (the write goes on). `owned`: the caller holds the lock of `target`'s
+  directory (a run's), so no write of `target` can be running and every
+  one found is unfinished, whoever wrote it.
   """
   target = Path(target)
   suffix = target.suffix if file else ""
@@ -230,7 +232,7 @@ def reclaim_unfinished(target: str | os.PathLike, *,
     kind, pid, start, host = match.groups()
     path = target.parent / name
     try:
-      gone = pid and _writer_gone(int(pid), int(start), host)
+      gone = owned or (pid and _writer_gone(int(pid), int(start), host))
       if gone is False:
         continue
       size = human_bytes(_size(path))
@@ -247,9 +249,30 @@ def reclaim_unfinished(target: str | os.PathLike, *,
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() \
             else path.unlink()
         print(f"note: removed an unfinished write left by an interrupted "
-              f"run (pid {pid}): {path} ({size})")
+              f"run{f' (pid {pid})' if pid else ''}: {path} ({size})")
     except (OSError, OverflowError):  # Reclaiming never fails a write.
       pass
+
+
+# The sibling names interrupted writes leave: .STEM.partial-... or
+# .STEM.old-..., a file's suffix last.
+_UNFINISHED = re.compile(r"\.(?P<stem>.+?)\.(?:partial|old)-(?:\d+-\d+-"
+                         r"[0-9a-f]{8}@[A-Za-z0-9-]+|[0-9a-f]{8})(?P<suffix>.*)")
+
+
+def reclaim_all_unfinished(directory: str | os.PathLike, *,
+                           owned: bool = False) -> None:
+  """`reclaim_unfinished` for every target in `directory` that interrupted
+  writes left something beside."""
+  directory = Path(directory)
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return
+  targets = {(m["stem"] + m["suffix"], bool(m["suffix"]))
+             for name in names if (m := _UNFINISHED.fullmatch(name))}
+  for name, file in sorted(targets):
+    reclaim_unfinished(directory / name, file=file, owned=owned)
 
 
 @contextlib.contextmanager

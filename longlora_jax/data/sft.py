@@ -114,15 +114,18 @@ def _row(examples: list[Example], ctx: int, pad_id: int) -> dict:
           "positions": positions}
 
 
+# The fields every instruction record has ("input" is optional).
+FIELDS = ("instruction", "output")
+
+
 def load_examples(source: str, tokenizer,
                   ctx: int) -> tuple[list[Example], int]:
   """(examples, how many were truncated) of every record in `source` (a
   .json/.jsonl/.parquet file, a directory of them or a HF dataset name);
   "instruction" and "output" must be strings, "input" one where given."""
-  fields = ("instruction", "output")
-  check_source(source, fields)
+  check_source(source, FIELDS)
   examples = [tokenize_example(tokenizer, r, ctx) for r in
-              iter_records(source, fields=fields, optional=("input",))]
+              iter_records(source, fields=FIELDS, optional=("input",))]
   if not examples:
     raise LongLoraError(f"{source}: no instruction records")
   return examples, sum(e.truncated for e in examples)

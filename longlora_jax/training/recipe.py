@@ -127,7 +127,12 @@ class RunSpec:
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> "RunSpec":
     recipe = dict(d["recipe"])
-    recipe["attention"] = AttentionSpec(**recipe["attention"])
+    attention = dict(recipe["attention"])
+    # Runs recorded before the dense implementation had its name called it
+    # "xla"; they still resume.
+    if attention.get("implementation") == "xla":
+      attention["implementation"] = "dense"
+    recipe["attention"] = AttentionSpec(**attention)
     return cls(**{**d, "recipe": TrainConfig(**recipe)})
 
 

@@ -22,7 +22,8 @@ from longlora_jax.parallel.distributed import initialize_from_env
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core import lock
 from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
-from longlora_jax.core.files import check_writable, free_bytes, human_bytes
+from longlora_jax.core.files import (check_writable, free_bytes, human_bytes,
+                                     reclaim_all_unfinished)
 from longlora_jax.core.lock import LOCK_FILE
 from longlora_jax.model.llama import init_params
 from longlora_jax.parallel.sharding import batch_parallelism, make_mesh
@@ -176,6 +177,7 @@ def prepare(given: dict, *, task: Task, resume: bool, run_dir: Path,
             "choose another --out")
       print(f"note: {run_dir} holds a run that stopped before its first "
             "checkpoint (nothing to resume); starting afresh")
+  spec.task.check_data(spec)
   check_ctx(spec, base.config)
   check_attention(spec, base.config)
   check_counts(spec)
@@ -287,10 +289,8 @@ def _tidy(job: _Job) -> None:
     print(f"warning: {bad}; moved to {aside}; resuming from "
           + (f"step {job.step0}" if job.step0 is not None else "the start"),
           file=sys.stderr)
-  for p in [*run_dir.glob(".*.partial-*"), *run_dir.glob(".*.old-*")]:
-    shutil.rmtree(p, ignore_errors=True)
-    print(f"note: removed {p.name}, an export an interrupted run left "
-          "unfinished")
+  # The run's lock is held: whatever an export left unfinished is gone.
+  reclaim_all_unfinished(run_dir, owned=True)
 
 
 def _train(job: _Job) -> tuple[int, dict[str, Path]]:

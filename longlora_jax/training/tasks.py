@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Mapping
 
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.data import sft
+from longlora_jax.data.sources import check_source
 from longlora_jax.data.text import Position, document_tokens, packed_rows
 from longlora_jax.model.config import LlamaConfig
 
@@ -53,6 +54,12 @@ class Task:
     if not self.extends and config.context >= ctx:
       return config  # An extended model tuned on rows it already takes.
     return config.with_context(ctx, None if rope == "auto" else rope)
+
+  def check_data(self, spec) -> None:
+    """Refuses missing or damaged --data in one line before any weight is
+    read (what opening it shows; damage further in shows when read)."""
+    check_source(spec.data,
+                 (spec.text_field,) if self.text_field else sft.FIELDS)
 
 
 def _documents(spec, base, start: Position):

@@ -68,8 +68,8 @@ def test_resume_passes_over_an_unreadable_newest_checkpoint(files, capfd):
       rf"{re.escape(str(run))}/checkpoints.unreadable; resuming from step 4",
       warning)
   assert "Traceback" not in err and "absl" not in err
-  assert "note: removed .hf.partial-0badf00d, an export an interrupted run " \
-         "left unfinished" in out
+  assert ("note: removed an unfinished write left by an interrupted run: "
+          f"{run / '.hf.partial-0badf00d'} (") in out
   assert not list(run.glob(".*partial*"))
   # Kept aside, not deleted; the run went on from step 4 as if nothing had
   # happened: the same model as an uninterrupted run.

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from longlora_jax.core import files
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import (atomic_dir, atomic_path, check_writable,
                                      os_errno, output_error,
@@ -317,3 +318,31 @@ def test_exports_killed_half_way_leave_nothing_after_the_next(demo_run,
   assert config(out) == config(demo_run / "hf")
   assert (out / "model.safetensors").read_bytes() == (
       demo_run / "hf" / "model.safetensors").read_bytes()
+
+
+def test_a_lock_holder_reclaims_every_unfinished_write_in_its_directory(
+    tmp_path, capsys):
+  # Under a run's lock nothing else writes there: a running pid's partial
+  # (this test's), an earlier version's name and a set-aside target all go,
+  # the set-aside one back to its name; other hidden files stay.
+  live = files._sibling(tmp_path / "hf", "partial")
+  live.mkdir()
+  (tmp_path / ".peft.partial-0badf00d").mkdir()
+  (tmp_path / "model.gguf").write_bytes(b"new")
+  gguf = files._sibling(tmp_path / "model.gguf", "partial", ".gguf")
+  gguf.write_bytes(b"half")
+  old = files._sibling(tmp_path / "peft", "old")
+  old.mkdir()
+  (old / "adapter_config.json").write_text("{}")
+  (tmp_path / ".keep").write_text("mine")
+  files.reclaim_all_unfinished(tmp_path, owned=True)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      ".keep", "model.gguf", "peft"]
+  assert (tmp_path / "peft" / "adapter_config.json").exists()
+  out = capsys.readouterr().out
+  assert out.count("note: removed an unfinished write") == 3
+  assert "note: restored" in out
+  # Without the lock, a running writer's partial is kept.
+  live.mkdir()
+  files.reclaim_all_unfinished(tmp_path)
+  assert live.exists()

@@ -14,3 +14,12 @@ def test_fine_tuning_keeps_a_larger_rope_factor():
   assert target_config(spec(32, "sft"), base).rope_factor == 1.0
   # Context extension sets the factor the official code computes.
   assert target_config(spec(64, "extend"), extended).rope_factor == 2.0
+
+
+def test_a_run_recorded_with_the_old_name_of_the_dense_implementation_resumes():
+  record = RunSpec(ckpt="demo", ctx=64, task="extend", base_config={}).to_dict()
+  assert record["recipe"]["attention"]["implementation"] == "auto"
+  record["recipe"]["attention"]["implementation"] = "xla"  # before "dense"
+  spec = RunSpec.from_dict(record)
+  assert spec.recipe.attention.implementation == "dense"
+  assert spec.task.name == "extend"

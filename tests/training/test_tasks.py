@@ -2,6 +2,7 @@
 hold, and their names in run.json, against hand-computed values."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,3 +119,18 @@ def test_an_unknown_task_in_run_json_is_one_line(tmp_path):
   with pytest.raises(LongLoraError, match="run.json: not a run record of "
                      "this version .*unknown task 'x'"):
     recipe.read_spec(tmp_path)
+
+
+@pytest.mark.parametrize("task,name,content,message", [
+    (EXTEND, "rows.parquet", "PAR1 not a parquet file", "not a readable Parquet"),
+    (EXTEND, "train.jsonl", "", "empty file"),
+    (SFT, "chat.parquet", "PAR1", "not a readable Parquet"),
+])
+def test_damaged_data_is_refused_before_any_weight_is_read(
+    tmp_path, task, name, content, message):
+  path = tmp_path / name
+  path.write_text(content)
+  spec = RunSpec(ckpt="demo", ctx=64, task=task, base_config={}, data=str(path))
+  with pytest.raises(LongLoraError, match=re.escape(str(path))) as e:
+    task.check_data(spec)
+  assert message in str(e.value)
