@@ -13,7 +13,6 @@ same), as an index map on the rows a device asks for.
 
 import dataclasses
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import numpy as np
 from flax import traverse_util
 
 from longlora_jax.core.errors import CheckpointError
+from longlora_jax.core.files import read_json
 from longlora_jax.model.config import LlamaConfig, RopeScaling
 from longlora_jax.checkpoints import hf
 from longlora_jax.checkpoints.pth import open_pth
@@ -176,13 +176,9 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
 
 def _params(directory: Path) -> dict:
   file = directory / PARAMS
-  if not file.exists():
-    raise CheckpointError(f"{file}: not found; Meta's layout needs its "
-                          "params.json beside consolidated.NN.pth, download it")
-  try:
-    params = json.loads(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+  params = read_json(file, error=CheckpointError, missing=(
+      f"{file}: not found; Meta's layout needs its params.json beside "
+      "consolidated.NN.pth, download it"))
   params = params.get("model", params) if isinstance(params, dict) else None
   missing = [k for k in ("dim", "n_layers", "n_heads")
              if not isinstance((params or {}).get(k), int)]

@@ -292,6 +292,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp.unlink(missing_ok=True)
 
 
+def read_json(path: str | os.PathLike, *, missing: str,
+              error: type[LongLoraError] = LongLoraError):
+  """The JSON value in `path`; `error` in one line when the file is absent
+  (with `missing`, the message that names the fix) or not valid JSON."""
+  if not os.path.exists(path):
+    raise error(missing)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(f"{path}: not valid JSON ({e})") from None
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
   with atomic_path(path) as tmp:
     tmp.write_text(text, encoding="utf-8")

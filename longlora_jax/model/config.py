@@ -8,13 +8,12 @@ a sliding window, and the RoPE scaling type.
 """
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
 
 from longlora_jax.core.errors import CheckpointError
-from longlora_jax.core.files import write_json
+from longlora_jax.core.files import read_json, write_json
 
 # model_type -> the transformers class that a checkpoint of it loads as.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -265,14 +264,9 @@ class LlamaConfig:
   def from_pretrained(cls, path: str | os.PathLike) -> "LlamaConfig":
     """Reads `config.json` from a checkpoint directory (or the file itself)."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    if not os.path.exists(file):
-      raise CheckpointError(f"{file}: not found; a Hugging Face checkpoint "
-                            "directory must contain config.json")
-    try:
-      with open(file) as f:
-        d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    d = read_json(file, error=CheckpointError, missing=(
+        f"{file}: not found; a Hugging Face checkpoint directory must "
+        "contain config.json"))
     if not isinstance(d, dict):
       raise CheckpointError(f"{file}: expected a JSON object")
     return cls.from_hf_dict(d, source=str(file))

@@ -346,3 +346,19 @@ def test_a_lock_holder_reclaims_every_unfinished_write_in_its_directory(
   live.mkdir()
   files.reclaim_all_unfinished(tmp_path)
   assert live.exists()
+
+
+def test_read_json_names_what_is_wrong(tmp_path):
+  good = tmp_path / "config.json"
+  good.write_text('{"a": [1, 2]}')
+  assert files.read_json(good, missing="unused") == {"a": [1, 2]}
+  with pytest.raises(LongLoraError, match="^nothing here; download it$"):
+    files.read_json(tmp_path / "absent.json", missing="nothing here; download it")
+  bad = tmp_path / "bad.json"
+  bad.write_text('{"a": [1,\n 2')
+  with pytest.raises(LongLoraError, match=re.escape(f"{bad}: not valid JSON (")
+                     + ".*line 2 column 3"):
+    files.read_json(bad, missing="unused")
+  (tmp_path / "latin1.json").write_bytes(b'{"a": "\xe9"}')
+  with pytest.raises(LongLoraError, match="not valid JSON"):
+    files.read_json(tmp_path / "latin1.json", missing="unused")

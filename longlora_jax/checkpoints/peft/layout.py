@@ -2,7 +2,6 @@
 rules, and reading an adapter directory with every check a malformed or
 foreign adapter should fail (`io.peft` builds on these)."""
 
-import json
 import re
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import CheckpointError
+from longlora_jax.core.files import read_json
 from longlora_jax.checkpoints.hf import expected_shapes, hf_tensors
 from longlora_jax.checkpoints.weights import safetensors_reader, torch_reader
 
@@ -49,13 +49,8 @@ def is_target(module: str, target_modules) -> bool:
 
 
 def read_adapter_config(file: Path) -> dict:
-  if not file.exists():
-    raise CheckpointError(f"{file.parent}: no {CONFIG_FILE}; not a PEFT "
-                          "adapter directory")
-  try:
-    cfg = json.loads(file.read_text())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+  cfg = read_json(file, error=CheckpointError, missing=(
+      f"{file.parent}: no {CONFIG_FILE}; not a PEFT adapter directory"))
   if not isinstance(cfg, dict):
     raise CheckpointError(f"{file}: expected a JSON object")
   if cfg.get("peft_type", "LORA") != "LORA":
