@@ -177,7 +177,6 @@ def prepare(given: dict, *, task: Task, resume: bool, run_dir: Path,
             "choose another --out")
       print(f"note: {run_dir} holds a run that stopped before its first "
             "checkpoint (nothing to resume); starting afresh")
-  spec.task.check_data(spec)
   check_ctx(spec, base.config)
   check_attention(spec, base.config)
   check_counts(spec)
@@ -243,6 +242,7 @@ def _setup(given: dict, task: Task, resume: bool, run_dir: Path,
            defaults: CheckpointDefaults | None, replaceable: bool) -> _Job:
   spec, base = prepare(given, task=task, resume=resume, run_dir=run_dir,
                        defaults=defaults, replaceable=replaceable)
+  spec.task.check_data(spec)  # before any weight is read or compiled
   mesh = make_mesh(spec.mesh)
   _check_space(spec, base, run_dir, mesh)
   step0, bad = _resume_point(spec, run_dir) if resume else (None, {})
