@@ -270,3 +270,43 @@ def test_offloaded_run_says_so_and_records_it(files, capsys):
   assert "extend (offload)" in captured.err  # the progress bar
   spec = json.loads((out / "run.json").read_text())
   assert spec["recipe"]["offload"] == "activations"
+
+
+def test_gguf_at_the_end_of_a_run_and_from_export(files, capsys):
+  import gguf
+  from safetensors.numpy import load_file
+  out = files["tmp"] / "gguf"
+  assert extend.main(_args(files, out, "--steps", "1", "--gguf", "f16")) == 0
+  assert f"GGUF (llama.cpp, context 64): {out / 'model-f16.gguf'}" in (
+      capsys.readouterr().out)
+  assert json.loads((out / "run.json").read_text())["gguf"] == "f16"
+  reader = gguf.GGUFReader(out / "model-f16.gguf")
+  fields = {k: f.contents() for k, f in reader.fields.items()}
+  assert (fields["llama.context_length"], fields["llama.rope.scaling.type"],
+          fields["llama.rope.scaling.factor"]) == (64, "linear", 2.0)
+  # The merged model's embedding (trained: LoRA+), as transformers holds it.
+  hf = load_file(out / "hf" / "model.safetensors")
+  got = {t.name: np.asarray(t.data) for t in reader.tensors}
+  np.testing.assert_array_equal(
+      got["token_embd.weight"],
+      hf["model.embed_tokens.weight"].astype(np.float16))
+  # train.export of the same checkpoint writes the same tensors.
+  export.main(["--run", str(out), "--out", str(files["tmp"] / "gguf_export"),
+               "--format", "gguf"])
+  again = gguf.GGUFReader(files["tmp"] / "gguf_export" / "model-f16.gguf")
+  assert sorted(got) == sorted(t.name for t in again.tensors)
+  for t in again.tensors:
+    np.testing.assert_array_equal(np.asarray(t.data), got[t.name], t.name)
+  # A type llama.cpp has no name for: one line, before anything runs.
+  for command, args in ((extend.main, _args(files, files["tmp"] / "gguf_bad",
+                                            "--gguf", "q4")),
+                        (export.main, ["--run", str(out), "--out",
+                                       str(files["tmp"] / "gguf_bad"),
+                                       "--format", "gguf", "--gguf-type",
+                                       "q4"])):
+    with pytest.raises(SystemExit) as e:
+      command(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'q4'" in err
+  assert not (files["tmp"] / "gguf_bad").exists()
