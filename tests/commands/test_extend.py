@@ -310,3 +310,102 @@ def test_gguf_at_the_end_of_a_run_and_from_export(files, capsys):
     err = capsys.readouterr().err
     assert "invalid choice: 'q4'" in err
   assert not (files["tmp"] / "gguf_bad").exists()
+
+
+def _meta_llama2_hub(root):
+  """A tiny Llama 2 in Meta's original layout (params.json,
+  consolidated.00.pth, a SentencePiece tokenizer.model), cached offline as
+  the Hub repo meta-llama/Llama-2-7b is laid out; `root` is its HF_HOME."""
+  import sentencepiece as spm
+  repo = root / "hub" / "models--meta-llama--Llama-2-7b"
+  snapshot = repo / "snapshots" / "0123abcd"
+  snapshot.mkdir(parents=True)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text("0123abcd")
+  corpus = root / "corpus.txt"
+  corpus.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i])
+                              for i in range(len(WORDS))))
+  spm.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(root / "sp"), vocab_size=64,
+      model_type="bpe", byte_fallback=False, bos_id=1, eos_id=2, unk_id=0,
+      minloglevel=2)
+  shutil.copy(root / "sp.model", snapshot / "tokenizer.model")
+  params = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5,
+                vocab_size=-1)
+  (snapshot / "params.json").write_text(json.dumps(params))
+  gen = torch.Generator().manual_seed(0)
+  rand = lambda *shape: 0.3 * torch.randn(*shape, generator=gen)
+  dim, ffn, vocab = 64, 192, 64  # Meta's FeedForward: 2/3 x 4 x 64 -> 192
+  state = {"tok_embeddings.weight": rand(vocab, dim),
+           "norm.weight": 1 + rand(dim) / 3, "output.weight": rand(vocab, dim),
+           "rope.freqs": torch.ones(8)}
+  for i in range(2):
+    layer = f"layers.{i}."
+    state.update({
+        **{f"{layer}attention.w{x}.weight": rand(dim, dim) for x in "qkvo"},
+        f"{layer}feed_forward.w1.weight": rand(ffn, dim),
+        f"{layer}feed_forward.w2.weight": rand(dim, ffn),
+        f"{layer}feed_forward.w3.weight": rand(ffn, dim),
+        f"{layer}attention_norm.weight": 1 + rand(dim) / 3,
+        f"{layer}ffn_norm.weight": 1 + rand(dim) / 3})
+  torch.save(state, snapshot / "consolidated.00.pth")
+  return snapshot
+
+
+def test_design_card_command_on_metas_release(tmp_path):
+  # The design card's command, as a user types it, on Meta's release of
+  # Llama 2 (no config.json: its context comes from what the files say).
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  hf_models.require("torch", "sentencepiece")
+  _meta_llama2_hub(tmp_path / "hf_home")
+  data = _data(tmp_path / "docs.jsonl", 12000)  # ~100,000 tokens and more
+  out = tmp_path / "run"
+  env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"),
+         "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub"),
+         "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  done = subprocess.run(
+      [sys.executable, "-m", "train.extend", "--ckpt",
+       "hf:meta-llama/Llama-2-7b", "--ctx", "100000",
+       # One step of one row on one CPU device; S²-Attn groups of 400
+       # tokens keep a 100,000-token row quick.
+       "--steps", "1", "--batch", "1", "--accum", "1",
+       "--group-ratio", "0.004", "--remat", "none", "--dtype", "float32", "--data", str(data),
+       "--out", str(out)], cwd=ROOT, env=env, text=True, capture_output=True,
+      timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "original context 4096 tokens: Llama 2" in done.stdout
+  assert ("context 4096 -> 100000 (RoPE linear factor 25)" in done.stdout)
+  spec = json.loads((out / "run.json").read_text())
+  assert spec["base_config"]["max_position_embeddings"] == 4096
+  # The merged model stands alone: no base repo is needed to load it.
+  hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+  assert hf.config.rope_scaling["factor"] == 25.0
+  tok = AutoTokenizer.from_pretrained(out / "hf")
+  assert tok("the sky is")["input_ids"][0] == 1  # Llama 2's <s>
+  assert (out / "peft" / "adapter_config.json").exists()
+  assert (out / "peft" / "adapter_model.safetensors").stat().st_size > 0
+
+
+def test_original_ctx_is_the_runs_and_resume_opens_it_so(tmp_path):
+  from longlora_jax.training import run as engine
+  from longlora_jax.training.recipe import write_spec
+  from longlora_jax.training.tasks import EXTEND
+  hf_models.require("torch", "sentencepiece")
+  snapshot = _meta_llama2_hub(tmp_path)
+  data, out = _data(tmp_path / "docs.jsonl", 10), tmp_path / "run"
+  given = {"ckpt": str(snapshot), "ctx": 64, "original_ctx": 16,
+           "data": str(data)}
+  spec, base = engine.prepare(given, task=EXTEND, resume=False, run_dir=out)
+  assert (spec.original_ctx, base.config.context) == (16, 16)
+  assert "original context 16 tokens: as given" in base.note
+  out.mkdir()
+  write_spec(out, spec)
+  resumed, base = engine.prepare({}, task=EXTEND, resume=True, run_dir=out)
+  assert (resumed, base.config.context) == (spec, 16)
+  with pytest.raises(LongLoraError, match="--original-ctx 32 differs from "
+                     "this run's 16"):
+    engine.prepare({"original_ctx": 32}, task=EXTEND, resume=True,
+                   run_dir=out)
