@@ -170,6 +170,11 @@ def prepare(given: dict, *, task: Task, resume: bool, run_dir: Path,
   else:
     base = Checkpoint.open(_ckpt(given, task, defaults),
                            given.get("original_ctx"))
+    if "original_ctx" in given and base.note is None:
+      raise LongLoraError(
+          f"--original-ctx is for a checkpoint in Meta's layout; {base.name} "
+          "has a config.json, whose max_position_embeddings is its context: "
+          "drop --original-ctx")
     spec = _new_spec({k: v for k, v in given.items() if k != "ckpt"}, task,
                      base, defaults)
     previous = replaceable and (run_dir / RUN_FILE).exists()

@@ -163,7 +163,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(files, monkeypatch,
                                 [m["loss"] for m in _metrics(parts)])
 
 
-def test_bad_input_is_one_line_and_writes_nothing(files, run):
+def test_bad_input_is_one_line_and_writes_nothing(files, run, tiny_hf):
+  qwen2, _ = tiny_hf("qwen2_yarn")  # heads x head_dim != hidden size
   tmp = files["tmp"] / "bad"
   tmp.mkdir()
   (tmp / "empty").mkdir()
@@ -210,6 +211,12 @@ def test_bad_input_is_one_line_and_writes_nothing(files, run):
                         *out("offload_dots")],
                        "--offload activations moves what --remat full keeps "
                        "to the host; it needs --remat full, not dots"),
+      "gguf": (["--ckpt", str(qwen2), "--ctx", "256", "--data", data,
+                "--gguf", "f16", *out("gguf")],
+               "llama.cpp's qwen2 needs heads x head_dim == hidden_size"),
+      "original_ctx": (["--ckpt", model, "--ctx", "64", "--original-ctx",
+                        "16", *out("original_ctx")],
+                       "--original-ctx is for a checkpoint in Meta's layout"),
       "nan": ([*_args(files, tmp / "nan", "--lr", "1e30", "--warmup", "0",
                       "--save-every", "1", "--steps", "5")],
               "at step 2: training stopped; the last good checkpoint is step 1"),
