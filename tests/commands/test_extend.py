@@ -294,9 +294,8 @@ def test_gguf_at_the_end_of_a_run_and_from_export(files, capsys):
   # The merged model's embedding (trained: LoRA+), as transformers holds it.
   hf = load_file(out / "hf" / "model.safetensors")
   got = {t.name: np.asarray(t.data) for t in reader.tensors}
-  np.testing.assert_array_equal(
-      got["token_embd.weight"],
-      hf["model.embed_tokens.weight"].astype(np.float16))
+  np.testing.assert_array_equal(got["token_embd.weight"], hf[
+      "model.embed_tokens.weight"].astype(np.float16))
   # train.export of the same checkpoint writes the same tensors.
   export.main(["--run", str(out), "--out", str(files["tmp"] / "gguf_export"),
                "--format", "gguf"])
@@ -304,36 +303,28 @@ def test_gguf_at_the_end_of_a_run_and_from_export(files, capsys):
   assert sorted(got) == sorted(t.name for t in again.tensors)
   for t in again.tensors:
     np.testing.assert_array_equal(np.asarray(t.data), got[t.name], t.name)
-  # A type llama.cpp has no name for: one line, before anything runs.
-  for command, args in ((extend.main, _args(files, files["tmp"] / "gguf_bad",
-                                            "--gguf", "q4")),
-                        (export.main, ["--run", str(out), "--out",
-                                       str(files["tmp"] / "gguf_bad"),
-                                       "--format", "gguf", "--gguf-type",
-                                       "q4"])):
-    with pytest.raises(SystemExit) as e:
-      command(args)
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "invalid choice: 'q4'" in err
+  # A type llama.cpp has no name for: one line, before anything runs (the
+  # same choices as train.extend's --gguf: test_options).
+  with pytest.raises(SystemExit, match="2"):
+    export.main(["--run", str(out), "--out", str(files["tmp"] / "gguf_bad"),
+                 "--format", "gguf", "--gguf-type", "q4"])
+  assert "invalid choice: 'q4'" in capsys.readouterr().err
   assert not (files["tmp"] / "gguf_bad").exists()
 
 
 def _meta_llama2_hub(root):
   """A tiny Llama 2 in Meta's original layout (params.json,
   consolidated.00.pth, a SentencePiece tokenizer.model), cached offline as
-  the Hub repo meta-llama/Llama-2-7b is laid out; `root` is its HF_HOME."""
+  the Hub repo meta-llama/Llama-2-7b is laid out in `root`/hub."""
   import sentencepiece as spm
   repo = root / "hub" / "models--meta-llama--Llama-2-7b"
   snapshot = repo / "snapshots" / "0123abcd"
   snapshot.mkdir(parents=True)
   (repo / "refs").mkdir()
   (repo / "refs" / "main").write_text("0123abcd")
-  corpus = root / "corpus.txt"
-  corpus.write_text("\n".join(" ".join(WORDS[i:] + WORDS[:i])
-                              for i in range(len(WORDS))))
   spm.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(root / "sp"), vocab_size=64,
+      input=str(_data(root / "corpus.jsonl", 50)),
+      model_prefix=str(root / "sp"), vocab_size=64,
       model_type="bpe", byte_fallback=False, bos_id=1, eos_id=2, unk_id=0,
       minloglevel=2)
   shutil.copy(root / "sp.model", snapshot / "tokenizer.model")
@@ -359,18 +350,19 @@ def _meta_llama2_hub(root):
   return snapshot
 
 
-def test_design_card_command_on_metas_release(tmp_path):
+def test_design_card_command_on_metas_release(tmp_path, monkeypatch):
   # The design card's command, as a user types it, on Meta's release of
   # Llama 2 (no config.json: its context comes from what the files say).
+  import gguf
   import subprocess
   import sys
+  from huggingface_hub import constants
   from tests.conftest import ROOT
   hf_models.require("torch", "sentencepiece")
   _meta_llama2_hub(tmp_path / "hf_home")
   data = _data(tmp_path / "docs.jsonl", 12000)  # ~100,000 tokens and more
   out = tmp_path / "run"
-  env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"),
-         "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub"),
+  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub"),
          "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
          "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   done = subprocess.run(
@@ -378,22 +370,31 @@ def test_design_card_command_on_metas_release(tmp_path):
        "hf:meta-llama/Llama-2-7b", "--ctx", "100000",
        # One step of one row on one CPU device; S²-Attn groups of 400
        # tokens keep a 100,000-token row quick.
-       "--steps", "1", "--batch", "1", "--accum", "1",
-       "--group-ratio", "0.004", "--remat", "none", "--dtype", "float32", "--data", str(data),
+       "--steps", "1", "--batch", "1", "--accum", "1", "--group-ratio",
+       "0.004", "--remat", "none", "--dtype", "float32", "--data", str(data),
        "--out", str(out)], cwd=ROOT, env=env, text=True, capture_output=True,
       timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "original context 4096 tokens: Llama 2" in done.stdout
   assert ("context 4096 -> 100000 (RoPE linear factor 25)" in done.stdout)
-  spec = json.loads((out / "run.json").read_text())
-  assert spec["base_config"]["max_position_embeddings"] == 4096
+  assert json.loads((out / "run.json").read_text())["base_config"][
+      "max_position_embeddings"] == 4096
   # The merged model stands alone: no base repo is needed to load it.
   hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
   assert hf.config.rope_scaling["factor"] == 25.0
   tok = AutoTokenizer.from_pretrained(out / "hf")
   assert tok("the sky is")["input_ids"][0] == 1  # Llama 2's <s>
-  assert (out / "peft" / "adapter_config.json").exists()
-  assert (out / "peft" / "adapter_model.safetensors").stat().st_size > 0
+  for name in ("adapter_config.json", "adapter_model.safetensors"):
+    assert (out / "peft" / name).stat().st_size > 0
+  # And out as GGUF, its SentencePiece vocabulary from Meta's tokenizer.model.
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+  export.main(["--run", str(out), "--out", str(tmp_path / "gguf"),
+               "--format", "gguf"])
+  fields = {k: f.contents() for k, f in gguf.GGUFReader(
+      tmp_path / "gguf" / "model-f16.gguf").fields.items()}
+  # Its context is the factor's: 25 x 4096 >= 100000.
+  assert (fields["llama.context_length"], fields["llama.rope.scaling.factor"],
+          fields["tokenizer.ggml.model"]) == (102400, 25.0, "llama")
 
 
 def test_original_ctx_is_the_runs_and_resume_opens_it_so(tmp_path):
