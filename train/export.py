@@ -1,10 +1,12 @@
-"""Export a saved checkpoint of a `train.extend` or `train.sft` run as a HF model or adapter.
+"""Export a saved checkpoint of a `train.extend` or `train.sft` run as a HF model, adapter or GGUF.
 
   python -m train.export --run runs/demo/extend --out runs/demo/step100
   python -m train.export --run DIR --step 200 --out DIR2 --format peft
+  python -m train.export --run DIR --out DIR2 --format gguf --gguf-type q8_0
 
 `hf` writes the merged model (safetensors, config with the RoPE scaling,
-tokenizer); `peft` the LoRA adapter with the trained embedding and norms.
+tokenizer); `peft` the LoRA adapter with the trained embedding and norms;
+`gguf` the merged model as DIR2/model-TYPE.gguf for llama.cpp.
 """
 
 from pathlib import Path
@@ -12,9 +14,12 @@ from pathlib import Path
 from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import check_writable
+from longlora_jax.checkpoints.gguf import QTYPES
 from longlora_jax.demo import stdlib
 from longlora_jax.evaluation import suggest
-from longlora_jax.training.export import describe, load_run, write_outputs
+from longlora_jax.training.recipe import read_spec
+from longlora_jax.training.export import (describe, gguf_name, load_run,
+                                          write_outputs)
 
 
 def parse_args(argv=None):
@@ -26,8 +31,12 @@ def parse_args(argv=None):
                       "completely)")
   p.add_argument("--out", type=Path, required=True,
                  help="the model (or adapter) directory to write")
-  p.add_argument("--format", choices=("hf", "peft"), default="hf",
-                 help="hf: merged model; peft: LoRA adapter + embed/norms")
+  p.add_argument("--format", choices=("hf", "peft", "gguf"), default="hf",
+                 help="hf: merged model; peft: LoRA adapter + embed/norms; "
+                      "gguf: merged model for llama.cpp")
+  p.add_argument("--gguf-type", choices=tuple(QTYPES),
+                 help="--format gguf: the type of its matrices (default: "
+                      "the run's --gguf, else f16)")
   cli.option(p, "--mesh", default=None,
              purpose="sharding the run's weights while exporting "
                      "(default: the run's own --mesh)")
@@ -36,13 +45,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.gguf_type and args.format != "gguf":
+    raise LongLoraError("--gguf-type sets the type of a GGUF export; add "
+                        "--format gguf")
   if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
     raise LongLoraError(f"--out {args.out} exists and is not empty; choose "
                         "another directory")
   check_writable(args.out)
-  spec, base, config, params, step = load_run(args.run, args.step, args.mesh)
-  written = write_outputs(spec, base, config, params, {args.format: args.out},
-                          overwrite=False)
+  spec = read_spec(args.run)
+  qtype = args.gguf_type or spec.gguf or "f16"
+  spec, base, config, params, step = load_run(
+      args.run, args.step, args.mesh,
+      gguf_type=qtype if args.format == "gguf" else None)
+  out = args.out / gguf_name(qtype) if args.format == "gguf" else args.out
+  written = write_outputs(spec, base, config, params, {args.format: out},
+                          overwrite=False, gguf_type=qtype)
   print(f"{args.run}: step {step} exported")
   print(f"\n{describe(written, config)}")
   if "hf" in written:

@@ -6,8 +6,11 @@
 Trains with shifted sparse attention at the target context, the RoPE
 positions interpolated by ceil(ctx / original), and LoRA on the attention
 projections plus the embedding and norms; then writes the merged model (HF
-format) and the PEFT adapter into the run directory. Interrupt it (Ctrl-C,
-SIGTERM) and `--resume` continues the same run exactly.
+format) and the PEFT adapter into the run directory (and, with --gguf f16,
+a GGUF for llama.cpp). Meta's original release (params.json and
+consolidated.*.pth) works as it is, its original context told from its
+files (--original-ctx overrides it). Interrupt it (Ctrl-C, SIGTERM) and
+`--resume` continues the same run exactly.
 
 With no arguments it extends the built-in tiny model (native context 256)
 to 1024 tokens on the CPU in a few minutes and prints perplexity and

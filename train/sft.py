@@ -10,7 +10,8 @@ and examples longer than --ctx are truncated (and counted). Examples are
 packed several to a row of --ctx tokens with segment ids, so attention,
 S²-Attn included, never crosses examples and no row is padding to the
 longest. Everything else (LoRA+/--full-ft, mesh, checkpoints, --resume,
-progress, HF and PEFT export, `python -m train.export`) is train.extend's.
+progress, HF, PEFT and GGUF export, `python -m train.export`) is
+train.extend's.
 """
 
 from longlora_jax.core import cli

@@ -87,8 +87,8 @@ class Model(NamedTuple):
 
 
 def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
-               ctx: int | None = None, pi_factor: float | None = None
-               ) -> Model:
+               ctx: int | None = None, pi_factor: float | None = None,
+               original_context: int | None = None) -> Model:
   """A checkpoint as the evaluation commands use it: its weights read
   straight into their shards on `mesh` (a `make_mesh` spec such as
   "fsdp=8", or a Mesh), so no device holds the whole model.
@@ -96,8 +96,10 @@ def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
   The RoPE scaling: `pi_factor` forces linear interpolation by that factor
   (1: none); else `ctx`, the context the model was fine-tuned to, sets
   ceil(ctx / original context) when the config has no scaling of its own.
+  `original_context`: that of a checkpoint in Meta's layout, where its
+  files do not say it (`Checkpoint.open`).
   """
-  checkpoint = Checkpoint.open(ckpt)
+  checkpoint = Checkpoint.open(ckpt, original_context)
   config = checkpoint.config
   if pi_factor is not None:
     config = dataclasses.replace(

@@ -120,6 +120,11 @@ OPTIONS = {
                   help="context the model was fine-tuned to; sets the linear "
                        "RoPE factor ceil(ctx / original) when the config has "
                        "none"),
+    "--original-ctx": dict(type=count, default=None,
+                           help="the context a checkpoint in Meta's layout "
+                                "was released for (params.json does not "
+                                "record it; default: told from its files, "
+                                "e.g. 4096 for Llama 2)"),
     "--pi-factor": dict(type=real(1.0), default=None,
                         help="force this RoPE interpolation factor (e.g. the "
                              "paper's extended PI: a 32k model evaluated at "

@@ -1,5 +1,6 @@
-"""A run's outputs: the merged model (HF format) and the PEFT adapter, from
-the end of training or from any saved checkpoint, and how to load them."""
+"""A run's outputs: the merged model (HF format, and GGUF for llama.cpp) and
+the PEFT adapter, from the end of training or from any saved checkpoint,
+and how to load them."""
 
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import CheckpointError, LongLoraError
 from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.checkpoints.gguf import check_gguf, save_gguf
 from longlora_jax.checkpoints.hf import save_hf
 from longlora_jax.checkpoints.peft.adapter import save_peft
 from longlora_jax.parallel.sharding import make_mesh
@@ -21,11 +23,13 @@ from longlora_jax.training.step import initial_run_state, params_of
 
 def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
                   params, targets: dict[str, Path], *, overwrite: bool = True,
-                  max_shard_size: int | str = "5GB") -> dict[str, Path]:
+                  max_shard_size: int | str = "5GB",
+                  gguf_type: str | None = None) -> dict[str, Path]:
   """Writes `params` (the run's tree, LoRA nodes included) to each of
   `targets`: "hf" the merged model (with `base`'s tokenizer), "peft" the
-  adapter; `config` carries the RoPE scaling. Each directory appears only
-  once complete."""
+  adapter, "gguf" the merged model as one GGUF file of `gguf_type`
+  (default the run's --gguf, else f16); `config` carries the RoPE scaling.
+  Each appears only once complete."""
   if "peft" in targets and spec.mode == "full":
     raise LongLoraError("a full fine-tuning run has no adapter; export it "
                         "as --format hf")
@@ -43,7 +47,17 @@ def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
         config, params, targets["peft"], extra=MODES[spec.mode],
         base_model_name_or_path=_hub_name(base), dtype=dtype,
         overwrite=overwrite)
+  if "gguf" in targets:
+    written["gguf"] = save_gguf(
+        targets["gguf"], config, params, base.directory,
+        qtype=gguf_type or spec.gguf or "f16", merge_lora=True,
+        overwrite=overwrite)
   return written if jax.process_index() == 0 else {}
+
+
+def gguf_name(qtype: str) -> str:
+  """The GGUF file's name in a run (or export) directory."""
+  return f"model-{qtype}.gguf"
 
 
 def _hub_name(base: Checkpoint) -> str:
@@ -72,15 +86,20 @@ def describe(written: dict[str, Path], config: LlamaConfig) -> str:
         f"'{written['peft']}', dtype=torch.float32, "
         f"rope_parameters={rope}, "
         f"max_position_embeddings={config.max_position_embeddings})")
+  if "gguf" in written:
+    lines.append(f"GGUF (llama.cpp, context {config.context}): "
+                 f"{written['gguf']}")
   return "\n\n".join(lines)
 
 
-def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
+def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None,
+             gguf_type: str | None = None):
   """(spec, base checkpoint, extended config, params with LoRA nodes, step)
   of a saved checkpoint of the run in `run_dir`: `step`, else the newest
   that reads completely (newer unreadable ones are named in a warning and
   left in place: `--resume` sets them aside), sharded over `mesh` (default:
-  the run's)."""
+  the run's). A GGUF of `gguf_type` that llama.cpp would not run is refused
+  before any weight is read."""
   spec = read_spec(run_dir)
   directory = run_dir / "checkpoints"
   steps = saving.steps_in(directory)
@@ -103,10 +122,12 @@ def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None):
     raise CheckpointError(
         f"{directory / str(step)} is unreadable ({why}); readable steps: "
         f"{', '.join(map(str, readable)) or 'none'}")
-  base = Checkpoint.open(spec.ckpt)
+  base = Checkpoint.open(spec.ckpt, spec.original_ctx)
   if base.config.to_hf_dict() != spec.base_config:
     raise CheckpointError(f"{spec.ckpt} is no longer the model {run_dir} was "
                           "trained from (its config.json differs)")
+  if gguf_type:
+    check_gguf(target_config(spec, base.config), gguf_type)
   device_mesh = make_mesh(mesh or spec.mesh)
   state = initial_run_state(spec, base.params(
       spec.recipe.dtype, param_shardings(base.config, device_mesh)),

@@ -15,12 +15,14 @@ from longlora_jax.core import cli
 from longlora_jax.attention.dispatch import IMPLEMENTATIONS, AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
 from longlora_jax.core.errors import LongLoraError
+from longlora_jax.checkpoints.gguf import QTYPES
 from longlora_jax.training.recipe import OFFLOADS, RunSpec, TrainConfig
 from longlora_jax.training.tasks import Task
 
 # Options a resumed run may change (a new --lr, e.g. after a NaN, makes it
-# another run from there on); the others must stay the run's.
-RESUMABLE = ("steps", "lr", "save_every", "keep")
+# another run from there on; --gguf only adds an export); the others must
+# stay the run's.
+RESUMABLE = ("steps", "lr", "save_every", "keep", "gguf")
 # Option -> AttentionSpec field.
 _ATTENTION = {"attention": "kind", "group_ratio": "group_ratio",
               "s2_variant": "variant", "s2_impl": "implementation"}
@@ -113,6 +115,7 @@ def parser(task: Task, doc: str,
   cli.option(p, "--ckpt", help=task.help["ckpt"] + (
       f", or {defaults.ckpt} (the default)" if defaults else ""))
   p.add_argument("--ctx", type=cli.count, help=task.help["ctx"] + own("ctx"))
+  cli.option(p, "--original-ctx")
   p.add_argument("--data", help=f"{task.help['data']} (default {task.data}"
                  + (f"; {defaults.ckpt}: {defaults.data_help})"
                     if defaults and defaults.data else ")"))
@@ -123,6 +126,10 @@ def parser(task: Task, doc: str,
                  f"runs/{task.name}/NAME-CTX" + (
                      f"; {defaults.ckpt}: {defaults.out})" if defaults
                      else ")"))
+  p.add_argument("--gguf", choices=tuple(QTYPES),
+                 help="also write the merged model as RUN/model-TYPE.gguf "
+                      "for llama.cpp, its matrices of this type (default: "
+                      "none)")
   p.add_argument("--resume", action="store_true",
                  help="continue the run in --out from its last checkpoint")
   mode = p.add_mutually_exclusive_group()

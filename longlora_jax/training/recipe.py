@@ -95,7 +95,10 @@ class RunSpec:
   "lora+", "lora" or "full"; rope: how RoPE extends ("auto", "linear" or
   "yarn", see `Task.target_config`); batch: sequences per data-parallel
   device per micro-batch; base_config: the base checkpoint's config.json,
-  to recognise it on resume.
+  to recognise it on resume; original_ctx: the original context a
+  checkpoint in Meta's layout is opened with (None: decided from its
+  files); gguf: the GGUF type (`gguf.QTYPES`) also written at the end, or
+  None.
   """
   ckpt: str
   ctx: int
@@ -112,6 +115,8 @@ class RunSpec:
   seed: int = 0
   save_every: int = 100
   keep: int = 2
+  original_ctx: int | None = None
+  gguf: str | None = None
   recipe: TrainConfig = TrainConfig()
 
   def __post_init__(self):

@@ -22,13 +22,14 @@ from longlora_jax.parallel.distributed import initialize_from_env
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core import lock
 from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.checkpoints.gguf import QTYPES, check_gguf
 from longlora_jax.core.files import (check_writable, free_bytes, human_bytes,
                                      reclaim_all_unfinished)
 from longlora_jax.core.lock import LOCK_FILE
 from longlora_jax.model.llama import init_params
 from longlora_jax.parallel.sharding import batch_parallelism, make_mesh
 from longlora_jax.training import saving
-from longlora_jax.training.export import describe, write_outputs
+from longlora_jax.training.export import describe, gguf_name, write_outputs
 from longlora_jax.training.loop import (METRICS_FILE, loop, plot_loss,
                                         truncate_metrics)
 from longlora_jax.training.options import (RESUMABLE, CheckpointDefaults,
@@ -135,7 +136,8 @@ def _resumed_spec(given: dict, task: Task, saved: RunSpec, run_dir: Path,
 
 # What a run writes into its directory; anything else there is the user's.
 _OWN = (RUN_FILE, METRICS_FILE, "checkpoints", saving.UNREADABLE,
-        "tensorboard", "loss.png", "hf", "peft", "report.json", LOCK_FILE)
+        "tensorboard", "loss.png", "hf", "peft", "report.json", LOCK_FILE,
+        *map(gguf_name, QTYPES))
 
 
 def _entries(run_dir: Path) -> list[Path]:
@@ -163,10 +165,16 @@ def prepare(given: dict, *, task: Task, resume: bool, run_dir: Path,
   when `replaceable` (the checkpoint defaults' directory)."""
   if resume:
     saved = read_spec(run_dir)
-    base = Checkpoint.open(saved.ckpt)
+    base = Checkpoint.open(saved.ckpt, saved.original_ctx)
     spec = _resumed_spec(given, task, saved, run_dir, base)
   else:
-    base = Checkpoint.open(_ckpt(given, task, defaults))
+    base = Checkpoint.open(_ckpt(given, task, defaults),
+                           given.get("original_ctx"))
+    if "original_ctx" in given and base.note is None:
+      raise LongLoraError(
+          f"--original-ctx is for a checkpoint in Meta's layout; {base.name} "
+          "has a config.json, whose max_position_embeddings is its context: "
+          "drop --original-ctx")
     spec = _new_spec({k: v for k, v in given.items() if k != "ckpt"}, task,
                      base, defaults)
     previous = replaceable and (run_dir / RUN_FILE).exists()
@@ -180,6 +188,8 @@ def prepare(given: dict, *, task: Task, resume: bool, run_dir: Path,
   check_ctx(spec, base.config)
   check_attention(spec, base.config)
   check_counts(spec)
+  if spec.gguf:
+    check_gguf(target_config(spec, base.config), spec.gguf)
   return spec, base
 
 
@@ -315,8 +325,11 @@ def _train(job: _Job) -> tuple[int, dict[str, Path]]:
                  else "full attention")
     offloaded = ("activations offloaded to host, "
                  if spec.recipe.offload == "activations" else "")
+    if job.base.note:
+      print(f"note: {job.base.note}")
     print(f"{spec.ckpt}: context {job.base.config.context} -> {spec.ctx} "
-          f"(RoPE {config.rope_type} x{config.rope_factor:g}), {spec.mode}, "
+          f"(RoPE {config.rope_type} factor {config.rope_factor:g}), "
+          f"{spec.mode}, "
           f"{attention}, {offloaded}"
           f"{lora.count_params(state.trainable) / 1e6:.2f}M trainable "
           f"parameters; {rows * spec.recipe.accum} x {spec.ctx} tokens per "
@@ -343,6 +356,8 @@ def _train(job: _Job) -> tuple[int, dict[str, Path]]:
   targets = {"hf": run_dir / "hf"}
   if spec.mode != "full":
     targets["peft"] = run_dir / "peft"
+  if spec.gguf:
+    targets["gguf"] = run_dir / gguf_name(spec.gguf)
   written = write_outputs(spec, job.base, config, params_of(state), targets)
   if written:
     print(f"\n{describe(written, config)}")

@@ -163,7 +163,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(files, monkeypatch,
                                 [m["loss"] for m in _metrics(parts)])
 
 
-def test_bad_input_is_one_line_and_writes_nothing(files, run):
+def test_bad_input_is_one_line_and_writes_nothing(files, run, tiny_hf):
+  qwen2, _ = tiny_hf("qwen2_yarn")  # heads x head_dim != hidden size
   tmp = files["tmp"] / "bad"
   tmp.mkdir()
   (tmp / "empty").mkdir()
@@ -210,6 +211,12 @@ def test_bad_input_is_one_line_and_writes_nothing(files, run):
                         *out("offload_dots")],
                        "--offload activations moves what --remat full keeps "
                        "to the host; it needs --remat full, not dots"),
+      "gguf": (["--ckpt", str(qwen2), "--ctx", "256", "--data", data,
+                "--gguf", "f16", *out("gguf")],
+               "llama.cpp's qwen2 needs heads x head_dim == hidden_size"),
+      "original_ctx": (["--ckpt", model, "--ctx", "64", "--original-ctx",
+                        "16", *out("original_ctx")],
+                       "--original-ctx is for a checkpoint in Meta's layout"),
       "nan": ([*_args(files, tmp / "nan", "--lr", "1e30", "--warmup", "0",
                       "--save-every", "1", "--steps", "5")],
               "at step 2: training stopped; the last good checkpoint is step 1"),
@@ -270,3 +277,143 @@ def test_offloaded_run_says_so_and_records_it(files, capsys):
   assert "extend (offload)" in captured.err  # the progress bar
   spec = json.loads((out / "run.json").read_text())
   assert spec["recipe"]["offload"] == "activations"
+
+
+def test_gguf_at_the_end_of_a_run_and_from_export(files, capsys):
+  import gguf
+  from safetensors.numpy import load_file
+  out = files["tmp"] / "gguf"
+  assert extend.main(_args(files, out, "--steps", "1", "--gguf", "f16")) == 0
+  assert f"GGUF (llama.cpp, context 64): {out / 'model-f16.gguf'}" in (
+      capsys.readouterr().out)
+  assert json.loads((out / "run.json").read_text())["gguf"] == "f16"
+  reader = gguf.GGUFReader(out / "model-f16.gguf")
+  fields = {k: f.contents() for k, f in reader.fields.items()}
+  assert (fields["llama.context_length"], fields["llama.rope.scaling.type"],
+          fields["llama.rope.scaling.factor"]) == (64, "linear", 2.0)
+  # The merged model's embedding (trained: LoRA+), as transformers holds it.
+  hf = load_file(out / "hf" / "model.safetensors")
+  got = {t.name: np.asarray(t.data) for t in reader.tensors}
+  np.testing.assert_array_equal(got["token_embd.weight"], hf[
+      "model.embed_tokens.weight"].astype(np.float16))
+  # train.export of the same checkpoint writes the same tensors.
+  export.main(["--run", str(out), "--out", str(files["tmp"] / "gguf_export"),
+               "--format", "gguf"])
+  again = gguf.GGUFReader(files["tmp"] / "gguf_export" / "model-f16.gguf")
+  assert sorted(got) == sorted(t.name for t in again.tensors)
+  for t in again.tensors:
+    np.testing.assert_array_equal(np.asarray(t.data), got[t.name], t.name)
+  # A type llama.cpp has no name for: one line, before anything runs (the
+  # same choices as train.extend's --gguf: test_options).
+  with pytest.raises(SystemExit, match="2"):
+    export.main(["--run", str(out), "--out", str(files["tmp"] / "gguf_bad"),
+                 "--format", "gguf", "--gguf-type", "q4"])
+  assert "invalid choice: 'q4'" in capsys.readouterr().err
+  assert not (files["tmp"] / "gguf_bad").exists()
+
+
+def _meta_llama2_hub(root):
+  """A tiny Llama 2 in Meta's original layout (params.json,
+  consolidated.00.pth, a SentencePiece tokenizer.model), cached offline as
+  the Hub repo meta-llama/Llama-2-7b is laid out in `root`/hub."""
+  import sentencepiece as spm
+  repo = root / "hub" / "models--meta-llama--Llama-2-7b"
+  snapshot = repo / "snapshots" / "0123abcd"
+  snapshot.mkdir(parents=True)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text("0123abcd")
+  spm.SentencePieceTrainer.train(
+      input=str(_data(root / "corpus.jsonl", 50)),
+      model_prefix=str(root / "sp"), vocab_size=64,
+      model_type="bpe", byte_fallback=False, bos_id=1, eos_id=2, unk_id=0,
+      minloglevel=2)
+  shutil.copy(root / "sp.model", snapshot / "tokenizer.model")
+  params = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, norm_eps=1e-5,
+                vocab_size=-1)
+  (snapshot / "params.json").write_text(json.dumps(params))
+  gen = torch.Generator().manual_seed(0)
+  rand = lambda *shape: 0.3 * torch.randn(*shape, generator=gen)
+  dim, ffn, vocab = 64, 192, 64  # Meta's FeedForward: 2/3 x 4 x 64 -> 192
+  state = {"tok_embeddings.weight": rand(vocab, dim),
+           "norm.weight": 1 + rand(dim) / 3, "output.weight": rand(vocab, dim),
+           "rope.freqs": torch.ones(8)}
+  for i in range(2):
+    layer = f"layers.{i}."
+    state.update({
+        **{f"{layer}attention.w{x}.weight": rand(dim, dim) for x in "qkvo"},
+        f"{layer}feed_forward.w1.weight": rand(ffn, dim),
+        f"{layer}feed_forward.w2.weight": rand(dim, ffn),
+        f"{layer}feed_forward.w3.weight": rand(ffn, dim),
+        f"{layer}attention_norm.weight": 1 + rand(dim) / 3,
+        f"{layer}ffn_norm.weight": 1 + rand(dim) / 3})
+  torch.save(state, snapshot / "consolidated.00.pth")
+  return snapshot
+
+
+def test_design_card_command_on_metas_release(tmp_path, monkeypatch):
+  # The design card's command, as a user types it, on Meta's release of
+  # Llama 2 (no config.json: its context comes from what the files say).
+  import gguf
+  import subprocess
+  import sys
+  from huggingface_hub import constants
+  from tests.conftest import ROOT
+  hf_models.require("torch", "sentencepiece")
+  _meta_llama2_hub(tmp_path / "hf_home")
+  data = _data(tmp_path / "docs.jsonl", 12000)  # ~100,000 tokens and more
+  out = tmp_path / "run"
+  env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub"),
+         "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT,
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  done = subprocess.run(
+      [sys.executable, "-m", "train.extend", "--ckpt",
+       "hf:meta-llama/Llama-2-7b", "--ctx", "100000",
+       # One step of one row on one CPU device; S²-Attn groups of 400
+       # tokens keep a 100,000-token row quick.
+       "--steps", "1", "--batch", "1", "--accum", "1", "--group-ratio",
+       "0.004", "--remat", "none", "--dtype", "float32", "--data", str(data),
+       "--out", str(out)], cwd=ROOT, env=env, text=True, capture_output=True,
+      timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "original context 4096 tokens: Llama 2" in done.stdout
+  assert ("context 4096 -> 100000 (RoPE linear factor 25)" in done.stdout)
+  assert json.loads((out / "run.json").read_text())["base_config"][
+      "max_position_embeddings"] == 4096
+  # The merged model stands alone: no base repo is needed to load it.
+  hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32)
+  assert hf.config.rope_scaling["factor"] == 25.0
+  tok = AutoTokenizer.from_pretrained(out / "hf")
+  assert tok("the sky is")["input_ids"][0] == 1  # Llama 2's <s>
+  for name in ("adapter_config.json", "adapter_model.safetensors"):
+    assert (out / "peft" / name).stat().st_size > 0
+  # And out as GGUF, its SentencePiece vocabulary from Meta's tokenizer.model.
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", env["HF_HUB_CACHE"])
+  export.main(["--run", str(out), "--out", str(tmp_path / "gguf"),
+               "--format", "gguf"])
+  fields = {k: f.contents() for k, f in gguf.GGUFReader(
+      tmp_path / "gguf" / "model-f16.gguf").fields.items()}
+  # Its context is the factor's: 25 x 4096 >= 100000.
+  assert (fields["llama.context_length"], fields["llama.rope.scaling.factor"],
+          fields["tokenizer.ggml.model"]) == (102400, 25.0, "llama")
+
+
+def test_original_ctx_is_the_runs_and_resume_opens_it_so(tmp_path):
+  from longlora_jax.training import run as engine
+  from longlora_jax.training.recipe import write_spec
+  from longlora_jax.training.tasks import EXTEND
+  hf_models.require("torch", "sentencepiece")
+  snapshot = _meta_llama2_hub(tmp_path)
+  data, out = _data(tmp_path / "docs.jsonl", 10), tmp_path / "run"
+  given = {"ckpt": str(snapshot), "ctx": 64, "original_ctx": 16,
+           "data": str(data)}
+  spec, base = engine.prepare(given, task=EXTEND, resume=False, run_dir=out)
+  assert (spec.original_ctx, base.config.context) == (16, 16)
+  assert "original context 16 tokens: as given" in base.note
+  out.mkdir()
+  write_spec(out, spec)
+  resumed, base = engine.prepare({}, task=EXTEND, resume=True, run_dir=out)
+  assert (resumed, base.config.context) == (spec, 16)
+  with pytest.raises(LongLoraError, match="--original-ctx 32 differs from "
+                     "this run's 16"):
+    engine.prepare({"original_ctx": 32}, task=EXTEND, resume=True,
+                   run_dir=out)

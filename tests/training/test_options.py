@@ -93,3 +93,26 @@ def test_the_parser_is_the_tasks_with_its_checkpoints_defaults():
       "mesh": "data=2", "dtype": "float32"}
   with pytest.raises(SystemExit):
     sft.parse_args(["--dtype", "float16"])
+
+
+def test_gguf_and_original_ctx_are_recorded_and_old_records_load():
+  args = options.parser(EXTEND, "doc").parse_args(
+      ["--ckpt", "m", "--ctx", "64", "--gguf", "q8_0", "--original-ctx",
+       "8192"])
+  spec = options.make_spec(options.given(args), task="extend",
+                           base_config={})
+  assert (spec.gguf, spec.original_ctx) == ("q8_0", 8192)
+  assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+  # run.json of a run from before the options: no GGUF, the context told
+  # from the checkpoint's files.
+  old = spec.to_dict()
+  del old["gguf"], old["original_ctx"]
+  assert (RunSpec.from_dict(old).gguf,
+          RunSpec.from_dict(old).original_ctx) == (None, None)
+  # A GGUF may be asked for when resuming; the original context may not
+  # change (it is the model the run trains).
+  assert "gguf" in options.RESUMABLE
+  assert "original_ctx" not in options.RESUMABLE
+  for bad in (["--gguf", "q4"], ["--original-ctx", "0"]):
+    with pytest.raises(SystemExit):
+      options.parser(EXTEND, "doc").parse_args(bad)

@@ -110,7 +110,8 @@ def test_a_resumed_run_keeps_its_task_and_recipe(tmp_path):
     resume({}, EXTEND)
   with pytest.raises(LongLoraError, match=r"^--batch 4 differs from this "
                      r"run's 1; a resumed run keeps its recipe \(only "
-                     r"--steps, --lr, --save-every, --keep can change\)$"):
+                     r"--steps, --lr, --save-every, --keep, --gguf can "
+                     r"change\)$"):
     resume({"batch": 4})
   assert resume({}) == saved
   assert resume({"steps": 50}).recipe.steps == 50
