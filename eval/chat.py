@@ -22,6 +22,7 @@ def parse_args(argv=None):
   cli.option(p, "--ckpt", required=True)
   cli.option(p, "--ctx")
   cli.option(p, "--pi-factor")
+  cli.option(p, "--original-ctx")
   cli.option(p, "--dtype")
   cli.option(p, "--mesh")
   p.add_argument("--material", type=Path, required=True,
@@ -67,7 +68,8 @@ def main(argv=None):
   if not args.material.is_file():
     raise LongLoraError(f"--material {args.material}: no such file")
   config, params, tokenizer, _ = load_model(
-      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
+      original_context=args.original_ctx)
   material = args.material.read_text(encoding="utf-8", errors="replace")
   prompt = CHAT_PROMPT.format(material=material, question=args.question)
   ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]

@@ -26,6 +26,7 @@ def parse_args(argv=None):
   cli.option(p, "--ckpt", required=True)
   cli.option(p, "--ctx")
   cli.option(p, "--pi-factor")
+  cli.option(p, "--original-ctx")
   cli.option(p, "--dtype")
   cli.option(p, "--mesh")
   p.add_argument("--max-tokens", type=cli.integer(1, tokens=True),
@@ -81,7 +82,8 @@ def main(argv=None):
   args = parse_args(argv)
   check_writable(args.out)
   config, params, tokenizer, directory = load_model(
-      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
+      original_context=args.original_ctx)
   protocol = args.protocol or default_protocol(tokenizer)
   rows = run(config, params, tokenizer, max_tokens=args.max_tokens,
              interval=args.interval, num_tests=args.num_tests,

@@ -22,6 +22,7 @@ def parse_args(argv=None):
   cli.option(p, "--ckpt", required=True)
   cli.option(p, "--ctx")
   cli.option(p, "--pi-factor")
+  cli.option(p, "--original-ctx")
   cli.option(p, "--dtype")
   cli.option(p, "--mesh")
   p.add_argument("--data", required=True,
@@ -59,7 +60,8 @@ def main(argv=None):
   args = parse_args(argv)
   check_writable(args.out)
   config, params, tokenizer, directory = load_model(
-      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
+      original_context=args.original_ctx)
   if Path(args.data).suffix in TOKEN_SUFFIXES:
     tokens = load_tokens(args.data, config.vocab_size)
   else:

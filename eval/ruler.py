@@ -29,6 +29,7 @@ def parse_args(argv=None):
   cli.option(p, "--ckpt", required=True)
   cli.option(p, "--ctx")
   cli.option(p, "--pi-factor")
+  cli.option(p, "--original-ctx")
   cli.option(p, "--dtype")
   cli.option(p, "--mesh")
   p.add_argument("--lengths", nargs="+", default=[4096, 8192, 16384, 32768],
@@ -71,7 +72,8 @@ def main(argv=None):
       ("hotpotqa", rs.read_hotpotqa, args.hotpotqa)) if path}
   sources = rs.make_sources(rs.read_haystack(args.haystack), qa)
   config, params, tokenizer, directory = load_model(
-      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor)
+      args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
+      original_context=args.original_ctx)
   chat = ruler.uses_chat(tokenizer, args.chat_template)
   settings = {"checkpoint": str(directory), "rope_factor": config.rope_factor,
               "dtype": args.dtype, "seed": args.seed, "samples": args.samples,

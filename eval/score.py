@@ -28,13 +28,14 @@ def parse_args(argv=None):
   p.add_argument("--top-k", type=cli.count, default=5,
                  help="most likely next tokens shown")
   cli.option(p, "--mesh")
+  cli.option(p, "--original-ctx")
   return p.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  config, params, tokenizer, directory = load_model(args.ckpt, args.dtype,
-                                                    args.mesh)
+  config, params, tokenizer, directory = load_model(
+      args.ckpt, args.dtype, args.mesh, original_context=args.original_ctx)
   ids = tokenizer(args.text, return_tensors="np")["input_ids"]
   if ids.shape[1] < 2:
     raise LongLoraError("--text must encode to at least 2 tokens")

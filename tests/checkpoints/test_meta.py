@@ -19,7 +19,8 @@ from flax import traverse_util
 
 from longlora_jax import CheckpointError, forward
 from longlora_jax.checkpoints import meta, pth
-from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.checkpoints.checkpoint import (Checkpoint, load_model,
+                                                 param_shardings)
 from longlora_jax.parallel.sharding import make_mesh
 from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
@@ -264,6 +265,13 @@ def test_config_and_note(reference, tmp_path):
   given = Checkpoint.open(directory, original_context=65536)
   assert given.config.max_position_embeddings == 65536
   assert "65536 tokens: as given" in given.note
+  # The evaluation commands' loading (--original-ctx) opens it the same way
+  # (a Llama 2 with its tokenizer.model: 4096 unless given).
+  llama2, _, _ = _cases(reference, tmp_path, "llama2_7b")
+  assert load_model(llama2, "float32").config.max_position_embeddings == 4096
+  loaded = load_model(llama2, "float32", original_context=2048, ctx=8192)
+  assert (loaded.config.max_position_embeddings, loaded.config.rope_factor
+          ) == (2048, 4.0)
 
 
 def test_original_folder_and_hub_repo(reference, tmp_path, monkeypatch):
