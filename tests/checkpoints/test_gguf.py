@@ -14,8 +14,8 @@ from flax import traverse_util
 
 from longlora_jax import CheckpointError, LongLoraError, forward
 from longlora_jax.checkpoints import gguf as gguf_io
-from longlora_jax.checkpoints.checkpoint import (Checkpoint, load_tokenizer,
-                                                 param_shardings)
+from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+from longlora_jax.checkpoints.tokenizer import load_tokenizer
 from longlora_jax.checkpoints.hf import expected_shapes
 from longlora_jax.checkpoints.hub import BUILTIN
 from longlora_jax.model.config import LlamaConfig, RopeScaling
@@ -34,8 +34,7 @@ PLAIN = {**TINY, "qkv_bias": False, "o_bias": False}
 # at most half a step, plus 127 steps of f16's rounding of d (2^-11).
 Q8_STEPS = 0.5 + 127 * 2.0**-11
 # q8_0's logits against the unquantized model's, relative to the largest:
-# each weight is off by at most half a step (0.4% of its block's largest);
-# through ~30 matmuls that adds up to a few percent (the demo's: 0.8%).
+# each weight off by half a step (0.4%) at most, through ~30 matmuls.
 Q8_LOGITS = 5e-2
 TEXTS = ("def f(x):\n    return x ** 2  # squares 12345\n",
          "Hello, World! It's 3.14159 and 1000000 ducks.")
@@ -84,11 +83,14 @@ def _relative(a, b):  # to the largest logit
   return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-def _hf_model(path):
-  """transformers' GGUF loader: it de-permutes and dequantizes by itself."""
+def _hf(path, tokenizer=False):
+  """transformers' GGUF loader (de-permuting, dequantizing by itself)."""
   require("torch")
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+  auto = transformers.AutoTokenizer if tokenizer else (
+      transformers.AutoModelForCausalLM)
+  loaded = auto.from_pretrained(path.parent, gguf_file=path.name,
+                                **{} if tokenizer else {"dtype": torch.float32})
+  return loaded if tokenizer else loaded.eval()
 
 
 def _llama_cpp():
@@ -156,6 +158,7 @@ def test_yarn_and_llama3_rope_as_llama_cpp_reads_them(tmp_path):
   assert "llama.rope.scaling.type" not in reader.fields
   assert _fields(reader)["llama.context_length"] == 256
   factors = {t.name: t for t in reader.tensors}["rope_freqs.weight"].data
+  require("torch")  # transformers' llama3 frequencies are the reference
   scaled = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](
       transformers.LlamaConfig(**config.to_hf_dict()), "cpu")[0].numpy()
   base = 1.0 / 500000.0 ** (np.arange(0, 16, 2) / 16)
@@ -169,7 +172,7 @@ def test_demo_logits_and_greedy_through_transformers(tmp_path, demo, qtype,
   checkpoint, params, ids = *demo[:2], demo[2][:, :96]
   out = gguf_io.save_gguf(tmp_path / "demo.gguf", checkpoint.config, params,
                           checkpoint.directory, qtype=qtype)
-  model = _hf_model(out)
+  model = _hf(out)
   ours = np.asarray(forward(checkpoint.config, params, jnp.asarray(ids)))
   assert _relative(hf_logits(model, ids), ours) <= bound
   if qtype == "f16":
@@ -203,7 +206,7 @@ def test_each_family_runs_as_ours(tmp_path, family, reader):
   ids = np.random.default_rng(0).integers(3, config.vocab_size, (1, 60))
   ours = np.asarray(forward(config, params, jnp.asarray(ids)))
   if reader == "transformers":
-    assert _relative(hf_logits(_hf_model(out), ids), ours) <= 1e-5
+    assert _relative(hf_logits(_hf(out), ids), ours) <= 1e-5
   else:  # llama.cpp's KV cache is float16
     llm = _llama_cpp().Llama(str(out), n_ctx=64, logits_all=True,
                              verbose=False)
@@ -212,8 +215,7 @@ def test_each_family_runs_as_ours(tmp_path, family, reader):
 
 
 def _sentencepiece_tokenizer(directory):
-  """A 400-piece SentencePiece BPE trained on Python source as Llama 2's
-  was (byte fallback, BOS 1, EOS 2, digits split): its GGUF reads fast."""
+  """A 400-piece SentencePiece BPE set up as Llama 2's, on Python source."""
   import sentencepiece
   directory.mkdir()
   sentencepiece.SentencePieceTrainer.train(
@@ -247,13 +249,12 @@ def test_sentencepiece_model_through_transformers(tmp_path):
       "ggml.model", "ggml.bos_token_id", "ggml.eos_token_id",
       "ggml.add_bos_token", "chat_template")] == [
           "llama", 1, 2, True, ours.chat_template]
-  theirs = transformers.AutoTokenizer.from_pretrained(out.parent,
-                                                      gguf_file=out.name)
+  theirs = _hf(out, tokenizer=True)
   for text in TEXTS:
     assert theirs(text).input_ids == ours(text).input_ids == [1] + sp.encode(
         text)
   ids = np.asarray([ours(TEXTS[1]).input_ids])
-  model = _hf_model(out)
+  model = _hf(out)
   logits = np.asarray(forward(config, params, jnp.asarray(ids)))
   assert _relative(hf_logits(model, ids), logits) <= 1e-2
   new = generate(config, params, ids, max_new_tokens=8, eos_token_id=None)
@@ -301,8 +302,7 @@ def test_byte_level_pre_tokenizer_and_merges(tmp_path, pre):
   assert fields["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
   assert fields["tokenizer.ggml.token_type"][0] == gguf.TokenType.CONTROL
   assert fields["tokenizer.ggml.add_bos_token"] is False  # as `fast`
-  theirs = transformers.AutoTokenizer.from_pretrained(out.parent,
-                                                      gguf_file=out.name)
+  theirs = _hf(out, tokenizer=True)
   for text in TEXTS:
     assert (theirs(text, add_special_tokens=False).input_ids
             == fast(text, add_special_tokens=False).input_ids)
