@@ -8,11 +8,12 @@ task by its name (`named` reads it back).
 """
 
 import dataclasses
+from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.data import sft
-from longlora_jax.data.sources import check_source
+from longlora_jax.data.sources import TOKEN_SUFFIXES, check_source, load_tokens
 from longlora_jax.data.text import Position, document_tokens, packed_rows
 from longlora_jax.model.config import LlamaConfig
 
@@ -58,8 +59,11 @@ class Task:
   def check_data(self, spec) -> None:
     """Refuses missing or damaged --data in one line before any weight is
     read (what opening it shows; damage further in shows when read)."""
-    check_source(spec.data,
-                 (spec.text_field,) if self.text_field else sft.FIELDS)
+    if Path(spec.data).suffix in TOKEN_SUFFIXES:
+      load_tokens(spec.data)  # its size and .npy header; ids when read
+    else:
+      check_source(spec.data,
+                   (spec.text_field,) if self.text_field else sft.FIELDS)
 
 
 def _documents(spec, base, start: Position):

@@ -80,7 +80,7 @@ def test_max_windows_spreads_evenly():
 
 
 def test_auto_attention_is_cudnn_when_compiled_for_a_gpu():
-  # eval.perplexity's default `--attention auto`, compiled for a
+  # eval.perplexity's default `--attention full`, compiled for a
   # compile-only H100: one cuDNN flash-attention call in the layer scan,
   # never the chunked loop (whose [block, block] score tiles would show).
   from longlora_jax.perf import gpu_target
@@ -99,7 +99,7 @@ def test_auto_attention_is_cudnn_when_compiled_for_a_gpu():
   ids = jax.ShapeDtypeStruct((1, 2048), jnp.int32, sharding=on)
   first = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=on)
   with jax.set_mesh(make_mesh("fsdp=1", devices)), gpu_target.assume_cudnn():
-    hlo = _window_losses.lower(cfg, "auto", params, ids,
+    hlo = _window_losses.lower(cfg, "full", params, ids,
                                first).compile().as_text()
   calls = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
   assert calls == ["__cudnn$fmhaSoftmax"]

@@ -6,7 +6,9 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import conftest
+
+ROOT = str(conftest.ROOT)
 
 
 def _env(devices, **extra):
