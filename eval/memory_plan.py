@@ -48,12 +48,24 @@ from longlora_jax.perf import gpu_target
 from longlora_jax.core.errors import LongLoraError
 
 
+def _model_config(model: str):
+  """A preset's config, a config.json's, or a checkpoint's (any --ckpt:
+  a HF or Meta-layout directory, hf:ORG/NAME from the cache, demo)."""
+  from longlora_jax.checkpoints.checkpoint import Checkpoint
+  from longlora_jax.model.config import PRESETS, LlamaConfig, preset
+  if model in PRESETS:
+    return preset(model)
+  if Path(model).is_file():
+    return LlamaConfig.from_pretrained(model)
+  return Checkpoint.open(model).config
+
+
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
   p.add_argument("--model", default="llama2-7b",
                  help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
-                      "qwen2.5-7b, mistral-7b) or a checkpoint directory / "
-                      "config.json")
+                      "qwen2.5-7b, mistral-7b), a checkpoint as --ckpt takes "
+                      "it (HF or Meta's layout), or a config.json")
   cli.option(p, "--ctx", default=100000, help="sequence length")
   cli.option(p, "--mesh", default="fsdp=8",
              purpose="the mesh planned for (8 devices when an axis is -1)")
@@ -162,11 +174,9 @@ def plan_eval(args) -> dict:
   a decode step at --ctx."""
   import jax
 
-  from longlora_jax.model.config import PRESETS, LlamaConfig, preset
   from longlora_jax.model.generation import lower_extend
   from longlora_jax.model.kv_cache import cache_sharding
-  config = (preset(args.model) if args.model in PRESETS else
-            LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
+  config = _model_config(args.model).with_context(args.ctx)
   mesh = _mesh(args)
   t0 = time.time()
   step = lambda decode: lower_extend(config, mesh, ctx=args.ctx,
@@ -225,14 +235,12 @@ def plan(args) -> dict:
   import jax
 
   from longlora_jax.attention.dispatch import AttentionSpec, fused_for
-  from longlora_jax.model.config import PRESETS, LlamaConfig, preset
   from longlora_jax.model.flops import paper_flops, step_flops
   from longlora_jax.parallel.sharding import batch_parallelism
   from longlora_jax.training.recipe import TrainConfig
   from longlora_jax.training.step import lower_step
 
-  config = (preset(args.model) if args.model in PRESETS else
-            LlamaConfig.from_pretrained(args.model)).with_context(args.ctx)
+  config = _model_config(args.model).with_context(args.ctx)
   mesh = _mesh(args)
   # What a run on the target picks: the fused kernel on a GPU where it
   # applies (for full attention too), else S²-Attn's default and, for full

@@ -187,3 +187,37 @@ def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
                              "--usable-gib", "1"])
   with pytest.raises(LongLoraError, match="drop --eval"):
     memory_plan.main(["--find-max-ctx", "--eval"])
+
+
+def test_a_checkpoint_in_metas_layout_plans_as_its_hf_twin(tmp_path):
+  # The loading line comes from the shapes and shardings alone, so Meta's
+  # original layout (params.json + consolidated.00.pth) plans like the
+  # same model in HF format.
+  torch = pytest.importorskip("torch")
+  meta, hf = tmp_path / "meta", tmp_path / "hf"
+  meta.mkdir()
+  # FFN width by Meta's rule: int(0.75 * int(2 * 4 * 64 / 3)) = 127 -> 128.
+  (meta / "params.json").write_text(json.dumps(dict(
+      dim=64, n_layers=2, n_heads=4, multiple_of=128, ffn_dim_multiplier=0.75,
+      norm_eps=1e-5, vocab_size=256)))
+  D, F, V = 64, 128, 256
+  shapes = {"tok_embeddings.weight": (V, D), "norm.weight": (D,),
+            "output.weight": (V, D)}
+  for i in range(2):
+    shapes.update({f"layers.{i}.attention.{w}.weight": (D, D)
+                   for w in ("wq", "wk", "wv", "wo")})
+    shapes.update({f"layers.{i}.feed_forward.w1.weight": (F, D),
+                   f"layers.{i}.feed_forward.w2.weight": (D, F),
+                   f"layers.{i}.feed_forward.w3.weight": (F, D),
+                   f"layers.{i}.attention_norm.weight": (D,),
+                   f"layers.{i}.ffn_norm.weight": (D,)})
+  torch.save({k: torch.zeros(s, dtype=torch.bfloat16)
+              for k, s in shapes.items()}, meta / "consolidated.00.pth")
+  LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=F,
+              num_hidden_layers=2, num_attention_heads=4).save(hf)
+  plans = [memory_plan.plan(memory_plan.parse_args(
+      ["--model", str(d), "--ctx", "1024", "--mesh", "fsdp=8"]))
+      for d in (meta, hf)]
+  assert plans[0]["loading_gib"] == plans[1]["loading_gib"]
+  assert plans[0]["trainable_params"] == plans[1]["trainable_params"]
+  assert plans[0]["loading_gib"]["device_final"] > 0
