@@ -86,7 +86,7 @@ def test_the_adapter_hint_loads_it_with_the_trained_rope_scaling(
     monkeypatch):
   # Llama-2 (4096 tokens) trained at 8192: linear PI x2, which transformers
   # reads with max_position_embeddings kept at 4096.
-  import peft
+  peft = pytest.importorskip("peft", reason="needs peft (the reference)")
   config = LlamaConfig().with_context(8192)
   text = describe({"hf": Path("runs/x/hf"), "peft": Path("runs/x/peft")},
                   config)
