@@ -19,12 +19,7 @@ from longlora_jax.data.sft import CHAT_PROMPT
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  cli.option(p, "--ckpt", required=True)
-  cli.option(p, "--ctx")
-  cli.option(p, "--pi-factor")
-  cli.option(p, "--original-ctx")
-  cli.option(p, "--dtype")
-  cli.option(p, "--mesh")
+  cli.model_options(p)
   p.add_argument("--material", type=Path, required=True,
                  help="a (long) .txt document the question is about")
   p.add_argument("--question", required=True)

@@ -23,12 +23,7 @@ from longlora_jax.core.plots import save_plot
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  cli.option(p, "--ckpt", required=True)
-  cli.option(p, "--ctx")
-  cli.option(p, "--pi-factor")
-  cli.option(p, "--original-ctx")
-  cli.option(p, "--dtype")
-  cli.option(p, "--mesh")
+  cli.model_options(p)
   p.add_argument("--max-tokens", type=cli.integer(1, tokens=True),
                  default=32000,
                  help="longest prompt, in tokens (100k = 102400, or the "

@@ -19,12 +19,7 @@ from longlora_jax.core.plots import save_plot
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  cli.option(p, "--ckpt", required=True)
-  cli.option(p, "--ctx")
-  cli.option(p, "--pi-factor")
-  cli.option(p, "--original-ctx")
-  cli.option(p, "--dtype")
-  cli.option(p, "--mesh")
+  cli.model_options(p)
   p.add_argument("--data", required=True,
                  help="token file (.bin uint16 / .npy), text file(s) or "
                       "directory, or a HF dataset name")

@@ -26,12 +26,7 @@ from longlora_jax.core.plots import save_heatmap
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  cli.option(p, "--ckpt", required=True)
-  cli.option(p, "--ctx")
-  cli.option(p, "--pi-factor")
-  cli.option(p, "--original-ctx")
-  cli.option(p, "--dtype")
-  cli.option(p, "--mesh")
+  cli.model_options(p)
   p.add_argument("--lengths", nargs="+", default=[4096, 8192, 16384, 32768],
                  type=cli.integer(64, tokens=True),
                  help="prompt + generation lengths in tokens (4k = 4096)")

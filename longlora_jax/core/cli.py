@@ -143,6 +143,15 @@ def option(parser, name: str, *, purpose: str = "", **overrides) -> None:
   parser.add_argument(name, **kwargs)
 
 
+def model_options(parser) -> None:
+  """The options of a command that loads a model to evaluate it (what
+  `checkpoints.checkpoint.load_model` takes): --ckpt (required), --ctx,
+  --pi-factor, --original-ctx, --dtype, --mesh."""
+  option(parser, "--ckpt", required=True)
+  for name in ("--ctx", "--pi-factor", "--original-ctx", "--dtype", "--mesh"):
+    option(parser, name)
+
+
 def run(main: Callable[[], int | None]) -> None:
   """Runs `main`; a user error becomes one line on stderr and exit code 2."""
   try:
