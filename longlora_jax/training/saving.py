@@ -140,9 +140,20 @@ class Writer:
     except Exception:
       if not failed:
         raise
+    finally:
+      if failed:
+        # Orbax's background threads may still have been writing into the
+        # failed save's temporary directory when it was first removed; they
+        # have all stopped now that the manager is closed.
+        _remove_unfinished(Path(self.mngr.directory))
 
   def _reported(self, step: int):
     return _save_errors(Path(self.mngr.directory), step, self.good)
+
+
+def _remove_unfinished(directory: Path, step: int | str = "*") -> None:
+  for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+    shutil.rmtree(tmp, ignore_errors=True)  # Half a checkpoint: useless.
 
 
 @contextlib.contextmanager
@@ -150,8 +161,7 @@ def _save_errors(directory: Path, step: int, good: int | None):
   try:
     yield
   except Exception as exc:
-    for tmp in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-      shutil.rmtree(tmp, ignore_errors=True)  # Half a checkpoint: useless.
+    _remove_unfinished(directory, step)
     cause, fix = os_cause(exc) or (
         f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}", "fix that")
     kept = (f"the last good checkpoint is {directory / str(good)}"
