@@ -42,7 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--budget", type=cli.positive, default=470,
                  help="seconds for all sections")
   p.add_argument("--smoke", action="store_true",
-                 help="tiny sizes on any backend, Pallas interpreter")
+                 help="tiny sizes on any backend, Pallas interpreter; the "
+                 "sections' own time limits do not apply, only --budget")
   p.add_argument("--sections", nargs="+", choices=sorted(SECTIONS),
                  default=list(SECTIONS), help="default: all, in order")
   p.add_argument("--section", help=argparse.SUPPRESS)  # child process
@@ -58,6 +59,8 @@ def main(argv=None) -> int:
   start, report = time.time(), {"smoke": args.smoke, "sections": {}}
   for name in args.sections:
     limit, needs = SECTIONS[name]
+    if args.smoke:  # The limits are a GPU's; a busy CPU takes what it takes.
+      limit, needs = args.budget, 0
     left = args.budget - (time.time() - start)
     if left < needs:
       report["sections"][name] = {"status": f"skipped: {left:.0f} s left"}

@@ -1,6 +1,8 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 # Tests run on the CPU with 8 virtual devices so sharding code is exercised
 # everywhere; set before JAX initialises its backends.
@@ -9,6 +11,17 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One XLA compilation cache for the whole run, shared by the xdist workers
+# and the commands the tests start (they inherit the environment): the same
+# tiny models compile once, not once per process. Made by the first process
+# (the xdist controller, which starts the workers) and removed by it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+      prefix="longlora-jax-tests-xla-")
+  _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
+else:
+  _OWN_CACHE = None
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -98,3 +111,8 @@ def run_commands(commands: dict) -> dict:
       list(procs.values())[-4].wait(timeout=300)
   stderr = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
   return {name: (p.returncode, stderr[name]) for name, p in procs.items()}
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
