@@ -32,7 +32,8 @@ from longlora_jax.checkpoints.tokenizer import (load_tokenizer,
                                               rebuilt_for_export,
                                               save_tokenizer)
 from longlora_jax.checkpoints.weights import open_weights, write_safetensors
-from longlora_jax.model.lora import LoRA, merge
+from longlora_jax.model.lora import LoRA, kernel_shape, merge
+from longlora_jax.model.nf4 import NF4Tensor
 from longlora_jax.model.llama import init_params
 
 # Buffers some old checkpoints saved; recomputed from the config, not loaded.
@@ -239,8 +240,7 @@ def check_params(config: LlamaConfig, params, lora_ok: bool = False) -> dict:
     if isinstance(flat[path], LoRA) and not lora_ok:
       raise CheckpointError(f"params {name} is a LoRA adapter; save it with "
                             "merge_lora=True, or the adapter with save_peft")
-    shape = (flat[path].w if isinstance(flat[path], LoRA) else
-             flat[path]).shape
+    shape = kernel_shape(flat[path])
     if tuple(shape) != tuple(expected[path]):
       raise CheckpointError(f"params {name} has shape {shape}, but the "
                             f"config implies {expected[path]}")
@@ -270,10 +270,12 @@ def to_host(value, dtype=None, transpose: bool = False) -> np.ndarray:
 
 def _slice(value, layer):
   """One layer of a stacked parameter (all of it for `layer` None); a LoRA
-  node's layer merged into a plain kernel, on the devices that hold it."""
+  node's layer merged into a plain kernel (a 4-bit one dequantized, in
+  float32), on the devices that hold it."""
   if layer is not None:
     value = jax.tree.map(lambda x: x[layer], value)
-  return merge(value) if isinstance(value, LoRA) else value
+  return (merge(value, jnp.float32) if isinstance(value, (LoRA, NF4Tensor))
+          else value)
 
 
 def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,

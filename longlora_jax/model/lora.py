@@ -118,8 +118,9 @@ def add_lora(params, *, rank: int = 8, alpha: float = 16,
     module = layers[groups[target]][target]
     w_LDF = module["kernel"]
     *L, D, F = kernel_shape(w_LDF)
-    # A 4-bit base's adapters start in float32 (they train in it anyway).
-    dt = dtype or getattr(w_LDF, "dtype", jnp.float32)
+    # A 4-bit base's adapters take the dtype of the model's other weights.
+    dt = dtype or getattr(w_LDF, "dtype",
+                          params["embed_tokens"]["embedding"].dtype)
     # Keyed by name, so a target's init does not depend on the others.
     target_key = jax.random.fold_in(key, zlib.crc32(target.encode()))
     a_LDR = _kaiming_uniform_a(target_key, (*L, D, rank), dt)
