@@ -79,14 +79,16 @@ def project(x_BTD, kernel_DF, dtype: DType):
   return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
 
 
-@functools.partial(jax.checkpoint, static_argnums=2,
+@functools.partial(jax.checkpoint, static_argnums=2, prevent_cse=False,
                    policy=jax.checkpoint_policies.nothing_saveable)
 def _project_nf4(x_BTD, kernel_FD, dtype: DType):
   """`x @ w` for a 4-bit weight (torch's [out, in] blocks), dequantized to
   the compute dtype here, one layer's weight at a time. Rematerialised:
   left to itself, the backward pass's `dX = dY @ w` would keep every
   layer's dequantized weight from the forward pass, a bf16 copy of the
-  whole stack; this way it keeps the 4-bit one and dequantizes again."""
+  whole stack; this way it keeps the 4-bit one and dequantizes again. (It
+  runs inside the layers' scan, where CSE is safe: under a rematerialised
+  layer the recomputed forward and the backward may share one.)"""
   return jnp.einsum("...D,FD->...F", x_BTD.astype(dtype),
                     dequantize(kernel_FD, dtype))
 
