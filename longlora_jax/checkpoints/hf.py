@@ -195,11 +195,11 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
   for path in tqdm(names, desc="load_hf", unit="tensor", disable=None,
                    leave=False):
     kernel = path[-1] == "kernel"
-    if kernel and path[0] == "layers" and (quantize or names[path][0] in stored):
+    four_bit = names[path][0] in stored
+    if kernel and path[0] == "layers" and (quantize or four_bit):
       flat[path] = place_nf4(weights, path, names[path],
                              expected[path][:0:-1],
-                             placement.get(path, default), dtype,
-                             names[path][0] in stored)
+                             placement.get(path, default), dtype, four_bit)
       continue
 
     def read(layer, index, path=path, kernel=kernel):

@@ -89,7 +89,7 @@ def place_nf4(weights: Weights, path: tuple[str, ...], names: list[str],
                             "quantize the checkpoint in one go")
     part = jax.tree.map(
         lambda x, s: jax.make_array_from_callback(
-            (1, *np.shape(x)), s, lambda index, x=x: np.asarray(x)[None][index]),
-        t, shardings)
+            (1, *np.shape(x)), s,
+            lambda index, x=x: np.asarray(x)[None][index]), t, shardings)
     stack = _set_layers(stack, part, i)
   return jax.block_until_ready(stack)

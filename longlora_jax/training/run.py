@@ -95,7 +95,7 @@ def _new_spec(given: dict, task: Task, base: Checkpoint,
   if "ctx" not in options:
     raise LongLoraError("--ctx is required: " + task.needs["ctx"].format(
         ctx=4 * base.config.context))
-  if base.quantized:  # a bitsandbytes 4-bit checkpoint: its weights are
+  if base.quantized:  # a bitsandbytes 4-bit checkpoint trains in 4 bits
     options = {**options, "quantize": base.quantized}
   return make_spec(options, task=task, base_config=base.config.to_hf_dict())
 

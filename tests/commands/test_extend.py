@@ -417,4 +417,3 @@ def test_original_ctx_is_the_runs_and_resume_opens_it_so(tmp_path):
                      "this run's 16"):
     engine.prepare({"original_ctx": 32}, task=EXTEND, resume=True,
                    run_dir=out)
-
