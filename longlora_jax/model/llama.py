@@ -109,11 +109,10 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD):
-    if is_nf4_kernel(kernel_DF := self.get_variable("params", "kernel")):
-      # Read as it is: flax would check the packed bytes' shape as the
-      # kernel's (its first leaf); its shape is checked where it is loaded.
-      pass
-    else:
+    kernel_DF = self.get_variable("params", "kernel")
+    # A 4-bit kernel is read as it is: flax would check its first leaf, the
+    # packed codes, against the kernel's shape (checked where it is loaded).
+    if not is_nf4_kernel(kernel_DF):
       kernel_DF = self.param("kernel", nn.initializers.normal(self.std),
                              (x_BTD.shape[-1], self.features),
                              self.param_dtype)

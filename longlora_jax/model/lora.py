@@ -130,12 +130,12 @@ def add_lora(params, *, rank: int = 8, alpha: float = 16,
   return {**params, "layers": new_layers}
 
 
-def _plain(w, dtype=None):
-  """A kernel as an array: a 4-bit one dequantized (to float32, or
-  `dtype`) and laid out `[..., in, out]`."""
+def _plain(w, dtype):
+  """A kernel as an array of `dtype`: a 4-bit one dequantized and laid out
+  `[..., in, out]`."""
   if not isinstance(w, NF4Tensor):
-    return w if dtype is None else w.astype(dtype)
-  return jnp.swapaxes(dequantize(w, dtype or jnp.float32), -1, -2)
+    return w.astype(dtype)
+  return jnp.swapaxes(dequantize(w, dtype), -1, -2)
 
 
 def merge(params, nf4_dtype=jnp.bfloat16):
