@@ -64,7 +64,7 @@ def main(argv=None):
     raise LongLoraError(f"--material {args.material}: no such file")
   config, params, tokenizer, _ = load_model(
       args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
-      original_context=args.original_ctx)
+      original_context=args.original_ctx, quantize=args.quantize)
   material = args.material.read_text(encoding="utf-8", errors="replace")
   prompt = CHAT_PROMPT.format(material=material, question=args.question)
   ids = np.asarray(tokenizer(prompt)["input_ids"], np.int32)[None]

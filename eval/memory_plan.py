@@ -81,6 +81,7 @@ def parse_args(argv=None):
   p.add_argument("--offload", choices=("none", "activations"), default="none",
                  help="activations: the layer inputs --remat full keeps go "
                       "to pinned host memory (train.extend --offload)")
+  cli.option(p, "--quantize")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
                  default="cpu",
                  help="compiler: XLA:CPU on fake devices (default), or "
@@ -261,7 +262,8 @@ def plan(args) -> dict:
   with (gpu_target.assume_cudnn() if args.target != "cpu"
         else contextlib.nullcontext()):
     lowered, state = lower_step(config, tc, mesh, ctx=args.ctx,
-                                mode=args.mode, batch_per_device=args.batch)
+                                mode=args.mode, batch_per_device=args.batch,
+                                quantize=args.quantize)
   with tempfile.TemporaryDirectory() as dump:
     compiled = lowered.compile({"xla_dump_to": dump})
     compile_s = time.time() - t0
@@ -285,7 +287,7 @@ def plan(args) -> dict:
   result = {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
-      "mode": args.mode,
+      "mode": args.mode, "quantize": args.quantize,
       "remat": args.remat, "offload": args.offload,
       "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
@@ -324,7 +326,8 @@ def _print_plan(result) -> None:
   print(f"{result['model']}  ctx {result['ctx']:,}  mesh {result['mesh']}  "
         f"{result['attention']}"
         f"{f' ({fused})' if (fused := result['fused_kernel']) else ''}  "
-        f"{result['mode']}  remat={result['remat']}  "
+        f"{result['mode']}  quantize={result['quantize']}  "
+        f"remat={result['remat']}  "
         f"offload={result['offload']}  "
         f"({result['compiler']}, compiled in {result['compile_seconds']} s, "
         f"jax {result['jax']})")
@@ -371,6 +374,9 @@ def main(argv=None):
   args = parse_args(argv)
   if args.find_max_ctx and args.eval:
     raise LongLoraError("--find-max-ctx searches train steps; drop --eval")
+  if args.quantize != "none" and (args.eval or args.mode == "full"):
+    raise LongLoraError("--quantize plans LoRA+ train steps over 4-bit "
+                        "weights; drop it with --eval or --full-ft")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   flags = os.environ.get("XLA_FLAGS", "")
   if "xla_force_host_platform_device_count" not in flags:

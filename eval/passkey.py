@@ -78,7 +78,7 @@ def main(argv=None):
   check_writable(args.out)
   config, params, tokenizer, directory = load_model(
       args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
-      original_context=args.original_ctx)
+      original_context=args.original_ctx, quantize=args.quantize)
   protocol = args.protocol or default_protocol(tokenizer)
   rows = run(config, params, tokenizer, max_tokens=args.max_tokens,
              interval=args.interval, num_tests=args.num_tests,

@@ -56,7 +56,7 @@ def main(argv=None):
   check_writable(args.out)
   config, params, tokenizer, directory = load_model(
       args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
-      original_context=args.original_ctx)
+      original_context=args.original_ctx, quantize=args.quantize)
   if Path(args.data).suffix in TOKEN_SUFFIXES:
     tokens = load_tokens(args.data, config.vocab_size)
   else:

@@ -68,10 +68,11 @@ def main(argv=None):
   sources = rs.make_sources(rs.read_haystack(args.haystack), qa)
   config, params, tokenizer, directory = load_model(
       args.ckpt, args.dtype, args.mesh, ctx=args.ctx, pi_factor=args.pi_factor,
-      original_context=args.original_ctx)
+      original_context=args.original_ctx, quantize=args.quantize)
   chat = ruler.uses_chat(tokenizer, args.chat_template)
   settings = {"checkpoint": str(directory), "rope_factor": config.rope_factor,
-              "dtype": args.dtype, "seed": args.seed, "samples": args.samples,
+              "dtype": args.dtype, "quantize": args.quantize,
+              "seed": args.seed, "samples": args.samples,
               "depths": depths, "chat_template": chat,
               "batch_size": args.batch_size,  # it decides what is trimmed
               "haystack": str(args.haystack or "pydoc_data")}

@@ -61,7 +61,7 @@ def main(argv=None):
   written = write_outputs(spec, base, config, params, {args.format: out},
                           overwrite=False, gguf_type=qtype)
   print(f"{args.run}: step {step} exported")
-  print(f"\n{describe(written, config)}")
+  print(f"\n{describe(written, config, spec)}")
   if "hf" in written:
     print("\n" + suggest.commands(
         spec.task.makes, written["hf"], tokenizer=base.tokenizer,

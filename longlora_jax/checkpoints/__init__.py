@@ -13,4 +13,4 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "load_peft": "peft.adapter",
     "save_peft": "peft.adapter",
 }, submodules=("bnb", "checkpoint", "hf", "hub", "meta", "peft", "pth",
-               "tokenizer", "weights"))
+               "quantized", "tokenizer", "weights"))

@@ -34,6 +34,31 @@ _REQUANTIZE = ("download the checkpoint again, or quantize the original "
                "True, bnb_4bit_quant_type='nf4')")
 
 
+def checkpoint_quantization(config: dict, source: str) -> str | None:
+  """"nf4" for a bitsandbytes NF4 checkpoint (its config.json's
+  `quantization_config`), None for an unquantized one; a one-line error
+  for the quantizations that are not read (bitsandbytes' fp4 and 8-bit,
+  and other methods)."""
+  q = config.get("quantization_config")
+  if not q:
+    return None
+  method = q.get("quant_method") if isinstance(q, dict) else None
+  if method != "bitsandbytes":
+    raise CheckpointError(
+        f"{source}: quantized with {method!r}; only bitsandbytes NF4 "
+        "checkpoints are read: load the unquantized checkpoint (and pass "
+        "--quantize nf4 for 4-bit weights)")
+  if not q.get("load_in_4bit") or q.get("bnb_4bit_quant_type") != "nf4":
+    kind = ("8-bit" if q.get("load_in_8bit") else
+            f"4-bit {q.get('bnb_4bit_quant_type')!r}")
+    raise CheckpointError(
+        f"{source}: bitsandbytes {kind} weights are not read, only NF4: "
+        "load the unquantized checkpoint with --quantize nf4, or one saved "
+        "with BitsAndBytesConfig(load_in_4bit=True, "
+        "bnb_4bit_quant_type='nf4')")
+  return "nf4"
+
+
 def quantized_names(weights: Weights) -> list[str]:
   """The names of the 4-bit weights (`X.weight`) among `weights`."""
   return sorted(name.split(_STATE)[0] for name in weights.files

@@ -15,7 +15,11 @@ from flax import traverse_util
 from longlora_jax.model.config import LlamaConfig, RopeScaling
 from longlora_jax.parallel.sharding import make_mesh, shardings_like
 from longlora_jax.checkpoints.hf import expected_shapes, read_params
+from longlora_jax.checkpoints.bnb import checkpoint_quantization
 from longlora_jax.checkpoints.hub import resolve_checkpoint
+from longlora_jax.checkpoints.quantized import check_quantize
+from longlora_jax.core.errors import CheckpointError
+from longlora_jax.core.files import read_json
 from longlora_jax.checkpoints import meta
 from longlora_jax.checkpoints.tokenizer import load_tokenizer
 
@@ -27,12 +31,15 @@ class Checkpoint:
   name: as given (`hf:ORG/NAME[@revision]`, a directory, or `demo`);
   directory: where its files are; config: its config.json (or, in Meta's
   layout, params.json); note: what a Meta-layout checkpoint's files did not
-  say and how it was decided (`meta.read_config`), for commands to print.
+  say and how it was decided (`meta.read_config`), for commands to print;
+  quantized: "nf4" for a bitsandbytes 4-bit checkpoint, whose layer
+  kernels load as the 4-bit blocks they are.
   """
   name: str
   directory: Path
   config: LlamaConfig
   note: str | None = None
+  quantized: str | None = None
 
   @classmethod
   def open(cls, name: str | os.PathLike,
@@ -47,14 +54,29 @@ class Checkpoint:
     directory = resolve_checkpoint(name)
     if (folder := meta.locate(directory)) is not None:
       return cls(name, folder, *meta.read_config(folder, original_context))
-    return cls(name, directory, LlamaConfig.from_pretrained(directory))
+    config = LlamaConfig.from_pretrained(directory)
+    file = directory / "config.json"
+    quantized = checkpoint_quantization(
+        read_json(file, missing=f"{file}: not found", error=CheckpointError),
+        str(file))
+    return cls(name, directory, config, quantized=quantized)
 
-  def params(self, dtype=jnp.bfloat16, shardings=None):
+  def params(self, dtype=jnp.bfloat16, shardings=None,
+             quantize: str | None = None):
     """The weights as our parameter tree, in `dtype`; `shardings` (a tree
     like the parameters, e.g. `param_shardings(config, mesh)`) places each
-    device's part as it is read, and no whole tensor on any one device."""
-    read = meta.read_params if meta.is_meta(self.directory) else read_params
-    return read(self.directory, self.config, dtype, shardings)
+    device's part as it is read, and no whole tensor on any one device.
+    `quantize="nf4"`: the layer kernels in 4 bits, each quantized as it is
+    read (`quantized.place_nf4`); a 4-bit checkpoint's always are."""
+    if meta.is_meta(self.directory):
+      if check_quantize(quantize):
+        raise CheckpointError(
+            f"{self.name}: 4-bit weights are read from Hugging Face "
+            "checkpoints, not Meta's layout; use the model's Hugging Face "
+            "release, or --quantize none")
+      return meta.read_params(self.directory, self.config, dtype, shardings)
+    return read_params(self.directory, self.config, dtype, shardings,
+                       quantize)
 
   @functools.cached_property
   def tokenizer(self):
@@ -88,7 +110,8 @@ class Model(NamedTuple):
 
 def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
                ctx: int | None = None, pi_factor: float | None = None,
-               original_context: int | None = None) -> Model:
+               original_context: int | None = None,
+               quantize: str | None = None) -> Model:
   """A checkpoint as the evaluation commands use it: its weights read
   straight into their shards on `mesh` (a `make_mesh` spec such as
   "fsdp=8", or a Mesh), so no device holds the whole model.
@@ -97,7 +120,8 @@ def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
   (1: none); else `ctx`, the context the model was fine-tuned to, sets
   ceil(ctx / original context) when the config has no scaling of its own.
   `original_context`: that of a checkpoint in Meta's layout, where its
-  files do not say it (`Checkpoint.open`).
+  files do not say it (`Checkpoint.open`). `quantize`: "nf4" for 4-bit
+  layer kernels (`Checkpoint.params`).
   """
   checkpoint = Checkpoint.open(ckpt, original_context)
   config = checkpoint.config
@@ -108,7 +132,8 @@ def load_model(ckpt: str | os.PathLike, dtype="bfloat16", mesh="fsdp=-1", *,
     config = config.with_context(ctx)
   if isinstance(mesh, str):
     mesh = make_mesh(mesh)
-  params = checkpoint.params(dtype, param_shardings(checkpoint.config, mesh))
+  params = checkpoint.params(dtype, param_shardings(checkpoint.config, mesh),
+                             quantize)
   return Model(config, params, checkpoint.tokenizer, checkpoint.directory)
 
 

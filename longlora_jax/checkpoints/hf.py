@@ -25,12 +25,15 @@ from tqdm.auto import tqdm
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import atomic_dir, output_dir, write_json
+from longlora_jax.checkpoints.bnb import quantized_names
 from longlora_jax.checkpoints.hub import TOKENIZER_FILES, resolve_checkpoint
+from longlora_jax.checkpoints.quantized import check_quantize, place_nf4
 from longlora_jax.checkpoints.tokenizer import (load_tokenizer,
                                               rebuilt_for_export,
                                               save_tokenizer)
 from longlora_jax.checkpoints.weights import open_weights, write_safetensors
-from longlora_jax.model.lora import LoRA, merge
+from longlora_jax.model.lora import LoRA, kernel_shape, merge
+from longlora_jax.model.nf4 import NF4Tensor
 from longlora_jax.model.llama import init_params
 
 # Buffers some old checkpoints saved; recomputed from the config, not loaded.
@@ -139,7 +142,7 @@ def loading_memory(config: LlamaConfig, shardings, dtype=jnp.bfloat16,
 
 
 def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
-                shardings=None):
+                shardings=None, quantize: str | None = None):
   """The weights of the checkpoint in `directory` (whose config is
   `config`) as our parameter tree; open checkpoints with
   `io.checkpoint.Checkpoint`, which calls this.
@@ -151,9 +154,14 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
       only its own part of each tensor (safetensors slices; one layer at a
       time), so no process holds a whole stacked tensor, let alone the
       model, and a process reads only what its devices hold.
+    quantize: "nf4" quantizes the layer kernels as they are read
+      (`quantized.place_nf4`). A bitsandbytes 4-bit checkpoint's kernels
+      are read as the 4-bit blocks they are, whatever this says.
   """
   dtype = as_dtype(dtype)
+  quantize = check_quantize(quantize)
   weights = open_weights(directory)
+  stored = set(quantized_names(weights))  # bitsandbytes 4-bit weights
   expected = expected_shapes(config)
   placement = (traverse_util.flatten_dict(shardings) if shardings is not None
                else {})
@@ -163,7 +171,12 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
     if name not in weights.files:
       raise CheckpointError(f"{directory}: tensor {name} is missing from the "
                             "weights")
-    if tuple(weights.shape(name)) != hf_shape:
+    if name in stored and not (path[0] == "layers" and path[-1] == "kernel"):
+      raise CheckpointError(f"{weights.files[name]}: {name} is 4-bit; only "
+                            "the layers' projections are read in 4 bits; "
+                            "quantize the checkpoint with its other weights "
+                            "unquantized (transformers' default)")
+    if name not in stored and tuple(weights.shape(name)) != hf_shape:
       raise CheckpointError(
           f"{weights.files[name]}: tensor {name} has shape "
           f"{tuple(weights.shape(name))}, but config.json implies {hf_shape}")
@@ -171,7 +184,8 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
   used = {n for layer_names in names.values() for n in layer_names}
   extra = sorted(n for n in set(weights.files) - used
                  if not _IGNORED_KEYS.search(n) and not (
-                     config.tie_word_embeddings and n == "lm_head.weight"))
+                     config.tie_word_embeddings and n == "lm_head.weight")
+                 and n.rsplit(".weight.", 1)[0] + ".weight" not in stored)
   if extra:
     raise CheckpointError(
         f"{directory}: weights hold tensors a plain Llama does not have "
@@ -181,6 +195,12 @@ def read_params(directory: Path, config: LlamaConfig, dtype=jnp.bfloat16,
   for path in tqdm(names, desc="load_hf", unit="tensor", disable=None,
                    leave=False):
     kernel = path[-1] == "kernel"
+    four_bit = names[path][0] in stored
+    if kernel and path[0] == "layers" and (quantize or four_bit):
+      flat[path] = place_nf4(weights, path, names[path],
+                             expected[path][:0:-1],
+                             placement.get(path, default), dtype, four_bit)
+      continue
 
     def read(layer, index, path=path, kernel=kernel):
       # Our kernels are [in, out], HF's [out, in]: slice theirs, transpose.
@@ -220,8 +240,7 @@ def check_params(config: LlamaConfig, params, lora_ok: bool = False) -> dict:
     if isinstance(flat[path], LoRA) and not lora_ok:
       raise CheckpointError(f"params {name} is a LoRA adapter; save it with "
                             "merge_lora=True, or the adapter with save_peft")
-    shape = (flat[path].w if isinstance(flat[path], LoRA) else
-             flat[path]).shape
+    shape = kernel_shape(flat[path])
     if tuple(shape) != tuple(expected[path]):
       raise CheckpointError(f"params {name} has shape {shape}, but the "
                             f"config implies {expected[path]}")
@@ -251,10 +270,12 @@ def to_host(value, dtype=None, transpose: bool = False) -> np.ndarray:
 
 def _slice(value, layer):
   """One layer of a stacked parameter (all of it for `layer` None); a LoRA
-  node's layer merged into a plain kernel, on the devices that hold it."""
+  node's layer merged into a plain kernel (a 4-bit one dequantized, in
+  float32), on the devices that hold it."""
   if layer is not None:
     value = jax.tree.map(lambda x: x[layer], value)
-  return merge(value) if isinstance(value, LoRA) else value
+  return (merge(value, jnp.float32) if isinstance(value, (LoRA, NF4Tensor))
+          else value)
 
 
 def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,

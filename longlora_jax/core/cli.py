@@ -112,6 +112,12 @@ OPTIONS = {
                         "fsdp=8, data=2,fsdp=4 or context=8"),
     "--dtype": dict(default="bfloat16", choices=DTYPES,
                     help="weights and compute"),
+    "--quantize": dict(default="none", choices=("none", "nf4"),
+                       help="frozen layer weights: nf4 keeps the attention "
+                            "and MLP projections in 4 bits (QLoRA's "
+                            "NormalFloat, double-quantized scales), "
+                            "dequantized one layer at a time; embeddings, "
+                            "norms, the LM head and LoRA stay in --dtype"),
     "--heads": dict(type=count, default=32, help="query heads"),
     "--kv-heads": dict(type=count, default=None,
                        help="key/value heads (GQA; default: --heads)"),
@@ -146,9 +152,10 @@ def option(parser, name: str, *, purpose: str = "", **overrides) -> None:
 def model_options(parser) -> None:
   """The options of a command that loads a model to evaluate it (what
   `checkpoints.checkpoint.load_model` takes): --ckpt (required), --ctx,
-  --pi-factor, --original-ctx, --dtype, --mesh."""
+  --pi-factor, --original-ctx, --dtype, --quantize, --mesh."""
   option(parser, "--ckpt", required=True)
-  for name in ("--ctx", "--pi-factor", "--original-ctx", "--dtype", "--mesh"):
+  for name in ("--ctx", "--pi-factor", "--original-ctx", "--dtype",
+               "--quantize", "--mesh"):
     option(parser, name)
 
 

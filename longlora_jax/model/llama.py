@@ -28,6 +28,7 @@ The layers are one `nn.scan` (stacked on a leading axis) so compile time does
 not grow with depth. Kernels are `[in, out]`, the transpose of torch's.
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -38,7 +39,8 @@ from jax.ad_checkpoint import checkpoint_name
 from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
                                              context_form, get_attention)
 from longlora_jax.model.config import LlamaConfig
-from longlora_jax.model.lora import LoRA, delta
+from longlora_jax.model.lora import LoRA, delta, is_nf4_kernel
+from longlora_jax.model.nf4 import NF4Tensor, dequantize
 from longlora_jax.model.rope import apply_rope, rope_frequencies
 from longlora_jax.parallel.sharding import (context_slices, gather_over_context,
                                    per_row_shard, shard_batch)
@@ -72,7 +74,23 @@ def project(x_BTD, kernel_DF, dtype: DType):
   low-rank update, so `w + ba` is never formed."""
   if isinstance(kernel_DF, LoRA):
     return project(x_BTD, kernel_DF.w, dtype) + delta(x_BTD, kernel_DF, dtype)
+  if isinstance(kernel_DF, NF4Tensor):
+    return _project_nf4(x_BTD, kernel_DF, dtype)
   return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
+
+
+@functools.partial(jax.checkpoint, static_argnums=2, prevent_cse=False,
+                   policy=jax.checkpoint_policies.nothing_saveable)
+def _project_nf4(x_BTD, kernel_FD, dtype: DType):
+  """`x @ w` for a 4-bit weight (torch's [out, in] blocks), dequantized to
+  the compute dtype here, one layer's weight at a time. Rematerialised:
+  left to itself, the backward pass's `dX = dY @ w` would keep every
+  layer's dequantized weight from the forward pass, a bf16 copy of the
+  whole stack; this way it keeps the 4-bit one and dequantizes again. (It
+  runs inside the layers' scan, where CSE is safe: under a rematerialised
+  layer the recomputed forward and the backward may share one.)"""
+  return jnp.einsum("...D,FD->...F", x_BTD.astype(dtype),
+                    dequantize(kernel_FD, dtype))
 
 
 def rms_norm(x_BTD, weight_D, eps: float):
@@ -91,8 +109,13 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD):
-    kernel_DF = self.param("kernel", nn.initializers.normal(self.std),
-                           (x_BTD.shape[-1], self.features), self.param_dtype)
+    kernel_DF = self.get_variable("params", "kernel")
+    # A 4-bit kernel is read as it is: flax would check its first leaf, the
+    # packed codes, against the kernel's shape (checked where it is loaded).
+    if not is_nf4_kernel(kernel_DF):
+      kernel_DF = self.param("kernel", nn.initializers.normal(self.std),
+                             (x_BTD.shape[-1], self.features),
+                             self.param_dtype)
     y_BTF = project(x_BTD, kernel_DF, self.dtype)
     if self.use_bias:  # zeros at init, as transformers initialises them
       y_BTF += self.param("bias", nn.initializers.zeros, (self.features,),

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longlora_jax.core.errors import LongLoraError
+from longlora_jax.model.nf4 import NF4Tensor, dequantize
 
 # Official LongLoRA `--trainable_params embed,norm`: the embedding and every
 # RMSNorm train alongside the adapters ("LoRA+").
@@ -54,6 +55,18 @@ class LoRA:
 
 def is_lora(x) -> bool:
   return isinstance(x, LoRA)
+
+
+def is_nf4_kernel(x) -> bool:
+  """Whether `x` is a 4-bit kernel, bare or under a `LoRA` node."""
+  return isinstance(x.w if is_lora(x) else x, NF4Tensor)
+
+
+def kernel_shape(x) -> tuple[int, ...]:
+  """The `[..., in, out]` shape of a kernel: an array, a `LoRA` node's base
+  or a 4-bit one."""
+  x = x.w if is_lora(x) else x
+  return tuple(x.kernel_shape if isinstance(x, NF4Tensor) else x.shape)
 
 
 def delta(x_BTD, node: LoRA, dtype):
@@ -104,8 +117,10 @@ def add_lora(params, *, rank: int = 8, alpha: float = 16,
   for target in targets:
     module = layers[groups[target]][target]
     w_LDF = module["kernel"]
-    *L, D, F = w_LDF.shape
-    dt = dtype or w_LDF.dtype
+    *L, D, F = kernel_shape(w_LDF)
+    # A 4-bit base's adapters take the dtype of the model's other weights.
+    dt = dtype or getattr(w_LDF, "dtype",
+                          params["embed_tokens"]["embedding"].dtype)
     # Keyed by name, so a target's init does not depend on the others.
     target_key = jax.random.fold_in(key, zlib.crc32(target.encode()))
     a_LDR = _kaiming_uniform_a(target_key, (*L, D, rank), dt)
@@ -115,20 +130,33 @@ def add_lora(params, *, rank: int = 8, alpha: float = 16,
   return {**params, "layers": new_layers}
 
 
-def merge(params):
-  """Plain params: every `LoRA` node becomes `w + scale * a @ b`.
+def _plain(w, dtype):
+  """A kernel as an array of `dtype`: a 4-bit one dequantized and laid out
+  `[..., in, out]`."""
+  if not isinstance(w, NF4Tensor):
+    return w.astype(dtype)
+  return jnp.swapaxes(dequantize(w, dtype), -1, -2)
+
+
+def merge(params, nf4_dtype=jnp.bfloat16):
+  """Plain params: every `LoRA` node becomes `w + scale * a @ b`, every
+  4-bit kernel an array of `nf4_dtype`.
 
   Computed in float32 at full matmul precision (this runs once, for export),
-  then cast to `w`'s dtype.
+  then cast to `w`'s dtype (`nf4_dtype` for a 4-bit `w`, dequantized
+  first).
   """
+  is_node = lambda x: is_lora(x) or isinstance(x, NF4Tensor)
+
   def fold(x):
     if not is_lora(x):
-      return x
+      return _plain(x, nf4_dtype) if isinstance(x, NF4Tensor) else x
     ab_LDF = jnp.einsum("...DR,...RF->...DF", x.a.astype(jnp.float32),
                         x.b.astype(jnp.float32),
                         precision=jax.lax.Precision.HIGHEST)
-    return (x.w.astype(jnp.float32) + x.scale * ab_LDF).astype(x.w.dtype)
-  return jax.tree.map(fold, params, is_leaf=is_lora)
+    dtype = nf4_dtype if isinstance(x.w, NF4Tensor) else x.w.dtype
+    return (_plain(x.w, jnp.float32) + x.scale * ab_LDF).astype(dtype)
+  return jax.tree.map(fold, params, is_leaf=is_node)
 
 
 def strip(params):
@@ -160,7 +188,7 @@ def trainable_mask(params, extra: tuple[str, ...] = LORA_PLUS):
 
   def leaf(path, x):
     if is_lora(x):
-      return x.replace(w=False, a=True, b=True)
+      return x.replace(w=jax.tree.map(lambda _: False, x.w), a=True, b=True)
     name = _path_name(path)
     hits = {e for e in extra if e in name}
     used.update(hits)

@@ -109,6 +109,12 @@ class NF4Tensor:
   def nested(self) -> bool:
     return self.offset is not None
 
+  @property
+  def kernel_shape(self) -> tuple[int, ...]:
+    """The shape of the `[..., in, out]` kernel this weight stands for: its
+    leading (layer) axes, then `shape` reversed."""
+    return (*self.packed.shape[:-1], *self.shape[::-1])
+
 
 def _blocks(flat: np.ndarray, blocksize: int) -> np.ndarray:
   """flat [n] -> [ceil(n / blocksize), blocksize], the last row padded with
@@ -234,3 +240,46 @@ def dequantize(t: NF4Tensor, dtype=jnp.bfloat16):
   values = jnp.asarray(NF4_CODE)[codes.astype(jnp.int32)]
   values = _per_block(values, _absmax(t), t.blocksize)
   return values.astype(dtype).reshape(*lead, *t.shape)
+
+
+def quantize_kernel(kernel_DF, double_quant: bool = True) -> NF4Tensor:
+  """NF4 of our kernel `[..., in, out]` (a stack of layers or one), each
+  leading index quantized alone as the torch weight `[out, in]` it is, as
+  bitsandbytes quantizes a checkpoint's linear layers. A
+  `jax.ShapeDtypeStruct` gives the abstract NF4Tensor (for plans)."""
+  *lead, d, f = kernel_DF.shape
+  if isinstance(kernel_DF, jax.ShapeDtypeStruct):
+    return abstract((*lead, d, f), double_quant)
+  w = np.asarray(kernel_DF).reshape(-1, d, f)
+  layers = [quantize(np.swapaxes(x, 0, 1), double_quant=double_quant)
+            for x in w]
+  return jax.tree.map(lambda *xs: np.stack(xs).reshape(*lead, *xs[0].shape),
+                      *layers)
+
+
+def abstract(kernel_shape, double_quant: bool = True) -> NF4Tensor:
+  """The NF4Tensor of a `[..., in, out]` kernel as ShapeDtypeStructs."""
+  *lead, d, f = kernel_shape
+  n = d * f
+  blocks = -(-n // BLOCKSIZE)
+  sds = lambda *shape, dtype=np.float32: jax.ShapeDtypeStruct(
+      (*lead, *shape), dtype)
+  if not double_quant:
+    return NF4Tensor(sds(-(-n // 2), dtype=np.uint8), sds(blocks),
+                     shape=(f, d))
+  return NF4Tensor(sds(-(-n // 2), dtype=np.uint8),
+                   sds(blocks, dtype=np.uint8),
+                   sds(-(-blocks // NESTED_BLOCKSIZE)), sds(256), sds(),
+                   (f, d))
+
+
+def quantize_layers(params, double_quant: bool = True):
+  """`params` with every layer kernel (the attention and MLP projections,
+  `layers/.../kernel`) in NF4 (`quantize_kernel`); embeddings, norms,
+  biases and the LM head as they are."""
+  def leaf(path, x):
+    names = [getattr(k, "key", None) for k in path]
+    if names[0] == "layers" and names[-1] == "kernel":
+      return quantize_kernel(x, double_quant)
+    return x
+  return jax.tree_util.tree_map_with_path(leaf, params)

@@ -32,6 +32,10 @@ FSDP_AXES = ("fsdp", SEQ_AXIS)
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
                     "lm_head")
 _ROW_PARALLEL = ("o_proj", "down_proj")
+# The leaves of a 4-bit weight (model/nf4.py's NF4Tensor): the codes and
+# their block scales are flat and split over fsdp; the rest is small.
+_NF4_SPLIT = ("packed", "absmax")
+_NF4_WHOLE = ("nested_absmax", "nested_code", "offset")
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
@@ -105,6 +109,14 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh,
   """
   names = _names(path)
   spec = [None] * len(shape)
+  axes = tuple(a for a in fsdp_axes if mesh.shape[a] > 1)
+  ways = math.prod(mesh.shape[a] for a in axes)
+  if names[-1:] and names[-1] in _NF4_SPLIT + _NF4_WHOLE:
+    # A 4-bit weight: its flat last axis over fsdp where it divides (never
+    # the layer axis, nor over tensor: a block's codes stay together).
+    if names[-1] in _NF4_SPLIT and ways > 1 and shape[-1] % ways == 0:
+      spec[-1] = axes[0] if len(axes) == 1 else axes
+    return P(*spec)
   first = 1 if "layers" in names and len(shape) > 1 else 0
   free = list(range(first, len(shape)))
   tensor = mesh.shape["tensor"]
@@ -122,8 +134,6 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh,
     if axis is not None and shape[axis] % tensor == 0:
       spec[axis] = "tensor"
       free.remove(axis)
-  axes = tuple(a for a in fsdp_axes if mesh.shape[a] > 1)
-  ways = math.prod(mesh.shape[a] for a in axes)
   if ways > 1:
     divisible = [d for d in free if shape[d] % ways == 0]
     if divisible:

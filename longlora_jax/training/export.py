@@ -67,10 +67,18 @@ def _hub_name(base: Checkpoint) -> str:
   return str(Path(base.directory).absolute())
 
 
-def describe(written: dict[str, Path], config: LlamaConfig) -> str:
+def describe(written: dict[str, Path], config: LlamaConfig,
+             spec: RunSpec | None = None) -> str:
   """Where `written` (from `write_outputs`) lies and how to load the
-  adapter; `config` is the trained one, with its RoPE scaling."""
+  adapter; `config` is the trained one, with its RoPE scaling; `spec` the
+  run's, which says whether its base was 4-bit."""
   lines = []
+  if spec is not None and spec.quantize != "none" and written:
+    lines.append(
+        f"base weights: 4-bit {spec.quantize.upper()} (trained over them); "
+        f"the merged model holds them dequantized to {spec.recipe.dtype}, "
+        "the adapters merged in; the PEFT adapter gives this run's logits on "
+        "that dequantized base, not on the original unquantized one")
   if "hf" in written:
     lines.append(f"merged model (HF format): {written['hf']}")
   if "peft" in written:
@@ -130,8 +138,8 @@ def load_run(run_dir: Path, step: int | None = None, mesh: str | None = None,
     check_gguf(target_config(spec, base.config), gguf_type)
   device_mesh = make_mesh(mesh or spec.mesh)
   state = initial_run_state(spec, base.params(
-      spec.recipe.dtype, param_shardings(base.config, device_mesh)),
-      device_mesh)
+      spec.recipe.dtype, param_shardings(base.config, device_mesh),
+      spec.quantize), device_mesh)
   mngr = saving.manager(directory, read_only=True)
   state, _ = saving.restore(mngr, step, state)
   mngr.close()

@@ -62,6 +62,11 @@ def make_spec(options: dict, *, task: Task | str,
       "auto"):
     raise LongLoraError("--s2-impl chooses how S²-Attn runs; drop it with "
                         "--full-attn")
+  if options.get("quantize", "none") != "none" and options.get("mode") == (
+      "full"):
+    raise LongLoraError("--full-ft trains every weight, and 4-bit weights "
+                        "stay frozen; train LoRA+ (drop --full-ft) or drop "
+                        "--quantize")
   attention = AttentionSpec(**{_ATTENTION[k]: v
                                for k, v in pick(_ATTENTION).items()})
   recipe = TrainConfig(attention=attention, **pick(_RECIPE))
@@ -178,6 +183,8 @@ def parser(task: Task, doc: str,
                  help=d("weight_decay", "g"))
   cli.option(p, "--dtype", default=None, choices=("bfloat16", "float32"),
              help=f"frozen weights, compute and export {d('dtype')}")
+  cli.option(p, "--quantize", default=None,
+             help=f"{cli.OPTIONS['--quantize']['help']} {d('quantize')}")
   p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
                  f"checkpointing {d('remat')}")
   p.add_argument("--offload", choices=OFFLOADS, help="activations: keep "

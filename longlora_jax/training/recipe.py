@@ -98,7 +98,8 @@ class RunSpec:
   to recognise it on resume; original_ctx: the original context a
   checkpoint in Meta's layout is opened with (None: decided from its
   files); gguf: the GGUF type (`gguf.QTYPES`) also written at the end, or
-  None.
+  None; quantize: "nf4" to hold the frozen layer kernels in 4 bits
+  (`Checkpoint.params`), else "none".
   """
   ckpt: str
   ctx: int
@@ -117,6 +118,7 @@ class RunSpec:
   keep: int = 2
   original_ctx: int | None = None
   gguf: str | None = None
+  quantize: str = "none"
   recipe: TrainConfig = TrainConfig()
 
   def __post_init__(self):

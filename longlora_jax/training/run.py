@@ -95,6 +95,8 @@ def _new_spec(given: dict, task: Task, base: Checkpoint,
   if "ctx" not in options:
     raise LongLoraError("--ctx is required: " + task.needs["ctx"].format(
         ctx=4 * base.config.context))
+  if base.quantized:  # a bitsandbytes 4-bit checkpoint trains in 4 bits
+    options = {**options, "quantize": base.quantized}
   return make_spec(options, task=task, base_config=base.config.to_hf_dict())
 
 
@@ -267,7 +269,8 @@ def _setup(given: dict, task: Task, resume: bool, run_dir: Path,
     # The weights go straight to their shards: no device, and no process,
     # ever holds the whole model.
     state = initial_run_state(spec, base.params(
-        spec.recipe.dtype, param_shardings(base.config, mesh)), mesh)
+        spec.recipe.dtype, param_shardings(base.config, mesh),
+        spec.quantize), mesh)
     shape = {k: jax.ShapeDtypeStruct(v.shape, jnp.int32)
              for k, v in first[0].items()}
     step_fn, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh,
@@ -360,7 +363,7 @@ def _train(job: _Job) -> tuple[int, dict[str, Path]]:
     targets["gguf"] = run_dir / gguf_name(spec.gguf)
   written = write_outputs(spec, job.base, config, params_of(state), targets)
   if written:
-    print(f"\n{describe(written, config)}")
+    print(f"\n{describe(written, config, spec)}")
   return 0, written
 
 

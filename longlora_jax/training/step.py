@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from longlora_jax.model import lora
+from longlora_jax.model import lora, nf4
 from longlora_jax.attention.groups import s2_group_size
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import LongLoraError
@@ -209,15 +209,17 @@ def jit_train_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, state,
 
 def lower_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, *, ctx: int,
                mode: str = "lora+", batch_per_device: int = 1,
-               dtype=jnp.bfloat16):
+               dtype=jnp.bfloat16, quantize: str = "none"):
   """(lowered step, abstract state): the sharded train step of `config` and
   `tc` on `mesh` for `tc.accum` micro-batches of `batch_per_device` rows of
   `ctx` tokens per device, lowered against abstract arrays (nothing is
-  allocated; `mesh` may hold compile-only devices). Weights in `dtype`."""
-  state = jax.eval_shape(
-      lambda key: initial_state(init_params(config, key, dtype=dtype), tc,
-                                mode=mode),
-      jax.random.key(0))
+  allocated; `mesh` may hold compile-only devices). Weights in `dtype`;
+  the layer kernels in 4 bits for `quantize="nf4"`."""
+  params = jax.eval_shape(functools.partial(init_params, config, dtype=dtype),
+                          jax.random.key(0))
+  if quantize == "nf4":
+    params = nf4.quantize_layers(params)
+  state = jax.eval_shape(lambda p: initial_state(p, tc, mode=mode), params)
   rows = batch_per_device * batch_parallelism(mesh)
   batch = {"input_ids": jax.ShapeDtypeStruct((tc.accum, rows, ctx),
                                              jnp.int32)}

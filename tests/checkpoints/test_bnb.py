@@ -219,3 +219,75 @@ def test_an_unquantized_checkpoint_is_refused(tmp_path):
   directory = _write(tmp_path, {"w": np.zeros(3, np.float32)})
   with pytest.raises(CheckpointError, match="no bitsandbytes 4-bit weights"):
     bnb.read_bnb_4bit(directory)
+
+
+def test_a_4bit_checkpoint_opens_sharded_with_bitsandbytes_logits(
+    checkpoints):
+  """`Checkpoint.open` reads transformers' NF4 checkpoint straight into
+  4-bit kernels split over fsdp=8; its logits (float32) are transformers'
+  on the weights bitsandbytes dequantizes from the checkpoint. (Not those
+  of its Linear4bit on the CPU, which are 2e-3 off that float32
+  computation here.) Quantizing the base as it is read gives the
+  checkpoint's own bytes."""
+  import torch
+  import transformers
+  from bitsandbytes import functional as F
+  from safetensors.torch import load_file as load_torch
+  from longlora_jax import forward
+  from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
+  from longlora_jax.parallel.sharding import make_mesh
+  base, directories = checkpoints
+  mesh = make_mesh("fsdp=8")
+  checkpoint = Checkpoint.open(directories[False, "float32"])
+  assert checkpoint.quantized == "nf4"
+  shardings = param_shardings(checkpoint.config, mesh)
+  params = checkpoint.params("float32", shardings)
+  q_proj = params["layers"]["self_attn"]["q_proj"]["kernel"]
+  assert isinstance(q_proj, nf4.NF4Tensor) and q_proj.shape == (64, 64)
+  assert q_proj.packed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+  ids = np.arange(24).reshape(2, 12) * 5 % 128
+  model = transformers.LlamaForCausalLM.from_pretrained(base,
+                                                        dtype=torch.float32)
+  tensors = load_torch(directories[False, "float32"] / "model.safetensors")
+  state = model.state_dict()
+  for name in LINEARS:
+    quant = F.QuantState.from_dict(
+        {k[len(name) + 1:]: v for k, v in tensors.items()
+         if k.startswith(name + ".")}, device="cpu")
+    shape, quant.shape = quant.shape, torch.Size([quant.shape.numel()])
+    # Flat: see _bnb_dequantize in tests/model/test_nf4.py.
+    state[name] = F.dequantize_4bit(tensors[name], quant).reshape(shape)
+  model.load_state_dict(state)
+  with torch.no_grad():
+    want = model(torch.from_numpy(ids)).logits.numpy()
+  got = np.asarray(jax.jit(forward, static_argnums=0)(
+      checkpoint.config, params, jnp.asarray(ids)))
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(
+      want).max())
+
+  read = Checkpoint.open(base).params("bfloat16", shardings, quantize="nf4")
+  stored = bnb.read_bnb_4bit(directories[True, "bfloat16"])
+  for name, theirs in stored.items():
+    _, _, i, group, part, _ = name.split(".")
+    t = read["layers"][group][part]["kernel"]
+    np.testing.assert_array_equal(t.packed[int(i)], theirs.packed)
+    if t.offset[int(i)] == theirs.offset:
+      np.testing.assert_array_equal(t.absmax[int(i)], theirs.absmax)
+
+
+@pytest.mark.parametrize("quantization,words", [
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True,
+      "bnb_4bit_quant_type": "fp4"}, "4-bit 'fp4'"),
+    ({"quant_method": "bitsandbytes", "load_in_8bit": True}, "8-bit"),
+    ({"quant_method": "gptq"}, "'gptq'")])
+def test_other_quantizations_are_refused_in_a_line(tmp_path, quantization,
+                                                   words):
+  from longlora_jax.checkpoints.checkpoint import Checkpoint
+  config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "quantization_config": quantization}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match="--quantize nf4") as e:
+    Checkpoint.open(tmp_path)
+  assert words in str(e.value) and "\n" not in str(e.value)

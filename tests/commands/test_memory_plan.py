@@ -221,3 +221,24 @@ def test_a_checkpoint_in_metas_layout_plans_as_its_hf_twin(tmp_path):
   assert plans[0]["loading_gib"] == plans[1]["loading_gib"]
   assert plans[0]["trainable_params"] == plans[1]["trainable_params"]
   assert plans[0]["loading_gib"]["device_final"] > 0
+
+
+def test_a_4bit_plan_holds_its_kernels_in_half_a_byte(tmp_path):
+  """--quantize nf4: each frozen kernel of n weights is n/2 bytes of codes,
+  n/64 one-byte block scales, a float32 scale per 256 of those, the 256
+  floats of their 8-bit map and a float32 offset (per layer); the LM head
+  stays bf16 (the embedding and norms train)."""
+  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256)
+  cfg.save(tmp_path)
+  result = memory_plan.plan(memory_plan.parse_args(
+      ["--model", str(tmp_path), "--ctx", "256", "--quantize", "nf4"]))
+  assert result["quantize"] == "nf4"
+  kernel = lambda n: n // 2 + n // 64 + 4 * -(-n // 64 // 256) + 256 * 4 + 4
+  frozen = 2 * (4 * kernel(64 * 64) + 3 * kernel(64 * 128))
+  frozen += 64 * 256 * 2  # the LM head
+  assert abs(result["breakdown_estimate_gib"]["frozen_weights"] * 2**30
+             - frozen / 8) < 1
+  with pytest.raises(LongLoraError, match="drop it with --eval or --full-ft"):
+    memory_plan.main(["--quantize", "nf4", "--full-ft"])

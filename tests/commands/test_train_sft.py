@@ -76,3 +76,27 @@ def test_bad_records(files, records, message):
 def test_ckpt_is_required():
   with pytest.raises(LongLoraError, match="--ckpt is required"):
     sft.main(["--data", "x.jsonl", "--ctx", "64"])
+
+
+def test_a_4bit_run_records_it_and_exports_the_dequantized_merge(files,
+                                                                 capsys):
+  """--quantize nf4: the run trains over NF4 kernels; the merged export
+  holds, for a kernel LoRA+ leaves alone, bitsandbytes' dequantization of
+  the base weight (float32, the run's dtype), and says the base was 4-bit."""
+  F = pytest.importorskip("bitsandbytes.functional")
+  import torch
+  from safetensors.numpy import load_file
+  out = files["tmp"] / "nf4"
+  assert sft.main(["--ckpt", str(files["model"]), "--ctx", "64", "--data",
+                   str(files["data"]), "--out", str(out), "--dtype",
+                   "float32", "--accum", "1", "--steps", "1",
+                   "--quantize", "nf4"]) == 0
+  assert "base weights: 4-bit NF4" in capsys.readouterr().out
+  assert json.loads((out / "run.json").read_text())["quantize"] == "nf4"
+  name = "model.layers.1.mlp.up_proj.weight"
+  w = load_file(files["model"] / "model.safetensors")[name]
+  want = F.dequantize_4bit(*F.quantize_4bit(
+      torch.from_numpy(w.astype(np.float32).reshape(-1)), blocksize=64,
+      quant_type="nf4", compress_statistics=True)).numpy().reshape(w.shape)
+  np.testing.assert_array_equal(
+      load_file(out / "hf" / "model.safetensors")[name], want)

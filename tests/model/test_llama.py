@@ -182,3 +182,61 @@ def test_unknown_attention_and_remat():
     forward(cfg, params, ids, attention="nope")
   with pytest.raises(ValueError, match="unknown remat policy"):
     forward(cfg, params, ids, remat="some")
+
+
+def test_nf4_frozen_kernels_under_lora():
+  """4-bit layer kernels with LoRA on some: the logits are those of the
+  plain model whose kernels are bitsandbytes' dequantization of the same
+  weights (plus a @ b, in float64); the gradient's compiled program keeps
+  no dequantized [layers, ...] stack; `merge` gives the same model."""
+  F = pytest.importorskip("bitsandbytes.functional")
+  from flax import traverse_util
+  from longlora_jax.model import lora, nf4
+  config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                       num_hidden_layers=2, num_attention_heads=8,
+                       num_key_value_heads=2, initializer_range=0.2)
+  base = jax.jit(init_params, static_argnums=0)(config, jax.random.key(0))
+
+  @jax.jit  # one compile, not one per eager op
+  def with_lora(quantized):
+    params = lora.add_lora(quantized, rank=4, alpha=8,
+                           targets=("q_proj", "v_proj", "down_proj"),
+                           key=jax.random.key(1))
+    # Non-zero b, so the adapters matter.
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: 0.3 * jax.random.normal(jax.random.key(len(path)),
+                                                x.shape)
+        if getattr(path[-1], "name", None) == "b" else x, params)
+  params = with_lora(nf4.quantize_layers(base))
+  reference = {}
+  for path, x in traverse_util.flatten_dict(base).items():
+    if path[0] == "layers" and path[-1] == "kernel":
+      # bitsandbytes quantizes torch's [out, in] weight of each layer, in
+      # row-major blocks; flat, as its AVX-512 dequantization misplaces
+      # blocks in rows that are not a multiple of 64 (see test_nf4).
+      x = np.stack([F.dequantize_4bit(*F.quantize_4bit(
+          torch.from_numpy(np.asarray(w).T.reshape(-1).copy()), blocksize=64,
+          quant_type="nf4", compress_statistics=True)).numpy().reshape(
+              w.shape[::-1]).T for w in x]).astype(np.float64)
+      node = traverse_util.flatten_dict(params, is_leaf=lambda _, v: isinstance(
+          v, lora.LoRA))[path]
+      if lora.is_lora(node):
+        x = x + node.scale * np.einsum("ldr,lrf->ldf", np.float64(node.a),
+                                       np.float64(node.b))
+    reference[path] = jnp.asarray(x, jnp.float32)
+  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
+  want = _logits(config, traverse_util.unflatten_dict(reference), ids)
+  np.testing.assert_allclose(_logits(config, params, ids, remat="full"), want,
+                             rtol=1e-4, atol=1e-4)
+  merged = traverse_util.flatten_dict(jax.jit(
+      lambda p: lora.merge(p, jnp.float32))(params))
+  for path, x in reference.items():
+    np.testing.assert_allclose(merged[path], x, rtol=1e-6, atol=1e-6)
+
+  # Seq 12: no activation has a kernel's shape.
+  trainable, frozen = lora.split(params, lora.trainable_mask(params))
+  loss = lambda t: forward(config, lora.combine(t, frozen), ids[:1, :12]).sum()
+  hlo = jax.jit(jax.grad(loss)).lower(trainable).compile().as_text()
+  stacks = {f"[2,{d},{f}]" for d, f in ((64, 64), (64, 16), (16, 64),
+                                        (64, 96), (96, 64))}
+  assert not [s for s in stacks if f"f32{s}" in hlo or f"bf16{s}" in hlo]

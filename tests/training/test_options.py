@@ -116,3 +116,15 @@ def test_gguf_and_original_ctx_are_recorded_and_old_records_load():
   for bad in (["--gguf", "q4"], ["--original-ctx", "0"]):
     with pytest.raises(SystemExit):
       options.parser(EXTEND, "doc").parse_args(bad)
+
+
+def test_quantize_is_a_run_option_and_full_ft_of_4_bits_is_refused():
+  args = options.parser(EXTEND, "doc").parse_args(
+      ["--ckpt", "m", "--ctx", "64", "--quantize", "nf4"])
+  spec = options.make_spec(options.given(args), task="extend",
+                           base_config={})
+  assert spec.quantize == "nf4" and options.default("quantize") == "none"
+  assert RunSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+  with pytest.raises(LongLoraError, match="drop --full-ft"):
+    options.make_spec({"ckpt": "m", "ctx": 64, "quantize": "nf4",
+                       "mode": "full"}, task="extend", base_config={})

@@ -292,3 +292,30 @@ def test_offload_needs_full_remat():
     TrainConfig(offload="weights")
   assert TrainConfig(offload="activations").remat_policy == "offload"
   assert TrainConfig(remat="dots").remat_policy == "dots"
+
+
+def test_a_4bit_step_is_the_step_of_its_dequantized_model():
+  """LoRA+ over the demo checkpoint quantized to NF4 as it is read: a
+  step's loss and the trained leaves after it are those of the same step
+  on the bf16 model whose kernels are bitsandbytes' dequantization of
+  the same bytes (bit for bit, tests/model/test_nf4.py)."""
+  from longlora_jax.checkpoints.checkpoint import Checkpoint
+  from longlora_jax.model import nf4
+  from longlora_jax.training.step import initial_state, train_step
+  demo = Checkpoint.open("demo")
+  quantized = demo.params("bfloat16", quantize="nf4")
+  kernel = quantized["layers"]["mlp"]["up_proj"]["kernel"]
+  assert isinstance(kernel, nf4.NF4Tensor) and kernel.packed.dtype == np.uint8
+  dequantized = jax.jit(lora.merge)(quantized)
+  assert dequantized["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+  tc = dataclasses.replace(TC, dtype="bfloat16", lr=1e-3)
+  ids = np.random.default_rng(0).integers(0, demo.config.vocab_size, (1, 1, 32))
+  batch = {"input_ids": jnp.asarray(ids, jnp.int32)}
+  runs = []
+  for params in (quantized, dequantized):
+    state, metrics = jax.jit(lambda s, b: train_step(
+        s, b, config=demo.config, tc=tc))(initial_state(params, tc), batch)
+    runs.append((metrics["loss"], state.trainable))
+  (loss, trained), (want, want_trained) = runs
+  np.testing.assert_allclose(loss, want, rtol=2e-3)
+  _assert_trees_close(trained, want_trained, rtol=2e-2, atol=2e-4)
