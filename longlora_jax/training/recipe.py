@@ -33,7 +33,10 @@ SCHEDULES = ("constant", "cosine", "linear")
 OFFLOADS = ("none", "activations")
 RUN_FILE = "run.json"
 # What trains besides the adapters, per mode ("full" trains every weight).
-MODES = {"lora+": lora.LORA_PLUS, "lora": (), "full": None}
+# "lora+embed" and "lora+norm", LoRA+ halves, are the ablation's
+# (`bench.ablation`); the commands offer the others.
+MODES = {"lora+": lora.LORA_PLUS, "lora": (), "full": None,
+         "lora+embed": ("embed",), "lora+norm": ("norm",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,7 @@ class RunSpec:
   the context it trains at; task: what it trains for (`tasks.EXTEND`,
   packed documents, or `tasks.SFT`, instructions; given by name, as
   run.json records it, it is looked up); data: default the task's; mode:
-  "lora+", "lora" or "full"; rope: how RoPE extends ("auto", "linear" or
+  a key of `MODES` ("lora+", "lora", "full", ...); rope: how RoPE extends ("auto", "linear" or
   "yarn", see `Task.target_config`); batch: sequences per data-parallel
   device per micro-batch; base_config: the base checkpoint's config.json,
   to recognise it on resume; original_ctx: the original context a
