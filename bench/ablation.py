@@ -156,6 +156,7 @@ def _perplexities(args, config, params, tokens) -> dict:
 def _train(args, arm: Arm, seed: int, run_dir: Path, base, tokens) -> dict:
   """Trains `arm` into `run_dir` and evaluates its merged model."""
   from longlora_jax.checkpoints.checkpoint import Checkpoint
+  from longlora_jax.parallel.sharding import batch_parallelism, make_mesh
   from longlora_jax.training.loop import read_metrics
   from longlora_jax.training.run import run
   from longlora_jax.training.tasks import EXTEND
@@ -173,11 +174,12 @@ def _train(args, arm: Arm, seed: int, run_dir: Path, base, tokens) -> dict:
   # it, but first touches are).
   timing = Timing(tuple(seconds[1:] or seconds), (), seconds[0], None)
   merged = Checkpoint.open(outcome.written["hf"])
+  rows = args.batch * batch_parallelism(make_mesh(outcome.spec.mesh))
   losses = [m["loss"] for m in metrics]
   return {"trainable_params": count, "losses": losses,
           "final_loss": sum(losses[-LAST:]) / len(losses[-LAST:]),
           "step_s": timing.median_s,
-          "tokens_per_s": args.batch * args.ctx / timing.median_s,
+          "tokens_per_s": rows * args.ctx / timing.median_s,
           "rss_peak_mb": memory.peak / _MB,
           "rss_added_mb": (memory.peak - memory.before) / _MB,
           "train_wall_s": wall,
