@@ -21,7 +21,7 @@ from longlora_jax.model import lora
 from longlora_jax.attention import cudnn_grouped
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
-from longlora_jax.attention.groups import s2_group_size
+from longlora_jax.attention.groups import SHIFTED, s2_group_size
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import write_json
@@ -228,6 +228,10 @@ def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
   if attention.kind != "s2" or impl not in ("cudnn", "pallas"):
     return
   fix = "; use --s2-impl auto (or dense, chunked)"
+  if attention.variant not in SHIFTED:
+    raise LongLoraError(f"--s2-impl {impl} shifts half of the heads; "
+                        f"--s2-variant {attention.variant} runs by --s2-impl "
+                        "dense or chunked")
   if not on_nvidia_gpu(None):
     raise LongLoraError(f"--s2-impl {impl} needs an NVIDIA GPU{fix}")
   if spec.task.packed:
