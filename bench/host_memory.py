@@ -18,6 +18,7 @@ import platform
 import time
 from pathlib import Path
 
+from bench.resident import Peak
 from longlora_jax.core import cli
 
 _GB = 1e9
@@ -60,47 +61,28 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _status(key: str) -> int:
-  """Bytes of a /proc/self/status field (RssAnon, VmRSS)."""
-  for line in Path("/proc/self/status").read_text().splitlines():
-    if line.startswith(key + ":"):
-      return int(line.split()[1]) * 1024
-  raise KeyError(key)
-
-
 def _phase(name: str, run, report: dict):
   """Runs `run()`, recording the anonymous resident memory before, its
-  peak during (sampled every 5 ms) and after. Anonymous: the safetensors
-  files are memory-mapped, and the pages a read touches count in RSS as
-  file cache, which the kernel reclaims (VmHWM would count them)."""
+  peak during (`bench.resident`, sampled every 5 ms) and after. Anonymous:
+  the safetensors files are memory-mapped, and the pages a read touches
+  count in RSS as file cache, which the kernel reclaims (VmHWM would count
+  them)."""
   import gc
-  import threading
 
   import jax
   gc.collect()
-  before = peak = _status("RssAnon")
-  done = threading.Event()
-
-  def sample():
-    nonlocal peak
-    while not done.wait(0.005):
-      peak = max(peak, _status("RssAnon"))
-  sampler = threading.Thread(target=sample, daemon=True)
-  sampler.start()
   tick = time.time()
-  try:
+  with Peak() as memory:
     result = run()
     jax.block_until_ready(result)  # dispatch is asynchronous
-  finally:
-    done.set()
-    sampler.join()
-  after = _status("RssAnon")
-  report[name] = {"before": before, "peak": max(peak, after), "after": after,
-                  "added": max(peak, after) - before,
+  report[name] = {"before": memory.before, "peak": memory.peak,
+                  "after": memory.after,
+                  "added": memory.peak - memory.before,
                   "seconds": round(time.time() - tick, 1)}
   print(f"{name:<11} adds peak {report[name]['added'] / _GB:6.2f} GB   "
-        f"anonymous RSS {before / _GB:.2f} -> peak {report[name]['peak'] / _GB:.2f}"
-        f" -> {after / _GB:.2f} GB   {report[name]['seconds']:.0f} s", flush=True)
+        f"anonymous RSS {memory.before / _GB:.2f} -> peak "
+        f"{memory.peak / _GB:.2f} -> {memory.after / _GB:.2f} GB   "
+        f"{report[name]['seconds']:.0f} s", flush=True)
   return result
 
 

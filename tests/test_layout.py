@@ -92,7 +92,7 @@ def test_attention_package_is_layered():
   assert inside("dense") == inside("chunked") == {"masks"}
   assert inside("cached") == inside("pallas.blocks") == set()
   assert inside("pallas.flash") == {"pallas.blocks"}
-  assert inside("s2") == {"dense", "chunked", "heads"}
+  assert inside("s2") == {"dense", "chunked", "groups", "heads"}
   assert inside("pallas.grouped") == {"groups", "pallas.blocks",
                                       "pallas.flash"}
   assert inside("pallas.cached") == {"pallas.blocks", "pallas.flash"}

@@ -61,7 +61,8 @@ import jax
 import jax.numpy as jnp
 
 from longlora_jax.attention.chunked import chunked_causal_attention
-from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.groups import (SHIFTED, check_variant,
+                                           s2_group_size)
 from longlora_jax.attention.heads import even_halves
 from longlora_jax.attention.pallas.grouped import pallas_window_attention
 
@@ -120,7 +121,7 @@ def s2_context_attention(q_BTNH, k_BTKH, v_BTKH, *, axis_name: str,
   B, T, N, H = q_BTNH.shape
   seq = T * axis_size
   G = s2_group_size(seq, group_size, group_ratio)
-  check_variant(variant)
+  check_variant(variant, SHIFTED)
   shift = G // 2
   move = lambda x, offset, length: fetch(x, offset, length, axis_name,
                                          axis_size)

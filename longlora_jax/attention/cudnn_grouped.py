@@ -38,7 +38,8 @@ segment boundary): `dispatch` falls back for those.
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.groups import (SHIFTED, check_variant,
+                                           s2_group_size)
 from longlora_jax.attention.heads import even_halves
 
 DTYPES = (jnp.bfloat16, jnp.float16)
@@ -83,7 +84,7 @@ def cudnn_s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
   G = s2_group_size(T, group_size, group_ratio)
-  check_variant(variant)
+  check_variant(variant, SHIFTED)
   if N % K:
     raise ValueError(f"q_heads={N} is not a multiple of kv_heads={K}")
   half, g = G // 2, T // G

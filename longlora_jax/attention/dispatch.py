@@ -41,7 +41,8 @@ from longlora_jax.attention.cached import (CACHE_BLOCK,
 from longlora_jax.attention.chunked import (chunked_causal_attention,
                                             default_block)
 from longlora_jax.attention.dense import dense_causal_attention
-from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.groups import (SHIFTED, check_variant,
+                                           s2_group_size)
 from longlora_jax.attention.pallas import cached as pallas_cached
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.s2 import s2_by_reshape
@@ -81,7 +82,8 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     k_BTKH, v_BTKH: `[batch, seq, kv_heads, head_dim]`; query head h reads kv
       head h // (q_heads / kv_heads).
     group_size: tokens per group; default int(seq * group_ratio).
-    variant: "flash" (no leak) or "roll" (the paper's, leaks; see `groups`).
+    variant: "flash" (no leak), "roll" (the paper's, leaks) or "none" (no
+      shift, groups only; "dense" and "chunked"); see `groups`.
     implementation: attention inside the groups, one of `IMPLEMENTATIONS`.
       "auto": on an NVIDIA GPU the fused implementation that takes the
       shapes (`fused_for`), else "dense" for groups of at most `block_size`
@@ -103,9 +105,10 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
   check_variant(variant)
   check_implementation(implementation, "S²-Attn")
   if implementation == "auto":
-    implementation = fused_for(H, q_BTNH.dtype,
-                               packed=segment_ids_BT is not None) or (
-        "dense" if G <= block_size else "chunked")
+    # The fused kernels shift; "none" runs by the reshapes.
+    implementation = (variant in SHIFTED and fused_for(
+        H, q_BTNH.dtype, packed=segment_ids_BT is not None)) or (
+            "dense" if G <= block_size else "chunked")
   if implementation == "cudnn":
     return cudnn_grouped.cudnn_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,

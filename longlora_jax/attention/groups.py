@@ -19,17 +19,35 @@ groups:
     tokens of the sequence: it LEAKS the future into the past. Offered for
     fidelity to the paper only.
 
+A third, "none", shifts no head: every head attends inside the unshifted
+groups only (the paper's "short attention" without the shift, which its
+ablation shows fails to extend the context). It is for that comparison
+(`bench.ablation`), runs by the reshape implementations only ("dense",
+"chunked"; `SHIFTED` are what the fused kernels and context parallelism
+take) and is not for real training.
+
 Every implementation (`s2`, `pallas`, `cudnn_grouped`) and the FLOP count
 read these.
 """
 
-VARIANTS = ("flash", "roll")
+VARIANTS = ("flash", "roll", "none")
+# The variants that shift half of the heads.
+SHIFTED = ("flash", "roll")
 
 
-def check_variant(variant: str) -> None:
+def check_variant(variant: str, takes: tuple[str, ...] = VARIANTS) -> None:
+  """ValueError unless `variant` is one of `takes` (an implementation's)."""
   if variant not in VARIANTS:
     raise ValueError(f"unknown S²-Attn variant {variant!r}; choose one of "
                      f"{VARIANTS}")
+  if variant not in takes:
+    raise ValueError(f"S²-Attn variant {variant!r} runs by the dense or "
+                     f"chunked implementation only; this one takes {takes}")
+
+
+def shift(group_size: int, variant: str) -> int:
+  """How far the shifted heads' groups move: G/2, or 0 for "none"."""
+  return 0 if variant == "none" else group_size // 2
 
 
 def s2_group_size(seq: int, group_size: int | None = None,
@@ -61,6 +79,6 @@ def s2_attended_pairs(seq: int, group_size: int,
   check_variant(variant)
   causal = lambda n: n * (n + 1) // 2
   unshifted = seq // G * causal(G)
-  if variant == "roll":
+  if variant != "flash":  # "roll" wraps whole groups; "none" keeps them
     return unshifted, unshifted
   return unshifted, unshifted - causal(G) + 2 * causal(G // 2)

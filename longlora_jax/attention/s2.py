@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.dense import dense_causal_attention
+from longlora_jax.attention.groups import shift as group_shift
 from longlora_jax.attention.heads import even_halves
 
 INNER = ("dense", "chunked")
@@ -34,7 +35,7 @@ def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
                      f"{INNER}")
   attend = (dense_causal_attention if inner == "dense" else
             functools.partial(chunked_causal_attention, block_size=block_size))
-  shift = G // 2
+  shift = group_shift(G, variant)  # 0: "none", groups only
 
   fold = lambda x_2BT: x_2BT.reshape(2 * B * T // G, G, *x_2BT.shape[2:])
   q_gGnH, k_gGkH, v_gGkH = (fold(_split_heads(x, shift))

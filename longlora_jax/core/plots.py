@@ -9,17 +9,30 @@ from longlora_jax.core.files import atomic_path
 def save_plot(path: str | os.PathLike, xs, ys, *, xlabel: str, ylabel: str,
               title: str, logy: bool = False,
               marker: str | None = "o") -> None:
+  """One line of `ys` over `xs`."""
+  save_lines(path, {None: (xs, ys)}, xlabel=xlabel, ylabel=ylabel,
+             title=title, logy=logy, marker=marker)
+
+
+def save_lines(path: str | os.PathLike, lines: dict, *, xlabel: str,
+               ylabel: str, title: str, logy: bool = False,
+               marker: str | None = "o") -> None:
+  """Several lines, `lines` label -> (xs, ys), with a legend (none when the
+  one label is None)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot(xs, ys, marker=marker)
+  fig, ax = plt.subplots(figsize=(6, 4) if len(lines) < 2 else (8, 5))
+  for label, (xs, ys) in lines.items():
+    ax.plot(xs, ys, marker=marker, label=label)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title)
   if logy:
     ax.set_yscale("log")
   ax.grid(True, alpha=0.3)
+  if any(label is not None for label in lines):
+    ax.legend(fontsize=7)
   fig.tight_layout()
   with atomic_path(path) as tmp:
     fig.savefig(tmp, dpi=120)

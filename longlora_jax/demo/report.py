@@ -15,6 +15,14 @@ from longlora_jax.evaluation.passkey import passkey_filler, retrieval
 from longlora_jax.evaluation.perplexity import evaluate
 
 
+def stream_tokens(source: str | os.PathLike, tokenizer,
+                  eos_id: int) -> np.ndarray:
+  """The documents of `source` tokenised end to end, each followed by
+  `eos_id`: the stream the perplexity windows are cut from."""
+  docs = document_tokens(str(source), tokenizer, eos_id=eos_id)
+  return np.concatenate([ids for _, ids in docs(0)])
+
+
 def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
            trials: int = 20) -> dict:
   """Perplexity at the native and extended context, and passkey accuracy
@@ -31,8 +39,7 @@ def report(ctx: int, extended_dir: str | os.PathLike, *, windows: int = 24,
   ext_config, ext_params = extended.config, extended.params("float32")
   tokenizer = extended.tokenizer
   heldout = demo_data()[1]
-  docs = document_tokens(str(heldout), tokenizer, eos_id=config.eos_token_id)
-  tokens = np.concatenate([ids for _, ids in docs(0)])
+  tokens = stream_tokens(heldout, tokenizer, config.eos_token_id)
   native = config.max_position_embeddings
   factor = ext_config.rope_factor
   models = [("base model, no interpolation", config, params),

@@ -21,7 +21,7 @@ from longlora_jax.model import lora
 from longlora_jax.attention import cudnn_grouped
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
-from longlora_jax.attention.groups import s2_group_size
+from longlora_jax.attention.groups import SHIFTED, s2_group_size
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import write_json
@@ -33,7 +33,10 @@ SCHEDULES = ("constant", "cosine", "linear")
 OFFLOADS = ("none", "activations")
 RUN_FILE = "run.json"
 # What trains besides the adapters, per mode ("full" trains every weight).
-MODES = {"lora+": lora.LORA_PLUS, "lora": (), "full": None}
+# "lora+embed" and "lora+norm", LoRA+ halves, are the ablation's
+# (`bench.ablation`); the commands offer the others.
+MODES = {"lora+": lora.LORA_PLUS, "lora": (), "full": None,
+         "lora+embed": ("embed",), "lora+norm": ("norm",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +95,7 @@ class RunSpec:
   the context it trains at; task: what it trains for (`tasks.EXTEND`,
   packed documents, or `tasks.SFT`, instructions; given by name, as
   run.json records it, it is looked up); data: default the task's; mode:
-  "lora+", "lora" or "full"; rope: how RoPE extends ("auto", "linear" or
+  a key of `MODES` ("lora+", "lora", "full", ...); rope: how RoPE extends ("auto", "linear" or
   "yarn", see `Task.target_config`); batch: sequences per data-parallel
   device per micro-batch; base_config: the base checkpoint's config.json,
   to recognise it on resume; original_ctx: the original context a
@@ -227,6 +230,10 @@ def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
   if attention.kind != "s2" or impl not in ("cudnn", "pallas"):
     return
   fix = "; use --s2-impl auto (or dense, chunked)"
+  if attention.variant not in SHIFTED:
+    raise LongLoraError(f"--s2-impl {impl} shifts half of the heads; "
+                        f"--s2-variant {attention.variant} runs by --s2-impl "
+                        "dense or chunked")
   if not on_nvidia_gpu(None):
     raise LongLoraError(f"--s2-impl {impl} needs an NVIDIA GPU{fix}")
   if spec.task.packed:

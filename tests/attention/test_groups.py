@@ -32,8 +32,11 @@ def test_group_size_refuses_groups_that_cannot_shift(seq, kwargs, message):
 def test_variants():
   check_variant("flash")
   check_variant("roll")
+  check_variant("none")
   with pytest.raises(ValueError, match="unknown S²-Attn variant 'shift'"):
     check_variant("shift")
+  with pytest.raises(ValueError, match="'none' runs by the dense or chunked"):
+    check_variant("none", ("flash", "roll"))
 
 
 @pytest.mark.parametrize("heads,want", [(8, (4, 4)), (9, (5, 4)), (1, (1, 0)),
@@ -60,3 +63,4 @@ def test_attended_pairs_by_hand():
   # shifted heads have 3 whole groups and two halves of 2 * 3 / 2 = 3.
   assert s2_attended_pairs(16, 4) == (40, 36)
   assert s2_attended_pairs(16, 4, "roll") == (40, 40)
+  assert s2_attended_pairs(16, 4, "none") == (40, 40)  # no shift

@@ -181,3 +181,35 @@ def test_value_errors(kwargs, message):
   k = jnp.zeros((1, seq, kwargs.pop("_kv_heads", 1), 8))
   with pytest.raises(ValueError, match=re.escape(message)):
     s2_attention(q, k, k, **kwargs)
+
+
+def _grouped_causal_float64(q, k, v, group):
+  """Causal softmax attention inside groups [0, G), [G, 2G), ... of every
+  head, float64 NumPy; query head h reads kv head h // (N / K)."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  B, T, N, H = q.shape
+  k, v = (np.repeat(x, N // x.shape[2], axis=2) for x in (k, v))
+  t = np.arange(T)
+  visible = (t[None, :] <= t[:, None]) & (t[None, :] // group
+                                          == t[:, None] // group)
+  scores = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(H)
+  scores = np.where(visible, scores, -np.inf)
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("implementation", sorted(IMPLEMENTATIONS))
+def test_no_shift_is_grouped_causal_attention(implementation):
+  # "none" (the ablation's short attention): no head shifts.
+  rng = np.random.default_rng(5)
+  q, k, v = ref.random_qkv(rng, 2, 24, 6, 3, 8)
+  out = s2_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                     group_size=6, variant="none",
+                     implementation=implementation, block_size=4)
+  np.testing.assert_allclose(out, _grouped_causal_float64(q, k, v, 6),
+                             atol=2e-6)
+  # The fused kernels shift; they refuse it.
+  with pytest.raises(ValueError, match="runs by the dense or chunked"):
+    s2_attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)),
+                 group_size=6, variant="none", implementation="pallas")

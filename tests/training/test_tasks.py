@@ -61,6 +61,13 @@ def test_fused_kernels_cannot_keep_packed_examples_apart(monkeypatch):
                      "packed examples of train.sft apart"):
     check_attention(spec(SFT), config)
   check_attention(spec(EXTEND), config)
+  # The ablation's groups without the shift run by the reshapes only.
+  unshifted = _spec(EXTEND, 64, recipe=recipe.TrainConfig(
+      attention=recipe.AttentionSpec(variant="none",
+                                     implementation="cudnn")))
+  with pytest.raises(LongLoraError, match="--s2-variant none runs by "
+                     "--s2-impl dense or chunked$"):
+    check_attention(unshifted, config)
 
 
 def test_extension_packs_documents_end_to_end(tmp_path):

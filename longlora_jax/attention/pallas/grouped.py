@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.groups import (SHIFTED, check_variant,
+                                           s2_group_size)
 from longlora_jax.attention.pallas.blocks import Groups
 from longlora_jax.attention.pallas.flash import (AVAILABLE, HEAD_DIMS,
                                                  IMPORT_ERROR, dkv_kernel,
@@ -140,7 +141,7 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
   _check_no_segments(segment_ids_BT)
   T, N = q_BTNH.shape[1:3]
   G = s2_group_size(T, group_size, group_ratio)
-  check_variant(variant)
+  check_variant(variant, SHIFTED)
   groups = Groups(seq=T, size=G, shift=G // 2, wrap=variant == "roll",
                   heads=N)
   return _attention(q_BTNH, k_BTKH, v_BTKH, groups, groups.scalars(), config,
