@@ -39,7 +39,8 @@ CFG = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
                   num_key_value_heads=4, initializer_range=0.2)
 # (variant, mode) -> mean loss of the last steps, each on a fresh batch
 # scored before the step trains on it.
-ARMS = (("flash", "lora+"), ("none", "lora+"), ("flash", "lora"))
+ARMS = (("flash", "lora+"), ("roll", "lora+"), ("none", "lora+"),
+        ("flash", "lora"))
 LAST = 5
 
 
@@ -94,11 +95,13 @@ def test_the_shift_carries_the_key_across_groups(losses):
   # cannot go below ln K (measured on batches the model has not trained on).
   assert losses["none", "lora+"] > np.log(K) - 0.05, losses
   # With it the key is a look-up; below half of the ln 2 that keys of one
-  # embedding would leave, far below ln K.
-  assert losses["flash", "lora+"] < np.log(2) / 2, (
-      "S²-Attn did not learn a task only its shift makes learnable: is the "
-      "shift (attention/groups.py, s2.py) or LoRA+'s trainable set broken?",
-      losses)
+  # embedding would leave, far below ln K. Both shifted variants (the
+  # roll's wrap moves only the first G/2 tokens, which score nothing).
+  for variant in ("flash", "roll"):
+    assert losses[variant, "lora+"] < np.log(2) / 2, (
+        f"S²-Attn {variant} did not learn a task only its shift makes "
+        "learnable: is the shift (attention/groups.py, s2.py) or LoRA+'s "
+        "trainable set broken?", losses)
 
 
 def test_lora_plus_trains_what_lora_alone_cannot(losses):
