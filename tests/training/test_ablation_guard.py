@@ -33,12 +33,11 @@ from longlora_jax.training.recipe import TrainConfig
 from longlora_jax.training.step import initial_state, jit_train_step
 
 V, T, G, K, ROWS, STEPS = 16, 64, 8, 8, 16, 30
-KEYS, Q = range(K), V - 1  # fillers: K .. V - 2
+Q = V - 1  # the query; keys 0 .. K - 1, fillers K .. V - 2
 CFG = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64,
                   num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=4, initializer_range=0.2)
-# (variant, mode) -> mean loss of the last steps, each on a fresh batch
-# scored before the step trains on it.
+# (variant, mode): each trains the same base on the same batches.
 ARMS = (("flash", "lora+"), ("roll", "lora+"), ("none", "lora+"),
         ("flash", "lora"))
 LAST = 5
@@ -85,6 +84,8 @@ def _train(base, variant, mode):
 
 @pytest.fixture(scope="module")
 def losses():
+  """arm -> mean loss of its last steps, each on a fresh batch scored
+  before the step trains on it."""
   base = _base()
   return {arm: _train(base, *arm) for arm in ARMS}
 
