@@ -46,6 +46,7 @@ from longlora_jax.attention.pallas import cached as pallas_cached
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.s2 import s2_by_reshape
 from longlora_jax.core.errors import LongLoraError
+from longlora_jax.parallel.sharding import per_row_shard
 
 AttentionFn = Callable[..., jax.Array]
 KINDS = ("s2", "full")
@@ -232,6 +233,53 @@ def get_attention(attention: "str | AttentionSpec | AttentionFn"
   return ATTENTION_FNS[attention]
 
 
+# ---- sliding-window layers ----
+
+def windowed_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int,
+                       segment_ids_BT=None, implementation: str = "chunked"):
+  """Full causal attention within a sliding `window` (the attention
+  signature plus `window`): "dense" or "chunked", the implementations that
+  apply a window (the fused kernels do not)."""
+  fn = (dense_causal_attention if implementation == "dense" else
+        chunked_causal_attention)
+  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
+            window=window)
+
+
+def layer_attention(attention_fn: AttentionFn, window: int | None,
+                    local_L: tuple[bool, ...]):
+  """The attention of each layer of a model with sliding-window layers:
+  `attend(q, k, v, *, segment_ids_BT, layer)`, each device on its own rows
+  (`per_row_shard`).
+
+  The rule: a layer's window decides. A global layer (`local_L[layer]`
+  False) runs `attention_fn`: S²-Attn in training, full attention
+  otherwise. A local layer keeps its window in training and inference
+  alike (its weights were trained with it; it already bounds the cost):
+  `windowed_attention`, "dense" where `attention_fn` names it, else
+  "chunked". Mixed layers: `jax.lax.cond` on the layer index inside the
+  layer scan (one compiled body, no unrolling).
+  """
+  attend = per_row_shard(attention_fn, context_form(attention_fn))
+  if not any(local_L):
+    return lambda *qkv, segment_ids_BT=None, layer=None: attend(
+        *qkv, segment_ids_BT=segment_ids_BT)
+  _, options = _unbound(attention_fn)
+  windowed = functools.partial(
+      windowed_attention, window=window,
+      implementation="dense" if options.get("implementation") == "dense" or
+      attention_fn is dense_causal_attention else "chunked")
+  local = per_row_shard(windowed, context_form(windowed))
+
+  def per_layer(*qkv, segment_ids_BT=None, layer=None):
+    run = lambda fn: lambda *x: fn(*x, segment_ids_BT=segment_ids_BT)
+    if all(local_L):
+      return run(local)(*qkv)
+    return jax.lax.cond(jnp.asarray(local_L)[layer], run(local), run(attend),
+                        *qkv)
+  return per_layer
+
+
 # ---- context parallelism ----
 
 def _s2_context(*, implementation="auto", group_size=None, group_ratio=0.25,
@@ -259,7 +307,14 @@ CONTEXT_FORMS: dict[AttentionFn, Callable[..., AttentionFn]] = {
     pallas_grouped.pallas_causal_attention:
         lambda *, config=None, interpret=False: _full_context(
             implementation="pallas_interpret" if interpret else "pallas"),
+    windowed_attention: lambda **_: functools.partial(_refuse_window),
 }
+
+
+def _refuse_window(*args, **kwargs):
+  raise LongLoraError("sliding-window layers have no context-parallel form "
+                      "yet; use a mesh without a context axis (e.g. "
+                      "fsdp=-1)")
 
 
 def context_form(attention_fn: AttentionFn) -> AttentionFn | None:
@@ -325,7 +380,8 @@ def context_implementation(implementation: str, head_dim: int, dtype, *,
 # ---- generation ----
 
 def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
-                     implementation: str = "auto", block: int = CACHE_BLOCK):
+                     implementation: str = "auto", block: int = CACHE_BLOCK,
+                     window=None):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked KV cache (`model.kv_cache`), their own keys
   and values already written.
@@ -335,10 +391,14 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   fused kernel, `pallas.cached`, on each device's part of the cache;
   NVIDIA GPUs), "pallas_interpret" (that kernel through the Pallas
   interpreter; tests), or "auto": the kernel for the prefill chunks it
-  takes on an NVIDIA GPU, else "chunked".
+  takes on an NVIDIA GPU, else "chunked". With a sliding `window` (see
+  `layer_attention`) always "chunked", the one that applies it.
   """
   check_implementation(implementation, "cached attention",
                        CACHED_IMPLEMENTATIONS)
+  if window is not None:
+    return chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start,
+                                    block=block, window=window)
   if implementation == "auto":
     implementation = ("pallas" if on_nvidia_gpu() and pallas_cached.takes(
         q_BCNH, v_LBKSH.shape[3]) else "chunked")

@@ -2,9 +2,10 @@
 
 One decoder covers the Llama family as transformers writes it: Llama 1-3.3
 (and Llama-architecture models such as SmolLM2, TinyLlama, Yi), Mistral,
-Qwen2/Qwen2.5 and Qwen3 (dense). What differs between them is data here:
-biases on the attention projections, RMSNorm of q and k per head (Qwen3),
-a sliding window, and the RoPE scaling type.
+Qwen2/Qwen2.5, Qwen3 (dense) and OLMo 2. What differs between them is data
+here (read and written per family by `families`): biases on the attention
+projections, RMSNorm of q and k (Qwen3 per head, OLMo 2 over the whole
+projection), where the norms sit, a sliding window, the RoPE scaling type.
 """
 
 import dataclasses
@@ -14,10 +15,9 @@ from typing import Any
 
 from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import read_json, write_json
+from longlora_jax.model.families import (FAMILIES, NORM_PLACEMENTS, SWITCHES,
+                                         read_switches, write_switches)
 
-# model_type -> the transformers class that a checkpoint of it loads as.
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # RoPE types computed exactly as transformers does (`rope`); others (e.g.
 # "longrope") are refused, not ignored.
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -94,11 +94,18 @@ class LlamaConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   qk_norm: bool = False
-  # Attention sees at most this many keys back (Mistral v0.1, Qwen with
-  # use_sliding_window); None: no window. Sequences longer than the window
-  # are refused (`check_length`), so shorter ones are exact without it.
+  # "head": each head's dims (Qwen3); "projection": the whole q and k
+  # projections, before they split into heads (OLMo 2).
+  qk_norm_over: str = "head"
+  norm_placement: str = "pre"  # see families.NORM_PLACEMENTS
+  # Local layers attend to the `sliding_window` latest keys (transformers'
+  # rule: q - k < window); global layers to all. Which layers are local:
+  # `layer_types` where given ("sliding_attention" / "full_attention"),
+  # else Qwen's layers from max_window_layers on, else every layer
+  # (Mistral v0.1, Phi-3). None: no window, every layer global.
   sliding_window: int | None = None
   max_window_layers: int | None = None
+  layer_types: tuple[str, ...] | None = None
 
   def __post_init__(self):
     # Resolve the derived defaults once so every reader sees plain ints.
@@ -107,8 +114,9 @@ class LlamaConfig:
     if self.head_dim is None:
       object.__setattr__(
           self, "head_dim", self.hidden_size // self.num_attention_heads)
-    if isinstance(self.eos_token_id, list):
-      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    for key in ("eos_token_id", "layer_types"):
+      if isinstance(getattr(self, key), list):
+        object.__setattr__(self, key, tuple(getattr(self, key)))
     if self.model_type not in FAMILIES:
       raise CheckpointError(
           f"model_type {self.model_type!r} is not supported (supported: "
@@ -119,6 +127,33 @@ class LlamaConfig:
           f"of num_key_value_heads={self.num_key_value_heads}")
     if self.head_dim % 2:
       raise CheckpointError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.layer_types is not None and (
+        len(self.layer_types) != self.num_hidden_layers or not set(
+            self.layer_types) <= {"full_attention", "sliding_attention"}):
+      raise CheckpointError(
+          f"layer_types={list(self.layer_types)}: need one of "
+          "'full_attention' or 'sliding_attention' per layer "
+          f"({self.num_hidden_layers})")
+    if self.norm_placement not in NORM_PLACEMENTS:
+      raise CheckpointError(f"norm_placement={self.norm_placement!r}; choose "
+                            f"one of {NORM_PLACEMENTS}")
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends within `sliding_window` (see there)."""
+    L = self.num_hidden_layers
+    if self.sliding_window is None:
+      return (False,) * L
+    if self.layer_types is not None:
+      return tuple(t == "sliding_attention" for t in self.layer_types)
+    first = self.max_window_layers or 0
+    return tuple(i >= first for i in range(L))
+
+  @property
+  def norm_weight_f32(self) -> bool:
+    """Whether the RMSNorm weight multiplies in float32, before the cast
+    back (OLMo 2's norm; Llama's multiplies in the compute dtype)."""
+    return self.model_type == "olmo2"
 
   @property
   def rope_type(self) -> str:
@@ -190,15 +225,6 @@ class LlamaConfig:
     return dataclasses.replace(self, rope_scaling=scaling,
                                max_position_embeddings=original)
 
-  def check_length(self, seq: int) -> None:
-    """Refuses sequences a sliding window would cut (see `sliding_window`)."""
-    if self.sliding_window is not None and seq > self.sliding_window:
-      raise CheckpointError(
-          f"this {self.model_type} checkpoint attends within a sliding window "
-          f"of {self.sliding_window} tokens, which longlora_jax does not apply;"
-          f" {seq} tokens are more. Use a checkpoint without a window (Mistral "
-          "v0.2 and later; Qwen with use_sliding_window false)")
-
   # ---- Hugging Face config.json ----
 
   @classmethod
@@ -210,7 +236,7 @@ class LlamaConfig:
       raise CheckpointError(
           f"{source}: model_type={model_type!r}, architectures={archs} is not "
           f"supported; supported families: {', '.join(FAMILIES)} (dense "
-          "decoders; no MoE, Gemma, Phi or multimodal models)")
+          "decoders; no MoE or multimodal models)")
     if d.get("hidden_act", "silu") != "silu":
       raise CheckpointError(f"{source}: hidden_act={d['hidden_act']!r} is "
                             "not supported (these families use 'silu')")
@@ -223,9 +249,9 @@ class LlamaConfig:
       raise CheckpointError(f"{source}: missing required keys {missing}")
 
     rope = _parse_rope(d, source)
-    family = _FAMILY_KEYS[model_type](d)
+    family = read_switches(model_type, d)
     fields = {f.name for f in dataclasses.fields(cls)} - {
-        "rope_scaling", *family}
+        "rope_scaling", *SWITCHES}
     kwargs = {k: v for k, v in d.items()
               if k in fields and (v is not None or k in _NULLABLE)}
     if "rope_theta" in rope:
@@ -239,24 +265,11 @@ class LlamaConfig:
     """The HF `config.json` dict of this family, readable by transformers
     5.x and 4.43+ (4.34+ for linear scaling, the official LongLoRA pin)."""
     d = {"architectures": [FAMILIES[self.model_type]], "hidden_act": "silu"}
-    own = ("rope_scaling", "qkv_bias", "o_bias", "qk_norm", "sliding_window",
-           "max_window_layers")
     for f in dataclasses.fields(self):
-      if f.name not in own:
+      if f.name not in ("rope_scaling", *SWITCHES):
         value = getattr(self, f.name)
         d[f.name] = list(value) if isinstance(value, tuple) else value
-    window = {"sliding_window": self.sliding_window}
-    if self.model_type in ("qwen2", "qwen3"):
-      window = {"use_sliding_window": self.sliding_window is not None,
-                "sliding_window": self.sliding_window,
-                "max_window_layers": (self.max_window_layers
-                                      or self.num_hidden_layers)}
-    d.update({
-        "llama": {"attention_bias": self.qkv_bias, "mlp_bias": False},
-        "mistral": window,
-        "qwen2": window,
-        "qwen3": {"attention_bias": self.qkv_bias, **window},
-    }[self.model_type])
+    d.update(write_switches(self))
     d.update(_rope_hf_dicts(self.rope_scaling, self.rope_theta))
     return d
 
@@ -274,32 +287,6 @@ class LlamaConfig:
   def save(self, directory: str | os.PathLike, **extra) -> None:
     write_json(os.path.join(directory, "config.json"),
                {**self.to_hf_dict(), **extra})
-
-
-def _biases(d: dict[str, Any], qkv: bool | None = None) -> dict[str, bool]:
-  """attention_bias sets the biases of q, k, v and o (Llama, Qwen3)."""
-  bias = bool(d.get("attention_bias", False))
-  return {"qkv_bias": bias if qkv is None else qkv, "o_bias": bias and qkv is
-          None}
-
-
-def _window(d: dict[str, Any], switch: str | None = None) -> dict[str, Any]:
-  """Mistral's sliding_window; Qwen's only where use_sliding_window."""
-  on = d.get(switch, False) if switch else True
-  window = d.get("sliding_window") if on else None
-  return {"sliding_window": window,
-          "max_window_layers": d.get("max_window_layers") if window else None}
-
-
-# model_type -> the family switches from its config.json.
-_FAMILY_KEYS = {
-    "llama": lambda d: {**_biases(d), **_window({})},
-    "mistral": lambda d: {**_biases({}), **_window(d)},
-    "qwen2": lambda d: {**_biases(d, qkv=True),
-                        **_window(d, "use_sliding_window")},
-    "qwen3": lambda d: {**_biases(d), "qk_norm": True,
-                        **_window(d, "use_sliding_window")},
-}
 
 
 def _rope_hf_dicts(scaling: RopeScaling | None, theta: float) -> dict:

@@ -36,12 +36,12 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
-                                             context_form, get_attention)
+                                             get_attention, layer_attention)
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.model.lora import LoRA, delta
 from longlora_jax.model.rope import apply_rope, rope_frequencies
 from longlora_jax.parallel.sharding import (context_slices, gather_over_context,
-                                   per_row_shard, shard_batch)
+                                   shard_batch)
 
 DType = Any
 
@@ -75,10 +75,13 @@ def project(x_BTD, kernel_DF, dtype: DType):
   return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
 
 
-def rms_norm(x_BTD, weight_D, eps: float):
-  """HF LlamaRMSNorm: statistics in float32, result in x's dtype."""
+def rms_norm(x_BTD, weight_D, eps: float, weight_f32: bool = False):
+  """HF LlamaRMSNorm: statistics in float32, result in x's dtype; the weight
+  applied in x's dtype, or before the cast back with `weight_f32` (OLMo 2)."""
   x32 = x_BTD.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if weight_f32:
+    return (weight_D.astype(jnp.float32) * normed).astype(x_BTD.dtype)
   return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
 
 
@@ -103,12 +106,13 @@ class Dense(nn.Module):
 class RMSNorm(nn.Module):
   eps: float
   param_dtype: DType
+  weight_f32: bool = False
 
   @nn.compact
   def __call__(self, x_BTD):
     weight_D = self.param("weight", nn.initializers.ones, (x_BTD.shape[-1],),
                           self.param_dtype)
-    return rms_norm(x_BTD, weight_D, self.eps)
+    return rms_norm(x_BTD, weight_D, self.eps, self.weight_f32)
 
 
 class Attention(nn.Module):
@@ -125,22 +129,26 @@ class Attention(nn.Module):
     dense = lambda features, name, bias: Dense(
         features, self.dtype, self.param_dtype, cfg.initializer_range, bias,
         name=name)
-    q_BTNH = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, N, H)
-    k_BTKH = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
+    q_BTF = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD)
+    k_BTF = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD)
     v_BTKH = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
-    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
-      q_BTNH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(
-          q_BTNH)
-      k_BTKH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(
-          k_BTKH)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype,
+                                cfg.norm_weight_f32, name=name)
+    if cfg.qk_norm and cfg.qk_norm_over == "projection":
+      # OLMo 2: one RMSNorm over all heads' dims, before the split.
+      q_BTF, k_BTF = norm("q_norm")(q_BTF), norm("k_norm")(k_BTF)
+    q_BTNH, k_BTKH = q_BTF.reshape(B, T, N, H), k_BTF.reshape(B, T, K, H)
+    if cfg.qk_norm and cfg.qk_norm_over == "head":
+      # Qwen3: RMSNorm over each head's dims, before RoPE.
+      q_BTNH, k_BTKH = norm("q_norm")(q_BTNH), norm("k_norm")(k_BTKH)
     inv_freq_h, scale = rope_frequencies(cfg, positions_BT)
     q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, inv_freq_h, scale))
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
-      out_BTNH = per_row_shard(self.attention_fn,
-                               context_form(self.attention_fn))(
-          q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
+      out_BTNH = layer_attention(self.attention_fn, cfg.sliding_window,
+                                 cfg.local_layers)(
+          q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, layer=layer)
     else:
       # Generation: every row's chunk starts at the same cache position.
       start = positions_BT[0, 0]
@@ -151,8 +159,12 @@ class Attention(nn.Module):
                           (layer, 0, 0, 0, start)),
                "v": write(cache["v"], v_BTKH.transpose(0, 2, 1, 3),
                           (layer, 0, 0, start, 0))}
+      window = None
+      if any(cfg.local_layers):  # a huge window on global layers
+        window = jnp.where(jnp.asarray(cfg.local_layers)[layer],
+                           cfg.sliding_window, jnp.iinfo(jnp.int32).max)
       out_BTNH = cached_attention(q_BTNH, cache["k"], cache["v"], layer,
-                                  start)
+                                  start, window=window)
     out_BTNH = shard_batch(out_BTNH)
     out_BTD = dense(D, "o_proj", cfg.o_bias)(out_BTNH.reshape(B, T, N * H))
     return out_BTD, cache
@@ -188,20 +200,26 @@ class DecoderLayer(nn.Module):
     # the backward pass needs only the offloaded one, not the input itself.
     x_BTD = checkpoint_name(shard_batch(x_BTD), LAYER_INPUT)
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
-    h_BTD = norm("input_layernorm")(x_BTD)
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype,
+                                cfg.norm_weight_f32, name=name)
+    pre = cfg.norm_placement == "pre"
+    # "pre" normalises what enters a block, "post" what leaves it.
+    h_BTD = norm("input_layernorm")(x_BTD) if pre else x_BTD
     attn_BTD, cache = Attention(cfg, self.attention_fn, self.dtype,
                                 self.param_dtype, name="self_attn")(
                                     h_BTD, positions_BT, segment_ids_BT,
                                     cache, layer)
+    if not pre:
+      attn_BTD = norm("post_attention_layernorm")(attn_BTD)
     x_BTD = x_BTD + attn_BTD
-    h_BTD = norm("post_attention_layernorm")(x_BTD)
+    h_BTD = norm("post_attention_layernorm")(x_BTD) if pre else x_BTD
+    out_norm = (lambda y: y) if pre else norm("post_feedforward_layernorm")
     mlp = MLP(cfg, self.dtype, self.param_dtype, name="mlp")
     B, T, D = h_BTD.shape
     P = context_slices()
     chunk = mlp_chunk(T // P)
     if chunk == T:
-      x_BTD = x_BTD + mlp(h_BTD)
+      x_BTD = x_BTD + out_norm(mlp(h_BTD))
     else:
       # Long sequences: the MLP runs over sequence chunks, each recomputed in
       # the backward pass, so its [seq, intermediate] activations (several
@@ -214,7 +232,7 @@ class DecoderLayer(nn.Module):
                      split_rngs={"params": False}, in_axes=2, out_axes=2)
       _, out_BPcCD = scan(mlp, None, h_BTD.reshape(B, P, T // P // chunk,
                                                    chunk, D))
-      x_BTD = x_BTD + out_BPcCD.reshape(B, T, D)
+      x_BTD = x_BTD + out_norm(out_BPcCD.reshape(B, T, D))
     return (shard_batch(x_BTD), cache), None
 
 
@@ -264,7 +282,8 @@ class Decoder(nn.Module):
         cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
             (x_BTD, cache), positions_BT, segment_ids_BT,
             jnp.arange(cfg.num_hidden_layers))
-    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_BTD), cache
+    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, cfg.norm_weight_f32,
+                   name="norm")(x_BTD), cache
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: DType = jnp.float32):
@@ -301,7 +320,6 @@ def hidden_states(config: LlamaConfig, params, input_ids_BT, *,
     remat: per-layer rematerialisation, one of `REMAT_POLICIES`.
   """
   B, T = input_ids_BT.shape
-  config.check_length(T)
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   h_BTD, _ = _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT,

@@ -165,3 +165,26 @@ def test_every_implementation_is_one_a_spec_takes():
       AttentionSpec(kind, implementation=implementation)
   with pytest.raises(ValueError, match="unknown S²-Attn implementation 'xla'"):
     AttentionSpec("s2", implementation="xla")
+
+
+def test_a_layers_window_decides_its_attention(monkeypatch):
+  # S²-Attn (one spec for every layer) runs on the global layer only; the
+  # local layer keeps its window, by "chunked" even where "auto" would fuse
+  # (on a GPU), since no fused kernel applies a window.
+  B, T, N, K, window = 2, 32, 4, 2, 6
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(x, jnp.float32)
+             for x in ref.random_qkv(rng, B, T, N, K, 8))
+  attend = dispatch.layer_attention(get_attention(AttentionSpec("s2")),
+                                    window, (True, False))
+  s2 = ref.attention(q, k, v, ref.mask_from_keys(
+      ref.s2_head_keys(T, T // 4, N, "flash"), None, B))
+  local = ref.attention(q, k, v, ref.mask_from_keys(
+      [ref.window_keys(T, window)] * N, None, B))
+  run = jax.jit(lambda layer: attend(q, k, v, layer=layer))
+  ref.assert_close(run(0), local, atol=1e-5)
+  ref.assert_close(run(1), s2, atol=1e-5)
+  monkeypatch.setattr(dispatch, "fused_for", lambda *a, **k: "cudnn")
+  every = dispatch.layer_attention(get_attention(AttentionSpec("full")),
+                                   window, (True, True))
+  ref.assert_close(every(q, k, v, layer=0), local, atol=1e-5)

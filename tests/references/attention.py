@@ -18,6 +18,12 @@ def causal_keys(seq):
   return [list(range(t + 1)) for t in range(seq)]
 
 
+def window_keys(seq, window):
+  """Per query, the keys a sliding window of `window` sees (itself and the
+  window - 1 before it)."""
+  return [list(range(max(0, t - window + 1), t + 1)) for t in range(seq)]
+
+
 def s2_keys(seq, group, shifted, variant):
   """For each query position, the key positions an S²-Attn head sees.
 

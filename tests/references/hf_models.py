@@ -90,7 +90,9 @@ FAMILY_CONFIGS = {
     "qwen2_yarn": dict(model_type="qwen2", vocab_size=128, hidden_size=64,
                        intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=6, num_key_value_heads=2,
-                       head_dim=16, use_sliding_window=False,
+                       # layer 0 global, layer 1 within 16 tokens
+                       head_dim=16, use_sliding_window=True,
+                       sliding_window=16, max_window_layers=1,
                        max_position_embeddings=32, rms_norm_eps=1e-6,
                        rope_parameters={
                            "rope_type": "yarn", "factor": 4.0,
@@ -101,6 +103,12 @@ FAMILY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   tie_word_embeddings=True, use_sliding_window=False,
                   max_position_embeddings=32, rope_theta=1000000.0),
+    # Norms after attention and MLP; q/k norms over whole projections.
+    "olmo2": dict(model_type="olmo2", vocab_size=128, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32, rms_norm_eps=1e-6,
+                  pad_token_id=1, bos_token_id=None, eos_token_id=2),
 }
 
 

@@ -1,0 +1,86 @@
+"""What each supported family's `config.json` says beyond Llama's keys.
+
+A family is data, not code: the switches `LlamaConfig` carries (biases, q/k
+norms, where the norms sit, a sliding window), read from and written back
+to the keys transformers uses for that `model_type`.
+"""
+
+from typing import Any
+
+# model_type -> the transformers class that a checkpoint of it loads as.
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+            "olmo2": "Olmo2ForCausalLM"}
+# LlamaConfig fields that are family switches, not config.json keys.
+SWITCHES = ("qkv_bias", "o_bias", "qk_norm", "qk_norm_over", "norm_placement",
+            "sliding_window", "max_window_layers", "layer_types")
+# Where a layer's RMSNorms sit: "pre" normalises each block's input (Llama:
+# input_layernorm, post_attention_layernorm before the MLP); "post" each
+# block's output before it joins the residual (OLMo 2: post_attention_
+# layernorm, post_feedforward_layernorm).
+NORM_PLACEMENTS = ("pre", "post")
+
+
+def _biases(d: dict[str, Any], qkv: bool | None = None) -> dict[str, bool]:
+  """attention_bias sets the biases of q, k, v and o (Llama, Qwen3, OLMo 2)."""
+  bias = bool(d.get("attention_bias", False))
+  return {"qkv_bias": bias if qkv is None else qkv, "o_bias": bias and qkv is
+          None}
+
+
+def _window(d: dict[str, Any], switch: str | None = None) -> dict[str, Any]:
+  """Mistral's sliding_window (every layer); Qwen's only where
+  use_sliding_window, on its layers from max_window_layers on (transformers'
+  default 28), or as its layer_types say."""
+  on = d.get(switch, False) if switch else True
+  window = d.get("sliding_window") if on else None
+  if not window:
+    return {"sliding_window": None}
+  if not switch:
+    return {"sliding_window": window}
+  return {"sliding_window": window,
+          "max_window_layers": d.get("max_window_layers", 28),
+          "layer_types": d.get("layer_types")}
+
+
+# model_type -> the family switches from its config.json.
+_READ = {
+    "llama": lambda d: {**_biases(d), **_window({})},
+    "mistral": lambda d: {**_biases({}), **_window(d)},
+    "qwen2": lambda d: {**_biases(d, qkv=True),
+                        **_window(d, "use_sliding_window")},
+    "qwen3": lambda d: {**_biases(d), "qk_norm": True,
+                        **_window(d, "use_sliding_window")},
+    # OLMo 2: RMSNorm of the whole q and k projections, norms after blocks.
+    "olmo2": lambda d: {**_biases(d), **_window({}), "qk_norm": True,
+                        "qk_norm_over": "projection", "norm_placement": "post"},
+}
+
+
+def read_switches(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
+  """The LlamaConfig switches of a `model_type` from its config.json `d`."""
+  return _READ[model_type](d)
+
+
+def write_switches(config) -> dict[str, Any]:
+  """The config.json keys of `config`'s family that say its switches."""
+  window = {"sliding_window": config.sliding_window}
+  if config.model_type in ("qwen2", "qwen3"):
+    window = {"use_sliding_window": config.sliding_window is not None,
+              "sliding_window": config.sliding_window,
+              "max_window_layers": (config.max_window_layers
+                                    or config.num_hidden_layers),
+              "layer_types": _layer_types(config)}
+  return {
+      "llama": {"attention_bias": config.qkv_bias, "mlp_bias": False},
+      "mistral": window,
+      "qwen2": window,
+      "qwen3": {"attention_bias": config.qkv_bias, **window},
+      "olmo2": {"attention_bias": config.qkv_bias},
+  }[config.model_type]
+
+
+def _layer_types(config) -> list[str]:
+  """transformers' `layer_types` of `config` (see `LlamaConfig.local_layers`)."""
+  return ["sliding_attention" if local else "full_attention"
+          for local in config.local_layers]
