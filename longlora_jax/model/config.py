@@ -2,7 +2,7 @@
 
 One decoder covers the Llama family as transformers writes it: Llama 1-3.3
 (and Llama-architecture models such as SmolLM2, TinyLlama, Yi), Mistral,
-Qwen2/Qwen2.5, Qwen3 (dense) and OLMo 2. What differs between them is data
+Qwen2/Qwen2.5, Qwen3 (dense), OLMo 2 and Phi-3. What differs between them is data
 here (read and written per family by `families`): biases on the attention
 projections, RMSNorm of q and k (Qwen3 per head, OLMo 2 over the whole
 projection), where the norms sit, a sliding window, the RoPE scaling type.
@@ -16,7 +16,9 @@ from typing import Any
 from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import read_json, write_json
 from longlora_jax.model.families import (FAMILIES, NORM_PLACEMENTS, SWITCHES,
-                                         read_switches, write_switches)
+                                         linear_as_longrope,
+                                         linear_from_longrope, read_switches,
+                                         write_switches)
 
 # RoPE types computed exactly as transformers does (`rope`); others (e.g.
 # "longrope") are refused, not ignored.
@@ -150,6 +152,12 @@ class LlamaConfig:
     return tuple(i >= first for i in range(L))
 
   @property
+  def fused(self) -> bool:
+    """Whether q, k, v are one projection (`qkv_proj`, in that order) and
+    the MLP's gate and up one (`gate_up_proj`), as Phi-3 stores them."""
+    return self.model_type == "phi3"
+
+  @property
   def norm_weight_f32(self) -> bool:
     """Whether the RMSNorm weight multiplies in float32, before the cast
     back (OLMo 2's norm; Llama's multiplies in the compute dtype)."""
@@ -204,6 +212,9 @@ class LlamaConfig:
     if rope not in ("linear", "yarn", "llama3"):
       raise ValueError(f"unknown RoPE extension {rope!r}; choose linear or "
                        "yarn")
+    if self.fused and rope != "linear":
+      raise ValueError("transformers' Phi-3 reads linear RoPE scaling only "
+                       "(as longrope); extend it with --rope linear")
     if rope == kind and kind in ("llama3", "yarn"):
       m = math.ceil(ctx / self.context)
       if m <= 1:
@@ -271,6 +282,8 @@ class LlamaConfig:
         d[f.name] = list(value) if isinstance(value, tuple) else value
     d.update(write_switches(self))
     d.update(_rope_hf_dicts(self.rope_scaling, self.rope_theta))
+    if self.fused and self.rope_scaling:  # transformers' Phi-3: longrope only
+      d.update(linear_as_longrope(self))
     return d
 
   @classmethod
@@ -318,6 +331,14 @@ def _parse_rope(d: dict[str, Any], source: str) -> dict[str, Any]:
   elif d.get("rope_theta") is not None:
     out["rope_theta"] = float(d["rope_theta"])
   rope_type = params.get("rope_type") or params.get("type") or "default"
+  if rope_type == "longrope":
+    factor = linear_from_longrope(params)
+    if factor is None:
+      raise CheckpointError(
+          f"{source}: rope type 'longrope' (Phi-3 128k) is not supported; "
+          "extend the 4k model instead (e.g. Phi-3-mini-4k-instruct), whose "
+          "default RoPE --ctx interpolates")
+    rope_type, params = "linear", {"factor": factor}
   if rope_type not in ROPE_TYPES:
     raise CheckpointError(
         f"{source}: rope type {rope_type!r} is not supported "

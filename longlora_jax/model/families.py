@@ -10,7 +10,7 @@ from typing import Any
 # model_type -> the transformers class that a checkpoint of it loads as.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "olmo2": "Olmo2ForCausalLM"}
+            "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # LlamaConfig fields that are family switches, not config.json keys.
 SWITCHES = ("qkv_bias", "o_bias", "qk_norm", "qk_norm_over", "norm_placement",
             "sliding_window", "max_window_layers", "layer_types")
@@ -54,6 +54,9 @@ _READ = {
     # OLMo 2: RMSNorm of the whole q and k projections, norms after blocks.
     "olmo2": lambda d: {**_biases(d), **_window({}), "qk_norm": True,
                         "qk_norm_over": "projection", "norm_placement": "post"},
+    # Phi-3: fused qkv_proj and gate_up_proj (`LlamaConfig.fused`), a
+    # window on every layer where sliding_window is set.
+    "phi3": lambda d: {**_biases({}), **_window(d)},
 }
 
 
@@ -77,6 +80,7 @@ def write_switches(config) -> dict[str, Any]:
       "qwen2": window,
       "qwen3": {"attention_bias": config.qkv_bias, **window},
       "olmo2": {"attention_bias": config.qkv_bias},
+      "phi3": window,
   }[config.model_type]
 
 
@@ -84,3 +88,31 @@ def _layer_types(config) -> list[str]:
   """transformers' `layer_types` of `config` (see `LlamaConfig.local_layers`)."""
   return ["sliding_attention" if local else "full_attention"
           for local in config.local_layers]
+
+
+def linear_as_longrope(config) -> dict[str, Any]:
+  """Linear position interpolation by f, written as the one RoPE type
+  transformers' Phi-3 takes: longrope with every short and long factor f
+  (frequencies / f, which is positions / f, at any length) and attention
+  factor 1. Phi-3 reads no other scaling."""
+  if config.rope_type != "linear":
+    raise ValueError(f"Phi-3 takes linear RoPE scaling only (as longrope), "
+                     f"not {config.rope_type}; extend it with --rope linear")
+  factors = [config.rope_factor] * (config.head_dim // 2)
+  params = {"rope_type": "longrope", "short_factor": factors,
+            "long_factor": factors, "attention_factor": 1.0,
+            "original_max_position_embeddings":
+                config.max_position_embeddings}
+  return {"rope_scaling": params,
+          "rope_parameters": {**params, "rope_theta": config.rope_theta},
+          "original_max_position_embeddings": config.max_position_embeddings}
+
+
+def linear_from_longrope(params: dict[str, Any]) -> float | None:
+  """The factor of a longrope that is linear interpolation (as
+  `linear_as_longrope` writes it), else None."""
+  short, long = params.get("short_factor"), params.get("long_factor")
+  if (not short or short != long or len(set(short)) != 1
+      or params.get("attention_factor") != 1.0):
+    return None
+  return float(short[0])

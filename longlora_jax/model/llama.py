@@ -129,9 +129,15 @@ class Attention(nn.Module):
     dense = lambda features, name, bias: Dense(
         features, self.dtype, self.param_dtype, cfg.initializer_range, bias,
         name=name)
-    q_BTF = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD)
-    k_BTF = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD)
-    v_BTKH = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
+    if cfg.fused:  # Phi-3: one projection, q then k then v
+      q_BTF, k_BTF, v_BTF = jnp.split(
+          dense((N + 2 * K) * H, "qkv_proj", cfg.qkv_bias)(x_BTD),
+          [N * H, (N + K) * H], axis=-1)
+    else:
+      q_BTF = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD)
+      k_BTF = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD)
+      v_BTF = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD)
+    v_BTKH = v_BTF.reshape(B, T, K, H)
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype,
                                 cfg.norm_weight_f32, name=name)
     if cfg.qk_norm and cfg.qk_norm_over == "projection":
@@ -181,8 +187,12 @@ class MLP(nn.Module):
     dense = lambda features, name: Dense(
         features, self.dtype, self.param_dtype, cfg.initializer_range,
         name=name)
-    gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
-    up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
+    if cfg.fused:  # Phi-3: gate then up, one projection
+      gate_BTF, up_BTF = jnp.split(
+          dense(2 * cfg.intermediate_size, "gate_up_proj")(x_BTD), 2, axis=-1)
+    else:
+      gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
+      up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
     return dense(cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
 
 

@@ -102,7 +102,7 @@ def test_presets_shapes():
     ({"model_type": "mixtral"}, "no MoE or multimodal"),
     ({"model_type": "gemma"}, "model_type='gemma'"),
     ({"rope_scaling": {"type": "longrope", "factor": 2.0}},
-     "rope type 'longrope' is not supported"),
+     "rope type 'longrope' .Phi-3 128k. is not supported; extend the 4k"),
     ({"rope_scaling": {"type": "linear"}}, "needs a factor"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
      "needs low_freq_factor and high_freq_factor"),
@@ -229,3 +229,19 @@ def test_extension_keeps_llama3_and_yarn_and_interpolates_the_rest():
           y.rope_scaling.original_max_position_embeddings, y.context) == (
               "yarn", 8.0, 4096, 4096, 32768)
   assert LlamaConfig(rope_scaling=RopeScaling(8.0)).context == 32768
+
+
+def test_phi3_interpolation_is_written_as_the_longrope_transformers_reads():
+  kwargs = dict(hf_models.FAMILY_CONFIGS["phi3"])
+  cfg = LlamaConfig.from_hf_dict(kwargs).with_context(128)
+  assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
+  d = cfg.to_hf_dict()
+  hf = transformers.AutoConfig.for_model(**d)  # Phi-3 validates it
+  assert hf.rope_parameters["short_factor"] == [4.0] * 8
+  assert LlamaConfig.from_hf_dict(d) == cfg
+  with pytest.raises(ValueError, match="--rope linear"):
+    LlamaConfig.from_hf_dict(kwargs).with_context(128, rope="yarn")
+  real = {**d, "rope_parameters": {**d["rope_parameters"],
+                                   "long_factor": [4.0] * 7 + [5.0]}}
+  with pytest.raises(CheckpointError, match="'longrope' .Phi-3 128k."):
+    LlamaConfig.from_hf_dict(real)

@@ -224,11 +224,11 @@ def test_bad_arguments(base):
     lora.trainable_mask(base, extra=())
 
 
-@pytest.mark.parametrize("name", ["olmo2"])
+@pytest.mark.parametrize("name", ["olmo2", "phi3"])
 def test_lora_plus_trains_every_norm_each_family_has(tiny_hf, name):
   # Every norm transformers' model of the family has (OLMo 2: post-norms
   # and q/k norms over the projections) trains under LoRA+, nothing else
-  # but the embedding and the adapters.
+  # but the embedding and the adapters (Phi-3: on the fused qkv_proj).
   directory, hf_model = tiny_hf(name)
   from longlora_jax import load_hf
   config, params = load_hf(directory, dtype=jnp.float32)
@@ -240,6 +240,7 @@ def test_lora_plus_trains_every_norm_each_family_has(tiny_hf, name):
                and ".layers.0." in n}
   assert trained == {f"layers/{n.replace('.', '/')}" for n in per_layer} | {
       "norm"}
+  attention = ("qkv_proj", "o_proj") if name == "phi3" else ATTN
   assert {p for p, m in mask.items() if m and "norm" not in p} == {
       "embed_tokens/embedding", *(f"layers/self_attn/{t}/kernel/{ab}"
-                                  for t in ATTN for ab in "ab")}
+                                  for t in attention for ab in "ab")}

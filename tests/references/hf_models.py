@@ -109,6 +109,13 @@ FAMILY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=32, rms_norm_eps=1e-6,
                   pad_token_id=1, bos_token_id=None, eos_token_id=2),
+    # Fused qkv_proj and gate_up_proj; a window of 8 on every layer.
+    "phi3": dict(model_type="phi3", vocab_size=128, hidden_size=64,
+                 intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=32,
+                 original_max_position_embeddings=32, sliding_window=8,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
 }
 
 
