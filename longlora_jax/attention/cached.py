@@ -17,11 +17,13 @@ CACHE_BLOCK = 512  # Key block of the loop; cache lengths are multiples.
 
 
 def chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
-                             block: int = CACHE_BLOCK, window=None):
+                             block: int = CACHE_BLOCK, window=None,
+                             softcap: float | None = None):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked cache, their own keys already written.
   `window`: a sliding window (`masks.attention_mask`; an int or, for a
-  layer chosen inside the scan, a traced one), None for none.
+  layer chosen inside the scan, a traced one), None for none. `softcap`:
+  scores soft-capped, cap * tanh(s / cap) (Gemma 2).
 
   Keys at positions <= each query's are read from the cache in blocks with
   an online softmax (float32), and the loop stops at the last block any
@@ -53,6 +55,8 @@ def chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
                                    (1, B, K, block, H))[0]
     s_BKQCS = jnp.einsum("BKQCH,BKHS->BKQCS", q_BKQCH,
                          k_BKHS.astype(jnp.float32))
+    if softcap:
+      s_BKQCS = softcap * jnp.tanh(s_BKQCS / softcap)
     k_pos_S = i * block + jnp.arange(block)
     mask_CS = attention_mask(q_pos_C, k_pos_S, window=window)[0]
     s_BKQCS = jnp.where(mask_CS, s_BKQCS, -jnp.inf)

@@ -38,7 +38,8 @@ def default_block() -> int:
 
 def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                              block_size: int | None = None,
-                             window: int | None = None):
+                             window: int | None = None,
+                             softcap: float | None = None):
   """Causal attention with O(seq) memory in both passes ("chunked").
 
   Same result as `dense.dense_causal_attention`. The block is `block_size`
@@ -50,7 +51,8 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
 
   `window`: a sliding window (`masks.attention_mask`); a query block then
   visits only the key blocks its window reaches, so time and memory grow
-  with seq * window.
+  with seq * window. `softcap`: scores soft-capped, cap * tanh(s / cap)
+  (Gemma 2), in both passes.
   """
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
@@ -70,7 +72,8 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   # Head-major inside: a tile of one head is contiguous, so no product
   # re-lays out its operands.
   q_BKQTH = q_BTNH.reshape(B, T + pad, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  out_BKQTH = _flash(block, window, q_BKQTH, k_BTKH.transpose(0, 2, 1, 3),
+  out_BKQTH = _flash(block, window, softcap, q_BKQTH,
+                     k_BTKH.transpose(0, 2, 1, 3),
                      v_BTKH.transpose(0, 2, 1, 3), segment_ids_BT)
   out_BTKQH = out_BKQTH.transpose(0, 3, 1, 2, 4)
   return out_BTKQH.reshape(B, T + pad, N, H)[:, :T]
@@ -88,7 +91,7 @@ def _tile(x, index, block, axis):
 
 
 def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
-            window=None):
+            window=None, softcap=None):
   """Scaled float32 scores of query block i against key block j: `[batch,
   kv_heads, Q, t, s]` (t, s: the query and key blocks), -inf where the mask
   hides the key when `masked` (a tile below the diagonal and without
@@ -96,6 +99,8 @@ def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
   H = q_BKQtH.shape[-1]
   s_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
                        preferred_element_type=jnp.float32) * (H ** -0.5)
+  if softcap:
+    s_BKQts = softcap * jnp.tanh(s_BKQts / softcap)
   if not masked:
     return s_BKQts
   pos = jnp.arange(block)
@@ -136,12 +141,13 @@ def _last_query_block(j, block, window, n):
   return jnp.minimum(n, ((j + 1) * block + window - 2) // block + 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _flash(block, window, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
-  return _forward(block, window, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  return _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
+                  segment_ids_BT)[0]
 
 
-def _forward(block, window, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+def _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
   """Output `[batch, kv_heads, Q, seq, head_dim]` and float32 log-sum-exp
   `[batch, kv_heads, Q, seq]`."""
   B, K, Q, T, H = q_BKQTH.shape
@@ -153,7 +159,7 @@ def _forward(block, window, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
     def key_block(j, carry, masked):
       m_BKQt, l_BKQt, acc_BKQtH = carry
       s_BKQts = _scores(q_BKQtH, _tile(k_BKTH, j, block, 2), i, j, block,
-                        segment_ids_BT, masked, window)
+                        segment_ids_BT, masked, window, softcap)
       m_new = jnp.maximum(m_BKQt, s_BKQts.max(-1))
       # A row with no visible key yet (other segments only) keeps m = -inf;
       # shifting by 0 instead makes its weights exp(-inf) = 0, not NaN.
@@ -182,14 +188,15 @@ def _forward(block, window, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
   return out_BKQTH, lse_BKQT
 
 
-def _flash_fwd(block, window, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
-  out_BKQTH, lse_BKQT = _forward(block, window, q_BKQTH, k_BKTH, v_BKTH,
+def _flash_fwd(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
+               segment_ids_BT):
+  out_BKQTH, lse_BKQT = _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
                                  segment_ids_BT)
   return out_BKQTH, (q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH,
                      lse_BKQT)
 
 
-def _flash_bwd(block, window, residuals, dout_BKQTH):
+def _flash_bwd(block, window, softcap, residuals, dout_BKQTH):
   """Flash-attention-2 backward: an outer loop over key blocks accumulates
   their dK and dV over the query blocks at or after them, and adds each
   tile's share of dQ into one float32 dQ (O(seq), updated in place)."""
@@ -211,14 +218,17 @@ def _flash_bwd(block, window, residuals, dout_BKQTH):
       q_BKQtH = _tile(q_BKQTH, i, block, 3)
       do_BKQtH = _tile(dout_BKQTH, i, block, 3)
       s_BKQts = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
-                        window)
+                        window, softcap)
       p_BKQts = jnp.exp(s_BKQts - _tile(lse_BKQT, i, block, 3)[..., None])
       dv_BKsH += jnp.einsum("BKQts,BKQtH->BKsH", p_BKQts.astype(dtype),
                             do_BKQtH, preferred_element_type=jnp.float32)
       dp_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", do_BKQtH, v_BKsH,
                             preferred_element_type=jnp.float32)
-      ds_BKQts = (p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
-                  ).astype(dtype)
+      ds_BKQts = p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
+      if softcap:  # d(cap tanh(x / cap)) = 1 - tanh^2; 0 where masked
+        ds_BKQts *= jnp.where(jnp.isfinite(s_BKQts),
+                              1 - jnp.square(s_BKQts / softcap), 0.0)
+      ds_BKQts = ds_BKQts.astype(dtype)
       dk_BKsH += scale * jnp.einsum("BKQts,BKQtH->BKsH", ds_BKQts, q_BKQtH,
                                     preferred_element_type=jnp.float32)
       dq_BKQtH = _tile(dq_BKQTH, i, block, 3) + scale * jnp.einsum(

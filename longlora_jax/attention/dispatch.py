@@ -42,6 +42,8 @@ from longlora_jax.attention.chunked import (chunked_causal_attention,
                                             default_block)
 from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention.groups import check_variant, s2_group_size
+from longlora_jax.attention.local import (check_softcap, refuse_window,
+                                          windowed_attention)
 from longlora_jax.attention.pallas import cached as pallas_cached
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.s2 import s2_by_reshape
@@ -74,7 +76,7 @@ def check_implementation(implementation: str, what: str,
 def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                  group_ratio: float = 0.25, variant: str = "flash",
                  implementation: str = "auto", segment_ids_BT=None,
-                 block_size: int | None = None):
+                 block_size: int | None = None, softcap: float | None = None):
   """S²-Attn with the attention signature (groups and variants: `groups`).
 
   Args:
@@ -94,6 +96,8 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
       head; "chunked": `chunked_causal_attention` with `block_size`, memory
       linear in seq for any G (e.g. G = 25k at 100k tokens).
     segment_ids_BT: packed documents; tokens never attend across them.
+    softcap: scores soft-capped, cap * tanh(s / cap) (Gemma 2); "auto"
+      then never takes cuDNN, which has no soft-cap.
   Returns:
     `[batch, seq, q_heads, head_dim]`.
   """
@@ -103,9 +107,11 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     block_size = default_block()
   check_variant(variant)
   check_implementation(implementation, "S²-Attn")
+  check_softcap(implementation, softcap)
   if implementation == "auto":
     implementation = fused_for(H, q_BTNH.dtype,
-                               packed=segment_ids_BT is not None) or (
+                               packed=segment_ids_BT is not None,
+                               softcap=softcap) or (
         "dense" if G <= block_size else "chunked")
   if implementation == "cudnn":
     return cudnn_grouped.cudnn_s2_attention(
@@ -118,43 +124,50 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
         interpret=implementation == "pallas_interpret")
   return s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
                        inner=implementation, block_size=block_size,
-                       segment_ids_BT=segment_ids_BT)
+                       segment_ids_BT=segment_ids_BT, softcap=softcap)
 
 
 def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                    implementation: str = "auto",
-                   block_size: int | None = None):
+                   block_size: int | None = None,
+                   softcap: float | None = None):
   """Full attention (causal attention over the whole sequence) with the
   attention signature.
 
   implementation: one of `IMPLEMENTATIONS`; "auto" the fastest this backend
   has: on an NVIDIA GPU the fused one that takes the shapes (`fused_for`:
   cuDNN, else the Pallas kernel), else "chunked" (`block_size`).
+  softcap: as `s2_attention`'s.
   """
   check_implementation(implementation, "full attention")
+  check_softcap(implementation, softcap)
   if implementation == "auto":
     implementation = fused_for(q_BTNH.shape[3], q_BTNH.dtype,
-                               packed=segment_ids_BT is not None) or "chunked"
+                               packed=segment_ids_BT is not None,
+                               softcap=softcap) or "chunked"
   if implementation == "chunked":
     return chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH,
                                     segment_ids_BT=segment_ids_BT,
-                                    block_size=block_size)
+                                    block_size=block_size, softcap=softcap)
   if implementation in ("pallas", "pallas_interpret"):
     return pallas_grouped.pallas_causal_attention(
         q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
         interpret=implementation == "pallas_interpret")
-  fn = {"cudnn": cudnn_grouped.cudnn_causal_attention,
-        "dense": dense_causal_attention}[implementation]
-  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
+  if implementation == "dense":
+    return dense_causal_attention(q_BTNH, k_BTKH, v_BTKH,
+                                  segment_ids_BT=segment_ids_BT,
+                                  softcap=softcap)
+  return cudnn_grouped.cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH,
+                                              segment_ids_BT=segment_ids_BT)
 
 
 def fused_for(head_dim: int, dtype, *, packed: bool = False,
-              platform: str | None = None) -> str | None:
+              platform: str | None = None, softcap=None) -> str | None:
   """The fused implementation "auto" takes on this backend, or None: on an
   NVIDIA GPU (`platform`, default JAX's default backend), without packed
   segments, the first of `FUSED_PREFERENCE` that takes `head_dim` and
-  `dtype`."""
-  if packed or not on_nvidia_gpu(platform):
+  `dtype`, and a `softcap` where one is set (neither does yet)."""
+  if packed or softcap or not on_nvidia_gpu(platform):
     return None
   takes = {
       "cudnn": jnp.dtype(dtype) in map(jnp.dtype, cudnn_grouped.DTYPES)
@@ -235,19 +248,8 @@ def get_attention(attention: "str | AttentionSpec | AttentionFn"
 
 # ---- sliding-window layers ----
 
-def windowed_attention(q_BTNH, k_BTKH, v_BTKH, *, window: int,
-                       segment_ids_BT=None, implementation: str = "chunked"):
-  """Full causal attention within a sliding `window` (the attention
-  signature plus `window`): "dense" or "chunked", the implementations that
-  apply a window (the fused kernels do not)."""
-  fn = (dense_causal_attention if implementation == "dense" else
-        chunked_causal_attention)
-  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
-            window=window)
-
-
 def layer_attention(attention_fn: AttentionFn, window: int | None,
-                    local_L: tuple[bool, ...]):
+                    local_L: tuple[bool, ...], softcap: float | None = None):
   """The attention of each layer of a model with sliding-window layers:
   `attend(q, k, v, *, segment_ids_BT, layer)`, each device on its own rows
   (`per_row_shard`).
@@ -258,15 +260,25 @@ def layer_attention(attention_fn: AttentionFn, window: int | None,
   alike (its weights were trained with it; it already bounds the cost):
   `windowed_attention`, "dense" where `attention_fn` names it, else
   "chunked". Mixed layers: `jax.lax.cond` on the layer index inside the
-  layer scan (one compiled body, no unrolling).
+  layer scan (one compiled body, no unrolling). `softcap` (Gemma 2) is
+  bound into both; an attention that takes none is refused.
   """
-  attend = per_row_shard(attention_fn, context_form(attention_fn))
+  fn, options = _unbound(attention_fn)
+  if softcap:
+    if fn not in (s2_attention, full_attention, dense_causal_attention,
+                  chunked_causal_attention):
+      raise LongLoraError(
+          f"attention {getattr(fn, '__name__', fn)!r} applies no logit "
+          "soft-cap, which this model needs; use 's2', 'full', 'dense' or "
+          "'chunked'")
+    attention_fn = functools.partial(fn, **options, softcap=softcap)
+  attend = per_row_shard(attention_fn, None if softcap else
+                         context_form(attention_fn))
   if not any(local_L):
     return lambda *qkv, segment_ids_BT=None, layer=None: attend(
         *qkv, segment_ids_BT=segment_ids_BT)
-  _, options = _unbound(attention_fn)
   windowed = functools.partial(
-      windowed_attention, window=window,
+      windowed_attention, window=window, softcap=softcap,
       implementation="dense" if options.get("implementation") == "dense" or
       attention_fn is dense_causal_attention else "chunked")
   local = per_row_shard(windowed, context_form(windowed))
@@ -307,14 +319,8 @@ CONTEXT_FORMS: dict[AttentionFn, Callable[..., AttentionFn]] = {
     pallas_grouped.pallas_causal_attention:
         lambda *, config=None, interpret=False: _full_context(
             implementation="pallas_interpret" if interpret else "pallas"),
-    windowed_attention: lambda **_: functools.partial(_refuse_window),
+    windowed_attention: lambda **_: refuse_window,
 }
-
-
-def _refuse_window(*args, **kwargs):
-  raise LongLoraError("sliding-window layers have no context-parallel form "
-                      "yet; use a mesh without a context axis (e.g. "
-                      "fsdp=-1)")
 
 
 def context_form(attention_fn: AttentionFn) -> AttentionFn | None:
@@ -381,7 +387,7 @@ def context_implementation(implementation: str, head_dim: int, dtype, *,
 
 def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
                      implementation: str = "auto", block: int = CACHE_BLOCK,
-                     window=None):
+                     window=None, softcap: float | None = None):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked KV cache (`model.kv_cache`), their own keys
   and values already written.
@@ -396,9 +402,10 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   """
   check_implementation(implementation, "cached attention",
                        CACHED_IMPLEMENTATIONS)
-  if window is not None:
+  if window is not None or softcap:  # (the kernel applies neither)
     return chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start,
-                                    block=block, window=window)
+                                    block=block, window=window,
+                                    softcap=softcap)
   if implementation == "auto":
     implementation = ("pallas" if on_nvidia_gpu() and pallas_cached.takes(
         q_BCNH, v_LBKSH.shape[3]) else "chunked")

@@ -18,7 +18,7 @@ from longlora_jax.core.files import read_json, write_json
 from longlora_jax.model.families import (FAMILIES, NORM_PLACEMENTS, SWITCHES,
                                          linear_as_longrope,
                                          linear_from_longrope, read_switches,
-                                         write_switches)
+                                         rope_hf_dicts, write_switches)
 
 # RoPE types computed exactly as transformers does (`rope`); others (e.g.
 # "longrope") are refused, not ignored.
@@ -108,6 +108,11 @@ class LlamaConfig:
   sliding_window: int | None = None
   max_window_layers: int | None = None
   layer_types: tuple[str, ...] | None = None
+  # Gemma: attention scores scaled by query_pre_attn_scalar ** -0.5 (None:
+  # head_dim ** -0.5); scores and logits soft-capped, cap * tanh(x / cap).
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
 
   def __post_init__(self):
     # Resolve the derived defaults once so every reader sees plain ints.
@@ -158,10 +163,16 @@ class LlamaConfig:
     return self.model_type == "phi3"
 
   @property
+  def gemma(self) -> bool:
+    """Gemma's RMSNorm by (1 + w), embeddings times sqrt(hidden_size) and
+    GeGLU (gelu, tanh approximation)."""
+    return self.model_type == "gemma2"
+
+  @property
   def norm_weight_f32(self) -> bool:
     """Whether the RMSNorm weight multiplies in float32, before the cast
-    back (OLMo 2's norm; Llama's multiplies in the compute dtype)."""
-    return self.model_type == "olmo2"
+    back (OLMo 2's and Gemma's norm; Llama's: in the compute dtype)."""
+    return self.model_type == "olmo2" or self.gemma
 
   @property
   def rope_type(self) -> str:
@@ -248,9 +259,11 @@ class LlamaConfig:
           f"{source}: model_type={model_type!r}, architectures={archs} is not "
           f"supported; supported families: {', '.join(FAMILIES)} (dense "
           "decoders; no MoE or multimodal models)")
-    if d.get("hidden_act", "silu") != "silu":
-      raise CheckpointError(f"{source}: hidden_act={d['hidden_act']!r} is "
-                            "not supported (these families use 'silu')")
+    act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
+    act = "gelu_pytorch_tanh" if model_type == "gemma2" else "silu"
+    if (d.get(act_key) or act) != act:
+      raise CheckpointError(f"{source}: {act_key}={d[act_key]!r} is not "
+                            f"supported ({model_type} uses {act!r})")
     if d.get("mlp_bias"):
       raise CheckpointError(f"{source}: mlp_bias=true is not supported")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -281,7 +294,7 @@ class LlamaConfig:
         value = getattr(self, f.name)
         d[f.name] = list(value) if isinstance(value, tuple) else value
     d.update(write_switches(self))
-    d.update(_rope_hf_dicts(self.rope_scaling, self.rope_theta))
+    d.update(rope_hf_dicts(self.rope_scaling, self.rope_theta))
     if self.fused and self.rope_scaling:  # transformers' Phi-3: longrope only
       d.update(linear_as_longrope(self))
     return d
@@ -300,23 +313,6 @@ class LlamaConfig:
   def save(self, directory: str | os.PathLike, **extra) -> None:
     write_json(os.path.join(directory, "config.json"),
                {**self.to_hf_dict(), **extra})
-
-
-def _rope_hf_dicts(scaling: RopeScaling | None, theta: float) -> dict:
-  """`rope_scaling` (transformers 4.x) and `rope_parameters` (5.x).
-
-  Linear and dynamic scaling are written with exactly the keys `type` and
-  `factor`, which transformers 4.34-4.42 require (the official LongLoRA
-  pins 4.34); llama3 and yarn exist from 4.43, in its `rope_type` format.
-  """
-  if scaling is None:
-    return {"rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-  params = scaling.hf_dict()
-  legacy = ({"type": scaling.rope_type, "factor": scaling.factor}
-            if scaling.rope_type in ("linear", "dynamic") else params)
-  return {"rope_scaling": legacy,
-          "rope_parameters": {**params, "rope_theta": theta}}
 
 
 def _parse_rope(d: dict[str, Any], source: str) -> dict[str, Any]:

@@ -10,15 +10,22 @@ from typing import Any
 # model_type -> the transformers class that a checkpoint of it loads as.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM"}
+            "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
+            "gemma2": "Gemma2ForCausalLM"}
 # LlamaConfig fields that are family switches, not config.json keys.
 SWITCHES = ("qkv_bias", "o_bias", "qk_norm", "qk_norm_over", "norm_placement",
-            "sliding_window", "max_window_layers", "layer_types")
+            "sliding_window", "max_window_layers", "layer_types",
+            "query_pre_attn_scalar", "attn_logit_softcapping",
+            "final_logit_softcapping")
+# Gemma's keys, read and written as they are.
+_GEMMA_KEYS = ("query_pre_attn_scalar", "attn_logit_softcapping",
+               "final_logit_softcapping", "sliding_window", "layer_types")
 # Where a layer's RMSNorms sit: "pre" normalises each block's input (Llama:
 # input_layernorm, post_attention_layernorm before the MLP); "post" each
 # block's output before it joins the residual (OLMo 2: post_attention_
-# layernorm, post_feedforward_layernorm).
-NORM_PLACEMENTS = ("pre", "post")
+# layernorm, post_feedforward_layernorm); "both" both (Gemma: input_
+# layernorm, post_attention_layernorm, pre_ and post_feedforward_layernorm).
+NORM_PLACEMENTS = ("pre", "post", "both")
 
 
 def _biases(d: dict[str, Any], qkv: bool | None = None) -> dict[str, bool]:
@@ -57,6 +64,10 @@ _READ = {
     # Phi-3: fused qkv_proj and gate_up_proj (`LlamaConfig.fused`), a
     # window on every layer where sliding_window is set.
     "phi3": lambda d: {**_biases({}), **_window(d)},
+    # Gemma 2: RMSNorm by (1 + w), four norms a layer, soft-capping,
+    # local and global layers alternating as layer_types say.
+    "gemma2": lambda d: {**_biases(d), "norm_placement": "both",
+                         **{k: d.get(k) for k in _GEMMA_KEYS}},
 }
 
 
@@ -81,6 +92,11 @@ def write_switches(config) -> dict[str, Any]:
       "qwen3": {"attention_bias": config.qkv_bias, **window},
       "olmo2": {"attention_bias": config.qkv_bias},
       "phi3": window,
+      "gemma2": {"attention_bias": config.qkv_bias,
+                 "hidden_activation": "gelu_pytorch_tanh",
+                 "hidden_act": "gelu_pytorch_tanh",
+                 **{k: getattr(config, k) for k in _GEMMA_KEYS},
+                 "layer_types": _layer_types(config)},
   }[config.model_type]
 
 
@@ -88,6 +104,23 @@ def _layer_types(config) -> list[str]:
   """transformers' `layer_types` of `config` (see `LlamaConfig.local_layers`)."""
   return ["sliding_attention" if local else "full_attention"
           for local in config.local_layers]
+
+
+def rope_hf_dicts(scaling, theta: float) -> dict:
+  """`rope_scaling` (transformers 4.x) and `rope_parameters` (5.x).
+
+  Linear and dynamic scaling are written with exactly the keys `type` and
+  `factor`, which transformers 4.34-4.42 require (the official LongLoRA
+  pins 4.34); llama3 and yarn exist from 4.43, in its `rope_type` format.
+  """
+  if scaling is None:
+    return {"rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+  params = scaling.hf_dict()
+  legacy = ({"type": scaling.rope_type, "factor": scaling.factor}
+            if scaling.rope_type in ("linear", "dynamic") else params)
+  return {"rope_scaling": legacy,
+          "rope_parameters": {**params, "rope_theta": theta}}
 
 
 def linear_as_longrope(config) -> dict[str, Any]:

@@ -75,11 +75,15 @@ def project(x_BTD, kernel_DF, dtype: DType):
   return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
 
 
-def rms_norm(x_BTD, weight_D, eps: float, weight_f32: bool = False):
+def rms_norm(x_BTD, weight_D, eps: float, weight_f32: bool = False,
+             offset: bool = False):
   """HF LlamaRMSNorm: statistics in float32, result in x's dtype; the weight
-  applied in x's dtype, or before the cast back with `weight_f32` (OLMo 2)."""
+  applied in x's dtype, or before the cast back with `weight_f32` (OLMo 2),
+  as (1 + weight) with `offset` (Gemma)."""
   x32 = x_BTD.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if offset:
+    return (normed * (1.0 + weight_D.astype(jnp.float32))).astype(x_BTD.dtype)
   if weight_f32:
     return (weight_D.astype(jnp.float32) * normed).astype(x_BTD.dtype)
   return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
@@ -107,12 +111,19 @@ class RMSNorm(nn.Module):
   eps: float
   param_dtype: DType
   weight_f32: bool = False
+  offset: bool = False  # (1 + weight), initialised 0 (Gemma)
 
   @nn.compact
   def __call__(self, x_BTD):
-    weight_D = self.param("weight", nn.initializers.ones, (x_BTD.shape[-1],),
-                          self.param_dtype)
-    return rms_norm(x_BTD, weight_D, self.eps, self.weight_f32)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    weight_D = self.param("weight", init, (x_BTD.shape[-1],), self.param_dtype)
+    return rms_norm(x_BTD, weight_D, self.eps, self.weight_f32, self.offset)
+
+
+def _norm(cfg: LlamaConfig, param_dtype, name: str) -> RMSNorm:
+  """The RMSNorm of `cfg`'s family."""
+  return RMSNorm(cfg.rms_norm_eps, param_dtype, cfg.norm_weight_f32, cfg.gemma,
+                 name=name)
 
 
 class Attention(nn.Module):
@@ -138,8 +149,7 @@ class Attention(nn.Module):
       k_BTF = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD)
       v_BTF = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD)
     v_BTKH = v_BTF.reshape(B, T, K, H)
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype,
-                                cfg.norm_weight_f32, name=name)
+    norm = lambda name: _norm(cfg, self.param_dtype, name)
     if cfg.qk_norm and cfg.qk_norm_over == "projection":
       # OLMo 2: one RMSNorm over all heads' dims, before the split.
       q_BTF, k_BTF = norm("q_norm")(q_BTF), norm("k_norm")(k_BTF)
@@ -147,13 +157,19 @@ class Attention(nn.Module):
     if cfg.qk_norm and cfg.qk_norm_over == "head":
       # Qwen3: RMSNorm over each head's dims, before RoPE.
       q_BTNH, k_BTKH = norm("q_norm")(q_BTNH), norm("k_norm")(k_BTKH)
+    if cfg.query_pre_attn_scalar:
+      # Gemma scales scores by query_pre_attn_scalar ** -0.5; attention
+      # applies head_dim ** -0.5, so q carries the ratio.
+      q_BTNH = q_BTNH * jnp.asarray(
+          (H / cfg.query_pre_attn_scalar) ** 0.5, q_BTNH.dtype)
     inv_freq_h, scale = rope_frequencies(cfg, positions_BT)
     q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, inv_freq_h, scale))
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
       out_BTNH = layer_attention(self.attention_fn, cfg.sliding_window,
-                                 cfg.local_layers)(
+                                 cfg.local_layers,
+                                 cfg.attn_logit_softcapping)(
           q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, layer=layer)
     else:
       # Generation: every row's chunk starts at the same cache position.
@@ -170,7 +186,8 @@ class Attention(nn.Module):
         window = jnp.where(jnp.asarray(cfg.local_layers)[layer],
                            cfg.sliding_window, jnp.iinfo(jnp.int32).max)
       out_BTNH = cached_attention(q_BTNH, cache["k"], cache["v"], layer,
-                                  start, window=window)
+                                  start, window=window,
+                                  softcap=cfg.attn_logit_softcapping)
     out_BTNH = shard_batch(out_BTNH)
     out_BTD = dense(D, "o_proj", cfg.o_bias)(out_BTNH.reshape(B, T, N * H))
     return out_BTD, cache
@@ -193,7 +210,8 @@ class MLP(nn.Module):
     else:
       gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
       up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
-    return dense(cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
+    act = (lambda x: nn.gelu(x, approximate=True)) if cfg.gemma else nn.silu
+    return dense(cfg.hidden_size, "down_proj")(act(gate_BTF) * up_BTF)
 
 
 class DecoderLayer(nn.Module):
@@ -210,20 +228,22 @@ class DecoderLayer(nn.Module):
     # the backward pass needs only the offloaded one, not the input itself.
     x_BTD = checkpoint_name(shard_batch(x_BTD), LAYER_INPUT)
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype,
-                                cfg.norm_weight_f32, name=name)
-    pre = cfg.norm_placement == "pre"
+    norm = lambda name: _norm(cfg, self.param_dtype, name)
+    pre, post = (cfg.norm_placement in ("pre", "both"),
+                 cfg.norm_placement in ("post", "both"))
     # "pre" normalises what enters a block, "post" what leaves it.
     h_BTD = norm("input_layernorm")(x_BTD) if pre else x_BTD
     attn_BTD, cache = Attention(cfg, self.attention_fn, self.dtype,
                                 self.param_dtype, name="self_attn")(
                                     h_BTD, positions_BT, segment_ids_BT,
                                     cache, layer)
-    if not pre:
+    if post:
       attn_BTD = norm("post_attention_layernorm")(attn_BTD)
     x_BTD = x_BTD + attn_BTD
-    h_BTD = norm("post_attention_layernorm")(x_BTD) if pre else x_BTD
-    out_norm = (lambda y: y) if pre else norm("post_feedforward_layernorm")
+    h_BTD = x_BTD if not pre else norm(
+        "pre_feedforward_layernorm" if post else "post_attention_layernorm")(
+            x_BTD)
+    out_norm = norm("post_feedforward_layernorm") if post else lambda y: y
     mlp = MLP(cfg, self.dtype, self.param_dtype, name="mlp")
     B, T, D = h_BTD.shape
     P = context_slices()
@@ -280,6 +300,8 @@ class Decoder(nn.Module):
         param_dtype=self.param_dtype,
         embedding_init=_embed_init(cfg.initializer_range, cfg.pad_token_id),
         name="embed_tokens")(input_ids_BT)
+    if cfg.gemma:  # sqrt(hidden) rounded to the compute dtype, as Gemma's
+      x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
     layer = nn.map_variables(DecoderLayer, "params",
                              trans_in_fn=gather_over_context, init=True)
     if REMAT_POLICIES[self.remat] is not None:
@@ -292,8 +314,7 @@ class Decoder(nn.Module):
         cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
             (x_BTD, cache), positions_BT, segment_ids_BT,
             jnp.arange(cfg.num_hidden_layers))
-    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, cfg.norm_weight_f32,
-                   name="norm")(x_BTD), cache
+    return _norm(cfg, self.param_dtype, "norm")(x_BTD), cache
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: DType = jnp.float32):
@@ -365,14 +386,19 @@ def _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT, cache, *,
 
 
 def lm_head(config: LlamaConfig, params, h_BTD):
-  """Float32 logits `[batch, seq, vocab]` from hidden states."""
+  """Float32 logits `[batch, seq, vocab]` from hidden states (soft-capped,
+  cap * tanh(logits / cap), where the config says: Gemma 2)."""
   if config.tie_word_embeddings:
-    return jnp.einsum("BTD,VD->BTV", h_BTD,
-                      params["embed_tokens"]["embedding"].astype(h_BTD.dtype),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("BTD,DV->BTV", h_BTD,
-                    params["lm_head"]["kernel"].astype(h_BTD.dtype),
-                    preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum(
+        "BTD,VD->BTV", h_BTD,
+        params["embed_tokens"]["embedding"].astype(h_BTD.dtype),
+        preferred_element_type=jnp.float32)
+  else:
+    logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD,
+                            params["lm_head"]["kernel"].astype(h_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+  cap = config.final_logit_softcapping
+  return logits_BTV if not cap else cap * jnp.tanh(logits_BTV / cap)
 
 
 def forward(config: LlamaConfig, params, input_ids_BT, **kwargs):

@@ -116,6 +116,15 @@ FAMILY_CONFIGS = {
                  max_position_embeddings=32,
                  original_max_position_embeddings=32, sliding_window=8,
                  pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Local (window 8) and global layers; caps small enough to bite; a
+    # query_pre_attn_scalar other than head_dim.
+    "gemma2": dict(model_type="gemma2", vocab_size=128, hidden_size=64,
+                   intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=24, sliding_window=8,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   max_position_embeddings=32, pad_token_id=0,
+                   eos_token_id=1, bos_token_id=2),
 }
 
 
