@@ -190,8 +190,8 @@ def _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
 
 def _flash_fwd(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
                segment_ids_BT):
-  out_BKQTH, lse_BKQT = _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
-                                 segment_ids_BT)
+  out_BKQTH, lse_BKQT = _forward(block, window, softcap, q_BKQTH, k_BKTH,
+                                 v_BKTH, segment_ids_BT)
   return out_BKQTH, (q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH,
                      lse_BKQT)
 

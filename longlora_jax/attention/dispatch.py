@@ -121,7 +121,7 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     return pallas_grouped.pallas_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
         segment_ids_BT=segment_ids_BT,
-        interpret=implementation == "pallas_interpret")
+        interpret=implementation == "pallas_interpret", softcap=softcap)
   return s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
                        inner=implementation, block_size=block_size,
                        segment_ids_BT=segment_ids_BT, softcap=softcap)
@@ -152,7 +152,7 @@ def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   if implementation in ("pallas", "pallas_interpret"):
     return pallas_grouped.pallas_causal_attention(
         q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
-        interpret=implementation == "pallas_interpret")
+        interpret=implementation == "pallas_interpret", softcap=softcap)
   if implementation == "dense":
     return dense_causal_attention(q_BTNH, k_BTKH, v_BTKH,
                                   segment_ids_BT=segment_ids_BT,
@@ -166,12 +166,12 @@ def fused_for(head_dim: int, dtype, *, packed: bool = False,
   """The fused implementation "auto" takes on this backend, or None: on an
   NVIDIA GPU (`platform`, default JAX's default backend), without packed
   segments, the first of `FUSED_PREFERENCE` that takes `head_dim` and
-  `dtype`, and a `softcap` where one is set (neither does yet)."""
-  if packed or softcap or not on_nvidia_gpu(platform):
+  `dtype`, and a `softcap` where one is set (cuDNN does not)."""
+  if packed or not on_nvidia_gpu(platform):
     return None
   takes = {
       "cudnn": jnp.dtype(dtype) in map(jnp.dtype, cudnn_grouped.DTYPES)
-               and head_dim in cudnn_grouped.HEAD_DIMS,
+               and head_dim in cudnn_grouped.HEAD_DIMS and not softcap,
       "pallas": pallas_grouped.AVAILABLE
                 and head_dim in pallas_grouped.HEAD_DIMS,
   }
@@ -266,11 +266,11 @@ def layer_attention(attention_fn: AttentionFn, window: int | None,
   fn, options = _unbound(attention_fn)
   if softcap:
     if fn not in (s2_attention, full_attention, dense_causal_attention,
-                  chunked_causal_attention):
+                  chunked_causal_attention,
+                  pallas_grouped.pallas_causal_attention):
       raise LongLoraError(
           f"attention {getattr(fn, '__name__', fn)!r} applies no logit "
-          "soft-cap, which this model needs; use 's2', 'full', 'dense' or "
-          "'chunked'")
+          "soft-cap, which this model needs; use one the library names")
     attention_fn = functools.partial(fn, **options, softcap=softcap)
   attend = per_row_shard(attention_fn, None if softcap else
                          context_form(attention_fn))

@@ -9,7 +9,8 @@ from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.core.errors import LongLoraError
 
 # Implementations that apply a soft-cap (cuDNN's fused attention has none).
-SOFTCAP_IMPLEMENTATIONS = ("auto", "dense", "chunked")
+SOFTCAP_IMPLEMENTATIONS = ("auto", "pallas", "dense", "chunked",
+                           "pallas_interpret")
 
 
 def check_softcap(implementation: str, softcap) -> None:

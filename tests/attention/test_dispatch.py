@@ -196,7 +196,9 @@ def test_auto_never_takes_an_implementation_without_the_soft_cap(monkeypatch):
   # attention and a Gemma-style layer all give the capped float64 values.
   monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda platform=None: True)
   assert fused_for(16, jnp.bfloat16) == "cudnn"
-  assert fused_for(16, jnp.bfloat16, softcap=50.0) not in ("cudnn",)
+  assert fused_for(16, jnp.bfloat16, softcap=50.0) is None  # no Pallas tiles
+  assert fused_for(64, jnp.bfloat16) == "cudnn"
+  assert fused_for(64, jnp.bfloat16, softcap=50.0) == "pallas"
   B, T, N, K, cap = 1, 16, 4, 2, 1.0
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(x, jnp.bfloat16)
