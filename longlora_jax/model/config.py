@@ -17,7 +17,9 @@ from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import read_json, write_json
 from longlora_jax.model.families import (FAMILIES, NORM_PLACEMENTS, SWITCHES,
                                          linear_as_longrope,
-                                         linear_from_longrope, read_switches,
+                                         linear_from_longrope,
+                                         global_rope, per_layer_type_rope,
+                                         read_switches,
                                          rope_hf_dicts, write_switches)
 
 # RoPE types computed exactly as transformers does (`rope`); others (e.g.
@@ -113,6 +115,9 @@ class LlamaConfig:
   query_pre_attn_scalar: float | None = None
   attn_logit_softcapping: float | None = None
   final_logit_softcapping: float | None = None
+  # Gemma 3: the default RoPE at this base on the local layers; rope_theta
+  # and rope_scaling (what --ctx extends) are the global layers'.
+  local_rope_theta: float | None = None
 
   def __post_init__(self):
     # Resolve the derived defaults once so every reader sees plain ints.
@@ -166,7 +171,7 @@ class LlamaConfig:
   def gemma(self) -> bool:
     """Gemma's RMSNorm by (1 + w), embeddings times sqrt(hidden_size) and
     GeGLU (gelu, tanh approximation)."""
-    return self.model_type == "gemma2"
+    return self.model_type in ("gemma2", "gemma3_text")
 
   @property
   def norm_weight_f32(self) -> bool:
@@ -198,7 +203,7 @@ class LlamaConfig:
     a linear or dynamic factor; max_position_embeddings for llama3 (Llama
     3.1: 8192 x 16); for yarn the larger of the two."""
     kind, n = self.rope_type, int(self.max_position_embeddings)
-    if kind in ("linear", "dynamic"):
+    if kind in ("linear", "dynamic") and self.local_rope_theta is None:
       return int(n * self.rope_factor)
     if kind == "yarn":
       return max(n, int(self.original_context * self.rope_factor))
@@ -207,16 +212,14 @@ class LlamaConfig:
   def with_context(self, ctx: int, rope: str | None = None) -> "LlamaConfig":
     """This config extended to `ctx` tokens.
 
-    rope None: a config that already scales with llama3 or yarn keeps its
-    type, its factor times ceil(ctx / context) (llama3 also its
-    max_position_embeddings, as Llama 3.1 writes it); any other gets
-    LongLoRA's linear position interpolation. "linear": factor ceil(ctx /
-    original context), as the official LongLoRA code computes it. "yarn":
-    YaRN with that factor over the original context (transformers' default
-    beta_fast 32, beta_slow 1). Both keep max_position_embeddings the
-    original length: how transformers reads "linear", and what its 4.43-
-    4.44 releases take as yarn's pretraining length.
-    """
+    rope None: a config scaled with llama3 or yarn keeps its type, its
+    factor times ceil(ctx / context) (llama3, and Gemma 3's global linear,
+    also its max_position_embeddings, as they write it); others get
+    LongLoRA's linear interpolation. "linear": factor ceil(ctx / original
+    context), as the official code computes it. "yarn": YaRN with that
+    factor over the original context (beta_fast 32, beta_slow 1). Both keep
+    max_position_embeddings the original: how transformers reads "linear",
+    and what 4.43-4.44 take as yarn's pretraining length."""
     kind = self.rope_type
     if rope is None:
       rope = kind if kind in ("llama3", "yarn") else "linear"
@@ -226,15 +229,17 @@ class LlamaConfig:
     if self.fused and rope != "linear":
       raise ValueError("transformers' Phi-3 reads linear RoPE scaling only "
                        "(as longrope); extend it with --rope linear")
-    if rope == kind and kind in ("llama3", "yarn"):
+    gemma3 = rope == "linear" and self.local_rope_theta is not None
+    if (rope == kind and kind in ("llama3", "yarn")) or gemma3:
       m = math.ceil(ctx / self.context)
       if m <= 1:
         return self
       return dataclasses.replace(
           self, max_position_embeddings=self.max_position_embeddings * (
-              m if kind == "llama3" else 1),
-          rope_scaling=dataclasses.replace(self.rope_scaling,
-                                           factor=self.rope_factor * m))
+              1 if kind == "yarn" else m),
+          rope_scaling=dataclasses.replace(
+              self.rope_scaling or RopeScaling(1.0),
+              factor=self.rope_factor * m))
     if rope == "llama3":
       raise ValueError("llama3 RoPE scaling extends a llama3 config only; "
                        "choose linear or yarn")
@@ -259,8 +264,9 @@ class LlamaConfig:
           f"{source}: model_type={model_type!r}, architectures={archs} is not "
           f"supported; supported families: {', '.join(FAMILIES)} (dense "
           "decoders; no MoE or multimodal models)")
-    act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
-    act = "gelu_pytorch_tanh" if model_type == "gemma2" else "silu"
+    gemma = model_type in ("gemma2", "gemma3_text")
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    act = "gelu_pytorch_tanh" if gemma else "silu"
     if (d.get(act_key) or act) != act:
       raise CheckpointError(f"{source}: {act_key}={d[act_key]!r} is not "
                             f"supported ({model_type} uses {act!r})")
@@ -278,8 +284,9 @@ class LlamaConfig:
         "rope_scaling", *SWITCHES}
     kwargs = {k: v for k, v in d.items()
               if k in fields and (v is not None or k in _NULLABLE)}
-    if "rope_theta" in rope:
-      kwargs["rope_theta"] = rope["rope_theta"]
+    for key in ("rope_theta", "local_rope_theta"):
+      if key in rope:
+        kwargs[key] = rope[key]
     try:
       return cls(rope_scaling=rope.get("scaling"), **kwargs, **family)
     except (TypeError, ValueError) as e:
@@ -295,6 +302,8 @@ class LlamaConfig:
         d[f.name] = list(value) if isinstance(value, tuple) else value
     d.update(write_switches(self))
     d.update(rope_hf_dicts(self.rope_scaling, self.rope_theta))
+    if self.local_rope_theta is not None:
+      d.update(per_layer_type_rope(self, d))
     if self.fused and self.rope_scaling:  # transformers' Phi-3: longrope only
       d.update(linear_as_longrope(self))
     return d
@@ -321,7 +330,7 @@ def _parse_rope(d: dict[str, Any], source: str) -> dict[str, Any]:
   if not isinstance(params, dict):
     raise CheckpointError(f"{source}: rope scaling must be an object, "
                           f"got {params!r}")
-  out = {}
+  params, out = global_rope(d, params, source)
   if params.get("rope_theta") is not None:
     out["rope_theta"] = float(params["rope_theta"])
   elif d.get("rope_theta") is not None:

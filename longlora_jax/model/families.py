@@ -7,16 +7,19 @@ to the keys transformers uses for that `model_type`.
 
 from typing import Any
 
+from longlora_jax.core.errors import CheckpointError
+
 # model_type -> the transformers class that a checkpoint of it loads as.
 FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
             "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
             "olmo2": "Olmo2ForCausalLM", "phi3": "Phi3ForCausalLM",
-            "gemma2": "Gemma2ForCausalLM"}
+            "gemma2": "Gemma2ForCausalLM",
+            "gemma3_text": "Gemma3ForCausalLM"}
 # LlamaConfig fields that are family switches, not config.json keys.
 SWITCHES = ("qkv_bias", "o_bias", "qk_norm", "qk_norm_over", "norm_placement",
             "sliding_window", "max_window_layers", "layer_types",
             "query_pre_attn_scalar", "attn_logit_softcapping",
-            "final_logit_softcapping")
+            "final_logit_softcapping", "local_rope_theta")
 # Gemma's keys, read and written as they are.
 _GEMMA_KEYS = ("query_pre_attn_scalar", "attn_logit_softcapping",
                "final_logit_softcapping", "sliding_window", "layer_types")
@@ -68,6 +71,11 @@ _READ = {
     # local and global layers alternating as layer_types say.
     "gemma2": lambda d: {**_biases(d), "norm_placement": "both",
                          **{k: d.get(k) for k in _GEMMA_KEYS}},
+    # Gemma 3: as Gemma 2, with q/k RMSNorm per head; local layers keep
+    # their own RoPE base (`LlamaConfig.local_rope_theta`).
+    "gemma3_text": lambda d: {**_biases(d), "norm_placement": "both",
+                              "qk_norm": True,
+                              **{k: d.get(k) for k in _GEMMA_KEYS}},
 }
 
 
@@ -79,6 +87,11 @@ def read_switches(model_type: str, d: dict[str, Any]) -> dict[str, Any]:
 def write_switches(config) -> dict[str, Any]:
   """The config.json keys of `config`'s family that say its switches."""
   window = {"sliding_window": config.sliding_window}
+  gemma = {"attention_bias": config.qkv_bias,
+           "hidden_activation": "gelu_pytorch_tanh",
+           "hidden_act": "gelu_pytorch_tanh",
+           **{k: getattr(config, k) for k in _GEMMA_KEYS},
+           "layer_types": _layer_types(config)}
   if config.model_type in ("qwen2", "qwen3"):
     window = {"use_sliding_window": config.sliding_window is not None,
               "sliding_window": config.sliding_window,
@@ -92,11 +105,8 @@ def write_switches(config) -> dict[str, Any]:
       "qwen3": {"attention_bias": config.qkv_bias, **window},
       "olmo2": {"attention_bias": config.qkv_bias},
       "phi3": window,
-      "gemma2": {"attention_bias": config.qkv_bias,
-                 "hidden_activation": "gelu_pytorch_tanh",
-                 "hidden_act": "gelu_pytorch_tanh",
-                 **{k: getattr(config, k) for k in _GEMMA_KEYS},
-                 "layer_types": _layer_types(config)},
+      "gemma2": gemma,
+      "gemma3_text": gemma,
   }[config.model_type]
 
 
@@ -121,6 +131,36 @@ def rope_hf_dicts(scaling, theta: float) -> dict:
             if scaling.rope_type in ("linear", "dynamic") else params)
   return {"rope_scaling": legacy,
           "rope_parameters": {**params, "rope_theta": theta}}
+
+
+def per_layer_type_rope(config, rope: dict[str, Any]) -> dict[str, Any]:
+  """Gemma 3's RoPE per layer type: `rope` (`rope_hf_dicts`) on the global
+  layers, the default RoPE at `local_rope_theta` on the local ones, in
+  transformers 5's spelling and 4.x's (`rope_local_base_freq`)."""
+  return {**rope, "rope_theta": config.rope_theta,
+          "rope_local_base_freq": config.local_rope_theta,
+          "rope_parameters": {
+              "full_attention": rope["rope_parameters"],
+              "sliding_attention": {"rope_type": "default",
+                                    "rope_theta": config.local_rope_theta}}}
+
+
+def global_rope(d: dict[str, Any], params: dict[str, Any], source: str):
+  """(the global layers' RoPE parameters, {"local_rope_theta": base} for
+  Gemma 3) from a config.json `d` whose RoPE parameters are `params`."""
+  local = d.get("rope_local_base_freq")  # Gemma 3 in transformers 4.x
+  if "full_attention" in params:  # per layer type (transformers 5)
+    local_params = params.get("sliding_attention") or {}
+    if local_params.get("rope_type", "default") != "default":
+      raise CheckpointError(
+          f"{source}: rope_parameters.sliding_attention is "
+          f"{local_params['rope_type']!r}; only the default RoPE is supported "
+          "on local layers")
+    local = local_params.get("rope_theta", local)
+    params = params["full_attention"]
+  if local is None or d.get("model_type") != "gemma3_text":
+    return params, {}
+  return params, {"local_rope_theta": float(local)}
 
 
 def linear_as_longrope(config) -> dict[str, Any]:

@@ -28,6 +28,7 @@ The layers are one `nn.scan` (stacked on a leading axis) so compile time does
 not grow with depth. Kernels are `[in, out]`, the transpose of torch's.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -163,6 +164,13 @@ class Attention(nn.Module):
       q_BTNH = q_BTNH * jnp.asarray(
           (H / cfg.query_pre_attn_scalar) ** 0.5, q_BTNH.dtype)
     inv_freq_h, scale = rope_frequencies(cfg, positions_BT)
+    if cfg.local_rope_theta is not None:  # Gemma 3: local layers' own base
+      local_h, _ = rope_frequencies(dataclasses.replace(
+          cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None),
+          positions_BT)
+      local = jnp.asarray(cfg.local_layers)[layer]
+      inv_freq_h = jnp.where(local, local_h, inv_freq_h)
+      scale = jnp.where(local, 1.0, scale)
     q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, inv_freq_h, scale))
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)

@@ -136,11 +136,13 @@ def test_reads_and_writes_each_family_as_transformers_does(name):
   assert cfg.model_type == hf.model_type
   assert cfg.head_dim == getattr(hf, "head_dim", None) or (
       hf.hidden_size // hf.num_attention_heads)  # OLMo 2 derives it
-  assert cfg.qk_norm == (hf.model_type in ("qwen3", "olmo2"))
+  assert cfg.qk_norm == (hf.model_type in ("qwen3", "olmo2", "gemma3_text"))
   assert cfg.qkv_bias == (hf.model_type == "qwen2"
                           or bool(getattr(hf, "attention_bias", False)))
   assert cfg.o_bias == bool(getattr(hf, "attention_bias", False))
-  assert cfg.rope_type == hf.rope_parameters["rope_type"]
+  # (Gemma 3: per layer type; --ctx extends the global layers' RoPE.)
+  assert cfg.rope_type == hf.rope_parameters.get(
+      "full_attention", hf.rope_parameters)["rope_type"]
   back = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
   assert type(back) is type(hf)
   for key in ("hidden_size", "num_key_value_heads", "head_dim",
@@ -149,9 +151,8 @@ def test_reads_and_writes_each_family_as_transformers_does(name):
     if hasattr(hf, key):  # (OLMo 2's config has no head_dim; we write it)
       assert getattr(back, key, None) == getattr(hf, key), key
   # (transformers keeps the 4.x spelling's "type" beside "rope_type".)
-  rope = lambda c: {k: v for k, v in c.rope_parameters.items()
-                    if v is not None and k != "type"}
-  assert rope(back) == rope(hf)
+  rope = hf_models.rope_parameters
+  assert rope(back.rope_parameters) == rope(hf.rope_parameters)
   assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
 
 

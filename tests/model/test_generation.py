@@ -59,7 +59,7 @@ def test_greedy_matches_transformers_generate(tiny_hf, mesh):
 
 # The families beyond Llama's layout, and sliding windows (qwen2_yarn: a
 # global and a local layer of 16 tokens) under prompts longer than them.
-NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "qwen2_yarn")
+NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text", "qwen2_yarn")
 
 
 @pytest.mark.parametrize("name", NEW_FAMILIES)

@@ -224,7 +224,7 @@ def test_bad_arguments(base):
     lora.trainable_mask(base, extra=())
 
 
-@pytest.mark.parametrize("name", ["olmo2", "phi3", "gemma2"])
+@pytest.mark.parametrize("name", ["olmo2", "phi3", "gemma2", "gemma3_text"])
 def test_lora_plus_trains_every_norm_each_family_has(tiny_hf, name):
   # Every norm transformers' model of the family has (OLMo 2: post-norms
   # and q/k norms over the projections) trains under LoRA+, nothing else

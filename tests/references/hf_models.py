@@ -125,6 +125,23 @@ FAMILY_CONFIGS = {
                    attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
                    max_position_embeddings=32, pad_token_id=0,
                    eos_token_id=1, bos_token_id=2),
+    # q/k norms per head; local layers (window 8, RoPE base 10k) around a
+    # global one (base 1M, linear x4), as layer_types say.
+    "gemma3_text": dict(model_type="gemma3_text", vocab_size=128,
+                        hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16,
+                        query_pre_attn_scalar=24, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention",
+                                     "sliding_attention"],
+                        rope_parameters={
+                            "sliding_attention": {"rope_type": "default",
+                                                  "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear",
+                                               "factor": 4.0,
+                                               "rope_theta": 1000000.0}},
+                        max_position_embeddings=32, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2),
 }
 
 
@@ -155,6 +172,14 @@ def save_hf_llama(directory, kwargs: dict, seed: int = 0, **save_kwargs):
   model = make_hf_llama(kwargs, seed)
   model.save_pretrained(directory, **save_kwargs)
   return model
+
+
+def rope_parameters(params: dict) -> dict:
+  """A transformers config's RoPE parameters without what is unset (per
+  layer type, each), nor the 4.x spelling's "type" transformers keeps
+  beside "rope_type"."""
+  return {k: rope_parameters(v) if isinstance(v, dict) else v
+          for k, v in params.items() if v is not None and k != "type"}
 
 
 def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:
