@@ -15,12 +15,10 @@ from typing import Any
 
 from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import read_json, write_json
-from longlora_jax.model.families import (FAMILIES, NORM_PLACEMENTS, SWITCHES,
-                                         linear_as_longrope,
-                                         linear_from_longrope,
-                                         global_rope, per_layer_type_rope,
-                                         read_switches,
-                                         rope_hf_dicts, write_switches)
+from longlora_jax.model.families import (
+    FAMILIES, FAMILY_PRESETS, NORM_PLACEMENTS, SWITCHES, global_rope,
+    linear_as_longrope, linear_from_longrope, per_layer_type_rope,
+    read_switches, rope_hf_dicts, write_switches)
 
 # RoPE types computed exactly as transformers does (`rope`); others (e.g.
 # "longrope") are refused, not ignored.
@@ -410,6 +408,7 @@ PRESETS = {
         model_type="mistral", vocab_size=32768, intermediate_size=14336,
         num_key_value_heads=8, rope_theta=1000000.0,
         max_position_embeddings=32768),
+    **{n: LlamaConfig.from_hf_dict(d, n) for n, d in FAMILY_PRESETS.items()},
 }
 
 

@@ -189,3 +189,43 @@ def linear_from_longrope(params: dict[str, Any]) -> float | None:
       or params.get("attention_factor") != 1.0):
     return None
   return float(short[0])
+
+
+_GEMMA = dict(rms_norm_eps=1e-6, head_dim=256, query_pre_attn_scalar=256,
+              tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+              bos_token_id=2)
+# Memory-plan presets (`config.PRESETS`) of these families, as the
+# checkpoints' config.json say.
+FAMILY_PRESETS = {
+    "gemma2-9b": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=3584,
+        intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, sliding_window=4096,
+        max_position_embeddings=8192, attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0, rope_theta=10000.0,
+        layer_types=["sliding_attention", "full_attention"] * 21, **_GEMMA),
+    "gemma3-4b": dict(
+        model_type="gemma3_text", vocab_size=262208, hidden_size=2560,
+        intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+        num_key_value_heads=4, sliding_window=1024,
+        max_position_embeddings=131072, layer_types=[
+            "full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+            for i in range(34)],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0,
+                               "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default",
+                                  "rope_theta": 10000.0}}, **_GEMMA),
+    "olmo2-7b": dict(
+        model_type="olmo2", vocab_size=100352, hidden_size=4096,
+        intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096,
+        rope_theta=500000.0, rms_norm_eps=1e-6, pad_token_id=100277,
+        bos_token_id=None, eos_token_id=100257),
+    "phi3-mini": dict(  # Phi-3-mini-4k-instruct
+        model_type="phi3", vocab_size=32064, hidden_size=3072,
+        intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, max_position_embeddings=4096,
+        sliding_window=2047, rope_theta=10000.0, bos_token_id=1,
+        eos_token_id=32000, pad_token_id=32000),
+}

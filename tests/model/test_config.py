@@ -246,3 +246,15 @@ def test_phi3_interpolation_is_written_as_the_longrope_transformers_reads():
                                    "long_factor": [4.0] * 7 + [5.0]}}
   with pytest.raises(CheckpointError, match="'longrope' .Phi-3 128k."):
     LlamaConfig.from_hf_dict(real)
+
+
+@pytest.mark.parametrize("name", ["gemma2-9b", "gemma3-4b", "olmo2-7b",
+                                  "phi3-mini"])
+def test_family_presets_are_configs_transformers_reads(name):
+  cfg = preset(name)
+  hf = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+  assert hf.model_type == cfg.model_type
+  assert getattr(hf, "sliding_window", None) == cfg.sliding_window
+  if cfg.gemma:  # (Phi-3 windows every layer whatever its layer_types say)
+    assert tuple(t == "sliding_attention" for t in hf.layer_types) == (
+        cfg.local_layers)
