@@ -90,7 +90,9 @@ def test_attention_package_is_layered():
                       if d[len(prefix):] in ATTENTION}
   assert inside("masks") == inside("groups") == inside("heads") == set()
   assert inside("dense") == inside("chunked") == {"masks"}
-  assert inside("cached") == inside("pallas.blocks") == set()
+  assert inside("cached") == {"masks"}
+  assert inside("pallas.blocks") == set()
+  assert inside("local") == {"dense", "chunked"}
   assert inside("pallas.flash") == {"pallas.blocks"}
   assert inside("s2") == {"dense", "chunked", "groups", "heads"}
   assert inside("pallas.grouped") == {"groups", "pallas.blocks",

@@ -10,15 +10,20 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from longlora_jax.attention.masks import attention_mask
 from longlora_jax.parallel.sharding import BATCH_AXES, batch_parallelism
 
 CACHE_BLOCK = 512  # Key block of the loop; cache lengths are multiples.
 
 
 def chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
-                             block: int = CACHE_BLOCK):
+                             block: int = CACHE_BLOCK, window=None,
+                             softcap: float | None = None):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked cache, their own keys already written.
+  `window`: a sliding window (`masks.attention_mask`; an int or, for a
+  layer chosen inside the scan, a traced one), None for none. `softcap`:
+  scores soft-capped, cap * tanh(s / cap) (Gemma 2).
 
   Keys at positions <= each query's are read from the cache in blocks with
   an online softmax (float32), and the loop stops at the last block any
@@ -50,13 +55,17 @@ def chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
                                    (1, B, K, block, H))[0]
     s_BKQCS = jnp.einsum("BKQCH,BKHS->BKQCS", q_BKQCH,
                          k_BKHS.astype(jnp.float32))
+    if softcap:
+      s_BKQCS = softcap * jnp.tanh(s_BKQCS / softcap)
     k_pos_S = i * block + jnp.arange(block)
-    s_BKQCS = jnp.where(k_pos_S[None, :] <= q_pos_C[:, None], s_BKQCS, -jnp.inf)
-    # Block 0 always holds key 0, visible to every query, so m is finite
-    # after it and fully masked later blocks add exactly zero.
+    mask_CS = attention_mask(q_pos_C, k_pos_S, window=window)[0]
+    s_BKQCS = jnp.where(mask_CS, s_BKQCS, -jnp.inf)
+    # A row that has seen no key yet (a window starting past this block)
+    # keeps m = -inf; shifting it by 0 makes its weights 0, not NaN.
     m_new = jnp.maximum(m_BKQC, s_BKQCS.max(-1))
-    p_BKQCS = jnp.exp(s_BKQCS - m_new[..., None])
-    corr = jnp.exp(m_BKQC - m_new)
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p_BKQCS = jnp.exp(s_BKQCS - m_safe[..., None])
+    corr = jnp.exp(m_BKQC - m_safe)
     l_BKQC = l_BKQC * corr + p_BKQCS.sum(-1)
     acc_BKQCH = acc_BKQCH * corr[..., None] + jnp.einsum(
         "BKQCS,BKSH->BKQCH", p_BKQCS, v_BKSH.astype(jnp.float32))
@@ -66,7 +75,9 @@ def chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   init = (jnp.full((B, K, Q, rows), -jnp.inf), jnp.zeros((B, K, Q, rows)),
           jnp.zeros((B, K, Q, rows, H)))
   n_blocks = jnp.minimum((start + C + block - 1) // block, S // block)
-  _, l_BKQC, acc_BKQCH = jax.lax.fori_loop(0, n_blocks, body, init)
+  # Blocks wholly before the first query's window hold no visible key.
+  first = 0 if window is None else jnp.maximum(0, (start - window + 1) // block)
+  _, l_BKQC, acc_BKQCH = jax.lax.fori_loop(first, n_blocks, body, init)
   out_BKQCH = (acc_BKQCH / l_BKQC[..., None])[:, :, :, :C]
   return out_BKQCH.transpose(0, 3, 1, 2, 4).reshape(B, C, N, H).astype(
       q_BCNH.dtype)

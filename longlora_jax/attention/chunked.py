@@ -37,7 +37,9 @@ def default_block() -> int:
 
 
 def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
-                             block_size: int | None = None):
+                             block_size: int | None = None,
+                             window: int | None = None,
+                             softcap: float | None = None):
   """Causal attention with O(seq) memory in both passes ("chunked").
 
   Same result as `dense.dense_causal_attention`. The block is `block_size`
@@ -46,6 +48,11 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   tokens: 500), or the whole sequence when shorter. Otherwise the sequence
   is padded at the end, after every real token, so causality alone hides the
   padding (at the cost of padded copies of q, k, v).
+
+  `window`: a sliding window (`masks.attention_mask`); a query block then
+  visits only the key blocks its window reaches, so time and memory grow
+  with seq * window. `softcap`: scores soft-capped, cap * tanh(s / cap)
+  (Gemma 2), in both passes.
   """
   B, T, N, H = q_BTNH.shape
   K = k_BTKH.shape[2]
@@ -65,7 +72,8 @@ def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   # Head-major inside: a tile of one head is contiguous, so no product
   # re-lays out its operands.
   q_BKQTH = q_BTNH.reshape(B, T + pad, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  out_BKQTH = _flash(block, q_BKQTH, k_BTKH.transpose(0, 2, 1, 3),
+  out_BKQTH = _flash(block, window, softcap, q_BKQTH,
+                     k_BTKH.transpose(0, 2, 1, 3),
                      v_BTKH.transpose(0, 2, 1, 3), segment_ids_BT)
   out_BTKQH = out_BKQTH.transpose(0, 3, 1, 2, 4)
   return out_BTKQH.reshape(B, T + pad, N, H)[:, :T]
@@ -82,7 +90,8 @@ def _tile(x, index, block, axis):
   return jax.lax.dynamic_slice_in_dim(x, index * block, block, axis=axis)
 
 
-def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked):
+def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
+            window=None, softcap=None):
   """Scaled float32 scores of query block i against key block j: `[batch,
   kv_heads, Q, t, s]` (t, s: the query and key blocks), -inf where the mask
   hides the key when `masked` (a tile below the diagonal and without
@@ -90,6 +99,8 @@ def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked):
   H = q_BKQtH.shape[-1]
   s_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
                        preferred_element_type=jnp.float32) * (H ** -0.5)
+  if softcap:
+    s_BKQts = softcap * jnp.tanh(s_BKQts / softcap)
   if not masked:
     return s_BKQts
   pos = jnp.arange(block)
@@ -97,14 +108,16 @@ def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked):
   if segment_ids_BT is not None:
     seg_q = _tile(segment_ids_BT, i, block, 1)
     seg_k = _tile(segment_ids_BT, j, block, 1)
-  mask_Bts = attention_mask(i * block + pos, j * block + pos, seg_q, seg_k)
+  mask_Bts = attention_mask(i * block + pos, j * block + pos, seg_q, seg_k,
+                            window)
   return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
 
 
-def _visit(i, j_lo, j_hi, segment_ids_BT, tile, carry):
+def _visit(i, j_lo, j_hi, segment_ids_BT, tile, carry, window=None):
   """Runs `tile(j, carry, masked)` over blocks [j_lo, j_hi), a range that
-  holds the diagonal block i: the mask only where it can hide a key."""
-  if segment_ids_BT is not None:
+  holds the diagonal block i: the mask only where it can hide a key (with
+  a window, every tile of the range: its edge may cross any of them)."""
+  if segment_ids_BT is not None or window is not None:
     return jax.lax.fori_loop(j_lo, j_hi, functools.partial(tile, masked=True),
                              carry)
   below = lambda lo, hi, c: jax.lax.fori_loop(
@@ -114,12 +127,27 @@ def _visit(i, j_lo, j_hi, segment_ids_BT, tile, carry):
   return below(jnp.maximum(i + 1, j_lo), j_hi, carry)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
-  return _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT)[0]
+def _first_key_block(i, block, window):
+  """The first key block a query block i sees (0 without a window)."""
+  if window is None:
+    return 0
+  return jnp.maximum(0, (i * block - window + 1) // block)
 
 
-def _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+def _last_query_block(j, block, window, n):
+  """One past the last query block that sees key block j."""
+  if window is None:
+    return n
+  return jnp.minimum(n, ((j + 1) * block + window - 2) // block + 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
+  return _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
+                  segment_ids_BT)[0]
+
+
+def _forward(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
   """Output `[batch, kv_heads, Q, seq, head_dim]` and float32 log-sum-exp
   `[batch, kv_heads, Q, seq]`."""
   B, K, Q, T, H = q_BKQTH.shape
@@ -131,7 +159,7 @@ def _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
     def key_block(j, carry, masked):
       m_BKQt, l_BKQt, acc_BKQtH = carry
       s_BKQts = _scores(q_BKQtH, _tile(k_BKTH, j, block, 2), i, j, block,
-                        segment_ids_BT, masked)
+                        segment_ids_BT, masked, window, softcap)
       m_new = jnp.maximum(m_BKQt, s_BKQts.max(-1))
       # A row with no visible key yet (other segments only) keeps m = -inf;
       # shifting by 0 instead makes its weights exp(-inf) = 0, not NaN.
@@ -148,8 +176,9 @@ def _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
             jnp.zeros((B, K, Q, block, H)))
     # Key blocks after the diagonal are never visited; each query sees its
     # own key in block i, so l > 0 at the end.
-    m_BKQt, l_BKQt, acc_BKQtH = _visit(i, 0, i + 1, segment_ids_BT,
-                                       key_block, init)
+    m_BKQt, l_BKQt, acc_BKQtH = _visit(
+        i, _first_key_block(i, block, window), i + 1, segment_ids_BT,
+        key_block, init, window)
     out_BKQtH = acc_BKQtH / l_BKQt[..., None]
     return out_BKQtH.astype(q_BKQTH.dtype), m_BKQt + jnp.log(l_BKQt)
 
@@ -159,14 +188,15 @@ def _forward(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
   return out_BKQTH, lse_BKQT
 
 
-def _flash_fwd(block, q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT):
-  out_BKQTH, lse_BKQT = _forward(block, q_BKQTH, k_BKTH, v_BKTH,
-                                 segment_ids_BT)
+def _flash_fwd(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
+               segment_ids_BT):
+  out_BKQTH, lse_BKQT = _forward(block, window, softcap, q_BKQTH, k_BKTH,
+                                 v_BKTH, segment_ids_BT)
   return out_BKQTH, (q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH,
                      lse_BKQT)
 
 
-def _flash_bwd(block, residuals, dout_BKQTH):
+def _flash_bwd(block, window, softcap, residuals, dout_BKQTH):
   """Flash-attention-2 backward: an outer loop over key blocks accumulates
   their dK and dV over the query blocks at or after them, and adds each
   tile's share of dQ into one float32 dQ (O(seq), updated in place)."""
@@ -187,14 +217,18 @@ def _flash_bwd(block, residuals, dout_BKQTH):
       dq_BKQTH, dk_BKsH, dv_BKsH = carry
       q_BKQtH = _tile(q_BKQTH, i, block, 3)
       do_BKQtH = _tile(dout_BKQTH, i, block, 3)
-      s_BKQts = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked)
+      s_BKQts = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
+                        window, softcap)
       p_BKQts = jnp.exp(s_BKQts - _tile(lse_BKQT, i, block, 3)[..., None])
       dv_BKsH += jnp.einsum("BKQts,BKQtH->BKsH", p_BKQts.astype(dtype),
                             do_BKQtH, preferred_element_type=jnp.float32)
       dp_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", do_BKQtH, v_BKsH,
                             preferred_element_type=jnp.float32)
-      ds_BKQts = (p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
-                  ).astype(dtype)
+      ds_BKQts = p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
+      if softcap:  # d(cap tanh(x / cap)) = 1 - tanh^2; 0 where masked
+        ds_BKQts *= jnp.where(jnp.isfinite(s_BKQts),
+                              1 - jnp.square(s_BKQts / softcap), 0.0)
+      ds_BKQts = ds_BKQts.astype(dtype)
       dk_BKsH += scale * jnp.einsum("BKQts,BKQtH->BKsH", ds_BKQts, q_BKQtH,
                                     preferred_element_type=jnp.float32)
       dq_BKQtH = _tile(dq_BKQTH, i, block, 3) + scale * jnp.einsum(
@@ -206,8 +240,9 @@ def _flash_bwd(block, residuals, dout_BKQTH):
 
     zeros = jnp.zeros((B, K, block, H), jnp.float32)
     # Query blocks before the diagonal cannot see key block j: skipped.
-    dq_BKQTH, dk_BKsH, dv_BKsH = _visit(j, j, n, segment_ids_BT, query_block,
-                                        (dq_BKQTH, zeros, zeros))
+    dq_BKQTH, dk_BKsH, dv_BKsH = _visit(
+        j, j, _last_query_block(j, block, window, n), segment_ids_BT,
+        query_block, (dq_BKQTH, zeros, zeros), window)
     # Complete after the inner loop: store in the input dtype.
     return dq_BKQTH, (dk_BKsH.astype(k_BKTH.dtype),
                       dv_BKsH.astype(v_BKTH.dtype))

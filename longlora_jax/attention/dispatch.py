@@ -43,10 +43,13 @@ from longlora_jax.attention.chunked import (chunked_causal_attention,
 from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention.groups import (SHIFTED, check_variant,
                                            s2_group_size)
+from longlora_jax.attention.local import (check_softcap, refuse_window,
+                                          windowed_attention)
 from longlora_jax.attention.pallas import cached as pallas_cached
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.s2 import s2_by_reshape
 from longlora_jax.core.errors import LongLoraError
+from longlora_jax.parallel.sharding import per_row_shard
 
 AttentionFn = Callable[..., jax.Array]
 KINDS = ("s2", "full")
@@ -74,7 +77,7 @@ def check_implementation(implementation: str, what: str,
 def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
                  group_ratio: float = 0.25, variant: str = "flash",
                  implementation: str = "auto", segment_ids_BT=None,
-                 block_size: int | None = None):
+                 block_size: int | None = None, softcap: float | None = None):
   """S²-Attn with the attention signature (groups and variants: `groups`).
 
   Args:
@@ -95,6 +98,8 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
       head; "chunked": `chunked_causal_attention` with `block_size`, memory
       linear in seq for any G (e.g. G = 25k at 100k tokens).
     segment_ids_BT: packed documents; tokens never attend across them.
+    softcap: scores soft-capped, cap * tanh(s / cap) (Gemma 2); "auto"
+      then never takes cuDNN, which has no soft-cap.
   Returns:
     `[batch, seq, q_heads, head_dim]`.
   """
@@ -104,11 +109,12 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     block_size = default_block()
   check_variant(variant)
   check_implementation(implementation, "S²-Attn")
+  check_softcap(implementation, softcap)
   if implementation == "auto":
     # The fused kernels shift; "none" runs by the reshapes.
     implementation = (variant in SHIFTED and fused_for(
-        H, q_BTNH.dtype, packed=segment_ids_BT is not None)) or (
-            "dense" if G <= block_size else "chunked")
+        H, q_BTNH.dtype, packed=segment_ids_BT is not None,
+        softcap=softcap)) or ("dense" if G <= block_size else "chunked")
   if implementation == "cudnn":
     return cudnn_grouped.cudnn_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
@@ -117,50 +123,57 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     return pallas_grouped.pallas_s2_attention(
         q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
         segment_ids_BT=segment_ids_BT,
-        interpret=implementation == "pallas_interpret")
+        interpret=implementation == "pallas_interpret", softcap=softcap)
   return s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, group_size=G, variant=variant,
                        inner=implementation, block_size=block_size,
-                       segment_ids_BT=segment_ids_BT)
+                       segment_ids_BT=segment_ids_BT, softcap=softcap)
 
 
 def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                    implementation: str = "auto",
-                   block_size: int | None = None):
+                   block_size: int | None = None,
+                   softcap: float | None = None):
   """Full attention (causal attention over the whole sequence) with the
   attention signature.
 
   implementation: one of `IMPLEMENTATIONS`; "auto" the fastest this backend
   has: on an NVIDIA GPU the fused one that takes the shapes (`fused_for`:
   cuDNN, else the Pallas kernel), else "chunked" (`block_size`).
+  softcap: as `s2_attention`'s.
   """
   check_implementation(implementation, "full attention")
+  check_softcap(implementation, softcap)
   if implementation == "auto":
     implementation = fused_for(q_BTNH.shape[3], q_BTNH.dtype,
-                               packed=segment_ids_BT is not None) or "chunked"
+                               packed=segment_ids_BT is not None,
+                               softcap=softcap) or "chunked"
   if implementation == "chunked":
     return chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH,
                                     segment_ids_BT=segment_ids_BT,
-                                    block_size=block_size)
+                                    block_size=block_size, softcap=softcap)
   if implementation in ("pallas", "pallas_interpret"):
     return pallas_grouped.pallas_causal_attention(
         q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT,
-        interpret=implementation == "pallas_interpret")
-  fn = {"cudnn": cudnn_grouped.cudnn_causal_attention,
-        "dense": dense_causal_attention}[implementation]
-  return fn(q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
+        interpret=implementation == "pallas_interpret", softcap=softcap)
+  if implementation == "dense":
+    return dense_causal_attention(q_BTNH, k_BTKH, v_BTKH,
+                                  segment_ids_BT=segment_ids_BT,
+                                  softcap=softcap)
+  return cudnn_grouped.cudnn_causal_attention(q_BTNH, k_BTKH, v_BTKH,
+                                              segment_ids_BT=segment_ids_BT)
 
 
 def fused_for(head_dim: int, dtype, *, packed: bool = False,
-              platform: str | None = None) -> str | None:
+              platform: str | None = None, softcap=None) -> str | None:
   """The fused implementation "auto" takes on this backend, or None: on an
   NVIDIA GPU (`platform`, default JAX's default backend), without packed
   segments, the first of `FUSED_PREFERENCE` that takes `head_dim` and
-  `dtype`."""
+  `dtype`, and a `softcap` where one is set (cuDNN does not)."""
   if packed or not on_nvidia_gpu(platform):
     return None
   takes = {
       "cudnn": jnp.dtype(dtype) in map(jnp.dtype, cudnn_grouped.DTYPES)
-               and head_dim in cudnn_grouped.HEAD_DIMS,
+               and head_dim in cudnn_grouped.HEAD_DIMS and not softcap,
       "pallas": pallas_grouped.AVAILABLE
                 and head_dim in pallas_grouped.HEAD_DIMS,
   }
@@ -235,6 +248,52 @@ def get_attention(attention: "str | AttentionSpec | AttentionFn"
   return ATTENTION_FNS[attention]
 
 
+# ---- sliding-window layers ----
+
+def layer_attention(attention_fn: AttentionFn, window: int | None,
+                    local_L: tuple[bool, ...], softcap: float | None = None):
+  """The attention of each layer of a model with sliding-window layers:
+  `attend(q, k, v, *, segment_ids_BT, layer)`, each device on its own rows
+  (`per_row_shard`).
+
+  The rule: a layer's window decides. A global layer (`local_L[layer]`
+  False) runs `attention_fn`: S²-Attn in training, full attention
+  otherwise. A local layer keeps its window in training and inference
+  alike (its weights were trained with it; it already bounds the cost):
+  `windowed_attention`, "dense" where `attention_fn` names it, else
+  "chunked". Mixed layers: `jax.lax.cond` on the layer index inside the
+  layer scan (one compiled body, no unrolling). `softcap` (Gemma 2) is
+  bound into both; an attention that takes none is refused.
+  """
+  fn, options = _unbound(attention_fn)
+  if softcap:
+    if fn not in (s2_attention, full_attention, dense_causal_attention,
+                  chunked_causal_attention,
+                  pallas_grouped.pallas_causal_attention):
+      raise LongLoraError(
+          f"attention {getattr(fn, '__name__', fn)!r} applies no logit "
+          "soft-cap, which this model needs; use one the library names")
+    attention_fn = functools.partial(fn, **options, softcap=softcap)
+  attend = per_row_shard(attention_fn, None if softcap else
+                         context_form(attention_fn))
+  if not any(local_L):
+    return lambda *qkv, segment_ids_BT=None, layer=None: attend(
+        *qkv, segment_ids_BT=segment_ids_BT)
+  windowed = functools.partial(
+      windowed_attention, window=window, softcap=softcap,
+      implementation="dense" if options.get("implementation") == "dense" or
+      attention_fn is dense_causal_attention else "chunked")
+  local = per_row_shard(windowed, context_form(windowed))
+
+  def per_layer(*qkv, segment_ids_BT=None, layer=None):
+    run = lambda fn: lambda *x: fn(*x, segment_ids_BT=segment_ids_BT)
+    if all(local_L):
+      return run(local)(*qkv)
+    return jax.lax.cond(jnp.asarray(local_L)[layer], run(local), run(attend),
+                        *qkv)
+  return per_layer
+
+
 # ---- context parallelism ----
 
 def _s2_context(*, implementation="auto", group_size=None, group_ratio=0.25,
@@ -262,6 +321,7 @@ CONTEXT_FORMS: dict[AttentionFn, Callable[..., AttentionFn]] = {
     pallas_grouped.pallas_causal_attention:
         lambda *, config=None, interpret=False: _full_context(
             implementation="pallas_interpret" if interpret else "pallas"),
+    windowed_attention: lambda **_: refuse_window,
 }
 
 
@@ -328,7 +388,8 @@ def context_implementation(implementation: str, head_dim: int, dtype, *,
 # ---- generation ----
 
 def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
-                     implementation: str = "auto", block: int = CACHE_BLOCK):
+                     implementation: str = "auto", block: int = CACHE_BLOCK,
+                     window=None, softcap: float | None = None):
   """Causal attention of C new queries at positions start..start+C-1 over
   layer `layer` of the stacked KV cache (`model.kv_cache`), their own keys
   and values already written.
@@ -338,10 +399,15 @@ def cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
   fused kernel, `pallas.cached`, on each device's part of the cache;
   NVIDIA GPUs), "pallas_interpret" (that kernel through the Pallas
   interpreter; tests), or "auto": the kernel for the prefill chunks it
-  takes on an NVIDIA GPU, else "chunked".
+  takes on an NVIDIA GPU, else "chunked". With a sliding `window` (see
+  `layer_attention`) always "chunked", the one that applies it.
   """
   check_implementation(implementation, "cached attention",
                        CACHED_IMPLEMENTATIONS)
+  if window is not None or softcap:  # (the kernel applies neither)
+    return chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start,
+                                    block=block, window=window,
+                                    softcap=softcap)
   if implementation == "auto":
     implementation = ("pallas" if on_nvidia_gpu() and pallas_cached.takes(
         q_BCNH, v_LBKSH.shape[3]) else "chunked")

@@ -20,7 +20,8 @@ INNER = ("dense", "chunked")
 
 
 def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
-                  inner: str, block_size: int, segment_ids_BT=None):
+                  inner: str, block_size: int, segment_ids_BT=None,
+                  softcap: float | None = None):
   """S²-Attn with groups of `group_size` (checked by the caller), attention
   inside the groups by `inner` ("dense": memory seq * G per head;
   "chunked": `chunked_causal_attention` with `block_size`, memory linear in
@@ -33,8 +34,9 @@ def s2_by_reshape(q_BTNH, k_BTKH, v_BTKH, *, group_size: int, variant: str,
   if inner not in INNER:
     raise ValueError(f"unknown inner attention {inner!r}; choose one of "
                      f"{INNER}")
-  attend = (dense_causal_attention if inner == "dense" else
-            functools.partial(chunked_causal_attention, block_size=block_size))
+  attend = functools.partial(
+      dense_causal_attention if inner == "dense" else functools.partial(
+          chunked_causal_attention, block_size=block_size), softcap=softcap)
   shift = group_shift(G, variant)  # 0: "none", groups only
 
   fold = lambda x_2BT: x_2BT.reshape(2 * B * T // G, G, *x_2BT.shape[2:])

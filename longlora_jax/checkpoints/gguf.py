@@ -61,6 +61,10 @@ def check_gguf(config: LlamaConfig, qtype: str = "f16") -> None:
     raise CheckpointError(f"GGUF type {qtype!r}: choose one of "
                           f"{', '.join(QTYPES)}")
   arch, kind, s = config.model_type, config.rope_type, config.rope_scaling
+  if arch not in ARCHS:
+    raise CheckpointError(f"GGUF export of {arch} models is not supported "
+                          f"(only {', '.join(ARCHS)}); export --format hf and "
+                          "convert with llama.cpp's convert_hf_to_gguf.py")
   if kind == "dynamic":
     raise CheckpointError("dynamic (NTK) RoPE scaling has no GGUF form "
                           "llama.cpp reads; extend with linear or yarn")

@@ -2,9 +2,10 @@
 
 One decoder covers the Llama family as transformers writes it: Llama 1-3.3
 (and Llama-architecture models such as SmolLM2, TinyLlama, Yi), Mistral,
-Qwen2/Qwen2.5 and Qwen3 (dense). What differs between them is data here:
-biases on the attention projections, RMSNorm of q and k per head (Qwen3),
-a sliding window, and the RoPE scaling type.
+Qwen2/Qwen2.5, Qwen3 (dense), OLMo 2 and Phi-3. What differs between them is data
+here (read and written per family by `families`): biases on the attention
+projections, RMSNorm of q and k (Qwen3 per head, OLMo 2 over the whole
+projection), where the norms sit, a sliding window, the RoPE scaling type.
 """
 
 import dataclasses
@@ -14,10 +15,11 @@ from typing import Any
 
 from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import read_json, write_json
+from longlora_jax.model.families import (
+    FAMILIES, FAMILY_PRESETS, NORM_PLACEMENTS, SWITCHES, global_rope,
+    linear_as_longrope, linear_from_longrope, per_layer_type_rope,
+    read_switches, rope_hf_dicts, write_switches)
 
-# model_type -> the transformers class that a checkpoint of it loads as.
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # RoPE types computed exactly as transformers does (`rope`); others (e.g.
 # "longrope") are refused, not ignored.
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
@@ -94,11 +96,26 @@ class LlamaConfig:
   qkv_bias: bool = False
   o_bias: bool = False
   qk_norm: bool = False
-  # Attention sees at most this many keys back (Mistral v0.1, Qwen with
-  # use_sliding_window); None: no window. Sequences longer than the window
-  # are refused (`check_length`), so shorter ones are exact without it.
+  # "head": each head's dims (Qwen3); "projection": the whole q and k
+  # projections, before they split into heads (OLMo 2).
+  qk_norm_over: str = "head"
+  norm_placement: str = "pre"  # see families.NORM_PLACEMENTS
+  # Local layers attend to the `sliding_window` latest keys (transformers'
+  # rule: q - k < window); global layers to all. Which layers are local:
+  # `layer_types` where given ("sliding_attention" / "full_attention"),
+  # else Qwen's layers from max_window_layers on, else every layer
+  # (Mistral v0.1, Phi-3). None: no window, every layer global.
   sliding_window: int | None = None
   max_window_layers: int | None = None
+  layer_types: tuple[str, ...] | None = None
+  # Gemma: attention scores scaled by query_pre_attn_scalar ** -0.5 (None:
+  # head_dim ** -0.5); scores and logits soft-capped, cap * tanh(x / cap).
+  query_pre_attn_scalar: float | None = None
+  attn_logit_softcapping: float | None = None
+  final_logit_softcapping: float | None = None
+  # Gemma 3: the default RoPE at this base on the local layers; rope_theta
+  # and rope_scaling (what --ctx extends) are the global layers'.
+  local_rope_theta: float | None = None
 
   def __post_init__(self):
     # Resolve the derived defaults once so every reader sees plain ints.
@@ -107,8 +124,9 @@ class LlamaConfig:
     if self.head_dim is None:
       object.__setattr__(
           self, "head_dim", self.hidden_size // self.num_attention_heads)
-    if isinstance(self.eos_token_id, list):
-      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    for key in ("eos_token_id", "layer_types"):
+      if isinstance(getattr(self, key), list):
+        object.__setattr__(self, key, tuple(getattr(self, key)))
     if self.model_type not in FAMILIES:
       raise CheckpointError(
           f"model_type {self.model_type!r} is not supported (supported: "
@@ -119,6 +137,45 @@ class LlamaConfig:
           f"of num_key_value_heads={self.num_key_value_heads}")
     if self.head_dim % 2:
       raise CheckpointError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.layer_types is not None and (
+        len(self.layer_types) != self.num_hidden_layers or not set(
+            self.layer_types) <= {"full_attention", "sliding_attention"}):
+      raise CheckpointError(
+          f"layer_types={list(self.layer_types)}: need one of "
+          "'full_attention' or 'sliding_attention' per layer "
+          f"({self.num_hidden_layers})")
+    if self.norm_placement not in NORM_PLACEMENTS:
+      raise CheckpointError(f"norm_placement={self.norm_placement!r}; choose "
+                            f"one of {NORM_PLACEMENTS}")
+
+  @property
+  def local_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends within `sliding_window` (see there)."""
+    L = self.num_hidden_layers
+    if self.sliding_window is None:
+      return (False,) * L
+    if self.layer_types is not None:
+      return tuple(t == "sliding_attention" for t in self.layer_types)
+    first = self.max_window_layers or 0
+    return tuple(i >= first for i in range(L))
+
+  @property
+  def fused(self) -> bool:
+    """Whether q, k, v are one projection (`qkv_proj`, in that order) and
+    the MLP's gate and up one (`gate_up_proj`), as Phi-3 stores them."""
+    return self.model_type == "phi3"
+
+  @property
+  def gemma(self) -> bool:
+    """Gemma's RMSNorm by (1 + w), embeddings times sqrt(hidden_size) and
+    GeGLU (gelu, tanh approximation)."""
+    return self.model_type in ("gemma2", "gemma3_text")
+
+  @property
+  def norm_weight_f32(self) -> bool:
+    """Whether the RMSNorm weight multiplies in float32, before the cast
+    back (OLMo 2's and Gemma's norm; Llama's: in the compute dtype)."""
+    return self.model_type == "olmo2" or self.gemma
 
   @property
   def rope_type(self) -> str:
@@ -144,7 +201,7 @@ class LlamaConfig:
     a linear or dynamic factor; max_position_embeddings for llama3 (Llama
     3.1: 8192 x 16); for yarn the larger of the two."""
     kind, n = self.rope_type, int(self.max_position_embeddings)
-    if kind in ("linear", "dynamic"):
+    if kind in ("linear", "dynamic") and self.local_rope_theta is None:
       return int(n * self.rope_factor)
     if kind == "yarn":
       return max(n, int(self.original_context * self.rope_factor))
@@ -153,31 +210,34 @@ class LlamaConfig:
   def with_context(self, ctx: int, rope: str | None = None) -> "LlamaConfig":
     """This config extended to `ctx` tokens.
 
-    rope None: a config that already scales with llama3 or yarn keeps its
-    type, its factor times ceil(ctx / context) (llama3 also its
-    max_position_embeddings, as Llama 3.1 writes it); any other gets
-    LongLoRA's linear position interpolation. "linear": factor ceil(ctx /
-    original context), as the official LongLoRA code computes it. "yarn":
-    YaRN with that factor over the original context (transformers' default
-    beta_fast 32, beta_slow 1). Both keep max_position_embeddings the
-    original length: how transformers reads "linear", and what its 4.43-
-    4.44 releases take as yarn's pretraining length.
-    """
+    rope None: a config scaled with llama3 or yarn keeps its type, its
+    factor times ceil(ctx / context) (llama3, and Gemma 3's global linear,
+    also its max_position_embeddings, as they write it); others get
+    LongLoRA's linear interpolation. "linear": factor ceil(ctx / original
+    context), as the official code computes it. "yarn": YaRN with that
+    factor over the original context (beta_fast 32, beta_slow 1). Both keep
+    max_position_embeddings the original: how transformers reads "linear",
+    and what 4.43-4.44 take as yarn's pretraining length."""
     kind = self.rope_type
     if rope is None:
       rope = kind if kind in ("llama3", "yarn") else "linear"
     if rope not in ("linear", "yarn", "llama3"):
       raise ValueError(f"unknown RoPE extension {rope!r}; choose linear or "
                        "yarn")
-    if rope == kind and kind in ("llama3", "yarn"):
+    if self.fused and rope != "linear":
+      raise ValueError("transformers' Phi-3 reads linear RoPE scaling only "
+                       "(as longrope); extend it with --rope linear")
+    gemma3 = rope == "linear" and self.local_rope_theta is not None
+    if (rope == kind and kind in ("llama3", "yarn")) or gemma3:
       m = math.ceil(ctx / self.context)
       if m <= 1:
         return self
       return dataclasses.replace(
           self, max_position_embeddings=self.max_position_embeddings * (
-              m if kind == "llama3" else 1),
-          rope_scaling=dataclasses.replace(self.rope_scaling,
-                                           factor=self.rope_factor * m))
+              1 if kind == "yarn" else m),
+          rope_scaling=dataclasses.replace(
+              self.rope_scaling or RopeScaling(1.0),
+              factor=self.rope_factor * m))
     if rope == "llama3":
       raise ValueError("llama3 RoPE scaling extends a llama3 config only; "
                        "choose linear or yarn")
@@ -190,15 +250,6 @@ class LlamaConfig:
     return dataclasses.replace(self, rope_scaling=scaling,
                                max_position_embeddings=original)
 
-  def check_length(self, seq: int) -> None:
-    """Refuses sequences a sliding window would cut (see `sliding_window`)."""
-    if self.sliding_window is not None and seq > self.sliding_window:
-      raise CheckpointError(
-          f"this {self.model_type} checkpoint attends within a sliding window "
-          f"of {self.sliding_window} tokens, which longlora_jax does not apply;"
-          f" {seq} tokens are more. Use a checkpoint without a window (Mistral "
-          "v0.2 and later; Qwen with use_sliding_window false)")
-
   # ---- Hugging Face config.json ----
 
   @classmethod
@@ -210,10 +261,13 @@ class LlamaConfig:
       raise CheckpointError(
           f"{source}: model_type={model_type!r}, architectures={archs} is not "
           f"supported; supported families: {', '.join(FAMILIES)} (dense "
-          "decoders; no MoE, Gemma, Phi or multimodal models)")
-    if d.get("hidden_act", "silu") != "silu":
-      raise CheckpointError(f"{source}: hidden_act={d['hidden_act']!r} is "
-                            "not supported (these families use 'silu')")
+          "decoders; no MoE or multimodal models)")
+    gemma = model_type in ("gemma2", "gemma3_text")
+    act_key = "hidden_activation" if gemma else "hidden_act"
+    act = "gelu_pytorch_tanh" if gemma else "silu"
+    if (d.get(act_key) or act) != act:
+      raise CheckpointError(f"{source}: {act_key}={d[act_key]!r} is not "
+                            f"supported ({model_type} uses {act!r})")
     if d.get("mlp_bias"):
       raise CheckpointError(f"{source}: mlp_bias=true is not supported")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size",
@@ -223,13 +277,14 @@ class LlamaConfig:
       raise CheckpointError(f"{source}: missing required keys {missing}")
 
     rope = _parse_rope(d, source)
-    family = _FAMILY_KEYS[model_type](d)
+    family = read_switches(model_type, d)
     fields = {f.name for f in dataclasses.fields(cls)} - {
-        "rope_scaling", *family}
+        "rope_scaling", *SWITCHES}
     kwargs = {k: v for k, v in d.items()
               if k in fields and (v is not None or k in _NULLABLE)}
-    if "rope_theta" in rope:
-      kwargs["rope_theta"] = rope["rope_theta"]
+    for key in ("rope_theta", "local_rope_theta"):
+      if key in rope:
+        kwargs[key] = rope[key]
     try:
       return cls(rope_scaling=rope.get("scaling"), **kwargs, **family)
     except (TypeError, ValueError) as e:
@@ -239,25 +294,16 @@ class LlamaConfig:
     """The HF `config.json` dict of this family, readable by transformers
     5.x and 4.43+ (4.34+ for linear scaling, the official LongLoRA pin)."""
     d = {"architectures": [FAMILIES[self.model_type]], "hidden_act": "silu"}
-    own = ("rope_scaling", "qkv_bias", "o_bias", "qk_norm", "sliding_window",
-           "max_window_layers")
     for f in dataclasses.fields(self):
-      if f.name not in own:
+      if f.name not in ("rope_scaling", *SWITCHES):
         value = getattr(self, f.name)
         d[f.name] = list(value) if isinstance(value, tuple) else value
-    window = {"sliding_window": self.sliding_window}
-    if self.model_type in ("qwen2", "qwen3"):
-      window = {"use_sliding_window": self.sliding_window is not None,
-                "sliding_window": self.sliding_window,
-                "max_window_layers": (self.max_window_layers
-                                      or self.num_hidden_layers)}
-    d.update({
-        "llama": {"attention_bias": self.qkv_bias, "mlp_bias": False},
-        "mistral": window,
-        "qwen2": window,
-        "qwen3": {"attention_bias": self.qkv_bias, **window},
-    }[self.model_type])
-    d.update(_rope_hf_dicts(self.rope_scaling, self.rope_theta))
+    d.update(write_switches(self))
+    d.update(rope_hf_dicts(self.rope_scaling, self.rope_theta))
+    if self.local_rope_theta is not None:
+      d.update(per_layer_type_rope(self, d))
+    if self.fused and self.rope_scaling:  # transformers' Phi-3: longrope only
+      d.update(linear_as_longrope(self))
     return d
 
   @classmethod
@@ -276,61 +322,26 @@ class LlamaConfig:
                {**self.to_hf_dict(), **extra})
 
 
-def _biases(d: dict[str, Any], qkv: bool | None = None) -> dict[str, bool]:
-  """attention_bias sets the biases of q, k, v and o (Llama, Qwen3)."""
-  bias = bool(d.get("attention_bias", False))
-  return {"qkv_bias": bias if qkv is None else qkv, "o_bias": bias and qkv is
-          None}
-
-
-def _window(d: dict[str, Any], switch: str | None = None) -> dict[str, Any]:
-  """Mistral's sliding_window; Qwen's only where use_sliding_window."""
-  on = d.get(switch, False) if switch else True
-  window = d.get("sliding_window") if on else None
-  return {"sliding_window": window,
-          "max_window_layers": d.get("max_window_layers") if window else None}
-
-
-# model_type -> the family switches from its config.json.
-_FAMILY_KEYS = {
-    "llama": lambda d: {**_biases(d), **_window({})},
-    "mistral": lambda d: {**_biases({}), **_window(d)},
-    "qwen2": lambda d: {**_biases(d, qkv=True),
-                        **_window(d, "use_sliding_window")},
-    "qwen3": lambda d: {**_biases(d), "qk_norm": True,
-                        **_window(d, "use_sliding_window")},
-}
-
-
-def _rope_hf_dicts(scaling: RopeScaling | None, theta: float) -> dict:
-  """`rope_scaling` (transformers 4.x) and `rope_parameters` (5.x).
-
-  Linear and dynamic scaling are written with exactly the keys `type` and
-  `factor`, which transformers 4.34-4.42 require (the official LongLoRA
-  pins 4.34); llama3 and yarn exist from 4.43, in its `rope_type` format.
-  """
-  if scaling is None:
-    return {"rope_scaling": None,
-            "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
-  params = scaling.hf_dict()
-  legacy = ({"type": scaling.rope_type, "factor": scaling.factor}
-            if scaling.rope_type in ("linear", "dynamic") else params)
-  return {"rope_scaling": legacy,
-          "rope_parameters": {**params, "rope_theta": theta}}
-
-
 def _parse_rope(d: dict[str, Any], source: str) -> dict[str, Any]:
   """RoPE theta and scaling from either transformers spelling."""
   params = d.get("rope_parameters") or d.get("rope_scaling") or {}
   if not isinstance(params, dict):
     raise CheckpointError(f"{source}: rope scaling must be an object, "
                           f"got {params!r}")
-  out = {}
+  params, out = global_rope(d, params, source)
   if params.get("rope_theta") is not None:
     out["rope_theta"] = float(params["rope_theta"])
   elif d.get("rope_theta") is not None:
     out["rope_theta"] = float(d["rope_theta"])
   rope_type = params.get("rope_type") or params.get("type") or "default"
+  if rope_type == "longrope":
+    factor = linear_from_longrope(params)
+    if factor is None:
+      raise CheckpointError(
+          f"{source}: rope type 'longrope' (Phi-3 128k) is not supported; "
+          "extend the 4k model instead (e.g. Phi-3-mini-4k-instruct), whose "
+          "default RoPE --ctx interpolates")
+    rope_type, params = "linear", {"factor": factor}
   if rope_type not in ROPE_TYPES:
     raise CheckpointError(
         f"{source}: rope type {rope_type!r} is not supported "
@@ -397,6 +408,7 @@ PRESETS = {
         model_type="mistral", vocab_size=32768, intermediate_size=14336,
         num_key_value_heads=8, rope_theta=1000000.0,
         max_position_embeddings=32768),
+    **{n: LlamaConfig.from_hf_dict(d, n) for n, d in FAMILY_PRESETS.items()},
 }
 
 

@@ -78,7 +78,6 @@ def generate(config: LlamaConfig, params, input_ids, *, max_new_tokens: int,
   B, P = ids.shape
   if P < 1 or max_new_tokens < 1:
     raise ValueError("generate needs a non-empty prompt and max_new_tokens >= 1")
-  config.check_length(P + max_new_tokens)
   if eos_token_id == -1:
     eos_token_id = config.eos_token_id
   eos = np.atleast_1d(np.asarray(eos_token_id if eos_token_id is not None

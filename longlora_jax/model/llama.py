@@ -28,7 +28,7 @@ The layers are one `nn.scan` (stacked on a leading axis) so compile time does
 not grow with depth. Kernels are `[in, out]`, the transpose of torch's.
 """
 
-import functools
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -37,13 +37,13 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
-                                             context_form, get_attention)
+                                             get_attention, layer_attention)
 from longlora_jax.model.config import LlamaConfig
-from longlora_jax.model.lora import LoRA, delta, is_nf4_kernel
-from longlora_jax.model.nf4 import NF4Tensor, dequantize
+from longlora_jax.model.lora import is_nf4_kernel
+from longlora_jax.model.projection import project
 from longlora_jax.model.rope import apply_rope, rope_frequencies
 from longlora_jax.parallel.sharding import (context_slices, gather_over_context,
-                                   per_row_shard, shard_batch)
+                                   shard_batch)
 
 DType = Any
 
@@ -69,34 +69,17 @@ REMAT_POLICIES = {
 }
 
 
-def project(x_BTD, kernel_DF, dtype: DType):
-  """`x @ kernel` in the compute dtype; for a `LoRA` kernel, `x @ w` plus its
-  low-rank update, so `w + ba` is never formed."""
-  if isinstance(kernel_DF, LoRA):
-    return project(x_BTD, kernel_DF.w, dtype) + delta(x_BTD, kernel_DF, dtype)
-  if isinstance(kernel_DF, NF4Tensor):
-    return _project_nf4(x_BTD, kernel_DF, dtype)
-  return jnp.einsum("...D,DF->...F", x_BTD.astype(dtype), kernel_DF.astype(dtype))
-
-
-@functools.partial(jax.checkpoint, static_argnums=2, prevent_cse=False,
-                   policy=jax.checkpoint_policies.nothing_saveable)
-def _project_nf4(x_BTD, kernel_FD, dtype: DType):
-  """`x @ w` for a 4-bit weight (torch's [out, in] blocks), dequantized to
-  the compute dtype here, one layer's weight at a time. Rematerialised:
-  left to itself, the backward pass's `dX = dY @ w` would keep every
-  layer's dequantized weight from the forward pass, a bf16 copy of the
-  whole stack; this way it keeps the 4-bit one and dequantizes again. (It
-  runs inside the layers' scan, where CSE is safe: under a rematerialised
-  layer the recomputed forward and the backward may share one.)"""
-  return jnp.einsum("...D,FD->...F", x_BTD.astype(dtype),
-                    dequantize(kernel_FD, dtype))
-
-
-def rms_norm(x_BTD, weight_D, eps: float):
-  """HF LlamaRMSNorm: statistics in float32, result in x's dtype."""
+def rms_norm(x_BTD, weight_D, eps: float, weight_f32: bool = False,
+             offset: bool = False):
+  """HF LlamaRMSNorm: statistics in float32, result in x's dtype; the weight
+  applied in x's dtype, or before the cast back with `weight_f32` (OLMo 2),
+  as (1 + weight) with `offset` (Gemma)."""
   x32 = x_BTD.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  if offset:
+    return (normed * (1.0 + weight_D.astype(jnp.float32))).astype(x_BTD.dtype)
+  if weight_f32:
+    return (weight_D.astype(jnp.float32) * normed).astype(x_BTD.dtype)
   return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
 
 
@@ -126,12 +109,20 @@ class Dense(nn.Module):
 class RMSNorm(nn.Module):
   eps: float
   param_dtype: DType
+  weight_f32: bool = False
+  offset: bool = False  # (1 + weight), initialised 0 (Gemma)
 
   @nn.compact
   def __call__(self, x_BTD):
-    weight_D = self.param("weight", nn.initializers.ones, (x_BTD.shape[-1],),
-                          self.param_dtype)
-    return rms_norm(x_BTD, weight_D, self.eps)
+    init = nn.initializers.zeros if self.offset else nn.initializers.ones
+    weight_D = self.param("weight", init, (x_BTD.shape[-1],), self.param_dtype)
+    return rms_norm(x_BTD, weight_D, self.eps, self.weight_f32, self.offset)
+
+
+def _norm(cfg: LlamaConfig, param_dtype, name: str) -> RMSNorm:
+  """The RMSNorm of `cfg`'s family."""
+  return RMSNorm(cfg.rms_norm_eps, param_dtype, cfg.norm_weight_f32, cfg.gemma,
+                 name=name)
 
 
 class Attention(nn.Module):
@@ -148,22 +139,44 @@ class Attention(nn.Module):
     dense = lambda features, name, bias: Dense(
         features, self.dtype, self.param_dtype, cfg.initializer_range, bias,
         name=name)
-    q_BTNH = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, N, H)
-    k_BTKH = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
-    v_BTKH = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD).reshape(B, T, K, H)
-    if cfg.qk_norm:  # Qwen3: RMSNorm over each head's dims, before RoPE
-      q_BTNH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="q_norm")(
-          q_BTNH)
-      k_BTKH = RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="k_norm")(
-          k_BTKH)
+    if cfg.fused:  # Phi-3: one projection, q then k then v
+      q_BTF, k_BTF, v_BTF = jnp.split(
+          dense((N + 2 * K) * H, "qkv_proj", cfg.qkv_bias)(x_BTD),
+          [N * H, (N + K) * H], axis=-1)
+    else:
+      q_BTF = dense(N * H, "q_proj", cfg.qkv_bias)(x_BTD)
+      k_BTF = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD)
+      v_BTF = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD)
+    v_BTKH = v_BTF.reshape(B, T, K, H)
+    norm = lambda name: _norm(cfg, self.param_dtype, name)
+    if cfg.qk_norm and cfg.qk_norm_over == "projection":
+      # OLMo 2: one RMSNorm over all heads' dims, before the split.
+      q_BTF, k_BTF = norm("q_norm")(q_BTF), norm("k_norm")(k_BTF)
+    q_BTNH, k_BTKH = q_BTF.reshape(B, T, N, H), k_BTF.reshape(B, T, K, H)
+    if cfg.qk_norm and cfg.qk_norm_over == "head":
+      # Qwen3: RMSNorm over each head's dims, before RoPE.
+      q_BTNH, k_BTKH = norm("q_norm")(q_BTNH), norm("k_norm")(k_BTKH)
+    if cfg.query_pre_attn_scalar:
+      # Gemma scales scores by query_pre_attn_scalar ** -0.5; attention
+      # applies head_dim ** -0.5, so q carries the ratio.
+      q_BTNH = q_BTNH * jnp.asarray(
+          (H / cfg.query_pre_attn_scalar) ** 0.5, q_BTNH.dtype)
     inv_freq_h, scale = rope_frequencies(cfg, positions_BT)
+    if cfg.local_rope_theta is not None:  # Gemma 3: local layers' own base
+      local_h, _ = rope_frequencies(dataclasses.replace(
+          cfg, rope_theta=cfg.local_rope_theta, rope_scaling=None),
+          positions_BT)
+      local = jnp.asarray(cfg.local_layers)[layer]
+      inv_freq_h = jnp.where(local, local_h, inv_freq_h)
+      scale = jnp.where(local, 1.0, scale)
     q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, inv_freq_h, scale))
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
     if cache is None:
-      out_BTNH = per_row_shard(self.attention_fn,
-                               context_form(self.attention_fn))(
-          q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT)
+      out_BTNH = layer_attention(self.attention_fn, cfg.sliding_window,
+                                 cfg.local_layers,
+                                 cfg.attn_logit_softcapping)(
+          q_BTNH, k_BTKH, v_BTKH, segment_ids_BT=segment_ids_BT, layer=layer)
     else:
       # Generation: every row's chunk starts at the same cache position.
       start = positions_BT[0, 0]
@@ -174,8 +187,13 @@ class Attention(nn.Module):
                           (layer, 0, 0, 0, start)),
                "v": write(cache["v"], v_BTKH.transpose(0, 2, 1, 3),
                           (layer, 0, 0, start, 0))}
+      window = None
+      if any(cfg.local_layers):  # a huge window on global layers
+        window = jnp.where(jnp.asarray(cfg.local_layers)[layer],
+                           cfg.sliding_window, jnp.iinfo(jnp.int32).max)
       out_BTNH = cached_attention(q_BTNH, cache["k"], cache["v"], layer,
-                                  start)
+                                  start, window=window,
+                                  softcap=cfg.attn_logit_softcapping)
     out_BTNH = shard_batch(out_BTNH)
     out_BTD = dense(D, "o_proj", cfg.o_bias)(out_BTNH.reshape(B, T, N * H))
     return out_BTD, cache
@@ -192,9 +210,14 @@ class MLP(nn.Module):
     dense = lambda features, name: Dense(
         features, self.dtype, self.param_dtype, cfg.initializer_range,
         name=name)
-    gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
-    up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
-    return dense(cfg.hidden_size, "down_proj")(nn.silu(gate_BTF) * up_BTF)
+    if cfg.fused:  # Phi-3: gate then up, one projection
+      gate_BTF, up_BTF = jnp.split(
+          dense(2 * cfg.intermediate_size, "gate_up_proj")(x_BTD), 2, axis=-1)
+    else:
+      gate_BTF = dense(cfg.intermediate_size, "gate_proj")(x_BTD)
+      up_BTF = dense(cfg.intermediate_size, "up_proj")(x_BTD)
+    act = (lambda x: nn.gelu(x, approximate=True)) if cfg.gemma else nn.silu
+    return dense(cfg.hidden_size, "down_proj")(act(gate_BTF) * up_BTF)
 
 
 class DecoderLayer(nn.Module):
@@ -211,20 +234,28 @@ class DecoderLayer(nn.Module):
     # the backward pass needs only the offloaded one, not the input itself.
     x_BTD = checkpoint_name(shard_batch(x_BTD), LAYER_INPUT)
     cfg = self.config
-    norm = lambda name: RMSNorm(cfg.rms_norm_eps, self.param_dtype, name=name)
-    h_BTD = norm("input_layernorm")(x_BTD)
+    norm = lambda name: _norm(cfg, self.param_dtype, name)
+    pre, post = (cfg.norm_placement in ("pre", "both"),
+                 cfg.norm_placement in ("post", "both"))
+    # "pre" normalises what enters a block, "post" what leaves it.
+    h_BTD = norm("input_layernorm")(x_BTD) if pre else x_BTD
     attn_BTD, cache = Attention(cfg, self.attention_fn, self.dtype,
                                 self.param_dtype, name="self_attn")(
                                     h_BTD, positions_BT, segment_ids_BT,
                                     cache, layer)
+    if post:
+      attn_BTD = norm("post_attention_layernorm")(attn_BTD)
     x_BTD = x_BTD + attn_BTD
-    h_BTD = norm("post_attention_layernorm")(x_BTD)
+    h_BTD = x_BTD if not pre else norm(
+        "pre_feedforward_layernorm" if post else "post_attention_layernorm")(
+            x_BTD)
+    out_norm = norm("post_feedforward_layernorm") if post else lambda y: y
     mlp = MLP(cfg, self.dtype, self.param_dtype, name="mlp")
     B, T, D = h_BTD.shape
     P = context_slices()
     chunk = mlp_chunk(T // P)
     if chunk == T:
-      x_BTD = x_BTD + mlp(h_BTD)
+      x_BTD = x_BTD + out_norm(mlp(h_BTD))
     else:
       # Long sequences: the MLP runs over sequence chunks, each recomputed in
       # the backward pass, so its [seq, intermediate] activations (several
@@ -237,7 +268,7 @@ class DecoderLayer(nn.Module):
                      split_rngs={"params": False}, in_axes=2, out_axes=2)
       _, out_BPcCD = scan(mlp, None, h_BTD.reshape(B, P, T // P // chunk,
                                                    chunk, D))
-      x_BTD = x_BTD + out_BPcCD.reshape(B, T, D)
+      x_BTD = x_BTD + out_norm(out_BPcCD.reshape(B, T, D))
     return (shard_batch(x_BTD), cache), None
 
 
@@ -275,6 +306,8 @@ class Decoder(nn.Module):
         param_dtype=self.param_dtype,
         embedding_init=_embed_init(cfg.initializer_range, cfg.pad_token_id),
         name="embed_tokens")(input_ids_BT)
+    if cfg.gemma:  # sqrt(hidden) rounded to the compute dtype, as Gemma's
+      x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
     layer = nn.map_variables(DecoderLayer, "params",
                              trans_in_fn=gather_over_context, init=True)
     if REMAT_POLICIES[self.remat] is not None:
@@ -287,7 +320,7 @@ class Decoder(nn.Module):
         cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
             (x_BTD, cache), positions_BT, segment_ids_BT,
             jnp.arange(cfg.num_hidden_layers))
-    return RMSNorm(cfg.rms_norm_eps, self.param_dtype, name="norm")(x_BTD), cache
+    return _norm(cfg, self.param_dtype, "norm")(x_BTD), cache
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: DType = jnp.float32):
@@ -324,7 +357,6 @@ def hidden_states(config: LlamaConfig, params, input_ids_BT, *,
     remat: per-layer rematerialisation, one of `REMAT_POLICIES`.
   """
   B, T = input_ids_BT.shape
-  config.check_length(T)
   if positions_BT is None:
     positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
   h_BTD, _ = _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT,
@@ -360,14 +392,19 @@ def _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT, cache, *,
 
 
 def lm_head(config: LlamaConfig, params, h_BTD):
-  """Float32 logits `[batch, seq, vocab]` from hidden states."""
+  """Float32 logits `[batch, seq, vocab]` from hidden states (soft-capped,
+  cap * tanh(logits / cap), where the config says: Gemma 2)."""
   if config.tie_word_embeddings:
-    return jnp.einsum("BTD,VD->BTV", h_BTD,
-                      params["embed_tokens"]["embedding"].astype(h_BTD.dtype),
-                      preferred_element_type=jnp.float32)
-  return jnp.einsum("BTD,DV->BTV", h_BTD,
-                    params["lm_head"]["kernel"].astype(h_BTD.dtype),
-                    preferred_element_type=jnp.float32)
+    logits_BTV = jnp.einsum(
+        "BTD,VD->BTV", h_BTD,
+        params["embed_tokens"]["embedding"].astype(h_BTD.dtype),
+        preferred_element_type=jnp.float32)
+  else:
+    logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD,
+                            params["lm_head"]["kernel"].astype(h_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+  cap = config.final_logit_softcapping
+  return logits_BTV if not cap else cap * jnp.tanh(logits_BTV / cap)
 
 
 def forward(config: LlamaConfig, params, input_ids_BT, **kwargs):

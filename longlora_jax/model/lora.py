@@ -31,7 +31,8 @@ from longlora_jax.model.nf4 import NF4Tensor, dequantize
 # Official LongLoRA `--trainable_params embed,norm`: the embedding and every
 # RMSNorm train alongside the adapters ("LoRA+").
 LORA_PLUS = ("embed", "norm")
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# (Phi-3 fuses q, k and v into qkv_proj; LoRA adapts it whole, as PEFT does.)
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
 
 
 @flax.struct.dataclass
@@ -88,7 +89,7 @@ def _kaiming_uniform_a(key, shape, dtype):
 
 
 def add_lora(params, *, rank: int = 8, alpha: float = 16,
-             targets: tuple[str, ...] = ATTENTION_TARGETS, key: jax.Array,
+             targets: tuple[str, ...] | None = None, key: jax.Array,
              dtype=None):
   """`params` with each targeted layer kernel replaced by a `LoRA` node.
 
@@ -96,7 +97,8 @@ def add_lora(params, *, rank: int = 8, alpha: float = 16,
   is unchanged until `b` trains. Scale is alpha / rank.
 
   Args:
-    targets: projection names inside the layers (q_proj, ..., down_proj).
+    targets: projection names inside the layers (q_proj, ..., down_proj);
+      default the attention projections the model has (`ATTENTION_TARGETS`).
     dtype: of `a` and `b`; default each kernel's own dtype.
   """
   if rank < 1:
@@ -109,6 +111,8 @@ def add_lora(params, *, rank: int = 8, alpha: float = 16,
             if isinstance(modules, dict)
             for name, m in modules.items()
             if isinstance(m, dict) and "kernel" in m}
+  if targets is None:
+    targets = tuple(t for t in ATTENTION_TARGETS if t in groups)
   unknown = [t for t in targets if t not in groups]
   if unknown or not targets:
     raise LongLoraError(f"unknown LoRA targets {unknown}; choose from "

@@ -30,7 +30,7 @@ FSDP_AXES = ("fsdp", SEQ_AXIS)
 # Megatron split: column-parallel projections split their output features,
 # row-parallel ones their input features, so each pair needs one all-reduce.
 _COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj",
-                    "lm_head")
+                    "qkv_proj", "gate_up_proj", "lm_head")
 _ROW_PARALLEL = ("o_proj", "down_proj")
 # The leaves of a 4-bit weight (model/nf4.py's NF4Tensor): the codes and
 # their block scales are flat and split over fsdp; the rest is small.

@@ -185,10 +185,6 @@ def check_ctx(spec: RunSpec, config: LlamaConfig) -> None:
         f"--ctx {spec.ctx} is not larger than the checkpoint's context of "
         f"{original} tokens; extend it, e.g. --ctx {2 * original} or --ctx "
         f"{4 * original}")
-  try:
-    config.check_length(spec.ctx)
-  except LongLoraError as e:
-    raise LongLoraError(f"--ctx {spec.ctx}: {e}") from None
   attention = spec.recipe.attention
   if attention.kind != "s2":
     return

@@ -90,3 +90,39 @@ def test_value_errors():
     chunked_causal_attention(q, q[:, :, :2], q[:, :, :2])
   with pytest.raises(ValueError, match="block_size=0"):
     chunked_causal_attention(q, q, q, block_size=0)
+
+
+@pytest.mark.parametrize("window,segments", [(1, False), (7, True),
+                                             (23, False)])
+def test_sliding_window_matches_reference(window, segments):
+  # Windows of one token, shorter and longer than a block (8; seq 37 padded
+  # to 40), both paths against the float64 reference, values and grads.
+  B, T, N, K, block = 2, 37, 4, 2, 8
+  q, k, v, w, seg = _inputs((B, T, N, K, block), jnp.float32, 3, segments)
+  mask = ref.mask_from_keys([ref.window_keys(T, window)] * N, seg, B)
+  want, want_grads = ref.attention(q, k, v, mask, w)
+  for fn, options in ((chunked_causal_attention, (("block_size", block),)),
+                      (dense_causal_attention, ())):
+    out, grads = ref.value_and_grads(fn, (*options, ("window", window)), q, k,
+                                     v, w, seg)
+    ref.assert_close(out, want, atol=1e-5)
+    for got_g, want_g in zip(grads, want_grads):
+      ref.assert_close(got_g, want_g, atol=1e-4)
+
+
+def test_soft_cap_matches_reference_in_both_paths():
+  # Gemma 2's cap * tanh(s / cap), small enough to bite, with a window and
+  # documents: values and gradients against float64.
+  B, T, N, K, block, cap = 2, 37, 4, 2, 8, 1.5
+  q, k, v, w, seg = _inputs((B, T, N, K, block), jnp.float32, 4, True)
+  mask = ref.mask_from_keys([ref.window_keys(T, 11)] * N, seg, B)
+  want, want_grads = ref.attention(q, k, v, mask, w, softcap=cap)
+  uncapped = ref.attention(q, k, v, mask)
+  assert np.abs(want - uncapped).max() > 0.1  # the cap matters here
+  for fn, options in ((chunked_causal_attention, (("block_size", block),)),
+                      (dense_causal_attention, ())):
+    out, grads = ref.value_and_grads(
+        fn, (*options, ("window", 11), ("softcap", cap)), q, k, v, w, seg)
+    ref.assert_close(out, want, atol=1e-5)
+    for got_g, want_g in zip(grads, want_grads):
+      ref.assert_close(got_g, want_g, atol=1e-4)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax import LlamaConfig, forward, init_params
+from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention import dispatch
@@ -165,3 +165,53 @@ def test_every_implementation_is_one_a_spec_takes():
       AttentionSpec(kind, implementation=implementation)
   with pytest.raises(ValueError, match="unknown S²-Attn implementation 'xla'"):
     AttentionSpec("s2", implementation="xla")
+
+
+def test_a_layers_window_decides_its_attention(monkeypatch):
+  # S²-Attn (one spec for every layer) runs on the global layer only; the
+  # local layer keeps its window, by "chunked" even where "auto" would fuse
+  # (on a GPU), since no fused kernel applies a window.
+  B, T, N, K, window = 2, 32, 4, 2, 6
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(x, jnp.float32)
+             for x in ref.random_qkv(rng, B, T, N, K, 8))
+  attend = dispatch.layer_attention(get_attention(AttentionSpec("s2")),
+                                    window, (True, False))
+  s2 = ref.attention(q, k, v, ref.mask_from_keys(
+      ref.s2_head_keys(T, T // 4, N, "flash"), None, B))
+  local = ref.attention(q, k, v, ref.mask_from_keys(
+      [ref.window_keys(T, window)] * N, None, B))
+  run = jax.jit(lambda layer: attend(q, k, v, layer=layer))
+  ref.assert_close(run(0), local, atol=1e-5)
+  ref.assert_close(run(1), s2, atol=1e-5)
+  monkeypatch.setattr(dispatch, "fused_for", lambda *a, **k: "cudnn")
+  every = dispatch.layer_attention(get_attention(AttentionSpec("full")),
+                                   window, (True, True))
+  ref.assert_close(every(q, k, v, layer=0), local, atol=1e-5)
+
+
+def test_auto_never_takes_an_implementation_without_the_soft_cap(monkeypatch):
+  # On an NVIDIA GPU (faked), "auto" would take cuDNN for these bfloat16
+  # shapes; with a cap it must take one that applies it, so S²-Attn, full
+  # attention and a Gemma-style layer all give the capped float64 values.
+  monkeypatch.setattr(dispatch, "on_nvidia_gpu", lambda platform=None: True)
+  assert fused_for(16, jnp.bfloat16) == "cudnn"
+  assert fused_for(16, jnp.bfloat16, softcap=50.0) is None  # no Pallas tiles
+  assert fused_for(64, jnp.bfloat16) == "cudnn"
+  assert fused_for(64, jnp.bfloat16, softcap=50.0) == "pallas"
+  B, T, N, K, cap = 1, 16, 4, 2, 1.0
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(x, jnp.bfloat16)
+             for x in ref.random_qkv(rng, B, T, N, K, 16))
+  causal = ref.mask_from_keys([ref.causal_keys(T)] * N, None, B)
+  s2 = ref.mask_from_keys(ref.s2_head_keys(T, T // 4, N, "flash"), None, B)
+  for fn, mask in ((full_attention, causal), (s2_attention, s2)):
+    want = ref.attention(q, k, v, mask, softcap=cap)
+    assert np.abs(want - ref.attention(q, k, v, mask)).max() > 0.2
+    ref.assert_close(fn(q, k, v, softcap=cap), want, relative=2e-2)
+    layer = dispatch.layer_attention(fn, 8, (False,), softcap=cap)
+    ref.assert_close(layer(q, k, v, layer=0), want, relative=2e-2)
+  with pytest.raises(LongLoraError, match="'cudnn' has no logit soft-cap"):
+    full_attention(q, k, v, implementation="cudnn", softcap=cap)
+  with pytest.raises(LongLoraError, match="applies no logit soft-cap"):
+    dispatch.layer_attention(lambda *a, **kw: a[0], None, (False,), 2.0)

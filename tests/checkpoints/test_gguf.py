@@ -316,7 +316,7 @@ def test_byte_level_pre_tokenizer_and_merges(tmp_path, pre):
         2.0, "llama3", 32, 1.0, 4.0)), "no llama3 RoPE"),
     (dict(model_type="qwen3", qk_norm=True, o_bias=True), "no o_proj bias"),
     (dict(sliding_window=32), "without a sliding window"),
-])
+    (dict(model_type="olmo2"), "GGUF export of olmo2")])
 def test_unsupported_configs_refused_in_one_line(tmp_path, change, message):
   config = LlamaConfig(**{**PLAIN, **change})
   with pytest.raises(CheckpointError, match=message) as e:

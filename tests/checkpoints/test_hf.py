@@ -62,10 +62,9 @@ def test_round_trip_through_transformers(tiny_hf, tmp_path, name):
   if config.rope_type == "linear":
     # Exactly the two keys transformers 4.34-4.42 accept.
     assert saved["rope_scaling"] == {"type": "linear", "factor": 4.0}
-  # (transformers keeps the 4.x spelling's "type" beside "rope_type".)
-  rope = lambda c: {k: v for k, v in c.rope_parameters.items()
-                    if v is not None and k != "type"}
-  assert rope(reloaded.config) == rope(hf_model.config)
+  rope = hf_models.rope_parameters
+  assert rope(reloaded.config.rope_parameters) == rope(
+      hf_model.config.rope_parameters)
   gen = json.loads((out / "generation_config.json").read_text())
   for key in ("bos_token_id", "eos_token_id"):
     assert gen.get(key) == getattr(hf_model.config, key, None)

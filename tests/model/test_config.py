@@ -1,11 +1,10 @@
 import json
 
 import jax
-import jax.numpy as jnp
 import pytest
 import transformers
 
-from longlora_jax import (CheckpointError, LlamaConfig, forward, init_params,
+from longlora_jax import (CheckpointError, LlamaConfig, init_params,
                           preset)
 from longlora_jax.model.config import RopeScaling
 from tests.references import hf_models
@@ -100,10 +99,10 @@ def test_presets_shapes():
 @pytest.mark.parametrize("patch,message", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]},
      "model_type='gpt2'.*supported families: llama, mistral, qwen2, qwen3"),
-    ({"model_type": "mixtral"}, "no MoE, Gemma, Phi or multimodal"),
+    ({"model_type": "mixtral"}, "no MoE or multimodal"),
     ({"model_type": "gemma"}, "model_type='gemma'"),
     ({"rope_scaling": {"type": "longrope", "factor": 2.0}},
-     "rope type 'longrope' is not supported"),
+     "rope type 'longrope' .Phi-3 128k. is not supported; extend the 4k"),
     ({"rope_scaling": {"type": "linear"}}, "needs a factor"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
      "needs low_freq_factor and high_freq_factor"),
@@ -135,22 +134,25 @@ def test_reads_and_writes_each_family_as_transformers_does(name):
                                          **kwargs)
   cfg = LlamaConfig.from_hf_dict(hf.to_dict())
   assert cfg.model_type == hf.model_type
-  assert cfg.head_dim == hf.head_dim
-  assert cfg.qk_norm == (hf.model_type == "qwen3")
+  assert cfg.head_dim == getattr(hf, "head_dim", None) or (
+      hf.hidden_size // hf.num_attention_heads)  # OLMo 2 derives it
+  assert cfg.qk_norm == (hf.model_type in ("qwen3", "olmo2", "gemma3_text"))
   assert cfg.qkv_bias == (hf.model_type == "qwen2"
                           or bool(getattr(hf, "attention_bias", False)))
   assert cfg.o_bias == bool(getattr(hf, "attention_bias", False))
-  assert cfg.rope_type == hf.rope_parameters["rope_type"]
+  # (Gemma 3: per layer type; --ctx extends the global layers' RoPE.)
+  assert cfg.rope_type == hf.rope_parameters.get(
+      "full_attention", hf.rope_parameters)["rope_type"]
   back = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
   assert type(back) is type(hf)
   for key in ("hidden_size", "num_key_value_heads", "head_dim",
               "tie_word_embeddings", "max_position_embeddings",
               "sliding_window"):
-    assert getattr(back, key, None) == getattr(hf, key, None), key
+    if hasattr(hf, key):  # (OLMo 2's config has no head_dim; we write it)
+      assert getattr(back, key, None) == getattr(hf, key), key
   # (transformers keeps the 4.x spelling's "type" beside "rope_type".)
-  rope = lambda c: {k: v for k, v in c.rope_parameters.items()
-                    if v is not None and k != "type"}
-  assert rope(back) == rope(hf)
+  rope = hf_models.rope_parameters
+  assert rope(back.rope_parameters) == rope(hf.rope_parameters)
   assert LlamaConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
 
 
@@ -170,28 +172,34 @@ def test_linear_scaling_keeps_the_format_transformers_4_34_validates():
                                        "rope_theta": 10000.0}
 
 
-def test_sliding_windows_are_read_and_long_sequences_refused():
+def test_sliding_windows_are_read_per_layer_as_transformers_does():
   base = dict(vocab_size=10, hidden_size=8, intermediate_size=8,
-              num_hidden_layers=1, num_attention_heads=2)
-  mistral = LlamaConfig.from_hf_dict(
-      {**base, "model_type": "mistral", "sliding_window": 24})
-  qwen_off = LlamaConfig.from_hf_dict(
-      {**base, "model_type": "qwen2", "use_sliding_window": False,
-       "sliding_window": 24})
-  qwen_on = LlamaConfig.from_hf_dict(
-      {**base, "model_type": "qwen2", "use_sliding_window": True,
-       "sliding_window": 24, "max_window_layers": 1})
-  assert (mistral.sliding_window, qwen_off.sliding_window,
-          qwen_on.sliding_window) == (24, None, 24)
-  mistral.check_length(24)
-  qwen_off.check_length(10**6)
-  for cfg in (mistral, qwen_on):
-    with pytest.raises(CheckpointError, match="sliding window of 24 tokens.*"
-                       "25 tokens are more. Use a checkpoint without"):
-      cfg.check_length(25)
-  params = init_params(mistral, jax.random.key(0))
-  with pytest.raises(CheckpointError, match="sliding window"):
-    forward(mistral, params, jnp.zeros((1, 25), jnp.int32))
+              num_hidden_layers=3, num_attention_heads=2)
+  cases = [
+      dict(model_type="mistral", sliding_window=24),
+      dict(model_type="qwen2", use_sliding_window=False, sliding_window=24),
+      dict(model_type="qwen2", use_sliding_window=True, sliding_window=24,
+           max_window_layers=1),
+      dict(model_type="qwen3", use_sliding_window=True, sliding_window=24,
+           layer_types=["sliding_attention", "full_attention",
+                        "sliding_attention"]),
+  ]
+  for case in cases:
+    d = {**base, **case}
+    hf = transformers.AutoConfig.for_model(**d)
+    cfg = LlamaConfig.from_hf_dict(d)
+    want = getattr(hf, "layer_types", None) or (
+        ["sliding_attention"] * 3 if hf.sliding_window else
+        ["full_attention"] * 3)
+    assert cfg.local_layers == tuple(t == "sliding_attention" for t in want)
+    assert cfg.sliding_window == hf.sliding_window
+    back = LlamaConfig.from_hf_dict(cfg.to_hf_dict())
+    assert back.local_layers == cfg.local_layers
+  with pytest.raises(CheckpointError, match="layer_types=.*'chunked_attention'"
+                     ) as e:
+    LlamaConfig.from_hf_dict({**base, **cases[3], "layer_types": [
+        "chunked_attention"] * 3})
+  assert "\n" not in str(e.value)
 
 
 def test_extension_keeps_llama3_and_yarn_and_interpolates_the_rest():
@@ -222,3 +230,31 @@ def test_extension_keeps_llama3_and_yarn_and_interpolates_the_rest():
           y.rope_scaling.original_max_position_embeddings, y.context) == (
               "yarn", 8.0, 4096, 4096, 32768)
   assert LlamaConfig(rope_scaling=RopeScaling(8.0)).context == 32768
+
+
+def test_phi3_interpolation_is_written_as_the_longrope_transformers_reads():
+  kwargs = dict(hf_models.FAMILY_CONFIGS["phi3"])
+  cfg = LlamaConfig.from_hf_dict(kwargs).with_context(128)
+  assert (cfg.rope_type, cfg.rope_factor) == ("linear", 4.0)
+  d = cfg.to_hf_dict()
+  hf = transformers.AutoConfig.for_model(**d)  # Phi-3 validates it
+  assert hf.rope_parameters["short_factor"] == [4.0] * 8
+  assert LlamaConfig.from_hf_dict(d) == cfg
+  with pytest.raises(ValueError, match="--rope linear"):
+    LlamaConfig.from_hf_dict(kwargs).with_context(128, rope="yarn")
+  real = {**d, "rope_parameters": {**d["rope_parameters"],
+                                   "long_factor": [4.0] * 7 + [5.0]}}
+  with pytest.raises(CheckpointError, match="'longrope' .Phi-3 128k."):
+    LlamaConfig.from_hf_dict(real)
+
+
+@pytest.mark.parametrize("name", ["gemma2-9b", "gemma3-4b", "olmo2-7b",
+                                  "phi3-mini"])
+def test_family_presets_are_configs_transformers_reads(name):
+  cfg = preset(name)
+  hf = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+  assert hf.model_type == cfg.model_type
+  assert getattr(hf, "sliding_window", None) == cfg.sliding_window
+  if cfg.gemma:  # (Phi-3 windows every layer whatever its layer_types say)
+    assert tuple(t == "sliding_attention" for t in hf.layer_types) == (
+        cfg.local_layers)

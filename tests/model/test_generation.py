@@ -57,6 +57,27 @@ def test_greedy_matches_transformers_generate(tiny_hf, mesh):
   np.testing.assert_array_equal(got, want)
 
 
+# The families beyond Llama's layout, and sliding windows (qwen2_yarn: a
+# global and a local layer of 16 tokens) under prompts longer than them.
+NEW_FAMILIES = ("olmo2", "phi3", "gemma2", "gemma3_text", "qwen2_yarn")
+
+
+@pytest.mark.parametrize("name", NEW_FAMILIES)
+def test_families_greedy_match_transformers_generate(tiny_hf, name):
+  directory, hf_model = tiny_hf(name)
+  checkpoint = Checkpoint.open(directory)
+  config = checkpoint.config
+  ids = hf_models.random_ids(config.vocab_size, 1, 20, seed=5)
+  # (An explicit mask: generate would otherwise hide the prompt's pad ids.)
+  want = hf_model.generate(torch.tensor(ids), max_new_tokens=8,
+                           attention_mask=torch.ones(ids.shape, dtype=int),
+                           do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[:, 20:].numpy()
+  got = generate(config, checkpoint.params("float32"), ids, max_new_tokens=8,
+                 eos_token_id=None, chunk_size=8)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_no_recompilation_per_token():
   cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=32,
                     num_hidden_layers=1, num_attention_heads=2,

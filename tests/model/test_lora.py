@@ -8,7 +8,7 @@ from flax import traverse_util
 from longlora_jax import (LlamaConfig, LongLoraError, forward, init_params,
                           preset)
 from longlora_jax.model import lora
-from longlora_jax.model.llama import project
+from longlora_jax.model.projection import project
 from tests.references import hf_models
 from tests.references.hf_models import peft, torch  # None without PyTorch
 
@@ -222,3 +222,25 @@ def test_bad_arguments(base):
     lora.trainable_mask(params, extra="norm")
   with pytest.raises(LongLoraError, match="nothing would train"):
     lora.trainable_mask(base, extra=())
+
+
+@pytest.mark.parametrize("name", ["olmo2", "phi3", "gemma2", "gemma3_text"])
+def test_lora_plus_trains_every_norm_each_family_has(tiny_hf, name):
+  # Every norm transformers' model of the family has (OLMo 2: post-norms
+  # and q/k norms over the projections) trains under LoRA+, nothing else
+  # but the embedding and the adapters (Phi-3: on the fused qkv_proj).
+  directory, hf_model = tiny_hf(name)
+  from longlora_jax import load_hf
+  config, params = load_hf(directory, dtype=jnp.float32)
+  mask = _flat(lora.trainable_mask(lora.add_lora(params, key=jax.random.key(0))))
+  trained = {p.removesuffix("/weight") for p, m in mask.items()
+             if m and "norm" in p}
+  per_layer = {n.split(".", 3)[-1].removesuffix(".weight")
+               for n, _ in hf_model.named_parameters() if "norm" in n
+               and ".layers.0." in n}
+  assert trained == {f"layers/{n.replace('.', '/')}" for n in per_layer} | {
+      "norm"}
+  attention = ("qkv_proj", "o_proj") if name == "phi3" else ATTN
+  assert {p for p, m in mask.items() if m and "norm" not in p} == {
+      "embed_tokens/embedding", *(f"layers/self_attn/{t}/kernel/{ab}"
+                                  for t in attention for ab in "ab")}

@@ -18,6 +18,12 @@ def causal_keys(seq):
   return [list(range(t + 1)) for t in range(seq)]
 
 
+def window_keys(seq, window):
+  """Per query, the keys a sliding window of `window` sees (itself and the
+  window - 1 before it)."""
+  return [list(range(max(0, t - window + 1), t + 1)) for t in range(seq)]
+
+
 def s2_keys(seq, group, shifted, variant):
   """For each query position, the key positions an S²-Attn head sees.
 
@@ -62,8 +68,9 @@ def mask_from_keys(keys_per_head, segment_ids=None, batch=1):
   return mask
 
 
-def attention(q, k, v, mask, dout=None):
+def attention(q, k, v, mask, dout=None, softcap=None):
   """Masked softmax attention in float64; with `dout`, also (dq, dk, dv).
+  `softcap`: scores cap * tanh(s / cap) before the mask (Gemma 2).
 
   q: [batch, seq, q_heads, d]; k, v: [batch, seq, kv_heads, d];
   mask: [batch, q_heads, seq, seq]. Query head h reads kv head h // (q/kv).
@@ -74,6 +81,10 @@ def attention(q, k, v, mask, dout=None):
   kr, vr = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
   scale = 1.0 / np.sqrt(H)
   s = np.einsum("btnh,bsnh->bnts", q, kr) * scale
+  slope = 1.0  # d(capped)/d(s)
+  if softcap:
+    t = np.tanh(s / softcap)
+    s, slope = softcap * t, 1 - t * t
   s = np.where(mask, s, -np.inf)
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
@@ -82,7 +93,7 @@ def attention(q, k, v, mask, dout=None):
     return out
   dout = np.asarray(dout, np.float64)
   dp = np.einsum("btnh,bsnh->bnts", dout, vr)
-  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True)) * slope
   dq = np.einsum("bnts,bsnh->btnh", ds, kr) * scale
   dk = np.einsum("bnts,btnh->bsnh", ds, q) * scale
   dv = np.einsum("bnts,btnh->bsnh", p, dout)

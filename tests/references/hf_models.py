@@ -90,7 +90,9 @@ FAMILY_CONFIGS = {
     "qwen2_yarn": dict(model_type="qwen2", vocab_size=128, hidden_size=64,
                        intermediate_size=96, num_hidden_layers=2,
                        num_attention_heads=6, num_key_value_heads=2,
-                       head_dim=16, use_sliding_window=False,
+                       # layer 0 global, layer 1 within 16 tokens
+                       head_dim=16, use_sliding_window=True,
+                       sliding_window=16, max_window_layers=1,
                        max_position_embeddings=32, rms_norm_eps=1e-6,
                        rope_parameters={
                            "rope_type": "yarn", "factor": 4.0,
@@ -101,6 +103,45 @@ FAMILY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   tie_word_embeddings=True, use_sliding_window=False,
                   max_position_embeddings=32, rope_theta=1000000.0),
+    # Norms after attention and MLP; q/k norms over whole projections.
+    "olmo2": dict(model_type="olmo2", vocab_size=128, hidden_size=64,
+                  intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=32, rms_norm_eps=1e-6,
+                  pad_token_id=1, bos_token_id=None, eos_token_id=2),
+    # Fused qkv_proj and gate_up_proj; a window of 8 on every layer.
+    "phi3": dict(model_type="phi3", vocab_size=128, hidden_size=64,
+                 intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=32,
+                 original_max_position_embeddings=32, sliding_window=8,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Local (window 8) and global layers; caps small enough to bite; a
+    # query_pre_attn_scalar other than head_dim.
+    "gemma2": dict(model_type="gemma2", vocab_size=128, hidden_size=64,
+                   intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   query_pre_attn_scalar=24, sliding_window=8,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+                   max_position_embeddings=32, pad_token_id=0,
+                   eos_token_id=1, bos_token_id=2),
+    # q/k norms per head; local layers (window 8, RoPE base 10k) around a
+    # global one (base 1M, linear x4), as layer_types say.
+    "gemma3_text": dict(model_type="gemma3_text", vocab_size=128,
+                        hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=3, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16,
+                        query_pre_attn_scalar=24, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention",
+                                     "sliding_attention"],
+                        rope_parameters={
+                            "sliding_attention": {"rope_type": "default",
+                                                  "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear",
+                                               "factor": 4.0,
+                                               "rope_theta": 1000000.0}},
+                        max_position_embeddings=32, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2),
 }
 
 
@@ -131,6 +172,14 @@ def save_hf_llama(directory, kwargs: dict, seed: int = 0, **save_kwargs):
   model = make_hf_llama(kwargs, seed)
   model.save_pretrained(directory, **save_kwargs)
   return model
+
+
+def rope_parameters(params: dict) -> dict:
+  """A transformers config's RoPE parameters without what is unset (per
+  layer type, each), nor the 4.x spelling's "type" transformers keeps
+  beside "rope_type"."""
+  return {k: rope_parameters(v) if isinstance(v, dict) else v
+          for k, v in params.items() if v is not None and k != "type"}
 
 
 def hf_logits(model, input_ids: np.ndarray) -> np.ndarray:

@@ -26,7 +26,8 @@ from tests.references.hf_models import torch  # None without PyTorch
 
 # Family -> context to extend to (twice its context): llama3 and yarn keep
 # their type, the 9-head model trains S²-Attn with an odd head count.
-CASES = {"llama3_1": 128, "qwen2_yarn": 256, "qwen3": 64,
+CASES = {"llama3_1": 128, "qwen2_yarn": 256, "qwen3": 64, "olmo2": 64,
+         "phi3": 64, "gemma2": 64, "gemma3_text": 64,
          "llama_9_heads": 64}
 
 

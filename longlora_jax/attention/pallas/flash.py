@@ -66,8 +66,17 @@ def softmax_step(carry, s_TS, v_SH):
   return acc_TH, m_new, l_T
 
 
+def capped(s, softcap):
+  """(cap * tanh(s / cap), its slope 1 - tanh^2) for scaled scores `s`
+  (Gemma 2's soft-cap); (s, None) without a cap."""
+  if not softcap:
+    return s, None
+  t = jnp.tanh(s / softcap)
+  return softcap * t, 1.0 - t * t
+
+
 def forward_kernel(scalars_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
-                   groups, block_k):
+                   groups, block_k, softcap=None):
   """One query block of one head (grid: query block, batch, query head):
   the output and its base-2 log-sum-exp over the key blocks it sees."""
   block_q, head_dim = q_ref.shape
@@ -75,11 +84,12 @@ def forward_kernel(scalars_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
   q0 = frame.q_start + pl.program_id(0) * block_q
   q_TH = q_ref[...]
   qpos_T1 = positions(q0, block_q, 0)
-  scale = head_dim ** -0.5 * LOG2E
+  scale = head_dim ** -0.5
 
   def key_block(j, carry, masked):
     keys = pl.ds(j * block_k, block_k)
-    s_TS = plgpu.dot(q_TH, k_ref[keys, :], trans_b=True) * scale
+    s_TS = capped(plgpu.dot(q_TH, k_ref[keys, :], trans_b=True) * scale,
+                  softcap)[0] * LOG2E
     if masked:
       s_TS = jnp.where(
           groups.visible(qpos_T1, positions(j * block_k, block_k, 1), frame),
@@ -94,7 +104,7 @@ def forward_kernel(scalars_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *,
 
 
 def dq_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-              dq_ref, *, groups, block_k):
+              dq_ref, *, groups, block_k, softcap=None):
   """dQ of one query block of one head, its probabilities recomputed from
   the saved log-sum-exp over the same key blocks as the forward."""
   block_q, head_dim = q_ref.shape
@@ -108,7 +118,9 @@ def dq_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
   def key_block(j, dq_TH, masked):
     keys = pl.ds(j * block_k, block_k)
     k_SH = k_ref[keys, :]
-    s_TS = plgpu.dot(q_TH, k_SH, trans_b=True) * (scale * LOG2E)
+    s_TS, slope_TS = capped(plgpu.dot(q_TH, k_SH, trans_b=True) * scale,
+                            softcap)
+    s_TS = s_TS * LOG2E
     if masked:
       s_TS = jnp.where(
           groups.visible(qpos_T1, positions(j * block_k, block_k, 1), frame),
@@ -116,6 +128,8 @@ def dq_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
     p_TS = jnp.exp2(s_TS - lse_T[:, None])
     dp_TS = plgpu.dot(do_TH, v_ref[keys, :], trans_b=True)
     ds_TS = p_TS * (dp_TS - delta_T[:, None])
+    if softcap:
+      ds_TS = ds_TS * slope_TS
     return dq_TH + plgpu.dot(ds_TS.astype(k_SH.dtype), k_SH)
 
   dq_TH = visit(key_blocks(groups, q0, block_q, block_k, frame),
@@ -124,7 +138,7 @@ def dq_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 
 
 def dkv_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               dk_ref, dv_ref, *, groups, block_q):
+               dk_ref, dv_ref, *, groups, block_q, softcap=None):
   """dK and dV of one key block of one kv head, over the query heads that
   read it and the query blocks that see it. Key-major: the tiles are [key,
   query] (P^T, dP^T, dS^T), so that both accumulating products take their
@@ -144,7 +158,9 @@ def dkv_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
       dk_SH, dv_SH = carry
       queries = pl.ds(i * block_q, block_q)
       q_TH, do_TH = q_ref[queries, r, :], do_ref[queries, r, :]
-      s_ST = plgpu.dot(k_SH, q_TH, trans_b=True) * (scale * LOG2E)
+      s_ST, slope_ST = capped(plgpu.dot(k_SH, q_TH, trans_b=True) * scale,
+                              softcap)
+      s_ST = s_ST * LOG2E
       if masked:
         s_ST = jnp.where(
             groups.visible(positions(frame.q_start + i * block_q, block_q, 1),
@@ -154,6 +170,8 @@ def dkv_kernel(scalars_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
       dv_SH += plgpu.dot(p_ST.astype(do_TH.dtype), do_TH)
       dp_ST = plgpu.dot(v_SH, do_TH, trans_b=True)
       ds_ST = p_ST * (dp_ST - delta_ref[r, queries][None, :])
+      if softcap:
+        ds_ST = ds_ST * slope_ST
       dk_SH += plgpu.dot(ds_ST.astype(q_TH.dtype), q_TH)
       return dk_SH, dv_SH
 

@@ -124,7 +124,8 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
                         group_ratio: float = 0.25, variant: str = "flash",
                         segment_ids_BT=None,
                         config: BlockConfig | None = None,
-                        interpret: bool = False):
+                        interpret: bool = False,
+                        softcap: float | None = None):
   """S²-Attn by the fused kernels; same result as `s2_attention`.
 
   Args:
@@ -135,6 +136,7 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
     config: tiles and launch parameters; default `default_config(head_dim,
       dtype)`.
     interpret: run through the Pallas interpreter (any backend, slow).
+    softcap: scores soft-capped, cap * tanh(s / cap) (Gemma 2).
   Returns:
     `[batch, seq, q_heads, head_dim]` in q's dtype.
   """
@@ -145,12 +147,13 @@ def pallas_s2_attention(q_BTNH, k_BTKH, v_BTKH, *,
   groups = Groups(seq=T, size=G, shift=G // 2, wrap=variant == "roll",
                   heads=N)
   return _attention(q_BTNH, k_BTKH, v_BTKH, groups, groups.scalars(), config,
-                    interpret)
+                    interpret, softcap=softcap)
 
 
 def pallas_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                             config: BlockConfig | None = None,
-                            interpret: bool = False):
+                            interpret: bool = False,
+                            softcap: float | None = None):
   """Plain causal flash attention by the same kernels (one group of seq
   tokens, no shift), with the attention signature; e.g. for evaluation.
 
@@ -161,7 +164,7 @@ def pallas_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
   T, N = q_BTNH.shape[1:3]
   groups = Groups(seq=T, size=T, shift=0, wrap=False, heads=N)
   return _attention(q_BTNH, k_BTKH, v_BTKH, groups, groups.scalars(), config,
-                    interpret)
+                    interpret, softcap=softcap)
 
 
 def pallas_window_attention(q_BTNH, k_BSKH, v_BSKH, *, q_start, origin,
@@ -188,7 +191,7 @@ def pallas_window_attention(q_BTNH, k_BSKH, v_BSKH, *, q_start, origin,
 
 
 def _attention(q_BTNH, k_BSKH, v_BSKH, groups, scalars, config, interpret,
-               window=False):
+               window=False, softcap=None):
   """The kernels on q padded at the end to a multiple of the blocks, and
   k, v to one that holds the last padded query's keys.
 
@@ -206,7 +209,7 @@ def _attention(q_BTNH, k_BSKH, v_BSKH, groups, scalars, config, interpret,
   pad = lambda x, n: x if n == x.shape[1] else jnp.pad(
       x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
   out_BTNH = _fused(pad(q_BTNH, padded), pad(k_BSKH, keys), pad(v_BSKH, keys),
-                    scalars, groups, config, bool(interpret))
+                    scalars, groups, config, bool(interpret), softcap)
   return out_BTNH if padded == T else out_BTNH[:, :T]
 
 
@@ -255,13 +258,15 @@ def _check_head_dim(head_dim):
                      f"{HEAD_DIMS}; got {head_dim}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret,
+           softcap):
   return _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config,
-                  interpret)[0]
+                  interpret, softcap)[0]
 
 
-def _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
+def _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret,
+             softcap=None):
   """Output `[batch, T, q_heads, head_dim]` and float32 base-2
   log-sum-exp `[batch, q_heads, T]`."""
   B, T, N, H = q_BTNH.shape
@@ -272,7 +277,7 @@ def _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
                          lambda i, b, h: (b, 0, lax.div(h, N // K), 0))
   return pl.pallas_call(
       functools.partial(forward_kernel, groups=groups,
-                        block_k=config.block_k),
+                        block_k=config.block_k, softcap=softcap),
       grid=(T // bq, B, N),
       in_specs=[_whole(scalars), query_spec, kv_spec, kv_spec],
       out_specs=[query_spec,
@@ -291,13 +296,14 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _fused_fwd(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret):
+def _fused_fwd(q_BTNH, k_BSKH, v_BSKH, scalars, groups, config, interpret,
+               softcap):
   out_BTNH, lse_BNT = _forward(q_BTNH, k_BSKH, v_BSKH, scalars, groups,
-                               config, interpret)
+                               config, interpret, softcap)
   return out_BTNH, (q_BTNH, k_BSKH, v_BSKH, scalars, out_BTNH, lse_BNT)
 
 
-def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
+def _fused_bwd(groups, config, interpret, softcap, residuals, do_BTNH):
   q_BTNH, k_BSKH, v_BSKH, scalars, out_BTNH, lse_BNT = residuals
   B, T, N, H = q_BTNH.shape
   S, K = k_BSKH.shape[1:3]
@@ -316,7 +322,8 @@ def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
   kv_spec = pl.BlockSpec((None, S, None, H),
                          lambda i, b, h: (b, 0, lax.div(h, Q), 0))
   dq_BTNH = pl.pallas_call(
-      functools.partial(dq_kernel, groups=groups, block_k=config.block_k_dq),
+      functools.partial(dq_kernel, groups=groups, block_k=config.block_k_dq,
+                        softcap=softcap),
       grid=(T // bq, B, N),
       in_specs=[_whole(scalars), query_spec, kv_spec, kv_spec, query_spec,
                 row_spec, row_spec],
@@ -333,7 +340,7 @@ def _fused_bwd(groups, config, interpret, residuals, do_BTNH):
   key_spec = pl.BlockSpec((None, bk, None, H), lambda j, b, g: (b, j, g, 0))
   dk_BSKH, dv_BSKH = pl.pallas_call(
       functools.partial(dkv_kernel, groups=groups,
-                        block_q=config.block_q_dkv),
+                        block_q=config.block_q_dkv, softcap=softcap),
       grid=(S // bk, B, K),
       in_specs=[_whole(scalars), heads_spec, key_spec, key_spec, heads_spec,
                 rows_spec, rows_spec],

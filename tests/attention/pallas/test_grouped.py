@@ -281,3 +281,26 @@ def test_float32_defaults_fit_an_a100(tmp_path):
   kernels = _compile_for("a100", grads, [q] * 3, tmp_path)
   assert {"grouped_attention_forward", "grouped_attention_dq",
           "grouped_attention_dkv"} <= set(kernels)
+
+
+def test_soft_cap_inside_the_kernels():
+  # Gemma 2's cap, small enough to bite, in the forward and both backward
+  # kernels (the interpreter): S²-Attn and causal entries against the
+  # float64 reference and the dense path with the same cap.
+  B, T, N, K, H, G, config = CASES["shared_kv_g96_b32x16"]
+  q, k, v, w = _inputs(B, T, N, K, H, jnp.float32, seed=3)
+  cap = 2.0
+  keys = ref.s2_head_keys(T, G, N, "flash")
+  want = ref.attention(q, k, v, ref.mask_from_keys(keys, None, B), w,
+                       softcap=cap)
+  assert np.abs(want[0] - _s2_reference(q, k, v, w, G, "flash")[0]).max() > .1
+  got = ref.value_and_grads(
+      pallas_s2_attention, (("group_size", G), ("config", config),
+                            ("interpret", True), ("softcap", cap)), q, k, v, w)
+  _assert_all_close(got, want, F32)
+  causal = ref.value_and_grads(
+      pallas_causal_attention, (("config", config), ("interpret", True),
+                                ("softcap", cap)), q, k, v, w)
+  dense = ref.value_and_grads(dense_causal_attention, (("softcap", cap),),
+                              q, k, v, w)
+  _assert_all_close(causal, dense, F32)
