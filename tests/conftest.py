@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -98,19 +99,39 @@ def read_only_dir(tmp_path):
     pytest.skip("root here, and no read-only mount can be made")
 
 
+# Runs each command of a JSON {name: [module, args]} on stdin in this one
+# process, as `python -m module args` would (`cli.run`: a user error is one
+# line and exit 2), and prints {name: [exit code, stderr]}.
+_RUNNER = """
+import contextlib, importlib, io, json, sys, traceback
+from longlora_jax.core import cli
+results = {}
+for name, (module, args) in json.load(sys.stdin).items():
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    try:
+      cli.run(lambda: importlib.import_module(module).main(args))
+    except SystemExit as e:
+      code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+      traceback.print_exc()
+      code = 1
+  results[name] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
 def run_commands(commands: dict) -> dict:
   """{name: (module, args)} -> {name: (exit code, stderr)}: each `python -m
-  module args` from the repository root, four at a time (2 cores)."""
-  procs = {}
-  for name, (module, args) in commands.items():
-    procs[name] = subprocess.Popen(
-        [sys.executable, "-m", module, *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
-    if len(procs) % 4 == 0:
-      list(procs.values())[-4].wait(timeout=300)
-  stderr = {name: p.communicate(timeout=300)[1] for name, p in procs.items()}
-  return {name: (p.returncode, stderr[name]) for name, p in procs.items()}
+  module args` from the repository root, one after another in one fresh
+  process (each would otherwise pay for importing JAX and the model)."""
+  proc = subprocess.run(
+      [sys.executable, "-c", _RUNNER], cwd=ROOT, text=True,
+      input=json.dumps(commands), capture_output=True, timeout=900,
+      env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads(proc.stdout.splitlines()[-1])
+  return {name: tuple(result) for name, result in results.items()}
 
 
 def pytest_unconfigure(config):
