@@ -12,7 +12,7 @@ from eval import chat, passkey, perplexity, ruler
 from eval import pretokenize as tokenize
 from longlora_jax.perf import gpu_target
 from longlora_jax.checkpoints.hub import resolve_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_commands
 
 
 
@@ -122,24 +122,29 @@ def test_tokenize_then_perplexity_cli(demo, tmp_path, capsys):
     assert one["perplexity"] == pytest.approx(eight["perplexity"], rel=1e-5)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["eval.passkey", "--ckpt", "/nope"], "error: /nope: no such directory"),
-    (["eval.perplexity", "--ckpt", "DEMO", "--data", "/nope.bin"],
-     "error: /nope.bin: no such file"),
-    (["eval.passkey", "--ckpt", "DEMO", "--interval", "100"],
-     "error: --interval 100: a passkey prompt takes more than 248 tokens of "
-     "this tokenizer; 100 is too short"),
-    (["eval.passkey", "--ckpt", "DEMO", "--interval", "100", "--protocol",
-      "official"], "error: --interval 100 gives prompts without filler"),
-])
-def test_user_errors(demo, args, message):
-  args = [str(demo) if a == "DEMO" else a for a in args]
-  result = subprocess.run([sys.executable, "-m", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith(message)
-  assert "Traceback" not in result.stderr
+_USER_ERRORS = {
+    "no_ckpt": (["eval.passkey", "--ckpt", "/nope"],
+                "error: /nope: no such directory"),
+    "no_data": (["eval.perplexity", "--ckpt", "DEMO", "--data", "/nope.bin"],
+                "error: /nope.bin: no such file"),
+    "short": (["eval.passkey", "--ckpt", "DEMO", "--interval", "100"],
+              "error: --interval 100: a passkey prompt takes more than 248 "
+              "tokens of this tokenizer; 100 is too short"),
+    "no_filler": (["eval.passkey", "--ckpt", "DEMO", "--interval", "100",
+                   "--protocol", "official"],
+                  "error: --interval 100 gives prompts without filler"),
+}
+
+
+def test_user_errors(demo):
+  results = run_commands({
+      name: (args[0], [str(demo) if a == "DEMO" else a for a in args[1:]])
+      for name, (args, _) in _USER_ERRORS.items()})
+  for name, (_, message) in _USER_ERRORS.items():
+    code, stderr = results[name]
+    assert code == 2, (name, stderr)
+    assert stderr.strip().splitlines()[-1].startswith(message), name
+    assert "Traceback" not in stderr, name
 
 
 @pytest.mark.parametrize("command,required", [
