@@ -2,9 +2,9 @@
 
 Compiles the sharded train step against abstract arrays (nothing is
 allocated) and prints XLA's memory analysis next to an analytic breakdown,
-and XLA's FLOP count next to the analytic one. `--target h100|a100` compiles
-with XLA:GPU for compile-only devices of that GPU (JAX's CUDA plugin, no GPU
-needed); `--target cpu` with XLA:CPU on fake CPU devices, which keeps some
+and XLA's FLOP count next to the analytic one. `--target h100|a100|l40s|
+rtx4090` compiles with XLA:GPU for compile-only devices of that GPU and its
+architecture (sm_90a, sm_80, sm_89; JAX's CUDA plugin, no GPU needed); `--target cpu` with XLA:CPU on fake CPU devices, which keeps some
 bfloat16 buffers in float32 and so over-states GPU memory.
 
   python -m eval.memory_plan --model llama2-7b --ctx 100000 --mesh fsdp=8 \
@@ -18,8 +18,9 @@ prefill step and a decode step of the KV-cache generator at --ctx tokens,
 
 `--find-max-ctx` searches for the largest context (a multiple of
 --ctx-step) whose train step fits the usable memory of one --target GPU,
-printing each compiled probe, then that context's plan and the pinned host
-memory it needs:
+and whose pinned host memory (offloaded activations) fits --host-gib,
+printing each compiled probe, then that context's plan, the pinned host
+memory it needs and the limit that binds (device or host):
 
   python -m eval.memory_plan --find-max-ctx --model llama3.1-8b \
       --mesh fsdp=1 --target h100 --offload activations
@@ -28,7 +29,9 @@ Usable memory: JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of a GPU's
 memory (0.75 when unset) and a program gets no more, so the search plans
 against that fraction of the target's nominal memory (read from the
 environment when set), or against --usable-gib. The CUDA context and
-allocator fragmentation come on top.
+allocator fragmentation come on top. Pinned host memory: XLA's memory
+analysis of the step (its host temporaries) where it reports them, else a
+hand count (layers x layer-input bytes); the plan says which.
 """
 
 import argparse
@@ -107,6 +110,12 @@ def parse_args(argv=None):
                  help="--find-max-ctx: memory per device to fit (default: "
                       "XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 when unset, of "
                       "the --target GPU's memory)")
+  p.add_argument("--host-gib", type=cli.positive,
+                 help="--find-max-ctx: pinned host memory per GPU for "
+                      "offloaded activations (default: h100, a100 256, a "
+                      "DGX's 2 TB over 8 GPUs; l40s 128, a 4-GPU server's "
+                      "512 GB; rtx4090 64, half a 128 GB workstation, as "
+                      "pinned memory is never paged out)")
   p.add_argument("--json", action="store_true", help="print JSON only")
   return p.parse_args(argv)
 
@@ -224,8 +233,8 @@ def _print_loading(result) -> None:
 def _fits(result) -> str:
   if result["target"] == "cpu":
     return ("note: XLA:CPU keeps bfloat16 buffers (the residual stack among "
-            "them) in float32, so this over-states GPU memory; --target h100 "
-            "or a100 compiles with XLA:GPU")
+            "them) in float32, so this over-states GPU memory; a GPU --target "
+            "(h100, a100, l40s, rtx4090) compiles with XLA:GPU")
   gpu = gpu_target.GPUS[result["target"]]
   total = result["per_device_gib"]["total"]
   return (f"{total:.2f} of {gpu.memory_bytes / 2**30:.0f} GiB per {gpu.name} "
@@ -294,9 +303,12 @@ def plan(args) -> dict:
       "accum": args.accum, "target": args.target,
       "compiler": ("XLA:CPU" if args.target == "cpu" else
                    "XLA:GPU compile-only, "
-                   f"{gpu_target.GPUS[args.target].name}"),
+                   f"{gpu_target.GPUS[args.target].name}, "
+                   f"{gpu_target.GPUS[args.target].arch}"),
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
       "per_device_gib": _memory(compiled),
+      **memory_search.host_need(_memory(compiled), args.offload,
+              config.num_hidden_layers * saved_per_layer / gib),
       "breakdown_estimate_gib": {
           "frozen_weights": nbytes(state.frozen) / n_dev / gib,
           "trainable_fp32": nbytes(state.trainable) / n_dev / gib,
@@ -387,6 +399,7 @@ def main(argv=None):
     found = memory_search.find_max_ctx(
         lambda ctx: plan(argparse.Namespace(**{**vars(args), "ctx": ctx})),
         args.ctx_step, memory_search.usable_gib(args.target, args.usable_gib),
+        memory_search.host_gib(args.target, args.host_gib),
         s2=args.attention == "s2",
         report=None if args.json else functools.partial(print, flush=True))
     if args.json:

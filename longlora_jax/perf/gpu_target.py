@@ -46,20 +46,62 @@ class GpuSpec:
   # Nominal; XLA only uses it for heuristics (it never rejects a program
   # that needs more), so compare the plan's total with it yourself.
   memory_bytes: int = 80 * 2**30
+  # Peak dense bfloat16 tensor-core TFLOP/s (FP32 accumulate, no sparsity):
+  # for MFU, not read by XLA.
+  peak_bf16_tflops: float = 0.0
+  # `--find-max-ctx`'s default pinned host memory per GPU (GiB) for
+  # offloaded activations: the usual machine's RAM over its GPUs.
+  host_gib: float = 0.0
+  host_gib_why: str = ""
+
+  @property
+  def arch(self) -> str:
+    """The PTX target XLA compiles for: sm_XY, with Hopper's "a" features."""
+    major, minor = self.compute_capability
+    return f"sm_{major}{minor}{'a' if major == 9 else ''}"
 
 
-# From NVIDIA's data sheets (SXM parts, 80 GB).
+# From NVIDIA's data sheets and architecture whitepapers: the H100 SXM5
+# and A100 SXM4 80GB data sheets, the Hopper and Ampere whitepapers (SMs,
+# L2, clocks); the Ada whitepaper's appendix (RTX 4090: 128 SMs, 72 MB L2,
+# 2.52 GHz boost, 1008 GB/s, 165.2 dense BF16 TFLOP/s with FP32
+# accumulate) and the L40S data sheet (142 SMs, 96 MB L2, 2.52 GHz, 864
+# GB/s, 362.05 dense BF16 TFLOP/s). Shared memory per SM is the CUDA
+# programming guide's per compute capability (8.9: 100 KB, 99 KB a block).
 GPUS = {
     "h100": GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), sm_count=132,
                     fp32_units_per_sm=128, shared_memory_per_sm=233472,
                     shared_memory_per_block_optin=232448,
                     l2_bytes=50 * 2**20, clock_ghz=1.98,
-                    memory_bandwidth=3_350_000_000_000),
+                    memory_bandwidth=3_350_000_000_000,
+                    peak_bf16_tflops=989.4, host_gib=256,
+                    host_gib_why="a DGX H100: 2 TB of RAM over 8 GPUs"),
     "a100": GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), sm_count=108,
                     fp32_units_per_sm=64, shared_memory_per_sm=167936,
                     shared_memory_per_block_optin=166912,
                     l2_bytes=40 * 2**20, clock_ghz=1.41,
-                    memory_bandwidth=2_039_000_000_000),
+                    memory_bandwidth=2_039_000_000_000,
+                    peak_bf16_tflops=312.0, host_gib=256,
+                    host_gib_why="a DGX A100 80GB: 2 TB of RAM over 8 GPUs"),
+    "l40s": GpuSpec("NVIDIA L40S", (8, 9), sm_count=142,
+                    fp32_units_per_sm=128, shared_memory_per_sm=102400,
+                    shared_memory_per_block_optin=101376,
+                    l2_bytes=96 * 2**20, clock_ghz=2.52,
+                    memory_bandwidth=864_000_000_000,
+                    memory_bytes=48 * 2**30, peak_bf16_tflops=362.05,
+                    host_gib=128,
+                    host_gib_why="a 4-GPU server with 512 GB of RAM, one "
+                                 "quarter each"),
+    "rtx4090": GpuSpec("NVIDIA GeForce RTX 4090", (8, 9), sm_count=128,
+                       fp32_units_per_sm=128, shared_memory_per_sm=102400,
+                       shared_memory_per_block_optin=101376,
+                       l2_bytes=72 * 2**20, clock_ghz=2.52,
+                       memory_bandwidth=1_008_000_000_000,
+                       memory_bytes=24 * 2**30, peak_bf16_tflops=165.2,
+                       host_gib=64,
+                       host_gib_why="a workstation with 128 GB of RAM: "
+                                    "half of it pinned, the rest for the "
+                                    "OS, the loader and the data"),
 }
 
 

@@ -1,5 +1,6 @@
 """The largest context whose compiled train step fits the memory a JAX
-process gets on a GPU (`eval.memory_plan --find-max-ctx`)."""
+process gets on a GPU, and the pinned host memory its offloaded
+activations get (`eval.memory_plan --find-max-ctx`)."""
 
 import math
 import os
@@ -35,6 +36,30 @@ def usable_gib(target: str, given: float | None = None) -> tuple[float, str]:
           f"{gpu.name}, {source}")
 
 
+def host_gib(target: str, given: float | None = None) -> tuple[float, str]:
+  """(GiB of pinned host memory per GPU the offloaded activations may use,
+  where that figure comes from): `given` (--host-gib) if set, else the
+  target's stated default."""
+  if given is not None:
+    return given, "--host-gib"
+  if target == "cpu":  # no machine to take a share of
+    return math.inf, "unbounded without --host-gib on --target cpu"
+  gpu = gpu_target.GPUS[target]
+  return gpu.host_gib, f"default for --target {target}: {gpu.host_gib_why}"
+
+
+def host_need(memory: dict, offload: str, layer_inputs_gib: float) -> dict:
+  """The pinned host memory (GiB per device) a train step needs, and where
+  the figure comes from: XLA's memory analysis (`memory`) when it reports
+  host temporaries, else, for offloaded activations, the layer inputs kept
+  for the backward pass, counted by hand."""
+  if memory["host_temporaries"] > 0 or offload == "none":
+    return {"host_gib": memory["host_temporaries"],
+            "host_from": "XLA memory analysis"}
+  return {"host_gib": layer_inputs_gib,
+          "host_from": "hand count: layers x layer-input bytes"}
+
+
 def largest_fitting(fits, step: int) -> int | None:
   """The largest multiple of `step` for which `fits` holds, assuming it
   holds up to some context and not beyond: doubling until a probe does not
@@ -52,14 +77,18 @@ def largest_fitting(fits, step: int) -> int | None:
   return low * step
 
 
-def find_max_ctx(plan_at, ctx_step: int, usable: tuple[float, str], *,
-                 s2: bool = True, report=print) -> dict:
+def find_max_ctx(plan_at, ctx_step: int, usable: tuple[float, str],
+                 host: tuple[float, str], *, s2: bool = True,
+                 report=print) -> dict:
   """The largest multiple of `ctx_step` whose train step, as `plan_at(ctx)`
-  compiles it, fits `usable` (`usable_gib`'s answer); with its plan, the
-  plan of the smallest context that did not fit, and every probe, each
-  passed to `report` as a line (None: silent)."""
+  compiles it, fits both `usable` device memory (`usable_gib`'s answer)
+  and `host` pinned host memory (`host_gib`'s); with its plan, the plan of
+  the smallest context that did not fit, the limit it broke ("device",
+  "host" or both), and every probe, each passed to `report` as a line
+  (None: silent)."""
   from longlora_jax.attention.groups import s2_group_size
   usable, source = usable
+  host, host_source = host
   if s2:
     try:
       s2_group_size(ctx_step)  # then every multiple splits too
@@ -71,28 +100,36 @@ def find_max_ctx(plan_at, ctx_step: int, usable: tuple[float, str], *,
 
   def fits(ctx):
     plans[ctx] = plan_at(ctx)
-    m = plans[ctx]["per_device_gib"]
-    probes.append({"ctx": ctx, "device_gib": m["total"],
-                   "host_gib": m["host_temporaries"],
-                   "fits": m["total"] <= usable})
+    device, pinned = (plans[ctx]["per_device_gib"]["total"],
+                      plans[ctx]["host_gib"])
+    over = [name for name, need, have in (("device", device, usable),
+                                          ("host", pinned, host))
+            if need > have]
+    probes.append({"ctx": ctx, "device_gib": device, "host_gib": pinned,
+                   "fits": not over, "over": over})
     if report is not None:
-      report(f"probe {len(probes)}: ctx {ctx:>9,}  {m['total']:7.2f} GiB per "
-            f"device, {m['host_temporaries']:7.2f} GiB pinned host  "
-            f"{'fits' if probes[-1]['fits'] else 'does not fit'} "
-            f"{usable:.2f} GiB")
-    return probes[-1]["fits"]
+      report(f"probe {len(probes)}: ctx {ctx:>9,}  {device:7.2f} GiB per "
+             f"device, {pinned:7.2f} GiB pinned host  "
+             f"{'fits' if not over else 'does not fit'} {usable:.2f} GiB "
+             f"and {host:.2f} GiB host"
+             f"{'' if not over else ' (over: ' + ', '.join(over) + ')'}")
+    return not over
 
   best = largest_fitting(fits, ctx_step)
   if best is None:
+    first = probes[0]
     raise LongLoraError(
-        f"even --ctx-step {ctx_step} tokens need "
-        f"{probes[0]['device_gib']:.2f} GiB per device, over the usable "
-        f"{usable:.2f} GiB; try --offload activations, a larger mesh or a "
-        "smaller --ctx-step")
-  beyond = min((p["ctx"] for p in probes if not p["fits"]), default=None)
-  return {"usable_gib": usable, "usable_from": source, "max_ctx": best,
-          "probes": probes, "plan": plans[best],
-          "next_plan": plans.get(beyond)}
+        f"even --ctx-step {ctx_step} tokens need {first['device_gib']:.2f} "
+        f"GiB per device and {first['host_gib']:.2f} GiB pinned host, over "
+        f"the usable {usable:.2f} and {host:.2f} GiB "
+        f"({' and '.join(first['over'])}); try --offload activations (device) "
+        "or a larger --host-gib (host), a larger mesh or a smaller "
+        "--ctx-step")
+  beyond = min((p for p in probes if not p["fits"]), key=lambda p: p["ctx"])
+  return {"usable_gib": usable, "usable_from": source, "host_gib": host,
+          "host_from": host_source, "max_ctx": best,
+          "binding": " and ".join(beyond["over"]), "probes": probes,
+          "plan": plans[best], "next_plan": plans[beyond["ctx"]]}
 
 
 def print_found(found, print_plan, print_largest) -> None:
@@ -103,11 +140,13 @@ def print_found(found, print_plan, print_largest) -> None:
   print()
   print_plan(best)
   print(f"largest context that fits {found['usable_gib']:.2f} GiB per device "
-        f"({found['usable_from']}): {found['max_ctx']:,} tokens, "
-        f"{best['per_device_gib']['total']:.2f} GiB per device and "
-        f"{best['per_device_gib']['host_temporaries']:.2f} GiB of pinned "
-        "host memory")
-  if (beyond := found["next_plan"]):
-    print(f"{beyond['ctx']:,} tokens need "
-          f"{beyond['per_device_gib']['total']:.2f} GiB per device; there:")
-    print_largest(beyond)
+        f"({found['usable_from']}) and {found['host_gib']:.2f} GiB of pinned "
+        f"host memory per GPU ({found['host_from']}): {found['max_ctx']:,} "
+        f"tokens, {best['per_device_gib']['total']:.2f} GiB per device and "
+        f"{best['host_gib']:.2f} GiB of pinned host memory "
+        f"({best['host_from']})")
+  beyond = found["next_plan"]
+  print(f"binding limit: {found['binding']}; {beyond['ctx']:,} tokens need "
+        f"{beyond['per_device_gib']['total']:.2f} GiB per device and "
+        f"{beyond['host_gib']:.2f} GiB pinned host; there:")
+  print_largest(beyond)

@@ -177,8 +177,8 @@ def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
                       out, re.M)
   assert probes == [("1", "256", "fits"), ("2", "512", "fits"),
                     ("3", "1,024", "does not fit"), ("4", "768", "fits")]
-  assert re.search(r"largest context that fits .* \(--usable-gib\): 768 "
-                   r"tokens", out)
+  assert re.search(r"largest context that fits .* \(--usable-gib\) and "
+                   r".*: 768 tokens", out)
   with pytest.raises(LongLoraError, match="even --ctx-step 256 tokens"):
     memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
                              "--usable-gib", "1e-6"])
@@ -242,3 +242,30 @@ def test_a_4bit_plan_holds_its_kernels_in_half_a_byte(tmp_path):
              - frozen / 8) < 1
   with pytest.raises(LongLoraError, match="drop it with --eval or --full-ft"):
     memory_plan.main(["--quantize", "nf4", "--full-ft"])
+
+
+def test_find_max_ctx_stops_where_the_host_runs_out(tmp_path, capsys):
+  cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256)
+  cfg.save(tmp_path)
+  # XLA:CPU reports no host temporaries, so the offloaded layer inputs are
+  # counted by hand: 2 layers x ctx x 64 x 2 bytes, 65,536 at 256 tokens
+  # and 131,072 at 512. 100,000 bytes of host bind at 256; the device, at
+  # 1 GiB, would take far more.
+  memory_plan.main(["--model", str(tmp_path), "--mesh", "fsdp=1",
+                    "--offload", "activations", "--find-max-ctx",
+                    "--ctx-step", "256", "--usable-gib", "1",
+                    "--host-gib", str(100_000 / 2**30)])
+  out = capsys.readouterr().out
+  assert re.search(r"^probe 2: ctx +512 .* does not fit .*\(over: host\)$",
+                   out, re.M)
+  assert re.search(r": 256 tokens, .*\(hand count: layers x layer-input "
+                   r"bytes\)$", out, re.M)
+  assert re.search(r"^binding limit: host; 512 tokens need", out, re.M)
+  # A bad budget is one line naming the option, before any compile.
+  with pytest.raises(SystemExit):
+    memory_plan.parse_args(["--host-gib", "-1"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[-1] == ("error: argument --host-gib: '-1' is not a finite "
+                     "number > 0 (see --help)")

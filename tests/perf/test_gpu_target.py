@@ -14,6 +14,8 @@ from longlora_jax.core.errors import LongLoraError
 @pytest.mark.parametrize("target, kind, arch", [
     ("h100", "NVIDIA H100 80GB HBM3", "sm_90a"),
     ("a100", "NVIDIA A100-SXM4-80GB", "sm_80"),
+    ("l40s", "NVIDIA L40S", "sm_89"),  # Ada: the plugin compiles sm_89
+    ("rtx4090", "NVIDIA GeForce RTX 4090", "sm_89"),
 ])
 def test_compiles_sharded_code_for_the_named_gpu(target, kind, arch,
                                                  tmp_path):
@@ -27,11 +29,13 @@ def test_compiles_sharded_code_for_the_named_gpu(target, kind, arch,
   assert compiled.memory_analysis().argument_size_in_bytes == 1024 * 512 * 2
   ptx = "".join(p.read_text() for p in tmp_path.glob("*.ptx"))
   assert re.search(rf"^\.target {arch}\b", ptx, re.M)
+  assert gpu_target.GPUS[target].arch == arch  # what the plans print
   assert re.search(r"\.entry \w*fusion", ptx)  # the kernel XLA generated
 
 
 def test_unknown_target():
-  with pytest.raises(LongLoraError, match="choose one of a100, h100"):
+  with pytest.raises(LongLoraError,
+                     match="choose one of a100, h100, l40s, rtx4090"):
     gpu_target.devices("v100", 1)
 
 

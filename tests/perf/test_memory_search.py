@@ -36,3 +36,34 @@ def test_usable_memory_is_what_jax_preallocates(monkeypatch):
     memory_search.usable_gib("h100")
   with pytest.raises(LongLoraError, match="needs --usable-gib"):
     memory_search.usable_gib("cpu")
+
+
+def test_the_host_budget_binds_and_is_reported():
+  # A fake plan: 1 + ctx/8192 GiB per device, ctx/4096 GiB pinned host.
+  # 10 GiB of device fits 9 steps of 8192; 8 GiB of host only 4.
+  plan_at = lambda ctx: {"ctx": ctx, "per_device_gib": {"total": 1 + ctx / 8192},
+                         "host_gib": ctx / 4096}
+  found = memory_search.find_max_ctx(plan_at, 8192, (10.0, "given"),
+                                     (8.0, "given"), report=None)
+  assert (found["max_ctx"], found["binding"]) == (4 * 8192, "host")
+  assert found["next_plan"]["ctx"] == 5 * 8192
+  found = memory_search.find_max_ctx(plan_at, 8192, (4.5, "given"),
+                                     (8.0, "given"), report=None)
+  assert (found["max_ctx"], found["binding"]) == (3 * 8192, "device")
+  with pytest.raises(LongLoraError, match=r"\(host\); try"):
+    memory_search.find_max_ctx(plan_at, 8192, (10.0, "given"),
+                               (1.0, "given"), report=None)
+
+
+def test_host_budget_defaults_per_target():
+  assert memory_search.host_gib("h100") == (
+      256, "default for --target h100: a DGX H100: 2 TB of RAM over 8 GPUs")
+  assert memory_search.host_gib("rtx4090")[0] == 64
+  assert memory_search.host_gib("cpu", 3.0) == (3.0, "--host-gib")
+  assert memory_search.host_gib("cpu")[0] == float("inf")
+  # Offloaded activations XLA does not report are counted by hand.
+  xla = {"host_temporaries": 2.0}
+  assert memory_search.host_need(xla, "activations", 1.5) == {
+      "host_gib": 2.0, "host_from": "XLA memory analysis"}
+  assert memory_search.host_need({"host_temporaries": 0.0}, "activations",
+                                 1.5)["host_from"].startswith("hand count")
