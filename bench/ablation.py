@@ -72,8 +72,7 @@ def parse_args(argv=None):
   p = cli.Parser(__doc__)
   cli.option(p, "--ckpt", required=False, default="demo",
              help="the base checkpoint (default: the built-in demo)")
-  p.add_argument("--ctx", type=cli.count,
-                 help="the extended context (default 4x the base's)")
+  cli.option(p, "--ctx", help="the extended context (default 4x the base's)")
   p.add_argument("--data", help="training data (default: the demo's "
                  "training split of the standard library)")
   p.add_argument("--heldout", help="evaluation data (default: the demo's "
