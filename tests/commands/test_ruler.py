@@ -1,15 +1,12 @@
 """eval.ruler end to end on the tiny demo checkpoint, and its user errors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from eval import ruler
 from longlora_jax.checkpoints.hub import resolve_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import run_commands
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +48,7 @@ def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
   assert json.loads((tmp_path / "ruler.json").read_text())["scores"] == scores
 
 
-@pytest.mark.parametrize("flags,message", [
+_USER_ERRORS = [
     # The types every command shares (longlora_jax.core.cli).
     (["--samples", "0"],
      "error: argument --samples: '0' is not an integer >= 1 (see --help)"),
@@ -65,15 +62,18 @@ def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
                           "number in [0, 100]"),
     (["--haystack", "/nope"], "error: --haystack /nope: no such file"),
     (["--squad", "/nope.json"], "error: --squad /nope.json: cannot read it"),
-])
-def test_user_errors(demo, flags, message):
-  result = subprocess.run(
-      [sys.executable, "-m", "eval.ruler", "--ckpt", str(demo), *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "PYTHONPATH": ROOT})
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith(message)
-  assert "Traceback" not in result.stderr
+]
+
+
+def test_user_errors(demo):
+  results = run_commands({
+      str(i): ("eval.ruler", ["--ckpt", str(demo), *flags])
+      for i, (flags, _) in enumerate(_USER_ERRORS)})
+  for i, (flags, message) in enumerate(_USER_ERRORS):
+    code, stderr = results[str(i)]
+    assert code == 2, (flags, stderr)
+    assert stderr.strip().splitlines()[-1].startswith(message), flags
+    assert "Traceback" not in stderr, flags
 
 
 def test_every_command_takes_a_trained_length():
