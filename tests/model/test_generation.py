@@ -17,14 +17,17 @@ from tests.references.hf_models import torch  # None without PyTorch
 
 
 def _recompute_greedy(config, params, ids, n):
-  """Greedy decoding that reruns the whole sequence for every token."""
+  """Greedy decoding that reruns the whole sequence for every token. The
+  sequence is padded on the right to its final length: causal attention
+  never looks ahead, so one compiled forward serves every step."""
   f = jax.jit(functools.partial(forward, config))
-  seq, out = np.asarray(ids), []
-  for _ in range(n):
-    nxt = np.asarray(jnp.argmax(f(params, jnp.asarray(seq))[:, -1], -1))
-    out.append(nxt)
-    seq = np.concatenate([seq, nxt[:, None]], axis=1)
-  return np.stack(out, axis=1)
+  B, T = ids.shape
+  seq = np.zeros((B, T + n), np.int32)
+  seq[:, :T] = ids
+  for i in range(n):
+    logits = f(params, jnp.asarray(seq))
+    seq[:, T + i] = np.asarray(jnp.argmax(logits[:, T + i - 1], -1))
+  return seq[:, T:]
 
 
 @pytest.mark.parametrize("kv_heads,factor", [(4, 1.0), (2, 4.0), (1, 2.0)])
