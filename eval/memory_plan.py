@@ -4,8 +4,9 @@ Compiles the sharded train step against abstract arrays (nothing is
 allocated) and prints XLA's memory analysis next to an analytic breakdown,
 and XLA's FLOP count next to the analytic one. `--target h100|a100|l40s|
 rtx4090` compiles with XLA:GPU for compile-only devices of that GPU and its
-architecture (sm_90a, sm_80, sm_89; JAX's CUDA plugin, no GPU needed); `--target cpu` with XLA:CPU on fake CPU devices, which keeps some
-bfloat16 buffers in float32 and so over-states GPU memory.
+architecture (sm_90a, sm_80, sm_89; JAX's CUDA plugin, no GPU needed);
+`--target cpu` with XLA:CPU on fake CPU devices, which keeps some bfloat16
+buffers in float32 and so over-states GPU memory.
 
   python -m eval.memory_plan --model llama2-7b --ctx 100000 --mesh fsdp=8 \
       --target h100
@@ -280,8 +281,7 @@ def plan(args) -> dict:
     # XLA names the file after the module and the pass; newer versions may
     # not write it, and the plan stands without it.
     found = sorted(Path(dump).glob("*buffer-assignment.txt"))
-    largest = (largest_temporaries(found[0].read_text(), k=6) if found
-               else [])
+    largest = largest_temporaries(found[0].read_text(), k=6) if found else []
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
@@ -294,21 +294,21 @@ def plan(args) -> dict:
   rows = args.batch * batch_parallelism(mesh)
   analytic = step_flops(config, args.ctx, batch=rows * args.accum,
                         group_size=group)
+  memory = _memory(compiled)
   result = {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
-      "mode": args.mode, "quantize": args.quantize,
-      "remat": args.remat, "offload": args.offload,
-      "batch_per_device": args.batch,
+      "mode": args.mode, "quantize": args.quantize, "remat": args.remat,
+      "offload": args.offload, "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
       "compiler": ("XLA:CPU" if args.target == "cpu" else
                    "XLA:GPU compile-only, "
                    f"{gpu_target.GPUS[args.target].name}, "
                    f"{gpu_target.GPUS[args.target].arch}"),
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
-      "per_device_gib": _memory(compiled),
-      **memory_search.host_need(_memory(compiled), args.offload,
-              config.num_hidden_layers * saved_per_layer / gib),
+      "per_device_gib": memory, **memory_search.host_need(
+          memory, args.offload, config.num_hidden_layers * saved_per_layer
+          / gib),
       "breakdown_estimate_gib": {
           "frozen_weights": nbytes(state.frozen) / n_dev / gib,
           "trainable_fp32": nbytes(state.trainable) / n_dev / gib,

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from longlora_jax.attention.masks import attention_mask
+from longlora_jax.attention.masks import attention_mask, soft_cap
 from longlora_jax.parallel.sharding import BATCH_AXES, batch_parallelism
 
 CACHE_BLOCK = 512  # Key block of the loop; cache lengths are multiples.
@@ -55,8 +55,7 @@ def chunked_cached_attention(q_BCNH, k_LBKHS, v_LBKSH, layer, start, *,
                                    (1, B, K, block, H))[0]
     s_BKQCS = jnp.einsum("BKQCH,BKHS->BKQCS", q_BKQCH,
                          k_BKHS.astype(jnp.float32))
-    if softcap:
-      s_BKQCS = softcap * jnp.tanh(s_BKQCS / softcap)
+    s_BKQCS = soft_cap(s_BKQCS, softcap)
     k_pos_S = i * block + jnp.arange(block)
     mask_CS = attention_mask(q_pos_C, k_pos_S, window=window)[0]
     s_BKQCS = jnp.where(mask_CS, s_BKQCS, -jnp.inf)

@@ -20,7 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention.masks import attention_mask
+from longlora_jax.attention.masks import attention_mask, soft_cap
 
 # Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
 # to run efficiently on GPU, tiles small next to the O(seq) activations.
@@ -99,8 +99,7 @@ def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
   H = q_BKQtH.shape[-1]
   s_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
                        preferred_element_type=jnp.float32) * (H ** -0.5)
-  if softcap:
-    s_BKQts = softcap * jnp.tanh(s_BKQts / softcap)
+  s_BKQts = soft_cap(s_BKQts, softcap)
   if not masked:
     return s_BKQts
   pos = jnp.arange(block)

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from longlora_jax.attention.masks import causal_mask
+from longlora_jax.attention.masks import causal_mask, soft_cap
 
 
 def dense_causal_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None,
@@ -25,8 +25,7 @@ def dense_causal_attention(q_BTNH, k_BSKH, v_BSKH, *, segment_ids_BT=None,
   scores_BKQTS = jnp.einsum(
       "BTKQH,BSKH->BKQTS", q_BTKQH, k_BSKH,
       preferred_element_type=jnp.float32) * (H ** -0.5)
-  if softcap:
-    scores_BKQTS = softcap * jnp.tanh(scores_BKQTS / softcap)
+  scores_BKQTS = soft_cap(scores_BKQTS, softcap)
   mask_BTS = causal_mask(T, segment_ids_BT, window)
   scores_BKQTS = jnp.where(mask_BTS[:, None, None], scores_BKQTS,
                            jnp.finfo(jnp.float32).min)

@@ -1,4 +1,5 @@
-"""Which keys a query may see: the one definition every attention uses."""
+"""Which keys a query may see, and how a soft-capped score is capped: the
+one definition every attention uses."""
 
 import jax.numpy as jnp
 
@@ -21,3 +22,9 @@ def causal_mask(seq_len: int, segment_ids_BT=None, window=None):
   """`[batch or 1, seq, seq]` bool: query t may attend key s."""
   t = jnp.arange(seq_len)
   return attention_mask(t, t, segment_ids_BT, segment_ids_BT, window)
+
+
+def soft_cap(x, cap: float | None):
+  """`cap * tanh(x / cap)` (Gemma 2's logit soft-capping), `x` itself
+  without a cap."""
+  return cap * jnp.tanh(x / cap) if cap else x

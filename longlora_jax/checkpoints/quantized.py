@@ -78,9 +78,8 @@ def place_nf4(weights: Weights, path: tuple[str, ...], names: list[str],
   first = layer(names[0])
   shardings = leaf_shardings(path, first, sharding)
   stack = jax.tree.map(
-      lambda x, s: jax.jit(lambda: jnp.zeros((len(names), *np.shape(x)),
-                                             np.asarray(x).dtype),
-                           out_shardings=s)(), first, shardings)
+      lambda x, s: jnp.zeros((len(names), *np.shape(x)), np.asarray(x).dtype,
+                             device=s), first, shardings)
   for i, name in enumerate(names):
     t = first if i == 0 else layer(name)
     if jax.tree.structure(t) != jax.tree.structure(first):

@@ -38,6 +38,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
                                              get_attention, layer_attention)
+from longlora_jax.attention.masks import soft_cap
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.model.lora import is_nf4_kernel
 from longlora_jax.model.projection import project
@@ -403,8 +404,7 @@ def lm_head(config: LlamaConfig, params, h_BTD):
     logits_BTV = jnp.einsum("BTD,DV->BTV", h_BTD,
                             params["lm_head"]["kernel"].astype(h_BTD.dtype),
                             preferred_element_type=jnp.float32)
-  cap = config.final_logit_softcapping
-  return logits_BTV if not cap else cap * jnp.tanh(logits_BTV / cap)
+  return soft_cap(logits_BTV, config.final_logit_softcapping)
 
 
 def forward(config: LlamaConfig, params, input_ids_BT, **kwargs):
