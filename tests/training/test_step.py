@@ -5,17 +5,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 from jax.sharding import PartitionSpec as P
 
 from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
+from longlora_jax.checkpoints.checkpoint import Checkpoint
 from longlora_jax.perf import gpu_target
 from longlora_jax.model import lora
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.parallel.sharding import make_mesh, shardings_like
-from longlora_jax.training.recipe import RunSpec, TrainConfig
+from longlora_jax.training.options import make_spec
+from longlora_jax.training.recipe import RunSpec, TrainConfig, target_config
 from longlora_jax.training.step import (init_state, initial_run_state,
                                         jit_train_step, learning_rate,
                                         lower_step, params_of)
+from tests.references import hf_models
+from tests.references.hf_models import torch  # None without PyTorch
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
                   num_hidden_layers=2, num_attention_heads=4,
@@ -319,3 +324,60 @@ def test_a_4bit_step_is_the_step_of_its_dequantized_model():
   (loss, trained), (want, want_trained) = runs
   np.testing.assert_allclose(loss, want, rtol=2e-3)
   _assert_trees_close(trained, want_trained, rtol=2e-2, atol=2e-4)
+
+
+# Family -> context to train at: twice its own, past every sliding window
+# (8 tokens in hf_models.FAMILY_CONFIGS), so the local layers cut keys.
+DEGENERATE_S2 = {"olmo2": 64, "phi3": 64, "gemma2": 64, "gemma3_text": 64}
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE_S2))
+def test_one_group_s2_step_is_the_full_attention_step(tiny_hf, name):
+  # S²-Attn with one unshifted group per head (--group-ratio 1, --s2-variant
+  # none) is full attention on the global layers; local layers keep their
+  # window under both. So the LoRA+ step of each must be the same step.
+  # The first loss is transformers' (B = 0 at step 0): windows, caps and
+  # the extended RoPE are the model's, not one our two paths share.
+  directory, _ = tiny_hf(name)
+  base = Checkpoint.open(directory)
+  ctx = DEGENERATE_S2[name]
+  ids = hf_models.random_ids(base.config.vocab_size, 1, ctx, seed=2)
+  batch = {"input_ids": jnp.asarray(ids[None], jnp.int32)}
+  mesh = make_mesh("fsdp=1", jax.devices()[:1])
+  runs = {}
+  for attention in ({"group_ratio": 1.0, "s2_variant": "none"},
+                    {"attention": "full"}):
+    spec = make_spec({"ckpt": str(directory), "ctx": ctx, "dtype": "float32",
+                      "remat": "none", "lr": 1e-2, "warmup": 0, "eps": 1e-3,
+                      "lora_rank": 4, **attention}, task="extend",
+                     base_config=base.config.to_hf_dict())
+    config = target_config(spec, base.config)
+    state = initial_run_state(spec, base.params("float32"), mesh)
+    step, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh,
+                                            state, batch)
+    state = jax.device_put(state, s_shard)
+    losses = []
+    for _ in range(2):  # the second step's gradients reach LoRA's A
+      state, metrics = step(state, jax.device_put(batch, b_shard))
+      losses.append(float(metrics["loss"]))
+    runs[spec.recipe.attention.kind] = losses, state.trainable
+  (s2_losses, s2), (full_losses, full) = runs["s2"], runs["full"]
+  np.testing.assert_allclose(s2_losses, full_losses, rtol=1e-6)
+  flat_s2 = jax.tree_util.tree_leaves_with_path(s2)
+  # Updates are O(lr = 1e-2); Adam turns float32 rounding of the two
+  # attention paths into ~1e-7 of them.
+  for (path, x), y in zip(flat_s2, jax.tree.leaves(full)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  names = {jax.tree_util.keystr(path) for path, _ in flat_s2}
+  assert any("embed" in n for n in names), names
+  assert any("norm" in n for n in names), names
+  assert any(".b" in n for n in names), names
+
+  reference = transformers.AutoModelForCausalLM.from_pretrained(
+      directory, dtype=torch.float32,
+      rope_parameters=config.to_hf_dict()["rope_parameters"],
+      max_position_embeddings=config.max_position_embeddings).eval()
+  with torch.no_grad():
+    want = reference(torch.tensor(ids), labels=torch.tensor(ids)).loss.item()
+  np.testing.assert_allclose(full_losses[0], want, rtol=1e-5)
