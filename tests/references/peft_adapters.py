@@ -14,8 +14,9 @@ PREFIX = "base_model.model."
 
 def torch_base(directory, **kwargs):
   hf_models.require("torch", "peft")
-  # A fresh copy: PEFT wraps the model it is given in place.
-  return transformers.LlamaForCausalLM.from_pretrained(
+  # A fresh copy: PEFT wraps the model it is given in place. Auto: the
+  # class of the family the directory's config.json names.
+  return transformers.AutoModelForCausalLM.from_pretrained(
       directory, dtype=torch.float32, **kwargs).eval()
 
 
@@ -34,13 +35,14 @@ def trained(params, seed=0):
   return treedef.unflatten(out)
 
 
-def peft_adapter(directory, out, *, r=4, alpha=8, seed=0, **lora_kwargs):
+def peft_adapter(directory, out, *, r=4, alpha=8, seed=0, target_modules=ATTN,
+                 **lora_kwargs):
   """An adapter made by PEFT itself, with random lora_B (and changed
   modules_to_save copies); returns the PyTorch logits it gives."""
   hf_models.require("torch", "peft")
   torch.manual_seed(seed)
   model = peft.get_peft_model(torch_base(directory), peft.LoraConfig(
-      r=r, lora_alpha=alpha, target_modules=ATTN, lora_dropout=0.0,
+      r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
       **lora_kwargs))
   with torch.no_grad():
     for name, p in model.named_parameters():

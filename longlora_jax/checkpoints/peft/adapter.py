@@ -140,6 +140,8 @@ def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
 
   Targeted kernels become `LoRA` nodes (factors in the kernel's dtype); the
   weights in modules_to_save or trainable_params.* replace the base ones.
+  A tied base whose adapter trains the embedding without PEFT's
+  `ensure_weight_tying` comes back untied, as PEFT runs it (`_untie`).
   A trained embedding with more rows than the base vocabulary (the official
   LongLoRA releases add a [PAD] token: 32001 rows) grows the vocabulary as
   their training did: the untied lm_head gains rows equal to the mean of its
@@ -160,6 +162,7 @@ def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
   r, to_save = cfg["r"], cfg.get("modules_to_save")
   scale = cfg["lora_alpha"] / (math.sqrt(r) if cfg.get("use_rslora") else r)
   sources = tensor_sources(directory)
+  config, params = _untie(config, params, sources, cfg)
   config, params = _grow_vocab(config, params, sources)
   flat = dict(check_params(config, params))
   modules = hf_modules(config)
@@ -217,6 +220,20 @@ def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
         f"{'is' if len(missing) == 1 else 'are'} in neither {ADAPTER_FILES[0]}"
         f" nor {' / '.join(TRAINABLE_FILES)}")
   return config, traverse_util.unflatten_dict(flat)
+
+
+def _untie(config: LlamaConfig, params, sources, cfg):
+  """A tied base whose adapter trains the embedding without PEFT's
+  `ensure_weight_tying`: PEFT swaps in the trained embedding and leaves the
+  output head the base one (a PEFT adapter of Gemma 2 or 3 made with
+  modules_to_save embed_tokens, by default). So are we: untied, the base
+  embedding as lm_head."""
+  if (not config.tie_word_embeddings or cfg.get("ensure_weight_tying")
+      or "model.embed_tokens.weight" not in sources):
+    return config, params
+  embed_VD = params["embed_tokens"]["embedding"]
+  params = {**params, "lm_head": {"kernel": embed_VD.T}}
+  return dataclasses.replace(config, tie_word_embeddings=False), params
 
 
 def _grow_vocab(config: LlamaConfig, params, sources):

@@ -143,6 +143,37 @@ def test_load_peft_adapter_made_by_peft(tiny_hf, tmp_path, name,
   assert changed == bool(modules_to_save)
 
 
+# Family -> the modules PEFT adapts: Phi-3's fused projections whole (as
+# our LoRA does: qkv_proj, o_proj, and gate_up_proj), every projection of
+# Gemma 2, OLMo 2's and Gemma 3's attention. modules_to_save "norm" is a
+# suffix: it takes each norm a family has (Gemma's four per layer, OLMo
+# 2's and Gemma 3's q/k norms).
+FAMILY_TARGETS = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gemma2": [*ATTN, "gate_proj", "up_proj", "down_proj"],
+    "olmo2": ATTN, "gemma3_text": ATTN}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TARGETS))
+def test_load_peft_adapter_made_by_peft_for_each_family(tiny_hf, tmp_path,
+                                                        name):
+  directory, _ = tiny_hf(name)
+  config, base = load_hf(directory, dtype="float32")
+  model = peft_adapter(directory, tmp_path / "peft",
+                       target_modules=FAMILY_TARGETS[name],
+                       modules_to_save=["embed_tokens", "norm"])
+  adapted_config, params = load_peft(config, base, tmp_path / "peft")
+  ids = hf_models.random_ids(config.vocab_size, 2, 20, seed=3)  # > window 8
+  ours = np.asarray(forward(adapted_config, params, jnp.asarray(ids)))
+  assert np.abs(ours - _logits(config, base)).max() > 0.1
+  np.testing.assert_allclose(ours, hf_models.hf_logits(model, ids),
+                             rtol=1e-4, atol=1e-4)
+  adapted = {lora._path_name(path) for path, x in
+             jax.tree_util.tree_leaves_with_path(params, is_leaf=lora.is_lora)
+             if lora.is_lora(x)}
+  assert len(adapted) == len(FAMILY_TARGETS[name]), adapted
+
+
 @pytest.mark.parametrize("prefixed", [False, True])
 def test_load_official_longlora_layout(tiny_hf, tmp_path, prefixed):
   directory, _ = tiny_hf("gqa")
