@@ -4,7 +4,8 @@ Convention (as MFU is usually reported): a matmul of [m, k] x [k, n] is
 2mkn FLOPs; the backward pass costs twice the forward, so a step is 3x the
 forward, even where LoRA skips the frozen weights' gradients. Attention
 counts only the score/value products the mask keeps (see
-`attention_flops`).
+`attention_flops`): a local layer's window bounds them, and S²-Attn runs on
+the global layers only (`dispatch.layer_attention`'s rule).
 """
 
 from longlora_jax.attention.groups import s2_attended_pairs, shifted_heads
@@ -29,19 +30,27 @@ PEAK_BF16_FLOPS = (
 
 def attention_flops(seq: int, num_heads: int, head_dim: int, *,
                     batch: int = 1, group_size: int | None = None,
-                    variant: str = "flash", backward: bool = False) -> float:
+                    variant: str = "flash", window: int | None = None,
+                    backward: bool = False) -> float:
   """Matmul FLOPs of causal attention over `batch` sequences of `seq` tokens.
 
   Convention: a [m, k] x [k, n] product costs 2mkn, and only the (query, key)
   pairs the mask keeps count, so QK^T and PV cost 2 * head_dim each per pair
   and head. Causal attention keeps seq * (seq + 1) / 2 pairs, about half the
   square; S²-Attn (`group_size` set) keeps the causal pairs inside its groups
-  (`variant` as in `s2_attention`). `backward=True` returns forward plus
+  (`variant` as in `s2_attention`). A sliding `window` (a local layer; no
+  groups then) keeps each query's `window` latest keys, itself included:
+  min(q + 1, window) pairs for query q. `backward=True` returns forward plus
   backward, whose four products (dV, dP, dQ, dK) cost twice the forward; the
   recomputation of the scores in flash-style backwards is not counted, as MFU
   is usually reported.
   """
-  if group_size is None:
+  if window is not None:
+    if group_size is not None:
+      raise ValueError("a local layer keeps its window: no S²-Attn groups")
+    w = min(window, seq)
+    pairs = num_heads * (w * (w + 1) // 2 + (seq - w) * w)
+  elif group_size is None:
     pairs = num_heads * seq * (seq + 1) // 2
   else:
     unshifted, shifted = s2_attended_pairs(seq, group_size, variant)
@@ -62,11 +71,16 @@ def matmul_params(config: LlamaConfig) -> int:
 
 def step_flops(config: LlamaConfig, seq: int, *, batch: int = 1,
                group_size: int | None = None, backward: bool = True) -> float:
-  """FLOPs of `batch` sequences of `seq` tokens; `group_size`: S²-Attn."""
+  """FLOPs of `batch` sequences of `seq` tokens; `group_size`: S²-Attn
+  on the global layers (local layers keep their window)."""
   dense = 2.0 * matmul_params(config) * batch * seq
-  attn = config.num_hidden_layers * attention_flops(
-      seq, config.num_attention_heads, config.head_dim, batch=batch,
+  per_layer = lambda **kind: attention_flops(
+      seq, config.num_attention_heads, config.head_dim, batch=batch, **kind)
+  local = sum(config.local_layers)
+  attn = (config.num_hidden_layers - local) * per_layer(
       group_size=group_size)
+  if local:
+    attn += local * per_layer(window=config.sliding_window)
   return (dense + attn) * (3 if backward else 1)
 
 

@@ -71,8 +71,40 @@ def test_attention_flops_by_hand():
   assert attention_flops(16, 3, 4, group_size=4) == (2 * 40 + 36) * per_pair
 
 
+def test_local_layers_count_their_window_by_hand():
+  # Window 3 at seq 8: queries 0, 1, 2 keep 1, 2, 3 keys, the other five 3
+  # each: 1 + 2 + 3 + 5 * 3 = 21 pairs per head (causal: 36).
+  per_pair = 2 * 2 * 4  # head_dim 4
+  assert attention_flops(8, 2, 4, window=3) == 2 * 21 * per_pair == 672
+  # A window past the sequence hides nothing: causal.
+  assert attention_flops(8, 2, 4, window=16) == attention_flops(8, 2, 4)
+  assert attention_flops(8, 2, 4, window=8) == 2 * 36 * per_pair
+  assert attention_flops(8, 2, 4, window=1) == 2 * 8 * per_pair
+  # Local, global, local: matmuls 3 * (4*8*8 + 3*8*16) + 8*10 = 2000
+  # weights -> 2 * 2000 * 8 = 32,000; two local layers 672 each; the
+  # global one causal (2 heads * 36 pairs * 16 = 1152) or S², G = 4: the
+  # unshifted head 2 groups of 10 pairs, the shifted one (flash) groups of
+  # 2, 4, 2 tokens: 3 + 10 + 3 = 16; (20 + 16) * 16 = 576.
+  cfg = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16,
+                    num_hidden_layers=3, num_attention_heads=2,
+                    sliding_window=3, layer_types=(
+                        "sliding_attention", "full_attention",
+                        "sliding_attention"))
+  assert step_flops(cfg, 8, backward=False) == 32000 + 2 * 672 + 1152
+  assert step_flops(cfg, 8, group_size=4, backward=False) == (
+      32000 + 2 * 672 + 576)
+  assert step_flops(cfg, 8, group_size=4) == 3 * (32000 + 2 * 672 + 576)
+  # Every layer local (Mistral v0.1, Phi-3): S²'s groups change nothing.
+  every = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=16,
+                      num_hidden_layers=3, num_attention_heads=2,
+                      sliding_window=3)
+  assert step_flops(every, 8, group_size=4, backward=False) == (
+      32000 + 3 * 672)
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(group_size=6), "seq=16, group_size=6"),
+    (dict(group_size=4, window=8), "keeps its window"),
     (dict(group_size=4, variant="shift"), "unknown S²-Attn variant"),
 ])
 def test_attention_flops_value_errors(kwargs, message):
