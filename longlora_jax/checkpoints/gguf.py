@@ -38,8 +38,11 @@ QTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
           "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
           "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
 # model_type -> llama.cpp arch (its converter writes Mistral as llama).
+# OLMo 2: its norms after attention and MLP and q/k norms over whole
+# projections are llama.cpp's olmo2 graph, with HF's rotate-half RoPE.
 ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "mistral": gguf.MODEL_ARCH.LLAMA,
-         "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+         "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3,
+         "olmo2": gguf.MODEL_ARCH.OLMO2}
 # tokenizer.json Split regexes -> llama.cpp's name for that pre-tokenizer
 # (Llama 3, Qwen2, Mistral's tekken), as the models' tokenizer.json spell them.
 _SPLITS = {
@@ -83,9 +86,9 @@ def check_gguf(config: LlamaConfig, qtype: str = "f16") -> None:
   if arch == "qwen3" and config.o_bias:
     raise CheckpointError("llama.cpp's qwen3 has no o_proj bias; this "
                           "config has one, so GGUF cannot carry it")
-  if arch == "qwen2" and (config.num_attention_heads * config.head_dim
-                          != config.hidden_size):
-    raise CheckpointError("llama.cpp's qwen2 needs heads x head_dim == "
+  if arch in ("qwen2", "olmo2") and (
+      config.num_attention_heads * config.head_dim != config.hidden_size):
+    raise CheckpointError(f"llama.cpp's {arch} needs heads x head_dim == "
                           "hidden_size; this config differs")
   if config.sliding_window is not None and config.sliding_window < (
       config.context):

@@ -187,6 +187,8 @@ FAMILIES = {  # transformers' GGUF loader reads no head_dim for qwen3
     "qwen2": dict(model_type="qwen2", qkv_bias=True),
     "qwen3": dict(model_type="qwen3", qk_norm=True, head_dim=128),
     "mistral": dict(model_type="mistral"),
+    "olmo2": dict(model_type="olmo2", qk_norm=True,
+                  qk_norm_over="projection", norm_placement="post"),
     "llama_tied": dict(tie_word_embeddings=True, head_dim=24),
     "llama_biases": dict(qkv_bias=True, o_bias=True),
     # original context 8, factor 8: 60 tokens need all of its factors
@@ -197,8 +199,8 @@ FAMILIES = {  # transformers' GGUF loader reads no head_dim for qwen3
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("reader", ["transformers", "llama.cpp"])
 def test_each_family_runs_as_ours(tmp_path, family, reader):
-  if reader == "transformers" and family in ("llama_biases", "llama3"):
-    pytest.skip("transformers' GGUF loader reads no llama bias or scaling")
+  if reader == "transformers" and family in ("llama_biases", "llama3", "olmo2"):
+    pytest.skip("transformers' GGUF loader reads no llama bias, scaling, olmo2")
   config = LlamaConfig(**{**PLAIN, **FAMILIES[family]})
   params = _random_params(config)
   out = gguf_io.save_gguf(tmp_path / "m.gguf", config, params,
@@ -208,8 +210,7 @@ def test_each_family_runs_as_ours(tmp_path, family, reader):
   if reader == "transformers":
     assert _relative(hf_logits(_hf(out), ids), ours) <= 1e-5
   else:  # llama.cpp's KV cache is float16
-    llm = _llama_cpp().Llama(str(out), n_ctx=64, logits_all=True,
-                             verbose=False)
+    llm = _llama_cpp().Llama(str(out), n_ctx=64, logits_all=True, verbose=False)
     llm.eval(ids[0].tolist())
     assert _relative(np.asarray(llm.scores[:60]), ours[0]) <= 1e-2
 
@@ -316,7 +317,7 @@ def test_byte_level_pre_tokenizer_and_merges(tmp_path, pre):
         2.0, "llama3", 32, 1.0, 4.0)), "no llama3 RoPE"),
     (dict(model_type="qwen3", qk_norm=True, o_bias=True), "no o_proj bias"),
     (dict(sliding_window=32), "without a sliding window"),
-    (dict(model_type="olmo2"), "GGUF export of olmo2")])
+    (dict(model_type="phi3"), "GGUF export of phi3")])
 def test_unsupported_configs_refused_in_one_line(tmp_path, change, message):
   config = LlamaConfig(**{**PLAIN, **change})
   with pytest.raises(CheckpointError, match=message) as e:
@@ -402,12 +403,11 @@ def test_llama_cpp_greedy_beyond_the_native_context(tmp_path, demo, rope):
                            reason="needs the Llama-2 tokenizer fixture")))])
 def test_llama_cpp_tokenizes_as_the_checkpoint(tmp_path, tokenizer):
   llama_cpp = _llama_cpp()
-  directory = tmp_path / "tok"
-  if tokenizer == "llama2":
-    directory = Path(SHARED_TOKENIZER)
-  elif tokenizer == "sentencepiece":
+  directory = Path(SHARED_TOKENIZER) if tokenizer == "llama2" else (
+      tmp_path / "tok")
+  if tokenizer == "sentencepiece":
     _sentencepiece_tokenizer(directory)
-  else:
+  elif tokenizer != "llama2":
     _bpe_tokenizer(directory, tokenizer)
   ours = load_tokenizer(directory)
   config = LlamaConfig(**{**TINY, "vocab_size": len(ours)})
