@@ -310,11 +310,15 @@ def test_a_4bit_step_holds_no_bf16_stack_of_a_layer_kernel():
     with gpu_target.assume_cudnn():
       hlo = lower_step(cfg, tc, mesh, ctx=1024,
                        quantize=quantize)[0].compile().as_text()
-    shapes = {tuple(sorted(map(int, dims.split(","))))
+    shapes = {tuple(map(int, dims.split(",")))
               for dims in re.findall(r"bf16\[([0-9,]+)\]", hlo)}
-    return shapes & stacks
+    return {shape for shape in shapes if tuple(sorted(shape)) in stacks}
 
-  assert bf16_stacks("none")
+  # The bf16 step holds each device's part of its stacks as passed, with
+  # no copy in another axis order: a layer kernel splits the axis its
+  # gather joins (`sharding.param_spec`; split on gate/up's out axis,
+  # XLA:GPU kept them as [96, 5, 256] too, Llama-2-70B's 2 x 4.38 GiB).
+  assert bf16_stacks("none") == {(5, 32, 256), (5, 32, 768), (5, 96, 256)}
   assert not bf16_stacks("nf4")
 
 
