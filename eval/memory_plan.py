@@ -46,9 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from longlora_jax.perf import memory_search
 from longlora_jax.core import cli
-from longlora_jax.perf import gpu_target
+from longlora_jax.perf import gpu_target, memory_search
 from longlora_jax.core.errors import LongLoraError
 
 
@@ -212,19 +211,20 @@ def plan_eval(args) -> dict:
   }
 
 
-def _loading(config, mesh) -> dict:
-  """The loader's peaks (bf16 weights into their shards), one process per
-  8-device host."""
+def _loading(config, mesh, quantize: str = "none") -> dict:
+  """`hf.loading_memory` in GiB, one process per 8-device host."""
   from longlora_jax.checkpoints.checkpoint import param_shardings
   from longlora_jax.checkpoints.hf import loading_memory
   peaks = loading_memory(config, param_shardings(config, mesh), "bfloat16",
-                         process_devices=min(mesh.size, 8))
+                         process_devices=min(mesh.size, 8), quantize=quantize)
   return {k: v / 2**30 for k, v in peaks.items()}
 
 
 def _print_loading(result) -> None:
   load = result["loading_gib"]
-  print(f"loading (bf16, straight into the shards): per device "
+  how = ("layer kernels quantized to NF4 as read, the rest bf16"
+         if result.get("quantize", "none") != "none" else "bf16")
+  print(f"loading ({how}, straight into the shards): per device "
         f"{load['device_final']:.2f} GiB of weights + at most "
         f"{load['device_transient']:.2f} GiB in flight; per host "
         f"{load['host_transient']:.2f} GiB beyond the device buffers "
@@ -317,7 +317,7 @@ def plan(args) -> dict:
               config.num_hidden_layers * saved_per_layer / gib,
       },
       "largest_temporaries": largest,
-      "loading_gib": _loading(config, mesh),
+      "loading_gib": _loading(config, mesh, args.quantize),
       "trainable_params": sum(x.size for x in jax.tree.leaves(state.trainable)),
       "tokens_per_device_per_step": tokens_per_device,
       "tflops_per_step": {

@@ -27,12 +27,14 @@ from longlora_jax.core.errors import CheckpointError
 from longlora_jax.core.files import atomic_dir, output_dir, write_json
 from longlora_jax.checkpoints.bnb import quantized_names
 from longlora_jax.checkpoints.hub import TOKENIZER_FILES, resolve_checkpoint
-from longlora_jax.checkpoints.quantized import check_quantize, place_nf4
+from longlora_jax.checkpoints.quantized import (check_quantize,
+                                               leaf_shardings, place_nf4)
 from longlora_jax.checkpoints.tokenizer import (load_tokenizer,
                                               rebuilt_for_export,
                                               save_tokenizer)
 from longlora_jax.checkpoints.weights import open_weights, write_safetensors
 from longlora_jax.model.lora import LoRA, kernel_shape, merge
+from longlora_jax.model import nf4
 from longlora_jax.model.nf4 import NF4Tensor
 from longlora_jax.model.llama import init_params
 
@@ -112,7 +114,8 @@ def _place(shape, sharding, read, dtype, stacked: bool) -> jax.Array:
 
 
 def loading_memory(config: LlamaConfig, shardings, dtype=jnp.bfloat16,
-                   process_devices: int | None = None) -> dict:
+                   process_devices: int | None = None,
+                   quantize: str | None = None) -> dict:
   """Bytes `read_params` holds at its peak, from the shapes and shardings
   alone (no checkpoint needed; compile-only devices will do).
 
@@ -122,21 +125,39 @@ def loading_memory(config: LlamaConfig, shardings, dtype=jnp.bfloat16,
   host_transient: what a process holds at most, the parts of one layer of
   one tensor (or of one unstacked tensor) for its `process_devices`
   devices (default: every device of the sharding), as read from the files.
+
+  quantize="nf4": the layer kernels as `place_nf4` quantizes them as they
+  are read: on the devices their 4-bit blocks in the leaves' shardings; on
+  the host one layer's whole weight (a process quantizes all of it,
+  whatever its devices hold; files in `dtype`) and `nf4.quantize`'s work.
   """
+  quantize = check_quantize(quantize)
   itemsize = as_dtype(dtype).itemsize
   placement = traverse_util.flatten_dict(shardings)
   final, transient, host = {}, 0, 0
   for path, shape in expected_shapes(config).items():
-    sharding = placement[path]
-    part = sharding.shard_shape(tuple(shape))
-    for device in sharding.device_set:
-      final[device] = final.get(device, 0) + int(np.prod(part)) * itemsize
     stacked = path[0] == "layers"
-    layer_part = int(np.prod(part[1:] if stacked else part)) * itemsize
+    quantized = bool(quantize) and stacked and path[-1] == "kernel"
+    if quantized:
+      n = int(np.prod(shape[1:]))
+      layer = nf4.abstract(shape[1:])
+      leaves = zip(jax.tree.leaves(layer), jax.tree.leaves(
+          leaf_shardings(path, layer, placement[path])))
+      parts = [(s, (shape[0], *x.shape), x.dtype.itemsize) for x, s in leaves]
+      host = max(host, n * itemsize + nf4.quantize_host_bytes(n))
+    else:  # read in parts, each device's own
+      parts = [(placement[path], tuple(shape), itemsize)]
+    layer_part = 0
+    for sharding, full, size in parts:
+      part = sharding.shard_shape(full)
+      for device in sharding.device_set:
+        final[device] = final.get(device, 0) + int(np.prod(part)) * size
+      layer_part += int(np.prod(part[1:] if stacked else part)) * size
     if stacked:
       transient = max(transient, 2 * layer_part)
-    devices = process_devices or len(sharding.device_set)
-    host = max(host, devices * layer_part)
+    if not quantized:
+      devices = process_devices or len(placement[path].device_set)
+      host = max(host, devices * layer_part)
   return {"device_final": max(final.values()),
           "device_transient": transient, "host_transient": host}
 

@@ -72,17 +72,21 @@ def place_nf4(weights: Weights, path: tuple[str, ...], names: list[str],
                               f"has shape {t.shape}, but config.json implies "
                               f"{tuple(hf_shape)}")
       return t
-    w = np.asarray(weights.read(name)).astype(dtype, copy=False)
-    return nf4.quantize(w.astype(np.float32))
+    # Rounded to `dtype`, then to float32 a chunk at a time by `quantize`.
+    return nf4.quantize(np.asarray(weights.read(name)).astype(dtype,
+                                                               copy=False))
 
-  first = layer(names[0])
-  shardings = leaf_shardings(path, first, sharding)
+  t = layer(names[0])
+  structure = jax.tree.structure(t)
+  shardings = leaf_shardings(path, t, sharding)
   stack = jax.tree.map(
       lambda x, s: jnp.zeros((len(names), *np.shape(x)), np.asarray(x).dtype,
-                             device=s), first, shardings)
+                             device=s), t, shardings)
   for i, name in enumerate(names):
-    t = first if i == 0 else layer(name)
-    if jax.tree.structure(t) != jax.tree.structure(first):
+    if i:
+      del t  # the host holds one layer's weight and blocks, not two
+      t = layer(name)
+    if jax.tree.structure(t) != structure:
       raise CheckpointError(f"{weights.files[name]}: {name} is quantized "
                             f"unlike {names[0]} (blocks or nesting differ); "
                             "quantize the checkpoint in one go")

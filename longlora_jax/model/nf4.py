@@ -77,6 +77,10 @@ DYNAMIC_CODE = np.concatenate([-_DYNAMIC_POSITIVE[::-1], [0.0],
 
 BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
+# Blocks `quantize` works on at a time (1M values): its float32 work, a few
+# copies of the chunk and int64 indices, stays near 32 MiB whatever the
+# weight's size.
+CHUNK_BLOCKS = 2 ** 14
 _F32 = np.float32
 
 
@@ -171,24 +175,35 @@ def _quantize_dynamic(x: np.ndarray, blocksize: int, code: np.ndarray):
   return codes.reshape(-1)[:x.size], absmax
 
 
-def quantize(w, blocksize: int = BLOCKSIZE,
-             double_quant: bool = True) -> NF4Tensor:
+def quantize(w, blocksize: int = BLOCKSIZE, double_quant: bool = True,
+             chunk_blocks: int = CHUNK_BLOCKS) -> NF4Tensor:
   """NF4 of `w` (a float array, taken as float32, as bitsandbytes computes),
   as bitsandbytes' `quantize_4bit(w, quant_type="nf4", blocksize=blocksize,
-  compress_statistics=double_quant)` on the CPU."""
+  compress_statistics=double_quant)` on the CPU.
+
+  Blocks are independent, so `chunk_blocks` of them at a time are taken to
+  float32 and coded: beyond `w` the host holds the result and one chunk's
+  work (`quantize_host_bytes`), not float32 copies of a whole layer's
+  weight (a 70B MLP matrix is 235M values)."""
   w = np.asarray(w)
   if w.dtype.kind in "biuc":
     raise TypeError(f"NF4 quantizes floats, got {w.dtype}")
-  flat = w.astype(_F32).reshape(-1)
+  flat = w.reshape(-1)
   if flat.size == 0:
     raise ValueError("NF4 of an empty tensor")
-  scaled, absmax = _scaled(flat, blocksize)
   # torch.bucketize: the first code whose upper midpoint is >= the value,
   # so a value on a midpoint takes the lower code.
   bounds = (NF4_CODE[:-1] + NF4_CODE[1:]) / _F32(2)
-  codes = np.searchsorted(bounds, _blocks(scaled, 2).reshape(-1),
-                          side="left").astype(np.uint8).reshape(-1, 2)
-  packed = (codes[:, 0] << 4) | codes[:, 1]
+  step = math.lcm(chunk_blocks * blocksize, 2)  # a byte's codes in a chunk
+  packed = np.empty(-(-flat.size // 2), np.uint8)
+  absmax = np.empty(-(-flat.size // blocksize), _F32)
+  for start in range(0, flat.size, step):
+    scaled, part_absmax = _scaled(flat[start:start + step].astype(_F32),
+                                  blocksize)
+    absmax[start // blocksize:][:part_absmax.size] = part_absmax
+    codes = np.searchsorted(bounds, _blocks(scaled, 2).reshape(-1),
+                            side="left").astype(np.uint8).reshape(-1, 2)
+    packed[start // 2:][:codes.shape[0]] = (codes[:, 0] << 4) | codes[:, 1]
   if not double_quant:
     return NF4Tensor(packed, absmax, shape=tuple(w.shape), blocksize=blocksize)
   offset = _F32(absmax.astype(np.float64).mean())
@@ -197,6 +212,16 @@ def quantize(w, blocksize: int = BLOCKSIZE,
   return NF4Tensor(packed, nested, nested_absmax, DYNAMIC_CODE.copy(),
                    np.asarray(offset), tuple(w.shape), blocksize,
                    NESTED_BLOCKSIZE)
+
+
+def quantize_host_bytes(n: int) -> int:
+  """A bound on the host memory `quantize` takes for a weight of `n` values
+  beyond the weight itself (default blocks, double quantization): its codes
+  (n / 2 bytes), and the larger of one chunk's work (22 MB measured with
+  tracemalloc, bounded by 32 MiB) and the absmaxes' (36 bytes a block
+  measured, in float32 and float64 while quantizing them), bounded by
+  their sum."""
+  return -(-n // 2) + 40 * -(-n // BLOCKSIZE) + 32 * 2**20
 
 
 def _per_block(values, scale, blocksize: int):

@@ -137,7 +137,15 @@ def param_spec(path, shape: tuple[int, ...], mesh: Mesh,
   if ways > 1:
     divisible = [d for d in free if shape[d] % ways == 0]
     if divisible:
-      spec[max(divisible, key=lambda d: shape[d])] = (
+      # A layer kernel splits the first axis it can after the layer axis
+      # (the major one of a layer's slice): the scan's all-gather then joins
+      # contiguous parts. Split on its minor (out) axis, XLA:GPU lays the
+      # whole stack out with that axis major for the backward's gather: a
+      # transposed copy of all layers' gate/up weights on every device
+      # (2 x 4.38 GiB for Llama-2-70B on fsdp=8).
+      kernel = "layers" in names and names[-1:] in (("kernel",), ("w",))
+      spec[divisible[0] if kernel else max(divisible,
+                                           key=lambda d: shape[d])] = (
           axes[0] if len(axes) == 1 else axes)
   return P(*spec)
 

@@ -392,3 +392,27 @@ def test_loading_memory_by_hand():
   assert hf_io.loading_memory(config, shardings, "bfloat16",
                               process_devices=2)["host_transient"] == (
       layer // 2 // 4)
+
+
+def test_loading_memory_of_nf4_by_hand():
+  """Quantized as read: each device holds its share of the 4-bit stacks,
+  the host one layer's whole weight in bf16 and its quantization's work."""
+  from longlora_jax import LlamaConfig
+  config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=8, num_attention_heads=4)
+  shardings = param_shardings(config, make_mesh("fsdp=8"))
+  peaks = hf_io.loading_memory(config, shardings, "bfloat16", quantize="nf4")
+  # A layer of an attention matrix, 256^2 values: 4 bits a value and a
+  # uint8 absmax a block of 64, split 8 ways; 1024 / 256 float32 nested
+  # absmaxes, the 256 float32 code and the offset on every device.
+  attention = 256**2 // 2 // 8 + 256**2 // 64 // 8 + 4 * 4 + 1024 + 4
+  mlp = 256 * 512 // 2 // 8 + 256 * 512 // 64 // 8 + 8 * 4 + 1024 + 4
+  # bf16 norms (2 a layer and the final one), embedding and head, split 8.
+  plain = (8 * 2 * 256 + 256 + 2 * 256**2) * 2 // 8
+  # The host: an MLP matrix in bf16, its codes, 40 bytes a block of 64 and
+  # 32 MiB of chunk work (nf4.quantize_host_bytes).
+  n = 256 * 512
+  assert peaks == {
+      "device_final": 8 * (4 * attention + 3 * mlp) + plain,
+      "device_transient": 2 * mlp,
+      "host_transient": 2 * n + n // 2 + 40 * n // 64 + 32 * 2**20}

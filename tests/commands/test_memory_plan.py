@@ -223,7 +223,7 @@ def test_a_checkpoint_in_metas_layout_plans_as_its_hf_twin(tmp_path):
   assert plans[0]["loading_gib"]["device_final"] > 0
 
 
-def test_a_4bit_plan_holds_its_kernels_in_half_a_byte(tmp_path):
+def test_a_4bit_plan_holds_its_kernels_in_half_a_byte(tmp_path, capsys):
   """--quantize nf4: each frozen kernel of n weights is n/2 bytes of codes,
   n/64 one-byte block scales, a float32 scale per 256 of those, the 256
   floats of their 8-bit map and a float32 offset (per layer); the LM head
@@ -240,6 +240,23 @@ def test_a_4bit_plan_holds_its_kernels_in_half_a_byte(tmp_path):
   frozen += 64 * 256 * 2  # the LM head
   assert abs(result["breakdown_estimate_gib"]["frozen_weights"] * 2**30
              - frozen / 8) < 1
+  # Loading quantizes as it reads: a device ends with its share of the
+  # 4-bit stacks (codes and block scales split 8 ways, the rest whole) and
+  # of the bf16 rest; the host quantizes a layer of an MLP matrix whole:
+  # it in bf16, its codes, 40 bytes a block and 32 MiB of chunk work
+  # (nf4.quantize_host_bytes).
+  share = lambda n: (n // 2 // 8 + n // 64 // 8 + 4 * -(-n // 64 // 256)
+                     + 256 * 4 + 4)
+  plain = (2 * 2 * 64 + 64 + 2 * 64 * 256) * 2 // 8
+  n = 64 * 128
+  assert result["loading_gib"] == {
+      "device_final": (2 * (4 * share(64 * 64) + 3 * share(n)) + plain) / 2**30,
+      "device_transient": 2 * share(n) / 2**30,
+      "host_transient": (2 * n + n // 2 + 40 * n // 64 + 32 * 2**20) / 2**30}
+  memory_plan._print_loading(result)
+  assert capsys.readouterr().out.startswith(
+      "loading (layer kernels quantized to NF4 as read, the rest bf16, "
+      "straight into the shards): per device 0.00 GiB")
   with pytest.raises(LongLoraError, match="drop it with --eval or --full-ft"):
     memory_plan.main(["--quantize", "nf4", "--full-ft"])
 

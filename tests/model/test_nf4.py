@@ -72,10 +72,12 @@ def test_code_tables_are_bitsandbytes():
 def test_quantize_gives_bitsandbytes_bytes(name):
   w = INPUTS[name]
   packed, state = _bnb(w, double_quant=False)
-  t = nf4.quantize(w, double_quant=False)
-  np.testing.assert_array_equal(t.packed, packed.numpy().reshape(-1))
-  np.testing.assert_array_equal(t.absmax, state.absmax.numpy())
-  assert t.shape == w.shape and not t.nested
+  # Whole, and a block at a time (the last chunk ending the weight).
+  for chunk_blocks in (nf4.CHUNK_BLOCKS, 1):
+    t = nf4.quantize(w, double_quant=False, chunk_blocks=chunk_blocks)
+    np.testing.assert_array_equal(t.packed, packed.numpy().reshape(-1))
+    np.testing.assert_array_equal(t.absmax, state.absmax.numpy())
+    assert t.shape == w.shape and not t.nested
 
 
 @pytest.mark.parametrize("name", list(INPUTS))
@@ -180,3 +182,27 @@ def test_a_stack_of_layers_scans():
                                   _bits(_bnb_dequantize(t, torch.float32)))
   # Dequantizing the whole stack at once is the same.
   np.testing.assert_array_equal(nf4.dequantize(stack, jnp.float32), out)
+
+
+def test_quantize_holds_a_chunk_not_float32_copies_of_the_weight():
+  """`quantize_host_bytes` bounds what quantizing takes beyond the weight
+  (NumPy's buffers, which tracemalloc sees): a chunk of float32 work, and,
+  with chunks too small to matter, the codes and the absmaxes' work."""
+  import ml_dtypes
+  import tracemalloc
+  # bf16, 8 MiB. Quantized whole, its float32 work would be 20 bytes a
+  # value (80 MiB; measured before quantize worked in chunks).
+  n = 2 ** 22
+  w = (np.random.default_rng(0).standard_normal(n, np.float32)
+       * 0.02).astype(ml_dtypes.bfloat16)
+  nf4.quantize(w[:256])  # Warm the cached 8-bit lookup table.
+  peaks = {}
+  for chunk_blocks in (nf4.CHUNK_BLOCKS, 16):
+    tracemalloc.start()
+    try:
+      nf4.quantize(w, chunk_blocks=chunk_blocks)
+      peaks[chunk_blocks] = tracemalloc.get_traced_memory()[1]
+    finally:
+      tracemalloc.stop()
+  assert peaks[nf4.CHUNK_BLOCKS] <= nf4.quantize_host_bytes(n) < 40 * 2**20
+  assert peaks[16] <= nf4.quantize_host_bytes(n) - 31 * 2 ** 20

@@ -59,7 +59,8 @@ def test_fsdp_rules_on_llama2_7b():
   attn, mlp = s["layers"]["self_attn"], s["layers"]["mlp"]
   assert attn["q_proj"]["kernel"] == P(None, "fsdp", None)  # [32, 4096, 4096]
   assert mlp["down_proj"]["kernel"] == P(None, "fsdp", None)  # [32, 11008, 4096]
-  assert mlp["up_proj"]["kernel"] == P(None, None, "fsdp")  # [32, 4096, 11008]
+  # A layer kernel splits its first axis after the layers', not the largest.
+  assert mlp["up_proj"]["kernel"] == P(None, "fsdp", None)  # [32, 4096, 11008]
   assert s["layers"]["input_layernorm"]["weight"] == P(None, "fsdp")
   assert s["embed_tokens"]["embedding"] == P("fsdp", None)  # 32000 rows
   assert s["norm"]["weight"] == P("fsdp")
@@ -70,8 +71,8 @@ def test_context_devices_hold_a_part_of_the_weights_too():
   fsdp_context = ("fsdp", "context")
   assert s["layers"]["self_attn"]["q_proj"]["kernel"] == P(None, fsdp_context,
                                                            None)
-  assert s["layers"]["mlp"]["up_proj"]["kernel"] == P(None, None,
-                                                      fsdp_context)
+  assert s["layers"]["mlp"]["up_proj"]["kernel"] == P(None, fsdp_context,
+                                                      None)
   assert s["embed_tokens"]["embedding"] == P(fsdp_context, None)
   c = _specs("context=8")
   assert c["layers"]["mlp"]["down_proj"]["kernel"] == P(None, "context", None)

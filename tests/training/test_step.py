@@ -290,6 +290,43 @@ def test_offloaded_step_keeps_the_layer_inputs_in_host_memory():
   assert before.temp_size_in_bytes - after.temp_size_in_bytes >= stack / 2
 
 
+@pytest.mark.skipif(not gpu_target.AVAILABLE,
+                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
+def test_a_4bit_step_holds_no_bf16_stack_of_a_layer_kernel():
+  # XLA:GPU for 8 compile-only H100s (fsdp=8): with --quantize nf4 every
+  # kernel is dequantized a layer at a time inside the scan, so no bf16
+  # array of the compiled step (buffer or fused value) spans the 5 layers
+  # of a kernel, whole or this device's eighth, in any axis order; the
+  # bf16 step, whose parameters are such stacks, shows the check sees them.
+  # Without remat of the layers, where the backward would keep each layer's
+  # dequantized weight but for the projection's own remat (checked: without
+  # it, the 4-bit step holds [5, 32, 768] stacks; so it does dequantizing
+  # the stacks before the scan).
+  cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=768,
+                    num_hidden_layers=5, num_attention_heads=2,
+                    max_position_embeddings=1024)
+  mesh = make_mesh("fsdp=8", gpu_target.devices("h100", 8))
+  stacks = {tuple(sorted((5, *shape))) for d, f in ((256, 256), (256, 768))
+            for shape in ((d, f), (d // 8, f), (d, f // 8))}
+
+  tc = TrainConfig(accum=1, remat="none")
+
+  def bf16_stacks(quantize):
+    with gpu_target.assume_cudnn():
+      hlo = lower_step(cfg, tc, mesh, ctx=1024,
+                       quantize=quantize)[0].compile().as_text()
+    shapes = {tuple(map(int, dims.split(",")))
+              for dims in re.findall(r"bf16\[([0-9,]+)\]", hlo)}
+    return {shape for shape in shapes if tuple(sorted(shape)) in stacks}
+
+  # The bf16 step holds each device's part of its stacks as passed, with
+  # no copy in another axis order: a layer kernel splits the axis its
+  # gather joins (`sharding.param_spec`; split on gate/up's out axis,
+  # XLA:GPU kept them as [96, 5, 256] too, Llama-2-70B's 2 x 4.38 GiB).
+  assert bf16_stacks("none") == {(5, 32, 256), (5, 32, 768), (5, 96, 256)}
+  assert not bf16_stacks("nf4")
+
+
 def test_offload_needs_full_remat():
   with pytest.raises(LongLoraError, match="needs --remat full, not dots"):
     TrainConfig(remat="dots", offload="activations")
