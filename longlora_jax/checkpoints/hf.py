@@ -303,7 +303,8 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
             tokenizer_from: str | os.PathLike | None = None, *, dtype=None,
             max_shard_size: int | str = "5GB", overwrite: bool = False,
             merge_lora: bool = False,
-            generation_config: dict[str, Any] | None = None) -> Path:
+            generation_config: dict[str, Any] | None = None,
+            card: str | None = None) -> Path:
   """Writes a HF checkpoint that `transformers` loads (the config's family).
 
   Writes `config.json` (with the RoPE scaling the model uses, in both the
@@ -327,6 +328,7 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
     overwrite: replace a non-empty `out_dir` (atomically).
     merge_lora: write LoRA nodes merged (w + scale * a @ b), a layer at a
       time, instead of refusing them.
+    card: the model card, written as README.md (the Hub's place for it).
   """
   out = output_dir(out_dir, overwrite)
   flat = check_params(config, params, lora_ok=merge_lora)
@@ -383,6 +385,8 @@ def save_hf(config: LlamaConfig, params, out_dir: str | os.PathLike,
            if getattr(config, k) is not None}
     write_json(tmp / "generation_config.json",
                {**gen, **(generation_config or {})})
+    if card is not None:
+      (tmp / "README.md").write_text(card)
     if tokenizer is not None:
       save_tokenizer(tokenizer, tmp, tokenizer_dir)
     elif tokenizer_dir is not None:

@@ -34,6 +34,7 @@ def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
     raise LongLoraError("a full fine-tuning run has no adapter; export it "
                         "as --format hf")
   dtype = jnp.dtype(spec.recipe.dtype)
+  card = lambda kind: model_card(spec, base, config, kind)
   written = {}
   # Every process takes part (the parameters may be sharded over them);
   # process 0 writes, one tensor at a time, LoRA merged a layer at a time.
@@ -41,18 +42,46 @@ def write_outputs(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
     written["hf"] = save_hf(config, params, targets["hf"],
                             tokenizer_from=base.directory, dtype=dtype,
                             overwrite=overwrite, merge_lora=True,
-                            max_shard_size=max_shard_size)
+                            max_shard_size=max_shard_size, card=card("hf"))
   if "peft" in targets:
     written["peft"] = save_peft(
         config, params, targets["peft"], extra=MODES[spec.mode],
         base_model_name_or_path=_hub_name(base), dtype=dtype,
-        overwrite=overwrite)
+        overwrite=overwrite, card=card("peft"))
   if "gguf" in targets:
     written["gguf"] = save_gguf(
         targets["gguf"], config, params, base.directory,
         qtype=gguf_type or spec.gguf or "f16", merge_lora=True,
         overwrite=overwrite)
   return written if jax.process_index() == 0 else {}
+
+
+def model_card(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
+               kind: str) -> str:
+  """The README.md of an export ("hf": the merged model, "peft": the
+  adapter): Hub metadata, then what was extended, how, and the precision
+  of the weights, including a 4-bit base the weights were trained over."""
+  rope = config.to_hf_dict()["rope_parameters"]
+  dtype = spec.recipe.dtype
+  if spec.quantize != "none":
+    weights = (f"The base's frozen layer weights were 4-bit "
+               f"{spec.quantize.upper()} during training; this "
+               + (f"merged model holds them dequantized to {dtype}, the "
+                  "adapters merged in" if kind == "hf" else
+                  "adapter gives the run's logits on that dequantized base, "
+                  "not on the unquantized one") + ".")
+  else:
+    weights = ("The weights are " + dtype + " (the run's compute dtype)"
+               + (", the adapters merged in." if kind == "hf" else "."))
+  library = "transformers" if kind == "hf" else "peft"
+  return (f"---\nbase_model: {_hub_name(base)}\nlibrary_name: {library}\n"
+          "tags:\n- longlora\n- long-context\n---\n\n"
+          f"# {base.name} extended to {config.context:,} tokens\n\n"
+          f"LongLoRA ({spec.task.name}, {spec.mode}, rank {spec.lora_rank}, "
+          f"alpha {spec.lora_alpha:g}; attention "
+          f"{spec.recipe.attention.kind}) over {base.name}, whose original "
+          f"context is {config.original_context:,} tokens. RoPE: {rope}.\n\n"
+          f"{weights}\n")
 
 
 def gguf_name(qtype: str) -> str:

@@ -102,6 +102,9 @@ def test_trained_family_exports_to_transformers_and_peft(tiny_hf, tmp_path,
                                            written["peft"]).eval()
   np.testing.assert_allclose(hf_models.hf_logits(adapted, ids), ours,
                              atol=1e-4, rtol=1e-4)
+  card = (written["hf"] / "README.md").read_text()
+  assert f"extended to {config.context:,} tokens" in card
+  assert "The weights are float32" in card and "4-bit" not in card
   # What is compared moved: two steps changed the model's logits.
   base = Checkpoint.open(directory)
   untrained = forward(config, base.params("float32"), jnp.asarray(ids))
@@ -159,6 +162,15 @@ def test_a_4bit_run_exports_what_peft_applies_on_the_dequantized_base(
   text = describe(written, config, spec)
   assert text.startswith("base weights: 4-bit NF4 (trained over them); the "
                          "merged model holds them dequantized to float32")
+  # The exports say it too, in the model cards the Hub reads.
+  from huggingface_hub import ModelCard
+  for kind, says in (("hf", "merged model holds them dequantized to float32"),
+                     ("peft", "on that dequantized base")):
+    card = ModelCard.load(written[kind] / "README.md")
+    assert card.data.base_model == str(directory.absolute())
+    assert card.data.library_name == ("transformers" if kind == "hf"
+                                      else "peft")
+    assert "4-bit NF4" in card.text and says in card.text, card.text
 
 
 def test_the_adapter_hint_loads_it_with_the_trained_rope_scaling(

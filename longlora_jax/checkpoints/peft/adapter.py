@@ -53,7 +53,7 @@ from longlora_jax.checkpoints.peft.layout import (
 def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
               extra: tuple[str, ...] = lora.LORA_PLUS,
               base_model_name_or_path: str | None = None, dtype=None,
-              overwrite: bool = False) -> Path:
+              overwrite: bool = False, card: str | None = None) -> Path:
   """Writes the LoRA adapters and trained extras of `params` for PEFT.
 
   Args:
@@ -63,6 +63,7 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
     base_model_name_or_path: recorded in adapter_config.json.
     dtype: of the saved tensors; default each parameter's own.
     overwrite: replace a non-empty `out_dir` (atomically).
+    card: the model card, written as README.md (where PEFT writes its own).
   """
   out = output_dir(out_dir, overwrite)
   check_params(config, lora.strip(params))
@@ -131,8 +132,9 @@ def save_peft(config: LlamaConfig, params, out_dir: str | os.PathLike, *,
                         [(k, v.shape, v.dtype) for k, v in tensors.items()],
                         tensors.values(), metadata={"format": "pt"})
       write_json(tmp / CONFIG_FILE, adapter_config)
+      if card is not None:
+        (tmp / "README.md").write_text(card)
   return out
-
 
 
 def load_peft(config: LlamaConfig, params, adapter_dir: str | os.PathLike):
