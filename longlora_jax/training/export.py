@@ -62,17 +62,9 @@ def model_card(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
   adapter): Hub metadata, then what was extended, how, and the precision
   of the weights, including a 4-bit base the weights were trained over."""
   rope = config.to_hf_dict()["rope_parameters"]
-  dtype = spec.recipe.dtype
-  if spec.quantize != "none":
-    weights = (f"The base's frozen layer weights were 4-bit "
-               f"{spec.quantize.upper()} during training; this "
-               + (f"merged model holds them dequantized to {dtype}, the "
-                  "adapters merged in" if kind == "hf" else
-                  "adapter gives the run's logits on that dequantized base, "
-                  "not on the unquantized one") + ".")
-  else:
-    weights = ("The weights are " + dtype + " (the run's compute dtype)"
-               + (", the adapters merged in." if kind == "hf" else "."))
+  weights = _base_precision(spec) or (
+      f"The weights are {spec.recipe.dtype} (the run's compute dtype)"
+      + (", the adapters merged in." if kind == "hf" else "."))
   library = "transformers" if kind == "hf" else "peft"
   return (f"---\nbase_model: {_hub_name(base)}\nlibrary_name: {library}\n"
           "tags:\n- longlora\n- long-context\n---\n\n"
@@ -82,6 +74,17 @@ def model_card(spec: RunSpec, base: Checkpoint, config: LlamaConfig,
           f"{spec.recipe.attention.kind}) over {base.name}, whose original "
           f"context is {config.original_context:,} tokens. RoPE: {rope}.\n\n"
           f"{weights}\n")
+
+
+def _base_precision(spec: RunSpec) -> str | None:
+  """What a run over 4-bit frozen weights says of its exports (the run's
+  last lines and every model card), or None for a run over full weights."""
+  if spec.quantize == "none":
+    return None
+  return (f"base weights: 4-bit {spec.quantize.upper()} (trained over them); "
+          f"the merged model holds them dequantized to {spec.recipe.dtype}, "
+          "the adapters merged in; the PEFT adapter gives this run's logits "
+          "on that dequantized base, not on the original unquantized one")
 
 
 def gguf_name(qtype: str) -> str:
@@ -102,12 +105,8 @@ def describe(written: dict[str, Path], config: LlamaConfig,
   adapter; `config` is the trained one, with its RoPE scaling; `spec` the
   run's, which says whether its base was 4-bit."""
   lines = []
-  if spec is not None and spec.quantize != "none" and written:
-    lines.append(
-        f"base weights: 4-bit {spec.quantize.upper()} (trained over them); "
-        f"the merged model holds them dequantized to {spec.recipe.dtype}, "
-        "the adapters merged in; the PEFT adapter gives this run's logits on "
-        "that dequantized base, not on the original unquantized one")
+  if spec is not None and written and (note := _base_precision(spec)):
+    lines.append(note)
   if "hf" in written:
     lines.append(f"merged model (HF format): {written['hf']}")
   if "peft" in written:
