@@ -41,13 +41,12 @@ import functools
 import json
 import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
 
 from longlora_jax.core import cli
-from longlora_jax.perf import gpu_target, memory_search
+from longlora_jax.perf import gpu_target, hlo, memory_search
 from longlora_jax.core.errors import LongLoraError
 
 
@@ -80,11 +79,7 @@ def parse_args(argv=None):
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
   p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
                  help="activation checkpointing")
-  # recipe.OFFLOADS; not imported, as JAX must not load before main sets
-  # JAX_PLATFORMS.
-  p.add_argument("--offload", choices=("none", "activations"), default="none",
-                 help="activations: the layer inputs --remat full keeps go "
-                      "to pinned host memory (train.extend --offload)")
+  cli.option(p, "--offload")
   cli.option(p, "--quantize")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
                  default="cpu",
@@ -128,32 +123,6 @@ def _devices_in(mesh_spec: str) -> int:
   for s in sizes:
     n *= s
   return n
-
-
-_ALLOCATION = re.compile(r"^allocation \d+: size \d+, (.*)$")
-_VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
-
-
-def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
-  """The `k` largest buffers in XLA's temporary allocation in device
-  memory, from its buffer-assignment dump: [{"name", "shape", "gib"}],
-  largest first. Host-memory temporaries (offloaded activations, a
-  "color 5" allocation: memory space S(5)) are left out.
-
-  Values sharing one (offset, size) are one buffer seen under several names
-  (a loop's carry and the op that updates it in place); the first is kept.
-  """
-  buffers, in_temp = {}, False
-  for line in buffer_assignment.splitlines():
-    if (m := _ALLOCATION.match(line)):
-      in_temp = ("preallocated-temp" in m.group(1)
-                 and "color 5" not in m.group(1))
-    elif in_temp and (m := _VALUE.match(line)):
-      name, size, offset, shape = m.groups()
-      buffers.setdefault((int(offset), int(size)), (name, shape.split("{")[0]))
-  top = sorted(buffers.items(), key=lambda kv: -kv[0][1])[:k]
-  return [{"name": name, "shape": shape, "gib": size / 2**30}
-          for (_, size), (name, shape) in top]
 
 
 def _mesh(args):
@@ -250,7 +219,7 @@ def plan(args) -> dict:
   from longlora_jax.model.flops import paper_flops, step_flops
   from longlora_jax.parallel.sharding import batch_parallelism
   from longlora_jax.training.recipe import TrainConfig
-  from longlora_jax.training.step import lower_step
+  from longlora_jax.training.step import OffloadedStep, lower_step
 
   config = _model_config(args.model).with_context(args.ctx)
   mesh = _mesh(args)
@@ -279,9 +248,14 @@ def plan(args) -> dict:
     compiled = lowered.compile({"xla_dump_to": dump})
     compile_s = time.time() - t0
     # XLA names the file after the module and the pass; newer versions may
-    # not write it, and the plan stands without it.
-    found = sorted(Path(dump).glob("*buffer-assignment.txt"))
-    largest = largest_temporaries(found[0].read_text(), k=6) if found else []
+    # not write it, and the plan stands without it. With the optimizer
+    # offloaded, the gradients' program is where the activations peak.
+    found = sorted(p for p in Path(dump).glob("*buffer-assignment.txt")
+                   if "update_fn" not in p.name)
+    largest = hlo.largest_temporaries(found[0].read_text(), k=6) if found else []
+  update_program = None
+  if isinstance(compiled, OffloadedStep):
+    compiled, update_program = compiled.grads_fn, _memory(compiled.update_fn)
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
@@ -295,6 +269,13 @@ def plan(args) -> dict:
   analytic = step_flops(config, args.ctx, batch=rows * args.accum,
                         group_size=group)
   memory = _memory(compiled)
+  if update_program is not None:
+    # The update's arguments are its own; the frozen weights stay on the
+    # device beside them. Compile-only devices have no host memory, so its
+    # plan counts the moments on the device: an upper bound.
+    memory["update_total"] = (update_program["total"]
+                              + nbytes(state.frozen) / n_dev / gib)
+    memory["total"] = max(memory["total"], memory["update_total"])
   result = {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
@@ -308,7 +289,7 @@ def plan(args) -> dict:
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
       "per_device_gib": memory, **memory_search.host_need(
           memory, args.offload, config.num_hidden_layers * saved_per_layer
-          / gib),
+          / gib, nbytes(state.opt_state) / n_dev / gib),
       "breakdown_estimate_gib": {
           "frozen_weights": nbytes(state.frozen) / n_dev / gib,
           "trainable_fp32": nbytes(state.trainable) / n_dev / gib,

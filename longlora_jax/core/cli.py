@@ -118,6 +118,13 @@ OPTIONS = {
                             "NormalFloat, double-quantized scales), "
                             "dequantized one layer at a time; embeddings, "
                             "norms, the LM head and LoRA stay in --dtype"),
+    # training.recipe.OFFLOADS.
+    "--offload": dict(default="none", choices=(
+        "none", "activations", "optimizer", "activations,optimizer"),
+        help="what waits in pinned host memory instead of GPU memory: "
+             "activations, the layer inputs --remat full keeps for the "
+             "backward pass; optimizer, AdamW's moments between updates "
+             "(the same step; longer contexts fit)"),
     "--heads": dict(type=count, default=32, help="query heads"),
     "--kv-heads": dict(type=count, default=None,
                        help="key/value heads (GQA; default: --heads)"),

@@ -1,4 +1,5 @@
-"""Reading XLA's compiled HLO text: the bytes its collectives move.
+"""Reading XLA's compiled HLO text: the bytes its collectives move; and
+its buffer assignment: the largest temporaries (`largest_temporaries`).
 
 `compiled.as_text()` prints one instruction per line, e.g.
 
@@ -81,3 +82,29 @@ def collective_bytes(hlo_text: str) -> dict[str, int]:
       size *= group or 1
     totals[kind] += size
   return totals
+
+
+_ALLOCATION = re.compile(r"^allocation \d+: size \d+, (.*)$")
+_VALUE = re.compile(r"^ value: <\d+ (\S+) @\d+> \(size=(\d+),offset=(\d+)\): (\S+)")
+
+
+def largest_temporaries(buffer_assignment: str, k: int = 3) -> list[dict]:
+  """The `k` largest buffers in XLA's temporary allocation in device
+  memory, from its buffer-assignment dump: [{"name", "shape", "gib"}],
+  largest first. Host-memory temporaries (offloaded activations, a
+  "color 5" allocation: memory space S(5)) are left out.
+
+  Values sharing one (offset, size) are one buffer seen under several names
+  (a loop's carry and the op that updates it in place); the first is kept.
+  """
+  buffers, in_temp = {}, False
+  for line in buffer_assignment.splitlines():
+    if (m := _ALLOCATION.match(line)):
+      in_temp = ("preallocated-temp" in m.group(1)
+                 and "color 5" not in m.group(1))
+    elif in_temp and (m := _VALUE.match(line)):
+      name, size, offset, shape = m.groups()
+      buffers.setdefault((int(offset), int(size)), (name, shape.split("{")[0]))
+  top = sorted(buffers.items(), key=lambda kv: -kv[0][1])[:k]
+  return [{"name": name, "shape": shape, "gib": size / 2**30}
+          for (_, size), (name, shape) in top]

@@ -48,16 +48,22 @@ def host_gib(target: str, given: float | None = None) -> tuple[float, str]:
   return gpu.host_gib, f"default for --target {target}: {gpu.host_gib_why}"
 
 
-def host_need(memory: dict, offload: str, layer_inputs_gib: float) -> dict:
+def host_need(memory: dict, offload: str, layer_inputs_gib: float,
+              optimizer_gib: float = 0.0) -> dict:
   """The pinned host memory (GiB per device) a train step needs, and where
   the figure comes from: XLA's memory analysis (`memory`) when it reports
   host temporaries, else, for offloaded activations, the layer inputs kept
-  for the backward pass, counted by hand."""
-  if memory["host_temporaries"] > 0 or offload == "none":
-    return {"host_gib": memory["host_temporaries"],
-            "host_from": "XLA memory analysis"}
-  return {"host_gib": layer_inputs_gib,
-          "host_from": "hand count: layers x layer-input bytes"}
+  for the backward pass, counted by hand; plus, where `offload` names the
+  optimizer, its state's bytes (`optimizer_gib`: arrays, not temporaries,
+  so no memory analysis reports them)."""
+  parts = offload.split(",")
+  extra = optimizer_gib if "optimizer" in parts else 0.0
+  plus = " + the optimizer state's bytes" if extra else ""
+  if memory["host_temporaries"] > 0 or "activations" not in parts:
+    return {"host_gib": memory["host_temporaries"] + extra,
+            "host_from": "XLA memory analysis" + plus}
+  return {"host_gib": layer_inputs_gib + extra,
+          "host_from": "hand count: layers x layer-input bytes" + plus}
 
 
 def largest_fitting(fits, step: int) -> int | None:
@@ -122,7 +128,8 @@ def find_max_ctx(plan_at, ctx_step: int, usable: tuple[float, str],
         f"even --ctx-step {ctx_step} tokens need {first['device_gib']:.2f} "
         f"GiB per device and {first['host_gib']:.2f} GiB pinned host, over "
         f"the usable {usable:.2f} and {host:.2f} GiB "
-        f"({' and '.join(first['over'])}); try --offload activations (device) "
+        f"({' and '.join(first['over'])}); try --offload "
+        "activations,optimizer (device) "
         "or a larger --host-gib (host), a larger mesh or a smaller "
         "--ctx-step")
   beyond = min((p for p in probes if not p["fits"]), key=lambda p: p["ctx"])

@@ -86,8 +86,8 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
   tb = _tensorboard(run_dir / "tensorboard") if main_process else None
   log = open(run_dir / METRICS_FILE, "a") if main_process else None
   first_step = int(state.step)
-  # The bar says when the layer inputs live on the host (slower steps).
-  offload = " (offload)" if spec.recipe.offload == "activations" else ""
+  # The bar says when the step moves state to the host (slower steps).
+  offload = " (offload)" if spec.recipe.offload != "none" else ""
   bar = tqdm(total=steps, initial=first_step, desc=spec.task.name + offload,
              unit="step", disable=not main_process)
   batch, position = first

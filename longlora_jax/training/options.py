@@ -16,7 +16,7 @@ from longlora_jax.attention.dispatch import IMPLEMENTATIONS, AttentionSpec
 from longlora_jax.attention.groups import VARIANTS
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.checkpoints.gguf import QTYPES
-from longlora_jax.training.recipe import OFFLOADS, RunSpec, TrainConfig
+from longlora_jax.training.recipe import RunSpec, TrainConfig
 from longlora_jax.training.tasks import Task
 
 # Options a resumed run may change (a new --lr, e.g. after a NaN, makes it
@@ -187,10 +187,8 @@ def parser(task: Task, doc: str,
              help=f"{cli.OPTIONS['--quantize']['help']} {d('quantize')}")
   p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
                  f"checkpointing {d('remat')}")
-  p.add_argument("--offload", choices=OFFLOADS, help="activations: keep "
-                 "the layer inputs that --remat full saves for the backward "
-                 "pass in pinned host memory instead of GPU memory (the same "
-                 f"gradients; longer contexts fit) {d('offload')}")
+  cli.option(p, "--offload", default=None,
+             help=f"{cli.OPTIONS['--offload']['help']} {d('offload')}")
   p.add_argument("--seed", type=cli.index, help="LoRA initialisation and "
                  f"data order {d('seed')}")
   p.add_argument("--save-every", type=cli.count, help="checkpoint every N "

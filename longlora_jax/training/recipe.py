@@ -23,14 +23,17 @@ from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
 from longlora_jax.attention.groups import SHIFTED, s2_group_size
 from longlora_jax.model.config import LlamaConfig
+from longlora_jax.core import cli
 from longlora_jax.core.errors import LongLoraError
 from longlora_jax.core.files import write_json
 from longlora_jax.training import tasks
 from longlora_jax.training.tasks import EXTEND, Task
 
 SCHEDULES = ("constant", "cosine", "linear")
-# What goes to pinned host memory between the forward and backward pass.
-OFFLOADS = ("none", "activations")
+# What lives in pinned host memory instead of the accelerator's: the layer
+# inputs between the forward and backward pass, and the optimizer's moments
+# between updates (`step.OffloadedStep`).
+OFFLOADS = cli.OPTIONS["--offload"]["choices"]
 RUN_FILE = "run.json"
 # What trains besides the adapters, per mode ("full" trains every weight).
 # "lora+embed" and "lora+norm", LoRA+ halves, are the ablation's
@@ -46,7 +49,9 @@ class TrainConfig:
   accum: micro-batches per optimizer step (the leading axis of the batch
   the step takes); dtype: compute dtype and that of the frozen weights;
   offload "activations": remat "full" with the layer inputs it keeps in
-  pinned host memory (same gradients, less device memory).
+  pinned host memory; "optimizer": AdamW's moments in pinned host memory,
+  brought to the device for the update only; "activations,optimizer" both
+  (the same step either way, less device memory).
   """
   attention: AttentionSpec = AttentionSpec()
   remat: str = "full"
@@ -76,15 +81,19 @@ class TrainConfig:
     if self.offload not in OFFLOADS:
       raise LongLoraError(f"unknown offload {self.offload!r}; choose one of "
                           f"{', '.join(OFFLOADS)}")
-    if self.offload == "activations" and self.remat != "full":
+    if self.offloads("activations") and self.remat != "full":
       raise LongLoraError(f"--offload activations moves what --remat full "
                           f"keeps to the host; it needs --remat full, not "
                           f"{self.remat}")
 
+  def offloads(self, what: str) -> bool:
+    """Whether `what` ("activations" or "optimizer") lives in host memory."""
+    return what in self.offload.split(",")
+
   @property
   def remat_policy(self) -> str:
     """The model's remat policy (`model.REMAT_POLICIES`) for this recipe."""
-    return "offload" if self.offload == "activations" else self.remat
+    return "offload" if self.offloads("activations") else self.remat
 
 
 @dataclasses.dataclass(frozen=True)

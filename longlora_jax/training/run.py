@@ -326,8 +326,8 @@ def _train(job: _Job) -> tuple[int, dict[str, Path]]:
     rows = spec.batch * batch_parallelism(mesh)
     attention = ("S²-Attn" if spec.recipe.attention.kind == "s2"
                  else "full attention")
-    offloaded = ("activations offloaded to host, "
-                 if spec.recipe.offload == "activations" else "")
+    offloaded = (f"{spec.recipe.offload.replace(',', ' and ')} offloaded "
+                 "to host, " if spec.recipe.offload != "none" else "")
     if job.base.note:
       print(f"note: {job.base.note}")
     print(f"{spec.ckpt}: context {job.base.config.context} -> {spec.ctx} "

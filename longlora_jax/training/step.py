@@ -6,6 +6,7 @@ exists only for what is trained. One jitted step runs all micro-batches
 (`lax.scan`) and one optimizer update.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -86,7 +87,8 @@ def initial_run_state(spec: RunSpec, params, mesh: Mesh) -> TrainState:
   init = functools.partial(
       initial_state, tc=spec.recipe, mode=spec.mode, lora_rank=spec.lora_rank,
       lora_alpha=spec.lora_alpha, seed=spec.seed)
-  shardings = state_shardings(jax.eval_shape(init, params), mesh)
+  shardings = state_shardings(jax.eval_shape(init, params), mesh,
+                              spec.recipe.offload)
   return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
 
 
@@ -109,46 +111,101 @@ def micro_batch_loss(config: LlamaConfig, tc: TrainConfig, params, batch):
                                chunk_size=tc.loss_chunk)
 
 
-def train_step(state: TrainState, batch, *, config: LlamaConfig,
-               tc: TrainConfig):
-  """One optimizer step over `[accum, batch, seq]` micro-batches.
-
-  The loss is the mean over all scored tokens of all micro-batches (each
-  token weighs the same, whatever micro-batch it is in).
-  """
+def gradients(trainable, frozen, step, batch, *, config: LlamaConfig,
+              tc: TrainConfig):
+  """(gradients, metrics) of `[accum, batch, seq]` micro-batches: the mean
+  over all scored tokens of all micro-batches (each token weighs the same,
+  whatever micro-batch it is in)."""
   def loss_sum(trainable, micro):
     losses, counts = micro_batch_loss(
-        config, tc, lora.combine(trainable, state.frozen), micro)
+        config, tc, lora.combine(trainable, frozen), micro)
     return jnp.sum(losses), jnp.sum(counts)
 
   grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
   def accumulate(grads, micro):
-    (loss, count), g = grad_fn(state.trainable, micro)
+    (loss, count), g = grad_fn(trainable, micro)
     return jax.tree.map(jnp.add, grads, g), (loss, count)
 
-  zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
   grads, (losses, counts) = jax.lax.scan(accumulate, zeros, batch)
   tokens = jnp.sum(counts)
   grads = jax.tree.map(lambda g: g / jnp.maximum(tokens, 1.0), grads)
-  updates, opt_state = make_optimizer(tc).update(grads, state.opt_state,
-                                                 state.trainable)
-  new_state = TrainState(step=state.step + 1,
-                         trainable=optax.apply_updates(state.trainable, updates),
-                         frozen=state.frozen, opt_state=opt_state)
-  metrics = {
+  return grads, {
       "loss": jnp.sum(losses) / jnp.maximum(tokens, 1.0),
       "tokens": tokens,
       "grad_norm": optax.tree.norm(grads),
-      "learning_rate": learning_rate(tc)(state.step),
+      "learning_rate": learning_rate(tc)(step),
   }
-  return new_state, metrics
 
 
-def state_shardings(state, mesh: Mesh):
+def update(step, trainable, opt_state, grads, *, tc: TrainConfig):
+  """(step + 1, trainable, optimizer state) after one AdamW update."""
+  updates, opt_state = make_optimizer(tc).update(grads, opt_state, trainable)
+  return step + 1, optax.apply_updates(trainable, updates), opt_state
+
+
+def train_step(state: TrainState, batch, *, config: LlamaConfig,
+               tc: TrainConfig):
+  """One optimizer step over `[accum, batch, seq]` micro-batches."""
+  grads, metrics = gradients(state.trainable, state.frozen, state.step, batch,
+                             config=config, tc=tc)
+  step, trainable, opt_state = update(state.step, state.trainable,
+                                      state.opt_state, grads, tc=tc)
+  return state.replace(step=step, trainable=trainable,
+                       opt_state=opt_state), metrics
+
+
+def state_shardings(state, mesh: Mesh, offload: str = "none"):
   """Every leaf sharded by the parameter rules; optimizer state follows its
-  parameter because its path ends in the parameter's path."""
-  return shardings_like(state, mesh)
+  parameter because its path ends in the parameter's path. With `offload`
+  naming "optimizer", the optimizer state is in pinned host memory (where
+  the platform has it; compile-only devices report no memories)."""
+  shardings = shardings_like(state, mesh)
+  if "optimizer" not in offload.split(","):
+    return shardings
+  return shardings.replace(opt_state=jax.tree.map(
+      lambda s: s.with_memory_kind("pinned_host"), shardings.opt_state))
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadedStep:
+  """The train step as two programs, for `--offload optimizer`: the
+  gradients, where the step's activations peak, with no optimizer state on
+  the device; then the update, which brings AdamW's moments from pinned
+  host memory and sends them back. The same arithmetic as `train_step`.
+
+  Called as the fused step is, `(state, batch) -> (state, metrics)`; `lower`
+  and `compile` mirror `jax.jit`'s, so a run compiles both before its first
+  step and a memory plan reads both programs."""
+  grads_fn: Any
+  update_fn: Any
+
+  def __call__(self, state: TrainState, batch):
+    grads, metrics = self.grads_fn(state.trainable, state.frozen, state.step,
+                                   batch)
+    step, trainable, opt_state = self.update_fn(
+        state.step, state.trainable, state.opt_state, grads)
+    return state.replace(step=step, trainable=trainable,
+                         opt_state=opt_state), metrics
+
+  def lower(self, state, batch) -> "OffloadedStep":
+    grads = jax.eval_shape(self.grads_fn, state.trainable, state.frozen,
+                           state.step, batch)[0]
+    return OffloadedStep(
+        self.grads_fn.lower(state.trainable, state.frozen, state.step, batch),
+        self.update_fn.lower(state.step, state.trainable, state.opt_state,
+                             _like(grads, state.trainable)))
+
+  def compile(self, *args, **kwargs) -> "OffloadedStep":
+    return OffloadedStep(self.grads_fn.compile(*args, **kwargs),
+                         self.update_fn.compile(*args, **kwargs))
+
+
+def _like(tree, shaped):
+  """`tree`'s shapes with `shaped`'s shardings."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=getattr(s, "sharding", None)), tree, shaped)
 
 
 def batch_shardings(batch, mesh: Mesh):
@@ -187,15 +244,19 @@ def check_batch(config: LlamaConfig, tc: TrainConfig,
 
 def jit_train_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, state,
                    batch):
-  """`train_step` jitted with explicit shardings and the state donated.
+  """`train_step` jitted with explicit shardings and the state donated; an
+  `OffloadedStep` where `tc` offloads the optimizer.
 
   `state` and `batch` may be arrays or `jax.ShapeDtypeStruct`s; only their
   shapes are used. Returns (jitted step, state shardings, batch shardings).
   """
   check_batch(config, tc, jax.tree.leaves(batch)[0].shape, mesh)
-  s_shard = state_shardings(state, mesh)
+  s_shard = state_shardings(state, mesh, tc.offload)
   b_shard = batch_shardings(batch, mesh)
   metric_shard = NamedSharding(mesh, P())
+  if tc.offloads("optimizer"):
+    return _offloaded_step(config, tc, mesh, s_shard, b_shard), s_shard, b_shard
+
   def step_fn(s, b):
     with activation_mesh(mesh):
       return train_step(s, b, config=config, tc=tc)
@@ -205,6 +266,33 @@ def jit_train_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, state,
       in_shardings=(s_shard, b_shard),
       out_shardings=(s_shard, metric_shard), donate_argnums=0)
   return step, s_shard, b_shard
+
+
+def _offloaded_step(config, tc, mesh, s_shard, b_shard) -> OffloadedStep:
+  on_device = jax.tree.map(lambda s: s.with_memory_kind("device"),
+                           s_shard.opt_state)
+  metric_shard = NamedSharding(mesh, P())
+
+  def grads_fn(trainable, frozen, step, batch):
+    with activation_mesh(mesh):
+      return gradients(trainable, frozen, step, batch, config=config, tc=tc)
+
+  def update_fn(step, trainable, opt_state, grads):
+    # In the program, not around it: XLA moves the moments while nothing
+    # else of the step is on the device.
+    step, trainable, opt_state = update(
+        step, trainable, jax.device_put(opt_state, on_device), grads, tc=tc)
+    return step, trainable, jax.device_put(opt_state, s_shard.opt_state)
+
+  return OffloadedStep(
+      jax.jit(grads_fn, in_shardings=(s_shard.trainable, s_shard.frozen,
+                                      s_shard.step, b_shard),
+              out_shardings=(s_shard.trainable, metric_shard)),
+      jax.jit(update_fn, in_shardings=(s_shard.step, s_shard.trainable,
+                                       s_shard.opt_state, s_shard.trainable),
+              out_shardings=(s_shard.step, s_shard.trainable,
+                             s_shard.opt_state),
+              donate_argnums=(0, 1, 2)))
 
 
 def lower_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, *, ctx: int,

@@ -34,9 +34,9 @@ def _model(directory, seed=0):
 
 def _data(path, n_docs, seed=0):
   rng = np.random.default_rng(seed)
-  path.write_text("".join(
-      json.dumps({"text": " ".join(rng.choice(WORDS, rng.integers(3, 30)))})
-      + "\n" for _ in range(n_docs)))
+  path.write_text("".join(json.dumps(
+      {"text": " ".join(rng.choice(WORDS, rng.integers(3, 30)))}) + "\n"
+      for _ in range(n_docs)))
   return path
 
 
@@ -111,9 +111,8 @@ def test_the_printed_peft_hint_gives_the_merged_models_logits(run, files):
   # that sends PEFT to the Hub).
   from longlora_jax.training.export import describe
   _, _, config, _, _ = load_run(run)
-  hint = [line[2:] for line in describe({"peft": run / "peft"},
-                                        config).splitlines()
-          if line.startswith("  ")]
+  printed = describe({"peft": run / "peft"}, config).splitlines()
+  hint = [line[2:] for line in printed if line.startswith("  ")]
   assert hint[:2] == ["import torch",
                       "from peft import AutoPeftModelForCausalLM"]
   scope = {}
@@ -145,12 +144,14 @@ class _StopAt:
     return bar
 
 
+@pytest.mark.parametrize("offload", ["none", "optimizer"])  # host moments
 def test_interrupted_and_resumed_equals_uninterrupted(files, monkeypatch,
-                                                      capsys):
-  whole, parts = files["tmp"] / "whole", files["tmp"] / "parts"
-  assert extend.main(_args(files, whole, "--steps", "6")) == 0
+                                                      capsys, offload):
+  whole, parts = (files["tmp"] / f"{p}_{offload}" for p in ("whole", "parts"))
+  args = lambda out: _args(files, out, "--steps", "6", "--offload", offload)
+  assert extend.main(args(whole)) == 0
   monkeypatch.setattr(loop, "tqdm", _StopAt(3))
-  assert extend.main(_args(files, parts, "--steps", "6")) == 128 + signal.SIGTERM
+  assert extend.main(args(parts)) == 128 + signal.SIGTERM
   assert "resume with: python -m train.extend --resume" in capsys.readouterr().out
   assert sorted(os.listdir(parts / "checkpoints")) == ["3"]
   assert not (parts / "hf").exists()

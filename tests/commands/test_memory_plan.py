@@ -47,30 +47,6 @@ def test_tiny_plan_runs_and_counts(tmp_path):
           < full["tflops_per_step"]["analytic_total"])
 
 
-BUFFER_ASSIGNMENT = """BufferAssignment:
-allocation 0: size 4096, parameter 0, shape |f32[1024]| at ShapeIndex {}:
- value: <3 p.1 @0> (size=4096,offset=0): f32[1024]{0}
-allocation 1: size 9000, preallocated-temp:
- value: <7 fusion.2 @0> (size=6000,offset=0): bf16[3000]{0}
- value: <8 while.1{1} (phi) @0> (size=6000,offset=0): bf16[3000]{0}
- value: <9 fusion.5 @0> (size=2000,offset=6000): f32[500]{0}
- value: <10 add.3 @0> (size=1000,offset=8000): s8[1000]{0}
-allocation 2: size 8, constant:
- value: <11 constant.1 @0> (size=8,offset=0): s64[]
-allocation 3: size 50000, color 5, preallocated-temp:
- value: <12 dynamic-update-slice @5> (size=50000,offset=0): bf16[25000]{0:S(5)}
-"""
-
-
-def test_largest_temporaries_reads_xla_buffer_assignment():
-  # The parameter (4096 B) and the constant are not temporaries, nor is the
-  # buffer in host memory (color 5: offloaded activations); the while
-  # carry aliases fusion.2 (same offset and size) and is the same buffer.
-  top = memory_plan.largest_temporaries(BUFFER_ASSIGNMENT, k=2)
-  assert [(t["name"], t["shape"], t["gib"] * 2**30) for t in top] == [
-      ("fusion.2", "bf16[3000]", 6000), ("fusion.5", "f32[500]", 2000)]
-
-
 @pytest.mark.skipif(not gpu_target.AVAILABLE,
                     reason="needs jax[cuda12-local] (requirements-test.txt)")
 def test_gpu_target_keeps_the_residual_stack_in_bfloat16(tmp_path):

@@ -264,34 +264,6 @@ def test_cudnn_s2_runs_on_each_devices_rows_when_compiled_for_gpu():
 
 @pytest.mark.skipif(not gpu_target.AVAILABLE,
                     reason="needs JAX's CUDA plugin (requirements-test.txt)")
-def test_offloaded_step_keeps_the_layer_inputs_in_host_memory():
-  # XLA:GPU for one compile-only H100: with --offload activations the stack
-  # of layer inputs [layers, batch, seq, hidden] lives in host memory
-  # (memory space S(5)) and leaves the device's temporaries, where it was
-  # the largest buffer (the rest is one layer's work at a time).
-  cfg = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512,
-                    num_hidden_layers=4, num_attention_heads=2,
-                    max_position_embeddings=2048)
-  mesh = make_mesh("fsdp=1", gpu_target.devices("h100", 1))
-  stack = 4 * 1 * 8192 * 256 * 2  # bf16
-
-  def compiled(offload):
-    tc = TrainConfig(accum=1, offload=offload)
-    with gpu_target.assume_cudnn():
-      return lower_step(cfg, tc, mesh, ctx=8192)[0].compile()
-
-  kept, offloaded = compiled("none"), compiled("activations")
-  on_host = r"bf16\[4,1,8192,256\]\{[0-9,]+:S\(5\)\}"
-  assert not re.search(on_host, kept.as_text())
-  assert re.search(on_host, offloaded.as_text())
-  before, after = kept.memory_analysis(), offloaded.memory_analysis()
-  assert before.host_temp_size_in_bytes == 0
-  assert after.host_temp_size_in_bytes == stack
-  assert before.temp_size_in_bytes - after.temp_size_in_bytes >= stack / 2
-
-
-@pytest.mark.skipif(not gpu_target.AVAILABLE,
-                    reason="needs JAX's CUDA plugin (requirements-test.txt)")
 def test_a_4bit_step_holds_no_bf16_stack_of_a_layer_kernel():
   # XLA:GPU for 8 compile-only H100s (fsdp=8): with --quantize nf4 every
   # kernel is dequantized a layer at a time inside the scan, so no bf16
@@ -325,15 +297,6 @@ def test_a_4bit_step_holds_no_bf16_stack_of_a_layer_kernel():
   # XLA:GPU kept them as [96, 5, 256] too, Llama-2-70B's 2 x 4.38 GiB).
   assert bf16_stacks("none") == {(5, 32, 256), (5, 32, 768), (5, 96, 256)}
   assert not bf16_stacks("nf4")
-
-
-def test_offload_needs_full_remat():
-  with pytest.raises(LongLoraError, match="needs --remat full, not dots"):
-    TrainConfig(remat="dots", offload="activations")
-  with pytest.raises(LongLoraError, match="unknown offload"):
-    TrainConfig(offload="weights")
-  assert TrainConfig(offload="activations").remat_policy == "offload"
-  assert TrainConfig(remat="dots").remat_policy == "dots"
 
 
 def test_a_4bit_step_is_the_step_of_its_dequantized_model():
