@@ -28,6 +28,7 @@ from longlora_jax.core.plots import save_plot
 from longlora_jax.parallel.sharding import batch_parallelism
 from longlora_jax.training import saving
 from longlora_jax.training.recipe import RunSpec, group_size
+from longlora_jax.training.step import on_device
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -125,7 +126,7 @@ def loop(spec: RunSpec, config, mesh, state, step_fn, b_shard, first, data,
         stop = interrupt.signum is not None
         writer.poll()
         if step % spec.save_every == 0 or step == steps or stop:
-          if not bool(_all_finite(state.trainable)):
+          if not bool(_all_finite(on_device(state.trainable))):
             _stop_on_nan(writer, step, m)
           writer.save(state, {"data": dataclasses.asdict(position),
                               "loss": m["loss"]})

@@ -87,14 +87,18 @@ def initial_run_state(spec: RunSpec, params, mesh: Mesh) -> TrainState:
   init = functools.partial(
       initial_state, tc=spec.recipe, mode=spec.mode, lora_rank=spec.lora_rank,
       lora_alpha=spec.lora_alpha, seed=spec.seed)
-  shardings = state_shardings(jax.eval_shape(init, params), mesh,
-                              spec.recipe.offload)
-  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+  shape = jax.eval_shape(init, params)
+  # Made on the device, where the new leaves can take the donated buffers,
+  # then moved to host memory if the run keeps them there.
+  state = jax.jit(init, out_shardings=state_shardings(shape, mesh),
+                  donate_argnums=0)(params)
+  return jax.device_put(state, state_shardings(shape, mesh,
+                                               spec.recipe.offload))
 
 
 def params_of(state: TrainState):
-  """The full parameter tree (trainable leaves in float32)."""
-  return lora.combine(state.trainable, state.frozen)
+  """The full parameter tree (trainable leaves in float32), on the device."""
+  return lora.combine(on_device(state.trainable), state.frozen)
 
 
 def micro_batch_loss(config: LlamaConfig, tc: TrainConfig, params, batch):
@@ -159,53 +163,67 @@ def train_step(state: TrainState, batch, *, config: LlamaConfig,
 def state_shardings(state, mesh: Mesh, offload: str = "none"):
   """Every leaf sharded by the parameter rules; optimizer state follows its
   parameter because its path ends in the parameter's path. With `offload`
-  naming "optimizer", the optimizer state is in pinned host memory (where
-  the platform has it; compile-only devices report no memories)."""
+  naming "optimizer", the trained leaves and the optimizer state are in
+  pinned host memory (where the platform has it; compile-only devices
+  report no memories)."""
   shardings = shardings_like(state, mesh)
   if "optimizer" not in offload.split(","):
     return shardings
-  return shardings.replace(opt_state=jax.tree.map(
-      lambda s: s.with_memory_kind("pinned_host"), shardings.opt_state))
+  host = lambda tree: jax.tree.map(
+      lambda s: s.with_memory_kind("pinned_host"), tree)
+  return shardings.replace(trainable=host(shardings.trainable),
+                           opt_state=host(shardings.opt_state))
 
 
 @dataclasses.dataclass(frozen=True)
 class OffloadedStep:
-  """The train step as two programs, for `--offload optimizer`: the
-  gradients, where the step's activations peak, with no optimizer state on
-  the device; then the update, which brings AdamW's moments from pinned
-  host memory and sends them back. The same arithmetic as `train_step`.
+  """The train step as two programs, for `--offload optimizer`, with what
+  AdamW updates (its moments and the float32 master copies of the trained
+  leaves) in pinned host memory, as ZeRO-Offload keeps them:
 
-  Called as the fused step is, `(state, batch) -> (state, metrics)`; `lower`
-  and `compile` mirror `jax.jit`'s, so a run compiles both before its first
-  step and a memory plan reads both programs."""
+  - the gradients, where the step's activations peak: they take a device
+    copy of the trained leaves and return the gradients in its buffers;
+  - the update, which brings the masters and moments to the device while
+    nothing else of the step is there, and sends them back.
+
+  The same arithmetic as `train_step`. Called as the fused step is,
+  `(state, batch) -> (state, metrics)`; `lower` and `compile` mirror
+  `jax.jit`'s, so a run compiles both before its first step and a memory
+  plan reads both programs."""
   grads_fn: Any
   update_fn: Any
+  device: Any  # the trained leaves' shardings in device memory
 
   def __call__(self, state: TrainState, batch):
-    grads, metrics = self.grads_fn(state.trainable, state.frozen, state.step,
-                                   batch)
+    grads, metrics = self.grads_fn(jax.device_put(state.trainable, self.device),
+                                   state.frozen, state.step, batch)
     step, trainable, opt_state = self.update_fn(
         state.step, state.trainable, state.opt_state, grads)
     return state.replace(step=step, trainable=trainable,
                          opt_state=opt_state), metrics
 
   def lower(self, state, batch) -> "OffloadedStep":
-    grads = jax.eval_shape(self.grads_fn, state.trainable, state.frozen,
-                           state.step, batch)[0]
+    on_device = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=s), state.trainable, self.device)
     return OffloadedStep(
-        self.grads_fn.lower(state.trainable, state.frozen, state.step, batch),
+        self.grads_fn.lower(on_device, state.frozen, state.step, batch),
         self.update_fn.lower(state.step, state.trainable, state.opt_state,
-                             _like(grads, state.trainable)))
+                             on_device), self.device)
 
   def compile(self, *args, **kwargs) -> "OffloadedStep":
     return OffloadedStep(self.grads_fn.compile(*args, **kwargs),
-                         self.update_fn.compile(*args, **kwargs))
+                         self.update_fn.compile(*args, **kwargs), self.device)
 
 
-def _like(tree, shaped):
-  """`tree`'s shapes with `shaped`'s shardings."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=getattr(s, "sharding", None)), tree, shaped)
+def on_device(tree):
+  """`tree` with its leaves in pinned host memory (`--offload optimizer`)
+  copied to device memory, for programs that read them."""
+  def put(x):
+    sharding = getattr(x, "sharding", None)
+    if getattr(sharding, "memory_kind", None) != "pinned_host":
+      return x
+    return jax.device_put(x, sharding.with_memory_kind("device"))
+  return jax.tree.map(put, tree)
 
 
 def batch_shardings(batch, mesh: Mesh):
@@ -269,30 +287,33 @@ def jit_train_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, state,
 
 
 def _offloaded_step(config, tc, mesh, s_shard, b_shard) -> OffloadedStep:
-  on_device = jax.tree.map(lambda s: s.with_memory_kind("device"),
-                           s_shard.opt_state)
-  metric_shard = NamedSharding(mesh, P())
+  device = lambda tree: jax.tree.map(lambda s: s.with_memory_kind("device"),
+                                     tree)
+  trainable, moments = device(s_shard.trainable), device(s_shard.opt_state)
 
   def grads_fn(trainable, frozen, step, batch):
     with activation_mesh(mesh):
       return gradients(trainable, frozen, step, batch, config=config, tc=tc)
 
-  def update_fn(step, trainable, opt_state, grads):
-    # In the program, not around it: XLA moves the moments while nothing
-    # else of the step is on the device.
-    step, trainable, opt_state = update(
-        step, trainable, jax.device_put(opt_state, on_device), grads, tc=tc)
-    return step, trainable, jax.device_put(opt_state, s_shard.opt_state)
+  def update_fn(step, masters, opt_state, grads):
+    # In the program: XLA moves what is updated to the device and back.
+    step, masters, opt_state = update(
+        step, jax.device_put(masters, trainable),
+        jax.device_put(opt_state, moments), grads, tc=tc)
+    return (step, jax.device_put(masters, s_shard.trainable),
+            jax.device_put(opt_state, s_shard.opt_state))
 
   return OffloadedStep(
-      jax.jit(grads_fn, in_shardings=(s_shard.trainable, s_shard.frozen,
+      jax.jit(grads_fn, in_shardings=(trainable, s_shard.frozen,
                                       s_shard.step, b_shard),
-              out_shardings=(s_shard.trainable, metric_shard)),
+              out_shardings=(trainable, NamedSharding(mesh, P())),
+              donate_argnums=0),  # the gradients take the copy's buffers
       jax.jit(update_fn, in_shardings=(s_shard.step, s_shard.trainable,
-                                       s_shard.opt_state, s_shard.trainable),
+                                       s_shard.opt_state, trainable),
               out_shardings=(s_shard.step, s_shard.trainable,
                              s_shard.opt_state),
-              donate_argnums=(0, 1, 2)))
+              donate_argnums=(0, 1, 2)),
+      trainable)
 
 
 def lower_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, *, ctx: int,

@@ -11,7 +11,7 @@ import pytest
 import transformers
 
 from longlora_jax import LlamaConfig, LongLoraError
-from longlora_jax.checkpoints.checkpoint import Checkpoint
+from longlora_jax.checkpoints.checkpoint import Checkpoint, param_shardings
 from longlora_jax.checkpoints.hf import save_hf
 from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.perf import gpu_target
@@ -23,12 +23,14 @@ from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
 
 
-@pytest.mark.parametrize("offload", ["none", "optimizer"])
+@pytest.mark.parametrize("offload,devices", [("none", 1), ("optimizer", 1),
+                                             ("optimizer", 2)])
 def test_steps_are_torch_adamw_steps_wherever_the_moments_wait(
-    tiny_hf, tmp_path, offload):
+    tiny_hf, tmp_path, offload, devices):
   # Full fine-tuning of a transformers Llama, two steps: torch.optim.AdamW
   # after clipping the gradients' global norm to 1 is the reference for the
-  # fused step and for the one whose moments live in pinned host memory.
+  # fused step and for the one whose masters and moments live in pinned host
+  # memory, on one device and sharded over two.
   hf_models.require("torch")
   directory, _ = tiny_hf("gqa")
   base = Checkpoint.open(directory)
@@ -39,15 +41,17 @@ def test_steps_are_torch_adamw_steps_wherever_the_moments_wait(
                     "offload": offload}, task="extend",
                    base_config=base.config.to_hf_dict())
   config = target_config(spec, base.config)
-  mesh = make_mesh("fsdp=1", jax.devices()[:1])
-  state = initial_run_state(spec, base.params("float32"), mesh)
+  mesh = make_mesh(f"fsdp={devices}", jax.devices()[:devices])
+  state = initial_run_state(spec, base.params(
+      "float32", param_shardings(base.config, mesh)), mesh)
   batch = {"input_ids": jnp.asarray(ids[None], jnp.int32)}
   step, s_shard, b_shard = jit_train_step(config, spec.recipe, mesh, state,
                                           batch)
   assert isinstance(step, OffloadedStep) == (offload == "optimizer")
   for _ in range(2):
     state, metrics = step(state, jax.device_put(batch, b_shard))
-  kinds = {x.sharding.memory_kind for x in jax.tree.leaves(state.opt_state)}
+  kinds = {x.sharding.memory_kind
+           for x in jax.tree.leaves((state.trainable, state.opt_state))}
   assert kinds == {"pinned_host" if offload == "optimizer" else "device"}
   save_hf(config, params_of(state), tmp_path)
   ours = transformers.AutoModelForCausalLM.from_pretrained(
@@ -73,8 +77,9 @@ def test_steps_are_torch_adamw_steps_wherever_the_moments_wait(
 
 def test_the_offloaded_optimizer_leaves_the_gradients_program():
   # XLA's memory analysis of the two programs: the gradients' arguments are
-  # the fused step's less exactly the optimizer state's bytes, and the update
-  # takes the trainable leaves, their moments and their gradients.
+  # the fused step's less exactly the optimizer state's bytes, and the
+  # gradients take the buffers of the trained leaves' device copy; the
+  # update takes the masters, their moments and their gradients.
   cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                     num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=256)
@@ -87,6 +92,8 @@ def test_the_offloaded_optimizer_leaves_the_gradients_program():
                             for x in jax.tree.leaves(tree))
   args = lambda c: c.memory_analysis().argument_size_in_bytes
   assert args(fused) - args(split.grads_fn) == nbytes(state.opt_state)
+  assert split.grads_fn.memory_analysis().alias_size_in_bytes == nbytes(
+      state.trainable)
   assert args(split.update_fn) == (nbytes(state.opt_state) + nbytes(state.step)
                                    + 2 * nbytes(state.trainable))
 
