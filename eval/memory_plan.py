@@ -289,7 +289,7 @@ def plan(args) -> dict:
       "jax": jax.__version__, "compile_seconds": round(compile_s, 1),
       "per_device_gib": memory, **memory_search.host_need(
           memory, args.offload, config.num_hidden_layers * saved_per_layer
-          / gib, nbytes(state.opt_state) / n_dev / gib),
+          / gib, nbytes((state.trainable, state.opt_state)) / n_dev / gib),
       "breakdown_estimate_gib": {
           "frozen_weights": nbytes(state.frozen) / n_dev / gib,
           "trainable_fp32": nbytes(state.trainable) / n_dev / gib,

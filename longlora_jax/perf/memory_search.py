@@ -54,11 +54,11 @@ def host_need(memory: dict, offload: str, layer_inputs_gib: float,
   the figure comes from: XLA's memory analysis (`memory`) when it reports
   host temporaries, else, for offloaded activations, the layer inputs kept
   for the backward pass, counted by hand; plus, where `offload` names the
-  optimizer, its state's bytes (`optimizer_gib`: arrays, not temporaries,
-  so no memory analysis reports them)."""
+  optimizer, the bytes of what it updates (`optimizer_gib`: the float32
+  masters and their moments, arrays that no memory analysis reports)."""
   parts = offload.split(",")
   extra = optimizer_gib if "optimizer" in parts else 0.0
-  plus = " + the optimizer state's bytes" if extra else ""
+  plus = " + the optimizer's masters and moments" if extra else ""
   if memory["host_temporaries"] > 0 or "activations" not in parts:
     return {"host_gib": memory["host_temporaries"] + extra,
             "host_from": "XLA memory analysis" + plus}

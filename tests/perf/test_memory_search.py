@@ -67,10 +67,11 @@ def test_host_budget_defaults_per_target():
       "host_gib": 2.0, "host_from": "XLA memory analysis"}
   assert memory_search.host_need({"host_temporaries": 0.0}, "activations",
                                  1.5)["host_from"].startswith("hand count")
-  # The optimizer's moments are arrays, not temporaries: their bytes add.
+  # The optimizer's masters and moments are arrays, not temporaries: their
+  # bytes add.
   assert memory_search.host_need(xla, "activations,optimizer", 1.5, 0.25) == {
       "host_gib": 2.25,
-      "host_from": "XLA memory analysis + the optimizer state's bytes"}
+      "host_from": "XLA memory analysis + the optimizer's masters and moments"}
   assert memory_search.host_need({"host_temporaries": 0.0}, "optimizer", 1.5,
                                  0.25)["host_gib"] == 0.25
   assert memory_search.host_need(xla, "none", 1.5, 0.25)["host_gib"] == 2.0
