@@ -270,9 +270,9 @@ def plan(args) -> dict:
                         group_size=group)
   memory = _memory(compiled)
   if update_program is not None:
-    # The update's arguments are its own; the frozen weights stay on the
-    # device beside them. Compile-only devices have no host memory, so its
-    # plan counts the moments on the device: an upper bound.
+    # The frozen weights stay on the device beside the update. It brings
+    # the masters and moments to the device to update them; compile-only
+    # devices have no host memory, so its plan has them there as arguments.
     memory["update_total"] = (update_program["total"]
                               + nbytes(state.frozen) / n_dev / gib)
     memory["total"] = max(memory["total"], memory["update_total"])
@@ -381,7 +381,9 @@ def main(argv=None):
         lambda ctx: plan(argparse.Namespace(**{**vars(args), "ctx": ctx})),
         args.ctx_step, memory_search.usable_gib(args.target, args.usable_gib),
         memory_search.host_gib(args.target, args.host_gib),
-        s2=args.attention == "s2",
+        s2=args.attention == "s2", offload_more=(
+            None if args.offload == "activations,optimizer"
+            else "activations,optimizer"),
         report=None if args.json else functools.partial(print, flush=True))
     if args.json:
       print(json.dumps(found, indent=2))

@@ -85,16 +85,20 @@ def largest_fitting(fits, step: int) -> int | None:
 
 def find_max_ctx(plan_at, ctx_step: int, usable: tuple[float, str],
                  host: tuple[float, str], *, s2: bool = True,
+                 offload_more: str | None = "activations,optimizer",
                  report=print) -> dict:
   """The largest multiple of `ctx_step` whose train step, as `plan_at(ctx)`
   compiles it, fits both `usable` device memory (`usable_gib`'s answer)
   and `host` pinned host memory (`host_gib`'s); with its plan, the plan of
   the smallest context that did not fit, the limit it broke ("device",
   "host" or both), and every probe, each passed to `report` as a line
-  (None: silent)."""
+  (None: silent). `offload_more`: the --offload to suggest when even
+  `ctx_step` does not fit the device (None: the plans offload all)."""
   from longlora_jax.attention.groups import s2_group_size
   usable, source = usable
   host, host_source = host
+  device_hint = (f"--offload {offload_more} (device) or " if offload_more
+                 else "")
   if s2:
     try:
       s2_group_size(ctx_step)  # then every multiple splits too
@@ -128,9 +132,8 @@ def find_max_ctx(plan_at, ctx_step: int, usable: tuple[float, str],
         f"even --ctx-step {ctx_step} tokens need {first['device_gib']:.2f} "
         f"GiB per device and {first['host_gib']:.2f} GiB pinned host, over "
         f"the usable {usable:.2f} and {host:.2f} GiB "
-        f"({' and '.join(first['over'])}); try --offload "
-        "activations,optimizer (device) "
-        "or a larger --host-gib (host), a larger mesh or a smaller "
+        f"({' and '.join(first['over'])}); try {device_hint}a larger "
+        "--host-gib (host), a larger mesh or a smaller "
         "--ctx-step")
   beyond = min((p for p in probes if not p["fits"]), key=lambda p: p["ctx"])
   return {"usable_gib": usable, "usable_from": source, "host_gib": host,

@@ -155,9 +155,14 @@ def test_find_max_ctx_reports_each_probe_and_the_answer(tmp_path, capsys):
                     ("3", "1,024", "does not fit"), ("4", "768", "fits")]
   assert re.search(r"largest context that fits .* \(--usable-gib\) and "
                    r".*: 768 tokens", out)
-  with pytest.raises(LongLoraError, match="even --ctx-step 256 tokens"):
+  with pytest.raises(LongLoraError, match="even --ctx-step 256 tokens.*; "
+                     r"try --offload activations,optimizer \(device\) or"):
     memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
                              "--usable-gib", "1e-6"])
+  with pytest.raises(LongLoraError, match=r"\(device\); try a larger "):
+    memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "256",
+                             "--usable-gib", "1e-6", "--offload",
+                             "activations,optimizer"])
   with pytest.raises(LongLoraError, match="--ctx-step 260 does not split"):
     memory_plan.main(argv + ["--find-max-ctx", "--ctx-step", "260",
                              "--usable-gib", "1"])
