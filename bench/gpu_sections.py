@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import timing
-from longlora_jax.perf import gpu_target
+from longlora_jax.perf import gpu_target, memory_search
 from longlora_jax.attention.context import s2_halos
 from longlora_jax.attention.cudnn_grouped import cudnn_s2_attention
 from longlora_jax.attention.dispatch import (FUSED_PREFERENCE, AttentionSpec,
@@ -30,7 +30,8 @@ from longlora_jax.model.flops import peak_flops, step_flops
 from longlora_jax.model.llama import init_params
 from longlora_jax.parallel.sharding import make_mesh
 from longlora_jax.training.recipe import TrainConfig
-from longlora_jax.training.step import initial_state, jit_train_step
+from longlora_jax.training.step import (OffloadedStep, initial_state,
+                                        jit_train_step)
 from tests.references import attention as ref
 
 # The step `train_*` runs: Llama-2 7B's layer with fewer layers, LoRA+.
@@ -240,15 +241,16 @@ def _model(smoke):
   return dataclasses.replace(preset("llama2-7b"), num_hidden_layers=LAYERS)
 
 
-def _train(implementation, smoke, save):
+def _train(implementation, smoke, save, offloads=("none",), ctxs=None):
   base = _model(smoke)
   device = jax.devices()[0]
   init = jax.jit(lambda key: init_params(base, key, dtype=jnp.bfloat16))
   runs = []
-  for ctx in SMOKE_CTXS if smoke else CTXS:
+  for ctx, offload in itertools.product(
+      ctxs or (SMOKE_CTXS if smoke else CTXS), offloads):
     config = base.with_context(ctx)
     tc = TrainConfig(attention=AttentionSpec(implementation=implementation),
-                     accum=1, warmup=0)
+                     accum=1, warmup=0, offload=offload)
     # Fresh weights per context: the step donates (deletes) the state's.
     state = initial_state(init(jax.random.key(0)), tc)
     rng = np.random.default_rng(ctx)
@@ -263,7 +265,13 @@ def _train(implementation, smoke, save):
     t0 = time.time()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = round(time.time() - t0, 1)
-    memory = compiled.memory_analysis()
+    if isinstance(compiled, OffloadedStep):
+      planned = memory_search.with_update(
+          memory_search.program_gib(compiled.grads_fn),
+          memory_search.program_gib(compiled.update_fn),
+          sum(x.nbytes for x in jax.tree.leaves(state.frozen)) / 2**30)
+    else:
+      planned = memory_search.program_gib(compiled)
     calls = itertools.count()  # the warm-up takes batch 0, then 1, 0, ...
 
     def train_step():
@@ -276,14 +284,14 @@ def _train(implementation, smoke, save):
     peak = peak_flops(device)
     stats = device.memory_stats() or {}
     runs.append(dict(
-        implementation=implementation, ctx=ctx, layers=config.num_hidden_layers,
+        implementation=implementation, ctx=ctx, offload=offload,
+        layers=config.num_hidden_layers,
         compile_s=compile_s, step_s=seconds, tokens_per_s=ctx / seconds,
         mfu=flops / seconds / peak if peak else None, losses=losses,
         finite=bool(np.all(np.isfinite(losses))),
         peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-        planned_gib=(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                     - memory.alias_size_in_bytes
-                     + memory.temp_size_in_bytes) / 2**30))
+        planned_gib=planned["total"],
+        planned_host_gib=planned["host_temporaries"]))
     print(json.dumps(runs[-1]), flush=True)
     del state
     save(dict(runs=runs))
@@ -297,6 +305,16 @@ def train_pallas(smoke, save):
 
 def train_cudnn(smoke, save):
   return _train("cudnn" if _on_gpu() else "dense", smoke, save)
+
+
+def train_offload(smoke, save):
+  """The step at the longest context as it is and with the layer inputs and
+  AdamW's masters and moments in pinned host memory: what offloading costs
+  in time and saves in device memory, against the plans. The device's peak
+  is the process's running maximum, so the offloaded step runs first."""
+  return _train("cudnn" if _on_gpu() else "dense", smoke, save,
+                offloads=("activations,optimizer", "none"),
+                ctxs=(SMOKE_CTXS if smoke else CTXS)[-1:])
 
 
 # ---- attention benchmark, tile sweep, memory plan ----

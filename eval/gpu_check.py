@@ -33,6 +33,7 @@ SECTIONS = {
     "bench": (120, 45),
     "sweep": (60, 30),
     "plan": (45, 20),
+    "train_offload": (75, 40),
 }
 
 def parse_args(argv=None):
@@ -151,13 +152,14 @@ def summarize(report: dict) -> str:
   runs = [r for k, v in s.items() if k.startswith("train")
           for r in v.get("runs", [])]
   if runs:
-    lines += ["", "| S² impl | ctx | tokens/s | MFU | step s | peak GiB "
-              "| planned GiB | compile s |", "| --- | ---: | ---: | ---: "
-              "| ---: | ---: | ---: | ---: |"]
+    lines += ["", "| S² impl | offload | ctx | tokens/s | MFU | step s | "
+              "peak GiB | planned GiB | compile s |", "| --- | --- | ---: | "
+              "---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
       mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
       lines.append(
-          f"| {r['implementation']} | {r['ctx']} | {r['tokens_per_s']:,.0f} "
+          f"| {r['implementation']} | {r.get('offload', 'none')} | "
+          f"{r['ctx']} | {r['tokens_per_s']:,.0f} "
           f"| {mfu} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | "
           f"{r['planned_gib']:.2f} | {r['compile_s']} |")
   bench = s.get("bench", {}).get("results", [])

@@ -134,21 +134,6 @@ def _mesh(args):
                    gpu_target.devices(args.target, n))
 
 
-def _memory(compiled) -> dict:
-  mem = compiled.memory_analysis()
-  gib = 2.0 ** 30
-  return {
-      "arguments": mem.argument_size_in_bytes / gib,
-      "outputs": mem.output_size_in_bytes / gib,
-      "aliased": mem.alias_size_in_bytes / gib,
-      "temporaries": mem.temp_size_in_bytes / gib,
-      "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
-      # Pinned host memory the step holds (offloaded activations).
-      "host_temporaries": mem.host_temp_size_in_bytes / gib,
-  }
-
-
 def plan_eval(args) -> dict:
   """XLA's per-device memory of the evaluation's last prefill step and of
   a decode step at --ctx."""
@@ -172,8 +157,8 @@ def plan_eval(args) -> dict:
       "devices": mesh.size, "evaluation": "prefill (eval.passkey, eval.ruler)",
       "batch": args.batch, "chunk": args.chunk, "target": args.target,
       "jax": jax.__version__, "compile_seconds": round(time.time() - t0, 1),
-      "per_device_gib": _memory(compiled),
-      "decode_per_device_gib": _memory(decode),
+      "per_device_gib": memory_search.program_gib(compiled),
+      "decode_per_device_gib": memory_search.program_gib(decode),
       "kv_cache_gib_total": cache / 2**30,
       "loading_gib": _loading(config, mesh),
       "kv_cache_split": math.prod(one) // math.prod(parts),
@@ -255,7 +240,7 @@ def plan(args) -> dict:
     largest = hlo.largest_temporaries(found[0].read_text(), k=6) if found else []
   update_program = None
   if isinstance(compiled, OffloadedStep):
-    compiled, update_program = compiled.grads_fn, _memory(compiled.update_fn)
+    compiled, update_program = compiled.grads_fn, memory_search.program_gib(compiled.update_fn)
   cost = compiled.cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
@@ -268,14 +253,10 @@ def plan(args) -> dict:
   rows = args.batch * batch_parallelism(mesh)
   analytic = step_flops(config, args.ctx, batch=rows * args.accum,
                         group_size=group)
-  memory = _memory(compiled)
+  memory = memory_search.program_gib(compiled)
   if update_program is not None:
-    # The frozen weights stay on the device beside the update. It brings
-    # the masters and moments to the device to update them; compile-only
-    # devices have no host memory, so its plan has them there as arguments.
-    memory["update_total"] = (update_program["total"]
-                              + nbytes(state.frozen) / n_dev / gib)
-    memory["total"] = max(memory["total"], memory["update_total"])
+    memory = memory_search.with_update(memory, update_program,
+                                       nbytes(state.frozen) / n_dev / gib)
   result = {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
       "devices": n_dev, "attention": args.attention, "fused_kernel": fused,

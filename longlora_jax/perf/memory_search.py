@@ -12,6 +12,35 @@ from longlora_jax.core.errors import LongLoraError
 DEFAULT_MEM_FRACTION = 0.75
 
 
+def program_gib(compiled) -> dict:
+  """XLA's memory analysis of a compiled program, GiB per device; "total"
+  is what it holds on the device at its peak (arguments + outputs - the
+  donated ones they alias + temporaries), "host_temporaries" the pinned
+  host memory it holds (offloaded activations)."""
+  mem = compiled.memory_analysis()
+  gib = 2.0 ** 30
+  return {
+      "arguments": mem.argument_size_in_bytes / gib,
+      "outputs": mem.output_size_in_bytes / gib,
+      "aliased": mem.alias_size_in_bytes / gib,
+      "temporaries": mem.temp_size_in_bytes / gib,
+      "total": (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                - mem.alias_size_in_bytes + mem.temp_size_in_bytes) / gib,
+      "host_temporaries": mem.host_temp_size_in_bytes / gib,
+  }
+
+
+def with_update(grads: dict, update: dict, frozen_gib: float) -> dict:
+  """The plan of a step run as two programs (`--offload optimizer`): the
+  gradients' `program_gib`, with "update_total", the update's total plus
+  the frozen weights that stay on the device beside it (the update brings
+  the masters and moments there; compile-only devices, which have no host
+  memory, plan them there as its arguments), and "total" the larger."""
+  update_total = update["total"] + frozen_gib
+  return {**grads, "update_total": update_total,
+          "total": max(grads["total"], update_total)}
+
+
 def usable_gib(target: str, given: float | None = None) -> tuple[float, str]:
   """(GiB per device a train step may use on `target`, where that figure
   comes from): `given` (--usable-gib) if set, else JAX's preallocation."""

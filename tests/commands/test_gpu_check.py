@@ -20,7 +20,7 @@ def test_smoke_run_checks_every_section(tmp_path):
   sections = report["sections"]
   assert {k: v["status"] for k, v in sections.items()} == dict.fromkeys(
       ["env", "correctness", "train_pallas", "train_cudnn", "bench", "sweep",
-       "plan"], "ok")
+       "plan", "train_offload"], "ok")
   checks = sections["correctness"]["checks"]
   assert len(checks) == 16 and {c["status"] for c in checks} == {"pass"}
   assert {c["name"].split("_")[0] for c in checks} == {"pallas", "cudnn"}
@@ -35,6 +35,12 @@ def test_smoke_run_checks_every_section(tmp_path):
       "pallas", "s2_dense", "dense"}
   assert sections["sweep"]["configs"][0]["max_rel_err_vs_default"] == 0
   assert sections["plan"]["per_device_gib"]["total"] > 0
+  # The step with the layer inputs, masters and moments in host memory is
+  # the same step.
+  offloaded, kept = sections["train_offload"]["runs"]
+  assert (offloaded["offload"], kept["offload"]) == ("activations,optimizer",
+                                                     "none")
+  assert offloaded["losses"] == kept["losses"]
   summary = (tmp_path / "gpu_check.md").read_text()
   assert summary.endswith("correctness: all checks passed\n")
   assert "| pallas_7b_bfloat16_flash | pass |" in summary

@@ -75,3 +75,11 @@ def test_host_budget_defaults_per_target():
   assert memory_search.host_need({"host_temporaries": 0.0}, "optimizer", 1.5,
                                  0.25)["host_gib"] == 0.25
   assert memory_search.host_need(xla, "none", 1.5, 0.25)["host_gib"] == 2.0
+
+
+def test_a_two_program_step_plans_the_larger_of_its_programs():
+  grads = {"arguments": 6.0, "total": 20.0, "host_temporaries": 4.0}
+  planned = memory_search.with_update(grads, {"total": 5.0}, frozen_gib=3.5)
+  assert planned == {"arguments": 6.0, "total": 20.0,
+                     "host_temporaries": 4.0, "update_total": 8.5}
+  assert memory_search.with_update(grads, {"total": 18.0}, 3.5)["total"] == 21.5
