@@ -119,12 +119,14 @@ OPTIONS = {
                             "dequantized one layer at a time; embeddings, "
                             "norms, the LM head and LoRA stay in --dtype"),
     # training.recipe.OFFLOADS.
-    "--offload": dict(default="none", choices=(
+    "--offload": dict(default="none", metavar="WHAT", choices=(
         "none", "activations", "optimizer", "activations,optimizer"),
-        help="what waits in pinned host memory instead of GPU memory: "
-             "activations, the layer inputs --remat full keeps for the "
-             "backward pass; optimizer, AdamW's moments between updates "
-             "(the same step; longer contexts fit)"),
+        help="none, activations, optimizer or activations,optimizer: what "
+             "waits in pinned host memory instead of GPU memory. "
+             "activations: the layer inputs --remat full keeps for the "
+             "backward pass; optimizer: AdamW's float32 masters and "
+             "moments between updates (the same step; longer contexts "
+             "fit)"),
     "--heads": dict(type=count, default=32, help="query heads"),
     "--kv-heads": dict(type=count, default=None,
                        help="key/value heads (GQA; default: --heads)"),
