@@ -50,18 +50,6 @@ from longlora_jax.perf import gpu_target, hlo, memory_search
 from longlora_jax.core.errors import LongLoraError
 
 
-def _model_config(model: str):
-  """A preset's config, a config.json's, or a checkpoint's (any --ckpt:
-  a HF or Meta-layout directory, hf:ORG/NAME from the cache, demo)."""
-  from longlora_jax.checkpoints.checkpoint import Checkpoint
-  from longlora_jax.model.config import PRESETS, LlamaConfig, preset
-  if model in PRESETS:
-    return preset(model)
-  if Path(model).is_file():
-    return LlamaConfig.from_pretrained(model)
-  return Checkpoint.open(model).config
-
-
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
   p.add_argument("--model", default="llama2-7b",
@@ -139,9 +127,10 @@ def plan_eval(args) -> dict:
   a decode step at --ctx."""
   import jax
 
+  from longlora_jax.checkpoints.checkpoint import model_config
   from longlora_jax.model.generation import lower_extend
   from longlora_jax.model.kv_cache import cache_sharding
-  config = _model_config(args.model).with_context(args.ctx)
+  config = model_config(args.model).with_context(args.ctx)
   mesh = _mesh(args)
   t0 = time.time()
   step = lambda decode: lower_extend(config, mesh, ctx=args.ctx,
@@ -201,12 +190,13 @@ def plan(args) -> dict:
   import jax
 
   from longlora_jax.attention.dispatch import AttentionSpec, fused_for
+  from longlora_jax.checkpoints.checkpoint import model_config
   from longlora_jax.model.flops import paper_flops, step_flops
   from longlora_jax.parallel.sharding import batch_parallelism
   from longlora_jax.training.recipe import TrainConfig
   from longlora_jax.training.step import OffloadedStep, lower_step
 
-  config = _model_config(args.model).with_context(args.ctx)
+  config = model_config(args.model).with_context(args.ctx)
   mesh = _mesh(args)
   # What a run on the target picks: the fused kernel on a GPU where it
   # applies (for full attention too), else S²-Attn's default and, for full

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from longlora_jax.model.config import LlamaConfig, RopeScaling
+from longlora_jax.model.config import PRESETS, LlamaConfig, RopeScaling, preset
 from longlora_jax.parallel.sharding import make_mesh, shardings_like
 from longlora_jax.checkpoints.hf import expected_shapes, read_params
 from longlora_jax.checkpoints.bnb import checkpoint_quantization
@@ -89,6 +89,19 @@ class Checkpoint:
     eos = self.tokenizer.eos_token_id
     return int(np.atleast_1d(self.config.eos_token_id)[0]) if eos is None \
         else eos
+
+
+def model_config(model: str | os.PathLike) -> LlamaConfig:
+  """The config `model` names, as the planning and benchmark commands take
+  it: a preset name (`model.config.PRESETS`), a config.json file, or a
+  checkpoint as `Checkpoint.open` takes it (a HF or Meta-layout directory,
+  hf:ORG/NAME from the cache, demo)."""
+  model = str(model)
+  if model in PRESETS:
+    return preset(model)
+  if Path(model).is_file():
+    return LlamaConfig.from_pretrained(model)
+  return Checkpoint.open(model).config
 
 
 def load_hf(path_or_id: str | os.PathLike, dtype=jnp.bfloat16):

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -6,8 +7,9 @@ from flax import traverse_util
 
 from longlora_jax.checkpoints import hf as hf_io
 from longlora_jax.checkpoints.checkpoint import (Checkpoint, load_model,
-                                                 param_shardings)
+                                                 model_config, param_shardings)
 from longlora_jax.checkpoints.hub import resolve_checkpoint
+from longlora_jax.core.errors import CheckpointError
 from longlora_jax.parallel.sharding import make_mesh
 
 
@@ -71,3 +73,24 @@ def test_load_model_sets_the_rope_factor_from_ctx_or_pi_factor(
     assert dict(leaf.sharding.mesh.shape) == {
         "data": 1, "fsdp": 4, "tensor": 2, "context": 1}
     assert leaf.dtype == np.float32
+
+
+def test_model_config_reads_a_preset_a_config_file_or_a_checkpoint(tmp_path):
+  # Llama 2 7B as Meta's paper and its config.json give it.
+  llama = model_config("llama2-7b")
+  assert (llama.hidden_size, llama.intermediate_size, llama.num_hidden_layers,
+          llama.num_attention_heads, llama.vocab_size) == (
+              4096, 11008, 32, 32, 32000)
+  file = tmp_path / "config.json"
+  file.write_text(json.dumps({
+      "model_type": "llama", "vocab_size": 300, "hidden_size": 48,
+      "intermediate_size": 96, "num_hidden_layers": 3,
+      "num_attention_heads": 6, "num_key_value_heads": 2,
+      "max_position_embeddings": 128}))
+  for given in (file, str(file)):
+    mine = model_config(given)
+    assert (mine.hidden_size, mine.num_hidden_layers,
+            mine.num_key_value_heads, mine.context) == (48, 3, 2, 128)
+  assert model_config("demo").context == 256  # a checkpoint: the demo's
+  with pytest.raises(CheckpointError):
+    model_config(str(tmp_path / "missing"))
