@@ -19,9 +19,8 @@ from longlora_jax.core import cli
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--model", default=None,
-                 help="preset (llama2-7b, ...); default: the --hidden etc. "
-                      "shape")
+  cli.option(p, "--model", default=None,
+             purpose="default: the --hidden etc. shape")
   p.add_argument("--hidden", type=cli.count, default=512)
   p.add_argument("--layers", type=cli.count, default=8)
   cli.option(p, "--heads", default=8)
@@ -49,14 +48,15 @@ def main(argv=None):
   import jax.numpy as jnp
   import numpy as np
 
-  from longlora_jax.model.config import LlamaConfig, preset
+  from longlora_jax.checkpoints.checkpoint import model_config
+  from longlora_jax.model.config import LlamaConfig
   from longlora_jax.model.generation import generate
   from longlora_jax.model.llama import init_params
 
   platform = jax.devices()[0].platform
   dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
   if args.model:
-    config = preset(args.model)
+    config = model_config(args.model)
   else:
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden,

@@ -35,10 +35,7 @@ FROZEN = ("bf16", "nf4")  # the rows, in this order
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--model", default="llama2-7b",
-                 help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
-                      "qwen2.5-7b, mistral-7b, ...), a checkpoint as --ckpt "
-                      "takes it (only its config is read), or a config.json")
+  cli.option(p, "--model")
   p.add_argument("--layers", type=cli.count, default=2,
                  help="layers kept of the model's (default 2)")
   cli.option(p, "--ctx", default=1024, help="tokens per step (default 1024; "

@@ -52,11 +52,7 @@ from longlora_jax.core.errors import LongLoraError
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
-  p.add_argument("--model", default="llama2-7b",
-                 help="preset name (llama2-7b/13b/70b, llama3.1-8b/70b, "
-                      "qwen2.5-7b, mistral-7b, gemma2-9b, gemma3-4b, "
-                      "olmo2-7b, phi3-mini), a checkpoint as --ckpt takes "
-                      "it (HF or Meta's layout), or a config.json")
+  cli.option(p, "--model")
   cli.option(p, "--ctx", default=100000, help="sequence length")
   cli.option(p, "--mesh", default="fsdp=8",
              purpose="the mesh planned for (8 devices when an axis is -1)")

@@ -127,6 +127,13 @@ OPTIONS = {
              "backward pass; optimizer: AdamW's float32 masters and "
              "moments between updates (the same step; longer contexts "
              "fit)"),
+    # What `checkpoints.checkpoint.model_config` reads.
+    "--model": dict(default="llama2-7b",
+                    help="a preset (llama2-7b/13b/70b, llama3.1-8b/70b, "
+                         "qwen2.5-7b, mistral-7b, gemma2-9b, gemma3-4b, "
+                         "olmo2-7b, phi3-mini), a checkpoint as --ckpt takes "
+                         "it (HF or Meta's layout; only its config is read), "
+                         "or a config.json"),
     "--heads": dict(type=count, default=32, help="query heads"),
     "--kv-heads": dict(type=count, default=None,
                        help="key/value heads (GQA; default: --heads)"),
