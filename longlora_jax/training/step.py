@@ -169,10 +169,14 @@ def state_shardings(state, mesh: Mesh, offload: str = "none"):
   shardings = shardings_like(state, mesh)
   if "optimizer" not in offload.split(","):
     return shardings
-  host = lambda tree: jax.tree.map(
-      lambda s: s.with_memory_kind("pinned_host"), tree)
-  return shardings.replace(trainable=host(shardings.trainable),
-                           opt_state=host(shardings.opt_state))
+  return shardings.replace(
+      trainable=_in_memory(shardings.trainable, "pinned_host"),
+      opt_state=_in_memory(shardings.opt_state, "pinned_host"))
+
+
+def _in_memory(shardings, kind: str):
+  """`shardings` (a tree) in memory `kind` ("device", "pinned_host")."""
+  return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,9 +291,8 @@ def jit_train_step(config: LlamaConfig, tc: TrainConfig, mesh: Mesh, state,
 
 
 def _offloaded_step(config, tc, mesh, s_shard, b_shard) -> OffloadedStep:
-  device = lambda tree: jax.tree.map(lambda s: s.with_memory_kind("device"),
-                                     tree)
-  trainable, moments = device(s_shard.trainable), device(s_shard.opt_state)
+  trainable = _in_memory(s_shard.trainable, "device")
+  moments = _in_memory(s_shard.opt_state, "device")
 
   def grads_fn(trainable, frozen, step, batch):
     with activation_mesh(mesh):
