@@ -1,7 +1,7 @@
 """The cost of 4-bit frozen weights per train step, at a real model's shapes.
 
-Times the LoRA+ train step of `train.extend` (`training.step`: remat
-full, one micro-batch of one row, bfloat16, the recipe's defaults
+Times the LoRA+ train step of `train.extend` (`training.step`: --remat,
+full by default, one micro-batch of one row, bfloat16, the recipe's defaults
 otherwise) on one model's shapes twice, side by side: the frozen weights
 in bfloat16, then with the layer kernels in NF4 (`nf4.quantize_layers`,
 QLoRA's double-quantized NormalFloat, dequantized one layer at a time in
@@ -43,6 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=cli.count, default=3,
                  help="timed steps per row (default 3)")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
+  cli.option(p, "--remat")
   p.add_argument("--seed", type=cli.index, default=0,
                  help="of the random weights and token ids")
   p.add_argument("--json", metavar="OUT", help="write the results here")
@@ -70,12 +71,12 @@ def config_of(args):
 
 def recipe(args):
   """The train step's recipe: the defaults of `TrainConfig` but one
-  micro-batch, bfloat16 and full remat (named, so a changed default does
-  not change what this measures)."""
+  micro-batch, bfloat16 and --remat (named, so a changed default does not
+  change what this measures)."""
   from longlora_jax.attention.dispatch import AttentionSpec
   from longlora_jax.training.recipe import TrainConfig
-  return TrainConfig(attention=AttentionSpec(args.attention), remat="full",
-                     dtype="bfloat16", accum=1)
+  return TrainConfig(attention=AttentionSpec(args.attention),
+                     remat=args.remat, dtype="bfloat16", accum=1)
 
 
 def measure(config, tc, params, batch, repeats: int, frozen: str) -> dict:
@@ -143,8 +144,8 @@ def benchmark(args) -> dict:
   return {
       "model": args.model, "layers": args.layers, "ctx": args.ctx,
       "attention": args.attention, "repeats": args.repeats,
-      "recipe": "LoRA+ (r=8, alpha 16), remat full, accum 1, batch 1, "
-                "bfloat16",
+      "recipe": f"LoRA+ (r=8, alpha 16), remat {args.remat}, accum 1, "
+                "batch 1, bfloat16",
       "device": f"{device.platform}: {device.device_kind}",
       "devices": jax.device_count(), "jax": jax.__version__,
       # A CPU's step shares its cores: above their count, other jobs ran.

@@ -61,8 +61,7 @@ def parse_args(argv=None):
   p.add_argument("--accum", type=cli.count, default=1,
                  help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
-  p.add_argument("--remat", choices=("full", "dots", "none"), default="full",
-                 help="activation checkpointing")
+  cli.option(p, "--remat")
   cli.option(p, "--offload")
   cli.option(p, "--quantize")
   p.add_argument("--target", choices=("cpu", *sorted(gpu_target.GPUS)),
@@ -188,6 +187,7 @@ def plan(args) -> dict:
   from longlora_jax.attention.dispatch import AttentionSpec, fused_for
   from longlora_jax.checkpoints.checkpoint import model_config
   from longlora_jax.model.flops import paper_flops, step_flops
+  from longlora_jax.model.remat import kept_layer_inputs
   from longlora_jax.parallel.sharding import batch_parallelism
   from longlora_jax.training.recipe import TrainConfig
   from longlora_jax.training.step import OffloadedStep, lower_step
@@ -261,8 +261,8 @@ def plan(args) -> dict:
           "frozen_weights": nbytes(state.frozen) / n_dev / gib,
           "trainable_fp32": nbytes(state.trainable) / n_dev / gib,
           "optimizer_state": nbytes(state.opt_state) / n_dev / gib,
-          "layer_inputs_kept_for_backward":
-              config.num_hidden_layers * saved_per_layer / gib,
+          "layer_inputs_kept_for_backward": kept_layer_inputs(
+              config.num_hidden_layers, args.remat) * saved_per_layer / gib,
       },
       "largest_temporaries": largest,
       "loading_gib": _loading(config, mesh, args.quantize),

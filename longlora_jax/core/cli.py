@@ -118,6 +118,13 @@ OPTIONS = {
                             "NormalFloat, double-quantized scales), "
                             "dequantized one layer at a time; embeddings, "
                             "norms, the LM head and LoRA stay in --dtype"),
+    # model.remat.REMAT_POLICIES but "offload", which --offload picks.
+    "--remat": dict(default="full", choices=("full", "nested", "dots", "none"),
+                    help="activation checkpointing: full keeps each layer's "
+                         "input; nested keeps one input per block of about "
+                         "sqrt(layers) layers and recomputes the rest (one "
+                         "more forward pass, far fewer inputs: 18 of 80); "
+                         "dots also keeps the projections' outputs"),
     # training.recipe.OFFLOADS.
     "--offload": dict(default="none", metavar="WHAT", choices=(
         "none", "activations", "optimizer", "activations,optimizer"),

@@ -42,32 +42,16 @@ from longlora_jax.attention.masks import soft_cap
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.model.lora import is_nf4_kernel
 from longlora_jax.model.projection import project
+from longlora_jax.model.remat import (LAYER_INPUT, REMAT_POLICIES,
+                                      remat_blocks, split_layers)
 from longlora_jax.model.rope import apply_rope, rope_frequencies
 from longlora_jax.parallel.sharding import (context_slices, gather_over_context,
                                    shard_batch)
 
 DType = Any
 
-# What each layer keeps for the backward pass. "dots" keeps the projection
-# matmul outputs (no batch dims) and recomputes attention and elementwise ops.
 # Above this many tokens the MLP runs in sequence chunks (see DecoderLayer).
 MLP_CHUNK = 4096
-
-# Each layer names its input (the residual stream it takes); "offload" is
-# "full", except that this input, the one thing "full" keeps per layer (the
-# [layers, batch, seq, hidden] stack), goes to pinned host memory in the
-# forward pass and comes back for the backward pass (as MaxText offloads its
-# "decoder_layer_input").
-LAYER_INPUT = "decoder_layer_input"
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT],
-        offload_src="device", offload_dst="pinned_host"),
-}
 
 
 def rms_norm(x_BTD, weight_D, eps: float, weight_f32: bool = False,
@@ -311,16 +295,23 @@ class Decoder(nn.Module):
       x_BTD = x_BTD * jnp.asarray(cfg.hidden_size ** 0.5, x_BTD.dtype)
     layer = nn.map_variables(DecoderLayer, "params",
                              trans_in_fn=gather_over_context, init=True)
-    if REMAT_POLICIES[self.remat] is not None:
-      layer = nn.remat(layer, policy=REMAT_POLICIES[self.remat],
+    policy = REMAT_POLICIES[self.remat]
+    if policy is not None:
+      layer = nn.remat(layer, policy=policy, prevent_cse=False)
+    scan = lambda module, length: nn.scan(
+        module, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0), length=length)
+    L = cfg.num_hidden_layers
+    blocks = remat_blocks(L, self.remat)
+    layer_index = jnp.arange(L)
+    if blocks > 1:  # the params come as [blocks, L / blocks, ...]: split_layers
+      layer = nn.remat(scan(layer, L // blocks), policy=policy,
                        prevent_cse=False)
-    layers = nn.scan(
-        layer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0), length=cfg.num_hidden_layers)
+      layer_index = layer_index.reshape(blocks, L // blocks)
+    layers = scan(layer, blocks if blocks > 1 else L)
     (x_BTD, cache), _ = layers(
         cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
-            (x_BTD, cache), positions_BT, segment_ids_BT,
-            jnp.arange(cfg.num_hidden_layers))
+            (x_BTD, cache), positions_BT, segment_ids_BT, layer_index)
     return _norm(cfg, self.param_dtype, "norm")(x_BTD), cache
 
 
@@ -388,6 +379,8 @@ def _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT, cache, *,
   decoder = Decoder(config, get_attention(attention), dtype or embedding.dtype,
                     embedding.dtype, remat)
   body = {k: v for k, v in params.items() if k != "lm_head"}
+  body["layers"] = split_layers(body["layers"], config.num_hidden_layers,
+                                remat)
   return decoder.apply({"params": body}, input_ids_BT, positions_BT,
                        segment_ids_BT, cache)
 

@@ -185,8 +185,8 @@ def parser(task: Task, doc: str,
              help=f"frozen weights, compute and export {d('dtype')}")
   cli.option(p, "--quantize", default=None,
              help=f"{cli.OPTIONS['--quantize']['help']} {d('quantize')}")
-  p.add_argument("--remat", choices=("full", "dots", "none"), help="activation "
-                 f"checkpointing {d('remat')}")
+  cli.option(p, "--remat", default=None,
+             help=f"{cli.OPTIONS['--remat']['help']} {d('remat')}")
   cli.option(p, "--offload", default=None,
              help=f"{cli.OPTIONS['--offload']['help']} {d('offload')}")
   p.add_argument("--seed", type=cli.index, help="LoRA initialisation and "

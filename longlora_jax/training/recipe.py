@@ -92,7 +92,7 @@ class TrainConfig:
 
   @property
   def remat_policy(self) -> str:
-    """The model's remat policy (`model.REMAT_POLICIES`) for this recipe."""
+    """The model's remat policy (`model.remat.REMAT_POLICIES`) for this recipe."""
     return "offload" if self.offloads("activations") else self.remat
 
 

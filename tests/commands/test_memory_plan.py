@@ -267,3 +267,21 @@ def test_find_max_ctx_stops_where_the_host_runs_out(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1] == ("error: argument --host-gib: '-1' is not a finite "
                      "number > 0 (see --help)")
+
+
+def test_nested_remat_plans_fewer_layer_inputs(tmp_path):
+  # 16 layers in 4 blocks: 8 layer inputs kept at once instead of 16, each
+  # [1024 tokens, 256] in bf16 (one sequence per device on fsdp=8).
+  LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=64,
+              num_hidden_layers=16, num_attention_heads=2,
+              max_position_embeddings=256).save(tmp_path)
+  plans = {r: memory_plan.plan(memory_plan.parse_args(
+      ["--model", str(tmp_path), "--ctx", "1024", "--mesh", "fsdp=8",
+       "--remat", r])) for r in ("full", "nested")}
+  one = 1024 * 256 * 2 / 2**30
+  kept = {r: p["breakdown_estimate_gib"]["layer_inputs_kept_for_backward"]
+          for r, p in plans.items()}
+  assert kept == {"full": 16 * one, "nested": 8 * one}
+  saved = (plans["full"]["per_device_gib"]["temporaries"]
+           - plans["nested"]["per_device_gib"]["temporaries"])
+  assert saved >= 7 * one, (saved / one, plans)

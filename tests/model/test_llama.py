@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longlora_jax.model.llama import REMAT_POLICIES
 from longlora_jax import (LlamaConfig, forward, init_params,
                           load_hf)
 from tests.references import hf_models
@@ -59,51 +58,6 @@ def test_position_interpolation_matters(tiny_hf):
   unscaled = LlamaConfig(**{**config.__dict__, "rope_scaling": None})
   got = np.asarray(_logits(unscaled, params, jnp.asarray(ids)))
   assert np.abs(got - hf_models.hf_logits(hf_model, ids)).max() > 1e-2
-
-
-@pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
-def test_remat_policies_same_values_and_grads(tiny_hf, remat):
-  directory, hf_model = tiny_hf("gqa")
-  config, params = load_hf(directory, dtype=jnp.float32)
-  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
-
-  def loss(p):
-    return jnp.mean(jax.nn.log_softmax(forward(config, p, ids, remat=remat)))
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(params)
-  # Reference gradient: torch autograd through the transformers model.
-  hf_model.zero_grad()
-  logits = hf_model(torch.tensor(np.asarray(ids))).logits
-  want_value = torch.log_softmax(logits, -1).mean()
-  want_value.backward()
-  np.testing.assert_allclose(value, want_value.item(), rtol=1e-5)
-  want = hf_model.model.layers[1].self_attn.q_proj.weight.grad.numpy().T
-  got = np.asarray(grads["layers"]["self_attn"]["q_proj"]["kernel"][1])
-  np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
-  want = hf_model.model.embed_tokens.weight.grad.numpy()
-  np.testing.assert_allclose(grads["embed_tokens"]["embedding"], want,
-                             atol=1e-6, rtol=1e-4)
-
-
-def test_offloaded_layer_inputs_give_the_same_gradients_bit_for_bit(tiny_hf):
-  # "offload" keeps what "full" keeps, on the host: the same computation.
-  # (XLA:CPU has the memory kinds, but JAX lowers the move to pinned_host
-  # only for GPU and TPU; tests/training/test_step.py checks that XLA:GPU
-  # really places the layer inputs in host memory.)
-  directory, _ = tiny_hf("gqa")
-  config, params = load_hf(directory, dtype=jnp.float32)
-  ids = jnp.asarray(hf_models.random_ids(config.vocab_size, 2, 16))
-
-  def grads(remat):
-    loss = lambda p: jnp.mean(jax.nn.log_softmax(
-        forward(config, p, ids, remat=remat)))
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  offloaded, full = grads("offload"), grads("full")
-  for got, want in zip(jax.tree.leaves(offloaded), jax.tree.leaves(full)):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-  assert np.abs(np.asarray(full[1]["layers"]["mlp"]["up_proj"]["kernel"])
-                ).max() > 0
 
 
 def test_segments_equal_separate_documents(tiny_hf):
