@@ -138,13 +138,6 @@ def run_commands(commands: dict) -> dict:
   return {name: tuple(result) for name, result in results.items()}
 
 
-def pytest_collection_modifyitems(items):
-  # The slowest tests first: xdist's worksteal hands each worker a
-  # contiguous share and steals from the end of a queue, so a long test
-  # left at the end would run alone while the other worker idles.
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 def pytest_unconfigure(config):
   if _OWN_CACHE:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)

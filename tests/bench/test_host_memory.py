@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from safetensors import safe_open
 
 from longlora_jax.checkpoints.peft.layout import PREFIX
@@ -45,7 +44,6 @@ def _run(args, devices=8):
   return out
 
 
-@pytest.mark.slow
 def test_wide_model_loads_into_shards_and_exports_in_parts(tmp_path):
   hf_models.require("torch")
   try:

@@ -70,7 +70,6 @@ def test_official_s2_is_ours_roll_variant(heads, kv_heads):
   assert not differs[:, :heads // 2].any()
 
 
-@pytest.mark.slow
 def test_runs_every_workload_side_by_side(tmp_path):
   hf_models.require("torch", "peft")
   out = tmp_path / "vs.json"

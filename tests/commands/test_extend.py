@@ -351,7 +351,6 @@ def _meta_llama2_hub(root):
   return snapshot
 
 
-@pytest.mark.slow
 def test_design_card_command_on_metas_release(tmp_path, monkeypatch):
   # The design card's command, as a user types it, on Meta's release of
   # Llama 2 (no config.json: its context comes from what the files say).

@@ -3,13 +3,10 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 from eval.gpu_check import failures, summarize
 from tests.conftest import ROOT
 
 
-@pytest.mark.slow
 def test_smoke_run_checks_every_section(tmp_path):
   # Tiny sizes on the CPU, the Pallas kernel through its interpreter and
   # the cuDNN grouping through XLA: what a GPU box runs, section by section.

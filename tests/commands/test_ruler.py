@@ -14,7 +14,6 @@ def demo(tmp_path_factory):
   return resolve_checkpoint("demo")
 
 
-@pytest.mark.slow
 def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
   argv = ["--ckpt", str(demo), "--lengths", "0.75k", "1k", "--samples", "3",
           "--tasks", "niah_single_1", "niah_single_2", "vt", "fwe", "qa_2",

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from tests import conftest
 
@@ -44,7 +43,6 @@ def _two_processes(*args):
     assert p.returncode == 0, err[-3000:]
 
 
-@pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
   single = subprocess.run([*WORKER, "train", str(tmp_path / "one.npz")],
                           cwd=ROOT, env=_env(8), capture_output=True,

@@ -250,7 +250,6 @@ def _compile_for(target, fn, shapes, dump_dir):
 
 @pytest.mark.parametrize("target, arch, mma", [
     ("a100", "sm_80", "mma.sync"), ("h100", "sm_90a", "wgmma.mma_async")])
-@pytest.mark.slow
 def test_kernels_compile_to_ptx_for_the_gpu(target, arch, mma, tmp_path):
   grads = jax.grad(lambda q, k, v: pallas_s2_attention(
       q, k, v, group_size=2048).astype(jnp.float32).sum(), (0, 1, 2))
@@ -272,7 +271,6 @@ def test_tiles_too_big_for_the_gpu_fail_to_compile(tmp_path):
         q, k, v, group_size=2048, config=config), [LLAMA_7B] * 3, tmp_path)
 
 
-@pytest.mark.slow
 def test_float32_defaults_fit_an_a100(tmp_path):
   # At head_dim 128 three forward stages of float32 tiles need 196,608
   # bytes, and at "highest" precision (the tests' default) two backward

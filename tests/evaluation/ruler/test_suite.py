@@ -206,7 +206,6 @@ def _word_tokenizer():
 WORDS = ("alpha", "bravo", "delta", "gamma", "sigma", "kappa", "omega")
 
 
-@pytest.mark.slow
 def test_the_suite_finds_a_known_answer():
   # A tiny Llama learns, with the project's train step, to copy the token
   # `lag` positions back. With the needle at depth 100% and keys of one
