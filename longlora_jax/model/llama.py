@@ -308,7 +308,7 @@ class Decoder(nn.Module):
       layer = nn.remat(scan(layer, L // blocks), policy=policy,
                        prevent_cse=False)
       layer_index = layer_index.reshape(blocks, L // blocks)
-    layers = scan(layer, blocks if blocks > 1 else L)
+    layers = scan(layer, len(layer_index))
     (x_BTD, cache), _ = layers(
         cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
             (x_BTD, cache), positions_BT, segment_ids_BT, layer_index)
