@@ -40,8 +40,7 @@ from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
                                              get_attention, layer_attention)
 from longlora_jax.attention.masks import soft_cap
 from longlora_jax.model.config import LlamaConfig
-from longlora_jax.model.lora import is_nf4_kernel
-from longlora_jax.model.projection import project
+from longlora_jax.model.modules import Dense, family_norm
 from longlora_jax.model.remat import (LAYER_INPUT, REMAT_POLICIES,
                                       remat_blocks, split_layers)
 from longlora_jax.model.rope import apply_rope, rope_frequencies
@@ -52,62 +51,6 @@ DType = Any
 
 # Above this many tokens the MLP runs in sequence chunks (see DecoderLayer).
 MLP_CHUNK = 4096
-
-
-def rms_norm(x_BTD, weight_D, eps: float, weight_f32: bool = False,
-             offset: bool = False):
-  """HF LlamaRMSNorm: statistics in float32, result in x's dtype; the weight
-  applied in x's dtype, or before the cast back with `weight_f32` (OLMo 2),
-  as (1 + weight) with `offset` (Gemma)."""
-  x32 = x_BTD.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  if offset:
-    return (normed * (1.0 + weight_D.astype(jnp.float32))).astype(x_BTD.dtype)
-  if weight_f32:
-    return (weight_D.astype(jnp.float32) * normed).astype(x_BTD.dtype)
-  return weight_D.astype(x_BTD.dtype) * normed.astype(x_BTD.dtype)
-
-
-class Dense(nn.Module):
-  features: int
-  dtype: DType
-  param_dtype: DType
-  std: float
-  use_bias: bool = False
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    kernel_DF = self.get_variable("params", "kernel")
-    # A 4-bit kernel is read as it is: flax would check its first leaf, the
-    # packed codes, against the kernel's shape (checked where it is loaded).
-    if not is_nf4_kernel(kernel_DF):
-      kernel_DF = self.param("kernel", nn.initializers.normal(self.std),
-                             (x_BTD.shape[-1], self.features),
-                             self.param_dtype)
-    y_BTF = project(x_BTD, kernel_DF, self.dtype)
-    if self.use_bias:  # zeros at init, as transformers initialises them
-      y_BTF += self.param("bias", nn.initializers.zeros, (self.features,),
-                          self.param_dtype).astype(self.dtype)
-    return y_BTF
-
-
-class RMSNorm(nn.Module):
-  eps: float
-  param_dtype: DType
-  weight_f32: bool = False
-  offset: bool = False  # (1 + weight), initialised 0 (Gemma)
-
-  @nn.compact
-  def __call__(self, x_BTD):
-    init = nn.initializers.zeros if self.offset else nn.initializers.ones
-    weight_D = self.param("weight", init, (x_BTD.shape[-1],), self.param_dtype)
-    return rms_norm(x_BTD, weight_D, self.eps, self.weight_f32, self.offset)
-
-
-def _norm(cfg: LlamaConfig, param_dtype, name: str) -> RMSNorm:
-  """The RMSNorm of `cfg`'s family."""
-  return RMSNorm(cfg.rms_norm_eps, param_dtype, cfg.norm_weight_f32, cfg.gemma,
-                 name=name)
 
 
 class Attention(nn.Module):
@@ -133,7 +76,7 @@ class Attention(nn.Module):
       k_BTF = dense(K * H, "k_proj", cfg.qkv_bias)(x_BTD)
       v_BTF = dense(K * H, "v_proj", cfg.qkv_bias)(x_BTD)
     v_BTKH = v_BTF.reshape(B, T, K, H)
-    norm = lambda name: _norm(cfg, self.param_dtype, name)
+    norm = lambda name: family_norm(cfg, self.param_dtype, name)
     if cfg.qk_norm and cfg.qk_norm_over == "projection":
       # OLMo 2: one RMSNorm over all heads' dims, before the split.
       q_BTF, k_BTF = norm("q_norm")(q_BTF), norm("k_norm")(k_BTF)
@@ -219,7 +162,7 @@ class DecoderLayer(nn.Module):
     # the backward pass needs only the offloaded one, not the input itself.
     x_BTD = checkpoint_name(shard_batch(x_BTD), LAYER_INPUT)
     cfg = self.config
-    norm = lambda name: _norm(cfg, self.param_dtype, name)
+    norm = lambda name: family_norm(cfg, self.param_dtype, name)
     pre, post = (cfg.norm_placement in ("pre", "both"),
                  cfg.norm_placement in ("post", "both"))
     # "pre" normalises what enters a block, "post" what leaves it.
@@ -312,7 +255,7 @@ class Decoder(nn.Module):
     (x_BTD, cache), _ = layers(
         cfg, self.attention_fn, self.dtype, self.param_dtype, name="layers")(
             (x_BTD, cache), positions_BT, segment_ids_BT, layer_index)
-    return _norm(cfg, self.param_dtype, "norm")(x_BTD), cache
+    return family_norm(cfg, self.param_dtype, "norm")(x_BTD), cache
 
 
 def init_params(config: LlamaConfig, key: jax.Array, dtype: DType = jnp.float32):
