@@ -1,15 +1,15 @@
 """The cost of 4-bit frozen weights per train step, at a real model's shapes.
 
 Times the LoRA+ train step of `train.extend` (`training.step`: --remat,
-full by default, one micro-batch of one row, bfloat16, the recipe's defaults
-otherwise) on one model's shapes twice, side by side: the frozen weights
-in bfloat16, then with the layer kernels in NF4 (`nf4.quantize_layers`,
-QLoRA's double-quantized NormalFloat, dequantized one layer at a time in
-the step). Weights and token ids are random (nothing is downloaded); the
-model keeps its real widths but only --layers of its layers, so a CPU can
-run it. Each step runs once untimed (compilation) and then --repeats
-times (`bench.timing.timed`). Runs on whatever backend JAX has (a CPU, or
-the same command on a GPU).
+full by default, and --s2-by-group; one micro-batch of one row, bfloat16,
+the recipe's defaults otherwise) on one model's shapes twice, side by
+side: the frozen weights in bfloat16, then with the layer kernels in NF4
+(`nf4.quantize_layers`, QLoRA's double-quantized NormalFloat, dequantized
+one layer at a time in the step). Weights and token ids are random
+(nothing is downloaded); the model keeps its real widths but only
+--layers of its layers, so a CPU can run it. Each step runs once untimed
+(compilation) and then --repeats times (`bench.timing.timed`). Runs on
+whatever backend JAX has (a CPU, or the same command on a GPU).
 
   python -m bench.nf4_step --model llama2-7b --layers 2 --ctx 1024
   python -m bench.nf4_step --model llama3.1-8b --layers 4 --ctx 8192 \\
@@ -43,6 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--repeats", type=cli.count, default=3,
                  help="timed steps per row (default 3)")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
+  cli.option(p, "--s2-by-group", default=False)
   cli.option(p, "--remat")
   p.add_argument("--seed", type=cli.index, default=0,
                  help="of the random weights and token ids")
@@ -75,7 +76,8 @@ def recipe(args):
   change what this measures)."""
   from longlora_jax.attention.dispatch import AttentionSpec
   from longlora_jax.training.recipe import TrainConfig
-  return TrainConfig(attention=AttentionSpec(args.attention),
+  return TrainConfig(attention=AttentionSpec(args.attention,
+                                            by_group=args.s2_by_group),
                      remat=args.remat, dtype="bfloat16", accum=1)
 
 
@@ -145,7 +147,8 @@ def benchmark(args) -> dict:
       "model": args.model, "layers": args.layers, "ctx": args.ctx,
       "attention": args.attention, "repeats": args.repeats,
       "recipe": f"LoRA+ (r=8, alpha 16), remat {args.remat}, accum 1, "
-                "batch 1, bfloat16",
+                "batch 1, bfloat16"
+                + (", S²-Attn by group" if args.s2_by_group else ""),
       "device": f"{device.platform}: {device.device_kind}",
       "devices": jax.device_count(), "jax": jax.__version__,
       # A CPU's step shares its cores: above their count, other jobs ran.

@@ -61,6 +61,7 @@ def parse_args(argv=None):
   p.add_argument("--accum", type=cli.count, default=1,
                  help="micro-batches per step")
   p.add_argument("--attention", choices=("s2", "full"), default="s2")
+  cli.option(p, "--s2-by-group", default=False)
   cli.option(p, "--remat")
   cli.option(p, "--offload")
   cli.option(p, "--quantize")
@@ -204,7 +205,8 @@ def plan(args) -> dict:
   attention = AttentionSpec(
       args.attention,
       implementation=fused or ("auto" if args.attention == "s2"
-                               else "chunked"))
+                               else "chunked"),
+      by_group=args.s2_by_group)
   tc = TrainConfig(attention=attention, remat=args.remat, accum=args.accum,
                    offload=args.offload)
   group = args.ctx // 4 if args.attention == "s2" else None
@@ -245,7 +247,9 @@ def plan(args) -> dict:
                                        nbytes(state.frozen) / n_dev / gib)
   result = {
       "model": args.model, "ctx": args.ctx, "mesh": dict(mesh.shape),
-      "devices": n_dev, "attention": args.attention, "fused_kernel": fused,
+      "devices": n_dev,
+      "attention": args.attention + (" by group" if args.s2_by_group else ""),
+      "fused_kernel": fused,
       "mode": args.mode, "quantize": args.quantize, "remat": args.remat,
       "offload": args.offload, "batch_per_device": args.batch,
       "accum": args.accum, "target": args.target,
@@ -335,6 +339,9 @@ def main(argv=None):
   args = parse_args(argv)
   if args.find_max_ctx and args.eval:
     raise LongLoraError("--find-max-ctx searches train steps; drop --eval")
+  if args.s2_by_group and (args.eval or args.attention == "full"):
+    raise LongLoraError("--s2-by-group runs S²-Attn's groups in training; "
+                        "drop it with --attention full or --eval")
   if args.quantize != "none" and (args.eval or args.mode == "full"):
     raise LongLoraError("--quantize plans LoRA+ train steps over 4-bit "
                         "weights; drop it with --eval or --full-ft")

@@ -99,6 +99,7 @@ def test_attention_package_is_layered():
                                       "pallas.flash"}
   assert inside("pallas.cached") == {"pallas.blocks", "pallas.flash"}
   assert inside("cudnn_grouped") == {"groups", "heads"}
+  assert inside("by_group") == {"groups"}
   assert inside("context") == {"chunked", "groups", "heads", "pallas.grouped"}
   assert not any("dispatch" in inside(m) for m in ATTENTION)
 

@@ -14,6 +14,8 @@ Modules, each importing only those above it:
                          cache (`cached`)
   s2, cudnn_grouped      S²-Attn by reshape/roll; grouped causal attention
                          on cuDNN (full attention, S²-Attn)
+  by_group               S²-Attn one group at a time: each piece's rows and
+                         attention (the model runs the pieces)
   context                S²-Attn and full attention over a sequence split
                          across devices (context parallelism)
   dispatch               names, implementations and "auto", `AttentionSpec`,
@@ -41,4 +43,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "s2_group_size": "groups",
     "VARIANTS": "groups",
 }, submodules=("masks", "groups", "heads", "dense", "chunked", "cached",
-               "pallas", "s2", "cudnn_grouped", "context", "dispatch"))
+               "pallas", "s2", "cudnn_grouped", "by_group", "context",
+               "dispatch"))

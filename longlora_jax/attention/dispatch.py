@@ -14,16 +14,14 @@ Names (`ATTENTION_FNS`): "s2", shifted sparse attention, LongLoRA's S²-Attn
 sequence (`full_attention`, its implementation chosen by "auto"); and full
 attention by one implementation: "dense", "chunked", "pallas".
 
-Implementations (`IMPLEMENTATIONS`, one list for S²-Attn, full attention and
-the cache):
+Implementations (`IMPLEMENTATIONS`, for S²-Attn, full attention, the cache):
 
   "auto"     the fastest that takes the shapes on this backend (`fused_for`)
   "cudnn"    cuDNN's fused flash attention (`cudnn_grouped`), NVIDIA GPUs
   "pallas"   the fused Pallas kernels (`pallas`), NVIDIA GPUs
   "dense"    the whole score matrix at once (`dense`), O(seq^2) memory
   "chunked"  flash-style in pure JAX (`chunked`), memory linear in seq
-  "pallas_interpret"  the Pallas kernels through the Pallas interpreter (any
-             backend, slow; for tests)
+  "pallas_interpret"  the Pallas kernels interpreted (any backend; tests)
 """
 
 import dataclasses
@@ -35,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from longlora_jax.attention import context, cudnn_grouped
+from longlora_jax.attention.by_group import S2ByGroup
 from longlora_jax.attention.cached import (CACHE_BLOCK,
                                            chunked_cached_attention,
                                            on_each_device)
@@ -53,15 +52,13 @@ from longlora_jax.parallel.sharding import per_row_shard
 
 AttentionFn = Callable[..., jax.Array]
 KINDS = ("s2", "full")
-# What "auto" prefers on an NVIDIA GPU, fastest first (see BENCHMARKS.md,
-# attention kernels); the Pallas kernel runs what cuDNN does not take
-# (float32 inputs, head dims past its tiles).
+# What "auto" prefers on an NVIDIA GPU, fastest first (BENCHMARKS.md); the
+# Pallas kernel runs what cuDNN does not take (float32, head dims past it).
 FUSED_PREFERENCE = ("cudnn", "pallas")
 IMPLEMENTATIONS = ("auto", *FUSED_PREFERENCE, "dense", "chunked",
                    "pallas_interpret")
-# The cache's attention has no dense form (it reads the cache by blocks)
-# and no cuDNN one (cuDNN's causal mask is anchored at key 0, the cache's
-# queries at `start`).
+# The cache's attention: no dense form (it reads the cache by blocks), no
+# cuDNN one (its causal mask is anchored at key 0, the queries at `start`).
 CACHED_IMPLEMENTATIONS = tuple(i for i in IMPLEMENTATIONS
                                if i not in ("cudnn", "dense"))
 
@@ -87,16 +84,12 @@ def s2_attention(q_BTNH, k_BTKH, v_BTKH, *, group_size: int | None = None,
     group_size: tokens per group; default int(seq * group_ratio).
     variant: "flash" (no leak), "roll" (the paper's, leaks) or "none" (no
       shift, groups only; "dense" and "chunked"); see `groups`.
-    implementation: attention inside the groups, one of `IMPLEMENTATIONS`.
-      "auto": on an NVIDIA GPU the fused implementation that takes the
-      shapes (`fused_for`), else "dense" for groups of at most `block_size`
-      tokens and "chunked" for larger ones. "cudnn": grouped cuDNN flash
-      attention (`cudnn_grouped.cudnn_s2_attention`; bfloat16/float16, no
-      `segment_ids_BT`); "pallas": the fused Pallas Triton kernel
-      (`pallas.grouped.pallas_s2_attention`, GPU, default tiles; no
-      `segment_ids_BT`, `block_size` unused); "dense": memory seq * G per
-      head; "chunked": `chunked_causal_attention` with `block_size`, memory
-      linear in seq for any G (e.g. G = 25k at 100k tokens).
+    implementation: attention inside the groups, one of `IMPLEMENTATIONS`
+      (the module's table; "cudnn" runs bfloat16/float16; the fused ones
+      take no `segment_ids_BT`). "auto": on an NVIDIA GPU the fused
+      implementation that takes the shapes (`fused_for`), else "dense"
+      (memory seq * G per head) for groups of at most `block_size` tokens
+      and "chunked" (memory linear in seq for any G) for larger ones.
     segment_ids_BT: packed documents; tokens never attend across them.
     softcap: scores soft-capped, cap * tanh(s / cap) (Gemma 2); "auto"
       then never takes cuDNN, which has no soft-cap.
@@ -133,8 +126,7 @@ def full_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
                    implementation: str = "auto",
                    block_size: int | None = None,
                    softcap: float | None = None):
-  """Full attention (causal attention over the whole sequence) with the
-  attention signature.
+  """Full attention, causal over the whole sequence (the attention signature).
 
   implementation: one of `IMPLEMENTATIONS`; "auto" the fastest this backend
   has: on an NVIDIA GPU the fused one that takes the shapes (`fused_for`:
@@ -204,11 +196,14 @@ class AttentionSpec:
   variant, group_ratio: S²-Attn's groups (`groups`).
   implementation: one of `IMPLEMENTATIONS` (see `s2_attention`,
     `full_attention`).
+  by_group: S²-Attn only: the model runs each layer's attention block one
+    group at a time (`by_group`: less memory, one more forward).
   """
   kind: str = "s2"
   variant: str = "flash"
   group_ratio: float = 0.25
   implementation: str = "auto"
+  by_group: bool = False
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -217,6 +212,8 @@ class AttentionSpec:
     check_variant(self.variant)
     check_implementation(self.implementation,
                          "S²-Attn" if self.kind == "s2" else "full attention")
+    if self.by_group and self.kind != "s2":
+      raise ValueError("by_group runs S²-Attn's groups, not full attention")
 
 
 # Training uses S²-Attn; evaluation and generation use full attention.
@@ -234,9 +231,12 @@ def get_attention(attention: "str | AttentionSpec | AttentionFn"
   """An attention function: by name (see `ATTENTION_FNS`), from an
   `AttentionSpec`, or the callable itself."""
   if isinstance(attention, AttentionSpec):
+    full = functools.partial(full_attention,
+                             implementation=attention.implementation)
     if attention.kind == "full":
-      return functools.partial(full_attention,
-                               implementation=attention.implementation)
+      return full
+    if attention.by_group:  # each piece is causal attention: `by_group`
+      return S2ByGroup(attention.group_ratio, attention.variant, full)
     return functools.partial(s2_attention, group_ratio=attention.group_ratio,
                              variant=attention.variant,
                              implementation=attention.implementation)

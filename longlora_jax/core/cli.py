@@ -125,6 +125,13 @@ OPTIONS = {
                          "sqrt(layers) layers and recomputes the rest (one "
                          "more forward pass, far fewer inputs: 18 of 80); "
                          "dots also keeps the projections' outputs"),
+    # attention.dispatch.AttentionSpec.by_group.
+    "--s2-by-group": dict(
+        action="store_true", default=None,
+        help="run each layer's attention block (norm, q/k/v, S²-Attn, o) "
+             "one S² group at a time, each recomputed in the backward pass: "
+             "the attention's activations exist for a quarter of the "
+             "sequence at once, at the cost of its forward once more"),
     # training.recipe.OFFLOADS.
     "--offload": dict(default="none", metavar="WHAT", choices=(
         "none", "activations", "optimizer", "activations,optimizer"),

@@ -14,5 +14,5 @@ __getattr__, __dir__ = _lazy.exports(__name__, {
     "add_lora": "lora",
     "merge": "lora",
     "trainable_mask": "lora",
-}, submodules=("config", "remat", "modules", "llama", "rope",
+}, submodules=("config", "remat", "modules", "by_group", "llama", "rope",
                "lora", "loss", "kv_cache", "generation", "flops", "nf4"))

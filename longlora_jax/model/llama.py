@@ -36,9 +36,11 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from longlora_jax.attention.by_group import S2ByGroup
 from longlora_jax.attention.dispatch import (AttentionFn, cached_attention,
                                              get_attention, layer_attention)
 from longlora_jax.attention.masks import soft_cap
+from longlora_jax.model import by_group
 from longlora_jax.model.config import LlamaConfig
 from longlora_jax.model.modules import Dense, family_norm
 from longlora_jax.model.remat import (LAYER_INPUT, REMAT_POLICIES,
@@ -60,7 +62,8 @@ class Attention(nn.Module):
   param_dtype: DType
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, layer):
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, layer,
+               piece=None):
     cfg = self.config
     B, T, D = x_BTD.shape
     N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -100,7 +103,11 @@ class Attention(nn.Module):
     q_BTNH = shard_batch(apply_rope(q_BTNH, positions_BT, inv_freq_h, scale))
     k_BTKH = shard_batch(apply_rope(k_BTKH, positions_BT, inv_freq_h, scale))
     v_BTKH = shard_batch(v_BTKH)
-    if cache is None:
+    if piece is not None:  # (index, count): S²-Attn by group (`by_group`)
+      out_BTNH = self.attention_fn(q_BTNH, k_BTKH, v_BTKH, piece=piece[0],
+                                   pieces=piece[1],
+                                   segment_ids_BT=segment_ids_BT)
+    elif cache is None:
       out_BTNH = layer_attention(self.attention_fn, cfg.sliding_window,
                                  cfg.local_layers,
                                  cfg.attn_logit_softcapping)(
@@ -148,6 +155,27 @@ class MLP(nn.Module):
     return dense(cfg.hidden_size, "down_proj")(act(gate_BTF) * up_BTF)
 
 
+class AttentionBlock(nn.Module):
+  """The input norm and the attention: what S²-Attn by group runs piece by
+  piece (`by_group`); in the layer's scope, so the parameters keep their
+  names."""
+  config: LlamaConfig
+  attention_fn: AttentionFn
+  dtype: DType
+  param_dtype: DType
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, layer,
+               piece=None):
+    cfg = self.config
+    # "pre" normalises what enters a block, "post" what leaves it.
+    if cfg.norm_placement in ("pre", "both"):
+      x_BTD = family_norm(cfg, self.param_dtype, "input_layernorm")(x_BTD)
+    return Attention(cfg, self.attention_fn, self.dtype, self.param_dtype,
+                     name="self_attn")(x_BTD, positions_BT, segment_ids_BT,
+                                       cache, layer, piece)
+
+
 class DecoderLayer(nn.Module):
   config: LlamaConfig
   attention_fn: AttentionFn
@@ -165,15 +193,19 @@ class DecoderLayer(nn.Module):
     norm = lambda name: family_norm(cfg, self.param_dtype, name)
     pre, post = (cfg.norm_placement in ("pre", "both"),
                  cfg.norm_placement in ("post", "both"))
-    # "pre" normalises what enters a block, "post" what leaves it.
-    h_BTD = norm("input_layernorm")(x_BTD) if pre else x_BTD
-    attn_BTD, cache = Attention(cfg, self.attention_fn, self.dtype,
-                                self.param_dtype, name="self_attn")(
-                                    h_BTD, positions_BT, segment_ids_BT,
-                                    cache, layer)
-    if post:
-      attn_BTD = norm("post_attention_layernorm")(attn_BTD)
-    x_BTD = x_BTD + attn_BTD
+    block = AttentionBlock(cfg, self.attention_fn, self.dtype,
+                           self.param_dtype)
+    nn.share_scope(self, block)
+    if isinstance(self.attention_fn, S2ByGroup):  # training only: no cache
+      x_BTD = by_group.attention_by_group(
+          block, cfg, self.attention_fn, x_BTD, positions_BT, segment_ids_BT,
+          layer)
+    else:
+      attn_BTD, cache = block(x_BTD, positions_BT, segment_ids_BT, cache,
+                              layer)
+      if post:
+        attn_BTD = norm("post_attention_layernorm")(attn_BTD)
+      x_BTD = x_BTD + attn_BTD
     h_BTD = x_BTD if not pre else norm(
         "pre_feedforward_layernorm" if post else "post_attention_layernorm")(
             x_BTD)

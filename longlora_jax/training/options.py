@@ -25,7 +25,8 @@ from longlora_jax.training.tasks import Task
 RESUMABLE = ("steps", "lr", "save_every", "keep", "gguf")
 # Option -> AttentionSpec field.
 _ATTENTION = {"attention": "kind", "group_ratio": "group_ratio",
-              "s2_variant": "variant", "s2_impl": "implementation"}
+              "s2_variant": "variant", "s2_impl": "implementation",
+              "s2_by_group": "by_group"}
 _RECIPE = tuple(f.name for f in dataclasses.fields(TrainConfig)
                 if f.name != "attention")
 _RUN = tuple(f.name for f in dataclasses.fields(RunSpec)
@@ -61,6 +62,9 @@ def make_spec(options: dict, *, task: Task | str,
   if options.get("attention") == "full" and options.get("s2_impl", "auto") != (
       "auto"):
     raise LongLoraError("--s2-impl chooses how S²-Attn runs; drop it with "
+                        "--full-attn")
+  if options.get("attention") == "full" and options.get("s2_by_group"):
+    raise LongLoraError("--s2-by-group runs S²-Attn's groups; drop it with "
                         "--full-attn")
   if options.get("quantize", "none") != "none" and options.get("mode") == (
       "full"):
@@ -157,6 +161,7 @@ def parser(task: Task, doc: str,
                       "(dense groups), chunked (flash-style, any group size), "
                       "pallas_interpret (the kernel interpreted; tests)"
                       f" {d('s2_impl')}")
+  cli.option(p, "--s2-by-group")
   # No argparse default: a resumed run keeps its own unless given.
   cli.option(p, "--mesh", default=None,
              help=f"{cli.OPTIONS['--mesh']['help']} {d('mesh')}")

@@ -17,7 +17,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from longlora_jax.model import lora
+import jax
+
+from longlora_jax.model import by_group, lora
+from longlora_jax.parallel.sharding import parse_mesh
 from longlora_jax.attention import cudnn_grouped
 from longlora_jax.attention.pallas import grouped as pallas_grouped
 from longlora_jax.attention.dispatch import AttentionSpec, on_nvidia_gpu
@@ -232,6 +235,11 @@ def check_attention(spec: RunSpec, config: LlamaConfig) -> None:
   before anything loads."""
   attention = spec.recipe.attention
   impl = attention.implementation
+  why = attention.by_group and by_group.refusal(config, parse_mesh(
+      spec.mesh, jax.device_count())["context"])
+  if why:
+    raise LongLoraError(f"--s2-by-group cannot run {config.model_type}: "
+                        f"{why}; drop it")
   if attention.kind != "s2" or impl not in ("cudnn", "pallas"):
     return
   fix = "; use --s2-impl auto (or dense, chunked)"

@@ -9,6 +9,7 @@ from longlora_jax import LlamaConfig, LongLoraError, forward, init_params
 from longlora_jax.attention.chunked import chunked_causal_attention
 from longlora_jax.attention.dense import dense_causal_attention
 from longlora_jax.attention import dispatch
+from longlora_jax.attention.by_group import S2ByGroup
 from longlora_jax.attention.dispatch import (ATTENTION_FNS, AttentionSpec,
                                              full_attention, fused_for,
                                              get_attention, s2_attention)
@@ -165,6 +166,17 @@ def test_every_implementation_is_one_a_spec_takes():
       AttentionSpec(kind, implementation=implementation)
   with pytest.raises(ValueError, match="unknown S²-Attn implementation 'xla'"):
     AttentionSpec("s2", implementation="xla")
+
+
+def test_a_by_group_spec_gives_the_pieces_attention():
+  fn = get_attention(AttentionSpec(variant="roll", group_ratio=0.5,
+                                   implementation="chunked", by_group=True))
+  assert isinstance(fn, S2ByGroup)
+  assert (fn.variant, fn.group_ratio) == ("roll", 0.5)
+  assert fn.attend.func is full_attention
+  assert fn.attend.keywords == {"implementation": "chunked"}
+  with pytest.raises(ValueError, match="not full attention"):
+    AttentionSpec("full", by_group=True)
 
 
 def test_a_layers_window_decides_its_attention(monkeypatch):

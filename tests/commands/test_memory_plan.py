@@ -285,3 +285,20 @@ def test_nested_remat_plans_fewer_layer_inputs(tmp_path):
   saved = (plans["full"]["per_device_gib"]["temporaries"]
            - plans["nested"]["per_device_gib"]["temporaries"])
   assert saved >= 7 * one, (saved / one, plans)
+
+
+def test_s2_by_group_plans_fewer_sequence_buffers(tmp_path):
+  # Attention-heavy layers (hidden 256, 8 heads, MLP 8) at 4096 tokens per
+  # device: by group, q, k, v, the output and their gradients exist for
+  # one piece (2 x 1024 rows) instead of the whole sequence.
+  LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=8,
+              num_hidden_layers=2, num_attention_heads=8,
+              max_position_embeddings=1024).save(tmp_path)
+  plans = [memory_plan.plan(memory_plan.parse_args(
+      ["--model", str(tmp_path), "--ctx", "4096", "--mesh", "fsdp=8",
+       *flag])) for flag in ([], ["--s2-by-group"])]
+  assert plans[1]["attention"] == "s2 by group"
+  one = 4096 * 256 * 2 / 2**30  # [seq, hidden] in bf16
+  saved = (plans[0]["per_device_gib"]["temporaries"]
+           - plans[1]["per_device_gib"]["temporaries"])
+  assert saved >= 5 * one, (saved / one, plans)

@@ -14,12 +14,12 @@ def test_the_command_line_spells_the_recipe():
       ["--ckpt", "m", "--ctx", "64", "--lr", "1e-3", "--steps", "7",
        "--accum", "2", "--beta2", "0.95", "--dtype", "float32",
        "--group-ratio", "0.5", "--s2-variant", "roll", "--s2-impl", "chunked",
-       "--lora-rank", "4"])
+       "--s2-by-group", "--lora-rank", "4"])
   spec = options.make_spec(options.given(args), task="extend",
                            base_config={"model_type": "llama"})
   assert spec.recipe == TrainConfig(
       attention=AttentionSpec("s2", variant="roll", group_ratio=0.5,
-                              implementation="chunked"),
+                              implementation="chunked", by_group=True),
       lr=1e-3, steps=7, accum=2, beta2=0.95, dtype="float32")
   assert (spec.ckpt, spec.ctx, spec.lora_rank) == ("m", 64, 4)
   # Options -> spec -> options, and the spec through run.json's JSON.
@@ -46,6 +46,10 @@ def test_full_attention_with_an_s2_implementation_is_refused():
   with pytest.raises(LongLoraError, match="drop it with --full-attn"):
     options.make_spec({"ckpt": "m", "ctx": 64, "attention": "full",
                        "s2_impl": "pallas"}, task="extend", base_config={})
+  with pytest.raises(LongLoraError, match="--s2-by-group runs S²-Attn's "
+                     "groups; drop it with --full-attn"):
+    options.make_spec({"ckpt": "m", "ctx": 64, "attention": "full",
+                       "s2_by_group": True}, task="extend", base_config={})
   spec = options.make_spec({"ckpt": "m", "ctx": 64, "attention": "full"},
                            task="extend", base_config={})
   assert spec.recipe.attention.kind == "full"

@@ -70,6 +70,16 @@ def test_fused_kernels_cannot_keep_packed_examples_apart(monkeypatch):
     check_attention(unshifted, config)
 
 
+def test_by_group_refused_before_loading_where_the_model_cannot():
+  by_group = _spec(EXTEND, 64, recipe=recipe.TrainConfig(
+      attention=recipe.AttentionSpec(by_group=True)))
+  check_attention(by_group, LlamaConfig(num_attention_heads=4))
+  with pytest.raises(LongLoraError, match="--s2-by-group cannot run llama: "
+                     "its o projection has a bias; drop it$"):
+    check_attention(by_group, LlamaConfig(num_attention_heads=4,
+                                          o_bias=True))
+
+
 def test_extension_packs_documents_end_to_end(tmp_path):
   # The demo's byte tokenizer: " " (byte 32) is id 223, "a".."d" 67..70
   # (3 specials, then GPT-2's byte alphabet in sorted order: printable
