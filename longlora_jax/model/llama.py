@@ -55,11 +55,16 @@ DType = Any
 MLP_CHUNK = 4096
 
 
-class Attention(nn.Module):
+class LayerPart(nn.Module):
+  """What a layer and its attention are made with: the config, the
+  attention function, the compute and the parameters' dtypes."""
   config: LlamaConfig
   attention_fn: AttentionFn
   dtype: DType
   param_dtype: DType
+
+
+class Attention(LayerPart):
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, layer,
@@ -155,14 +160,10 @@ class MLP(nn.Module):
     return dense(cfg.hidden_size, "down_proj")(act(gate_BTF) * up_BTF)
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(LayerPart):
   """The input norm and the attention: what S²-Attn by group runs piece by
   piece (`by_group`); in the layer's scope, so the parameters keep their
   names."""
-  config: LlamaConfig
-  attention_fn: AttentionFn
-  dtype: DType
-  param_dtype: DType
 
   @nn.compact
   def __call__(self, x_BTD, positions_BT, segment_ids_BT, cache, layer,
@@ -176,11 +177,7 @@ class AttentionBlock(nn.Module):
                                        cache, layer, piece)
 
 
-class DecoderLayer(nn.Module):
-  config: LlamaConfig
-  attention_fn: AttentionFn
-  dtype: DType
-  param_dtype: DType
+class DecoderLayer(LayerPart):
 
   @nn.compact
   def __call__(self, carry, positions_BT, segment_ids_BT, layer):
