@@ -37,10 +37,11 @@ def refusal(config: LlamaConfig, context: int = 1) -> str | None:
 def attention_by_group(block: nn.Module, config: LlamaConfig,
                        attend: S2ByGroup, x_BTD, positions_BT, segment_ids_BT,
                        layer):
-  """`x` plus its attention, the block `block(x, positions, segment_ids,
-  cache, layer, piece)` (the input norm and the attention of a layer of
-  `config`, returning (`[b, G, hidden]`, cache)) run over S²-Attn's pieces
-  in a rematerialised scan: `[batch, seq, hidden]`."""
+  """The layer input `x_BTD` plus its attention, `[batch, seq, hidden]`.
+
+  `block(x, positions, segment_ids, cache, layer, piece)` is the input norm
+  and the attention of a layer of `config`, returning (`[b, G, hidden]`,
+  cache); it runs over `attend`'s pieces in a rematerialised scan."""
   why = refusal(config, context_slices())
   if why:
     raise LongLoraError(f"S²-Attn by group cannot run this model: {why}")
