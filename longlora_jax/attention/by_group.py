@@ -5,8 +5,8 @@ S²-Attn's groups are independent causal attentions (`groups`), so the
 whole attention block of a layer (norm, q/k/v, attention, o) can run over
 the sequence piece by piece, each piece recomputed in the backward pass:
 its q, k, v, scores' statistics and their gradients then exist for one
-group at a time, a quarter of the sequence at the default G = seq/4, where
-`s2_attention` holds them for the whole sequence at once.
+piece's 2 x G rows at a time, half of the sequence at the default G =
+seq/4, where `s2_attention` holds them for the whole sequence at once.
 
 Piece j holds 2 * batch rows of G tokens, interleaved (row 2b + 0, 2b + 1
 for batch entry b): the unshifted half of the heads reads tokens [jG,
@@ -14,9 +14,9 @@ for batch entry b): the unshifted half of the heads reads tokens [jG,
 group, [jG + G/2, (j+1)G + G/2) modulo seq (the second). The model projects
 every head on both, and `S2ByGroup` keeps each half's heads on its own rows
 and returns zeros for the others, so that the o projection of a piece is
-the pieces' contribution to each of its rows. Summed over the pieces (the
-shifted ones rolled back by G/2) that is S²-Attn's output, for "flash",
-"roll" and "none" alike: with "flash" the last piece's shifted rows, [seq -
+the piece's contribution to each of its rows. Added into the rows they
+came from and summed over the pieces, that is S²-Attn's output, for
+"flash", "roll" and "none" alike: with "flash" the last piece's shifted rows, [seq -
 G/2, seq) then [0, G/2), are two groups of G/2 (`jax.lax.cond` on the
 piece's index, so one compiled body serves every piece).
 """
@@ -52,8 +52,7 @@ class S2ByGroup:
     token indices each piece reads for either half of the heads."""
     G = s2_group_size(seq, None, self.group_ratio)
     unshifted_gG = np.arange(seq, dtype=np.int32).reshape(seq // G, G)
-    shifted_gG = (unshifted_gG + group_shift(G, self.variant)) % seq
-    return unshifted_gG, shifted_gG.astype(np.int32)
+    return unshifted_gG, (unshifted_gG + group_shift(G, self.variant)) % seq
 
   def __call__(self, q_bGNH, k_bGKH, v_bGKH, *, piece, pieces: int,
                segment_ids_BT=None):

@@ -130,8 +130,8 @@ OPTIONS = {
         action="store_true", default=None,
         help="run each layer's attention block (norm, q/k/v, S²-Attn, o) "
              "one S² group at a time, each recomputed in the backward pass: "
-             "the attention's activations exist for a quarter of the "
-             "sequence at once, at the cost of its forward once more"),
+             "the attention's activations exist for half of the sequence "
+             "at once (2 x G rows), at the cost of its forward once more"),
     # training.recipe.OFFLOADS.
     "--offload": dict(default="none", metavar="WHAT", choices=(
         "none", "activations", "optimizer", "activations,optimizer"),

@@ -17,20 +17,20 @@ from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
 
 
-def test_equals_official_longlora(tmp_path):
+def test_equals_official_longlora(tiny_hf):
   # The official S²-Attn ("roll") inside transformers' Llama: logits and
   # gradients through every layer's pieces.
   hf_models.require("torch", "transformers")
   from tests.references import longlora_torch
-  hf_models.save_hf_llama(tmp_path, hf_models.TINY_CONFIGS["gqa"])
-  config, params = load_hf(tmp_path, dtype=jnp.float32)
+  directory, _ = tiny_hf("gqa")
+  config, params = load_hf(directory, dtype=jnp.float32)
   ids = hf_models.random_ids(config.vocab_size, 2, 16)
   spec = AttentionSpec(variant="roll", implementation="dense", by_group=True)
   loss = lambda p: jnp.mean(jax.nn.log_softmax(
       forward(config, p, jnp.asarray(ids), attention=spec, remat="full")))
   value, grads = jax.jit(jax.value_and_grad(loss))(params)
   hf_model = longlora_torch.transformers.LlamaForCausalLM.from_pretrained(
-      tmp_path, dtype=torch.float32, attn_implementation=longlora_torch.S2)
+      directory, dtype=torch.float32, attn_implementation=longlora_torch.S2)
   want_value = torch.log_softmax(hf_model(torch.tensor(ids)).logits, -1).mean()
   want_value.backward()
   np.testing.assert_allclose(value, want_value.item(), rtol=1e-5)
