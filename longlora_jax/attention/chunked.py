@@ -16,6 +16,7 @@ gradients accumulate in float32; the products take the input dtype.
 """
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -23,17 +24,29 @@ import jax.numpy as jnp
 from longlora_jax.attention.masks import attention_mask, soft_cap
 
 # Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
-# to run efficiently on GPU, tiles small next to the O(seq) activations.
+# to run efficiently on GPU, and on a CPU big enough for XLA to split each
+# product over its threads, tiles small next to the O(seq) activations.
 DEFAULT_BLOCK = 512
-# On a CPU a head's tiles should stay in its caches: smaller tiles are
-# faster there, for S²-Attn's groups and full attention alike (see
+# On one CPU thread a head's tiles should stay in its caches: smaller tiles
+# are faster there, for S²-Attn's groups and full attention alike (see
 # BENCHMARKS.md, chunked attention's block on the CPU).
-CPU_BLOCK = 128
+ONE_THREAD_BLOCK = 128
 
 
 def default_block() -> int:
-  """The block `chunked_causal_attention` takes on JAX's default backend."""
-  return CPU_BLOCK if jax.default_backend() == "cpu" else DEFAULT_BLOCK
+  """The block `chunked_causal_attention` takes on JAX's default backend:
+  `ONE_THREAD_BLOCK` on a CPU that XLA runs on one thread (a process allowed
+  one core), else `DEFAULT_BLOCK`."""
+  if jax.default_backend() == "cpu" and _cpu_threads() == 1:
+    return ONE_THREAD_BLOCK
+  return DEFAULT_BLOCK
+
+
+def _cpu_threads() -> int:
+  """The cores this process may run on, which XLA:CPU sizes its threads by."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
 
 
 def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,
@@ -96,20 +109,38 @@ def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
   kv_heads, Q, t, s]` (t, s: the query and key blocks), -inf where the mask
   hides the key when `masked` (a tile below the diagonal and without
   documents hides none)."""
-  H = q_BKQtH.shape[-1]
-  s_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
-                       preferred_element_type=jnp.float32) * (H ** -0.5)
-  s_BKQts = soft_cap(s_BKQts, softcap)
+  s_BKQts = soft_cap(jnp.einsum(
+      "BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
+      preferred_element_type=jnp.float32) * q_BKQtH.shape[-1] ** -0.5, softcap)
   if not masked:
     return s_BKQts
+  mask_Bts = _tile_mask(i, j, block, segment_ids_BT, window)
+  return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
+
+
+def _scores_key_major(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
+                      window=None, softcap=None):
+  """`_scores` laid out key-major, `[batch, kv_heads, s, Q, t]`."""
+  s_BKsQt = soft_cap(jnp.einsum(
+      "BKsH,BKHQt->BKsQt", k_BKsH, jnp.einsum("BKQtH->BKHQt", q_BKQtH),
+      preferred_element_type=jnp.float32) * q_BKQtH.shape[-1] ** -0.5, softcap)
+  if not masked:
+    return s_BKsQt
+  mask_Bst = jnp.swapaxes(_tile_mask(i, j, block, segment_ids_BT, window), 1, 2)
+  return jnp.where(mask_Bst[:, None, :, None], s_BKsQt, -jnp.inf)
+
+
+def _tile_mask(i, j, block, segment_ids_BT, window):
+  """`[batch or 1, t, s]`: which keys of block j the queries of block i see."""
   pos = jnp.arange(block)
   seg_q = seg_k = None
   if segment_ids_BT is not None:
     seg_q = _tile(segment_ids_BT, i, block, 1)
     seg_k = _tile(segment_ids_BT, j, block, 1)
-  mask_Bts = attention_mask(i * block + pos, j * block + pos, seg_q, seg_k,
-                            window)
-  return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
+  # Positions relative to the key block: on the diagonal (i is j) the mask
+  # is then a constant. A mask that depends on the block indices makes
+  # XLA:CPU's select and exp over the tile about five times slower.
+  return attention_mask((i - j) * block + pos, pos, seg_q, seg_k, window)
 
 
 def _visit(i, j_lo, j_hi, segment_ids_BT, tile, carry, window=None):
@@ -198,7 +229,12 @@ def _flash_fwd(block, window, softcap, q_BKQTH, k_BKTH, v_BKTH,
 def _flash_bwd(block, window, softcap, residuals, dout_BKQTH):
   """Flash-attention-2 backward: an outer loop over key blocks accumulates
   their dK and dV over the query blocks at or after them, and adds each
-  tile's share of dQ into one float32 dQ (O(seq), updated in place)."""
+  tile's share of dQ into one float32 dQ (O(seq), updated in place).
+
+  The tiles are key-major, `[s, Q, t]`, so each of the five products is a
+  plain matrix product: only `[block, head_dim]` operands are transposed,
+  never a `[block, block]` tile (on a CPU, XLA copies a transposed operand
+  first, and copying the score tiles cost more than multiplying them)."""
   q_BKQTH, k_BKTH, v_BKTH, segment_ids_BT, out_BKQTH, lse_BKQT = residuals
   B, K, Q, T, H = q_BKQTH.shape
   n = T // block
@@ -207,32 +243,39 @@ def _flash_bwd(block, window, softcap, residuals, dout_BKQTH):
   # D = rowsum(dO * O), the softmax-Jacobian term shared by a row's tiles.
   delta_BKQT = jnp.einsum("BKQTH,BKQTH->BKQT", dout_BKQTH, out_BKQTH,
                           preferred_element_type=jnp.float32)
+  rows = lambda x_BKQt: x_BKQt[:, :, None]  # [B, K, 1, Q, t] beside [s, Q, t]
 
   def key_block(dq_BKQTH, j):
     k_BKsH = _tile(k_BKTH, j, block, 2)
     v_BKsH = _tile(v_BKTH, j, block, 2)
+    # A real transposed copy: XLA would fold a bare transpose into dQ's
+    # product, which on a CPU then leaves YNNPACK's matmuls for a slower
+    # path that has no bfloat16 x bfloat16 -> float32.
+    kt_BKHs = jax.lax.optimization_barrier(jnp.einsum("BKsH->BKHs", k_BKsH))
 
     def query_block(i, carry, masked):
       dq_BKQTH, dk_BKsH, dv_BKsH = carry
       q_BKQtH = _tile(q_BKQTH, i, block, 3)
       do_BKQtH = _tile(dout_BKQTH, i, block, 3)
-      s_BKQts = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
-                        window, softcap)
-      p_BKQts = jnp.exp(s_BKQts - _tile(lse_BKQT, i, block, 3)[..., None])
-      dv_BKsH += jnp.einsum("BKQts,BKQtH->BKsH", p_BKQts.astype(dtype),
+      s_BKsQt = _scores_key_major(q_BKQtH, k_BKsH, i, j, block,
+                                  segment_ids_BT, masked, window, softcap)
+      p_BKsQt = jnp.exp(s_BKsQt - rows(_tile(lse_BKQT, i, block, 3)))
+      dv_BKsH += jnp.einsum("BKsQt,BKQtH->BKsH", p_BKsQt.astype(dtype),
                             do_BKQtH, preferred_element_type=jnp.float32)
-      dp_BKQts = jnp.einsum("BKQtH,BKsH->BKQts", do_BKQtH, v_BKsH,
+      dp_BKsQt = jnp.einsum("BKsH,BKHQt->BKsQt", v_BKsH,
+                            jnp.einsum("BKQtH->BKHQt", do_BKQtH),
                             preferred_element_type=jnp.float32)
-      ds_BKQts = p_BKQts * (dp_BKQts - _tile(delta_BKQT, i, block, 3)[..., None])
+      ds_BKsQt = p_BKsQt * (dp_BKsQt - rows(_tile(delta_BKQT, i, block, 3)))
       if softcap:  # d(cap tanh(x / cap)) = 1 - tanh^2; 0 where masked
-        ds_BKQts *= jnp.where(jnp.isfinite(s_BKQts),
-                              1 - jnp.square(s_BKQts / softcap), 0.0)
-      ds_BKQts = ds_BKQts.astype(dtype)
-      dk_BKsH += scale * jnp.einsum("BKQts,BKQtH->BKsH", ds_BKQts, q_BKQtH,
+        ds_BKsQt *= jnp.where(jnp.isfinite(s_BKsQt),
+                              1 - jnp.square(s_BKsQt / softcap), 0.0)
+      ds_BKsQt = ds_BKsQt.astype(dtype)
+      dk_BKsH += scale * jnp.einsum("BKsQt,BKQtH->BKsH", ds_BKsQt, q_BKQtH,
                                     preferred_element_type=jnp.float32)
+      dq_BKHQt = jnp.einsum("BKHs,BKsQt->BKHQt", kt_BKHs, ds_BKsQt,
+                            preferred_element_type=jnp.float32)
       dq_BKQtH = _tile(dq_BKQTH, i, block, 3) + scale * jnp.einsum(
-          "BKQts,BKsH->BKQtH", ds_BKQts, k_BKsH,
-          preferred_element_type=jnp.float32)
+          "BKHQt->BKQtH", dq_BKHQt)
       dq_BKQTH = jax.lax.dynamic_update_slice_in_dim(dq_BKQTH, dq_BKQtH,
                                                      i * block, axis=3)
       return dq_BKQTH, dk_BKsH, dv_BKsH

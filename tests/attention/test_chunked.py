@@ -126,3 +126,15 @@ def test_soft_cap_matches_reference_in_both_paths():
     ref.assert_close(out, want, atol=1e-5)
     for got_g, want_g in zip(grads, want_grads):
       ref.assert_close(got_g, want_g, atol=1e-4)
+
+
+def test_default_block_follows_the_cores_xla_may_use(monkeypatch):
+  # One core: tiles that stay in its caches; more: tiles that XLA:CPU
+  # splits over its threads (and the GPU's block).
+  from longlora_jax.attention import chunked
+  monkeypatch.setattr(chunked.os, "sched_getaffinity", lambda pid: {0},
+                      raising=False)
+  assert chunked.default_block() == chunked.ONE_THREAD_BLOCK == 128
+  monkeypatch.setattr(chunked.os, "sched_getaffinity", lambda pid: {0, 1},
+                      raising=False)
+  assert chunked.default_block() == chunked.DEFAULT_BLOCK == 512

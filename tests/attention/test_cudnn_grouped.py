@@ -157,7 +157,7 @@ def test_full_attention_training_step_is_cudnn_for_h100():
   if not gpu_target.AVAILABLE:
     pytest.skip("needs JAX's CUDA plugin (requirements-test.txt)")
   from longlora_jax import LlamaConfig
-  from longlora_jax.attention.chunked import CPU_BLOCK, DEFAULT_BLOCK
+  from longlora_jax.attention.chunked import DEFAULT_BLOCK, ONE_THREAD_BLOCK
   from longlora_jax.attention.dispatch import AttentionSpec
   from longlora_jax.parallel.sharding import make_mesh
   from longlora_jax.training.recipe import TrainConfig
@@ -180,4 +180,4 @@ def test_full_attention_training_step_is_cudnn_for_h100():
     if "custom-call(" in line and "fmha" in line:
       # Operands [batch, seq, heads, head_dim]: one row per device.
       assert set(re.findall(r"bf16\[(\d+),2048,2,96\]", line)) == {"1"}
-  assert not _score_buffers(hlo, {CPU_BLOCK, DEFAULT_BLOCK})
+  assert not _score_buffers(hlo, {ONE_THREAD_BLOCK, DEFAULT_BLOCK})

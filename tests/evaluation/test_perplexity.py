@@ -84,7 +84,7 @@ def test_auto_attention_is_cudnn_when_compiled_for_a_gpu():
   # compile-only H100: one cuDNN flash-attention call in the layer scan,
   # never the chunked loop (whose [block, block] score tiles would show).
   from longlora_jax.perf import gpu_target
-  from longlora_jax.attention.chunked import CPU_BLOCK, DEFAULT_BLOCK
+  from longlora_jax.attention.chunked import DEFAULT_BLOCK, ONE_THREAD_BLOCK
   from longlora_jax.evaluation.perplexity import _window_losses
   if not gpu_target.AVAILABLE:
     pytest.skip("needs JAX's CUDA plugin (requirements-test.txt)")
@@ -103,6 +103,6 @@ def test_auto_attention_is_cudnn_when_compiled_for_a_gpu():
                                first).compile().as_text()
   calls = re.findall(r'custom_call_target="(__cudnn\$fmha[^"]*)"', hlo)
   assert calls == ["__cudnn$fmhaSoftmax"]
-  tiles = {CPU_BLOCK, DEFAULT_BLOCK}
+  tiles = {ONE_THREAD_BLOCK, DEFAULT_BLOCK}
   assert not [s for s in re.findall(r"\[([0-9,]+)\]", hlo)
               if sum(int(d) in tiles for d in s.split(",")) >= 2]
