@@ -2,8 +2,17 @@
 
 At 100k tokens and a 32k vocabulary the float32 logits alone are 12.8 GB, so
 they are never materialised: each chunk's logits are made, reduced to a loss
-and dropped, and the backward pass recomputes them chunk by chunk.
+and dropped. Under differentiation a chunk's gradient with respect to its
+hidden states is made right there, while its logits exist, and kept instead
+of them (its size is the chunk's hidden states'): the LM head then runs
+twice per chunk (logits, and their gradient), not three times as when the
+backward pass recomputes the logits. Only a trained LM head (full
+fine-tuning, or an embedding tied to it and trained) keeps the chunk's
+inputs and recomputes its logits in the backward pass, where the head's own
+gradient is summed.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -51,16 +60,13 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
   h_cBPCD = jnp.moveaxis(h_BPTD.reshape(B, P, n, chunk, D), 2, 0)
   targets_cBPC = jnp.moveaxis(targets_BPT.reshape(B, P, n, chunk), 2, 0)
 
-  @jax.checkpoint  # Keep only the chunk's inputs; recompute its logits.
+  head = {name: params[name] for name in _HEAD[config.tie_word_embeddings]}
+
   def chunk_loss(h_BPCD, targets_BPC):
     h_BCD = shard_batch(h_BPCD).reshape(B, P * chunk, D)
     targets_BC = targets_BPC.reshape(B, P * chunk)
-    logits_BCV = lm_head(config, params, h_BCD)
-    valid_BC = targets_BC != IGNORE_INDEX
-    target_logit_BC = jnp.take_along_axis(
-        logits_BCV, jnp.where(valid_BC, targets_BC, 0)[..., None], axis=-1)[..., 0]
-    nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - target_logit_BC
-    return jnp.sum(jnp.where(valid_BC, nll_BC, 0.0), -1), jnp.sum(valid_BC, -1)
+    return (_token_loss_sum(config, head, h_BCD, targets_BC),
+            jnp.sum(targets_BC != IGNORE_INDEX, -1))
 
   def step(carry, xs):
     loss, count = chunk_loss(*xs)
@@ -69,3 +75,52 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
   init = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32))
   (loss_sum, count), _ = jax.lax.scan(step, init, (h_cBPCD, targets_cBPC))
   return loss_sum, count.astype(jnp.float32)
+
+
+# The parameters `llama.lm_head` reads, untied and tied.
+_HEAD = {False: ("lm_head",), True: ("embed_tokens",)}
+
+
+def _chunk_nll(config, head, h_BCD, targets_BC):
+  """Per row, the sum of the chunk's token losses (float32 `[batch]`)."""
+  logits_BCV = lm_head(config, head, h_BCD)
+  valid_BC = targets_BC != IGNORE_INDEX
+  target_logit_BC = jnp.take_along_axis(
+      logits_BCV, jnp.where(valid_BC, targets_BC, 0)[..., None], axis=-1)[..., 0]
+  nll_BC = jax.nn.logsumexp(logits_BCV, axis=-1) - target_logit_BC
+  return jnp.sum(jnp.where(valid_BC, nll_BC, 0.0), -1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _token_loss_sum(config, head, h_BCD, targets_BC):
+  return _chunk_nll(config, head, h_BCD, targets_BC)
+
+
+def _token_loss_sum_fwd(config, head, h_BCD, targets_BC):
+  # With symbolic zeros, each input leaf comes as (value, perturbed).
+  head_trained = any(x.perturbed for x in jax.tree.leaves(head))
+  head, h_BCD, targets_BC = jax.tree.map(lambda x: x.value,
+                                         (head, h_BCD, targets_BC))
+  if head_trained:  # keep the inputs; the backward pass recomputes
+    return (_chunk_nll(config, head, h_BCD, targets_BC),
+            (None, head, h_BCD, targets_BC))
+  loss_B, vjp = jax.vjp(
+      lambda h: _chunk_nll(config, head, h, targets_BC), h_BCD)
+  dh_BCD, = vjp(jnp.ones_like(loss_B))  # d(row's loss) / d(its states)
+  return loss_B, (dh_BCD, None, None, None)
+
+
+def _token_loss_sum_bwd(config, residuals, g_B):
+  dh_BCD, head, h_BCD, targets_BC = residuals
+  if dh_BCD is None:
+    _, vjp = jax.vjp(lambda p, h: _chunk_nll(config, p, h, targets_BC),
+                     head, h_BCD)
+    return (*vjp(g_B), None)
+  # Each row's loss depends on its own states only: scaling by its
+  # cotangent is the whole backward pass.
+  dh_BCD = (g_B[:, None, None] * dh_BCD).astype(dh_BCD.dtype)
+  return None, dh_BCD, None
+
+
+_token_loss_sum.defvjp(_token_loss_sum_fwd, _token_loss_sum_bwd,
+                       symbolic_zeros=True)

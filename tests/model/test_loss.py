@@ -83,3 +83,62 @@ def test_logits_never_materialised_whole():
   mem = jax.jit(jax.grad(loss, argnums=1)).lower(params, h, t).compile(
   ).memory_analysis()
   assert mem.temp_size_in_bytes < full_logits_bytes / 4
+
+
+def _frozen_head_loss(cfg, params, chunk):
+  """(loss sum, its gradient with respect to the hidden states), the LM head
+  frozen (LoRA+)."""
+  def loss(h, t):
+    return chunked_cross_entropy(cfg, params, h, t, chunk_size=chunk)[0].sum()
+  return jax.value_and_grad(loss)
+
+
+@pytest.mark.parametrize("tied,cap", [(False, None), (True, 2.0)])
+def test_frozen_head_gradient_equals_float64(tied, cap):
+  # The gradient made in the forward pass (the logits are not recomputed)
+  # against NumPy in float64: d/dh of sum(lse - logit[target]) through the
+  # soft cap, with ignored targets.
+  cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=1, num_attention_heads=4,
+                    tie_word_embeddings=tied, final_logit_softcapping=cap)
+  params = init_params(cfg, jax.random.key(2))
+  rng = np.random.default_rng(2)
+  h = rng.standard_normal((2, 13, 32)).astype(np.float32)
+  t = rng.integers(0, 101, (2, 13))
+  t[0, 3:6] = IGNORE_INDEX
+  _, got = _frozen_head_loss(cfg, params, 5)(jnp.asarray(h), jnp.asarray(t))
+  w = np.asarray(params["embed_tokens"]["embedding"] if tied else
+                 params["lm_head"]["kernel"].T, np.float64)  # [V, D]
+  z = h.astype(np.float64) @ w.T
+  dz_dx = np.ones_like(z)
+  if cap:
+    z, dz_dx = cap * np.tanh(z / cap), 1 - np.tanh(z / cap) ** 2
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  valid = t != IGNORE_INDEX
+  p[np.arange(2)[:, None], np.arange(13)[None], np.where(valid, t, 0)] -= 1
+  want = ((p * valid[..., None]) * dz_dx) @ w
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _head_products(grad_fn, *args) -> int:
+  """Matrix products with the vocabulary in their shapes (101) in the
+  lowered program (the loss is an output, so its products all stay)."""
+  text = jax.jit(grad_fn).lower(*args).as_text()
+  return sum("dot_general" in line and "101" in line
+             for line in text.splitlines())
+
+
+def test_frozen_head_runs_twice_per_chunk_trained_head_four_times():
+  # Frozen (LoRA+): the logits, then their gradient, in the forward pass.
+  # Trained: the logits; in the backward pass the logits again, then the
+  # gradients of the states and of the head.
+  params = init_params(CFG, jax.random.key(3))
+  h = jnp.zeros((1, 8, 32))
+  t = jnp.zeros((1, 8), jnp.int32)
+  assert _head_products(_frozen_head_loss(CFG, params, 8), h, t) == 2
+
+  def trained(p, h, t):
+    return chunked_cross_entropy(CFG, p, h, t, chunk_size=8)[0].sum()
+  assert _head_products(jax.value_and_grad(trained, argnums=(0, 1)), params,
+                        h, t) == 4
