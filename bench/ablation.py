@@ -32,6 +32,7 @@ from pathlib import Path
 from bench.resident import Peak
 from bench.timing import Timing
 from longlora_jax.core import cli
+from longlora_jax.core.cpus import usable_cpus
 
 _MB = 2**20
 
@@ -339,7 +340,7 @@ def main(argv=None):
             "heldout_tokens": int(len(tokens)),
             "arms": summarise(runs), "runs": runs,
             "wall_s_this_invocation": time.time() - tick,
-            "machine": f"{platform.machine()}, {_cpus()} CPUs",
+            "machine": f"{platform.machine()}, {usable_cpus()} CPUs",
             "versions": {"python": platform.python_version(),
                          "jax": jax.__version__},
             "date": time.strftime("%Y-%m-%d", time.gmtime())}
@@ -350,11 +351,6 @@ def main(argv=None):
   print(text)
   print(f"wrote {args.out / 'ablation.json'}, {args.out / 'ablation.md'}, "
         f"{args.out / 'loss.png'}", file=sys.stderr)
-
-
-def _cpus() -> int:
-  import os
-  return len(os.sched_getaffinity(0))
 
 
 if __name__ == "__main__":

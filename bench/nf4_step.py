@@ -29,6 +29,7 @@ import time
 
 from bench import timing
 from longlora_jax.core import cli
+from longlora_jax.core.cpus import usable_cpus
 
 FROZEN = ("bf16", "nf4")  # the rows, in this order
 
@@ -152,7 +153,7 @@ def benchmark(args) -> dict:
       "device": f"{device.platform}: {device.device_kind}",
       "devices": jax.device_count(), "jax": jax.__version__,
       # A CPU's step shares its cores: above their count, other jobs ran.
-      "cpus": len(os.sched_getaffinity(0)),
+      "cpus": usable_cpus(),
       "load_avg": [load, os.getloadavg()],  # 1, 5, 15 min: before, after
       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
       "rows": rows,

@@ -16,12 +16,12 @@ gradients accumulate in float32; the products take the input dtype.
 """
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 
 from longlora_jax.attention.masks import attention_mask, soft_cap
+from longlora_jax.core.cpus import usable_cpus
 
 # Score tiles of [512, 512] per head (1 MiB in float32): matmuls big enough
 # to run efficiently on GPU, and on a CPU big enough for XLA to split each
@@ -37,16 +37,9 @@ def default_block() -> int:
   """The block `chunked_causal_attention` takes on JAX's default backend:
   `ONE_THREAD_BLOCK` on a CPU that XLA runs on one thread (a process allowed
   one core), else `DEFAULT_BLOCK`."""
-  if jax.default_backend() == "cpu" and _cpu_threads() == 1:
+  if jax.default_backend() == "cpu" and usable_cpus() == 1:
     return ONE_THREAD_BLOCK
   return DEFAULT_BLOCK
-
-
-def _cpu_threads() -> int:
-  """The cores this process may run on, which XLA:CPU sizes its threads by."""
-  if hasattr(os, "sched_getaffinity"):
-    return len(os.sched_getaffinity(0))
-  return os.cpu_count() or 1
 
 
 def chunked_causal_attention(q_BTNH, k_BTKH, v_BTKH, *, segment_ids_BT=None,

@@ -132,9 +132,10 @@ def test_default_block_follows_the_cores_xla_may_use(monkeypatch):
   # One core: tiles that stay in its caches; more: tiles that XLA:CPU
   # splits over its threads (and the GPU's block).
   from longlora_jax.attention import chunked
-  monkeypatch.setattr(chunked.os, "sched_getaffinity", lambda pid: {0},
+  from longlora_jax.core import cpus
+  monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0},
                       raising=False)
   assert chunked.default_block() == chunked.ONE_THREAD_BLOCK == 128
-  monkeypatch.setattr(chunked.os, "sched_getaffinity", lambda pid: {0, 1},
+  monkeypatch.setattr(cpus.os, "sched_getaffinity", lambda pid: {0, 1},
                       raising=False)
   assert chunked.default_block() == chunked.DEFAULT_BLOCK == 512
