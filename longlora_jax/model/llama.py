@@ -357,6 +357,12 @@ def _apply(config, params, input_ids_BT, positions_BT, segment_ids_BT, cache, *,
                        segment_ids_BT, cache)
 
 
+def lm_head_params(config: LlamaConfig, params) -> dict:
+  """The part of `params` that `lm_head` reads: the embedding when tied."""
+  name = "embed_tokens" if config.tie_word_embeddings else "lm_head"
+  return {name: params[name]}
+
+
 def lm_head(config: LlamaConfig, params, h_BTD):
   """Float32 logits `[batch, seq, vocab]` from hidden states (soft-capped,
   cap * tanh(logits / cap), where the config says: Gemma 2)."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from longlora_jax.model.config import LlamaConfig
-from longlora_jax.model.llama import lm_head
+from longlora_jax.model.llama import lm_head, lm_head_params
 from longlora_jax.parallel.sharding import context_slices, shard_batch
 
 IGNORE_INDEX = -100
@@ -60,7 +60,7 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
   h_cBPCD = jnp.moveaxis(h_BPTD.reshape(B, P, n, chunk, D), 2, 0)
   targets_cBPC = jnp.moveaxis(targets_BPT.reshape(B, P, n, chunk), 2, 0)
 
-  head = {name: params[name] for name in _HEAD[config.tie_word_embeddings]}
+  head = lm_head_params(config, params)
 
   def chunk_loss(h_BPCD, targets_BPC):
     h_BCD = shard_batch(h_BPCD).reshape(B, P * chunk, D)
@@ -75,10 +75,6 @@ def chunked_cross_entropy(config: LlamaConfig, params, h_BTD, targets_BT, *,
   init = (jnp.zeros((B,), jnp.float32), jnp.zeros((B,), jnp.int32))
   (loss_sum, count), _ = jax.lax.scan(step, init, (h_cBPCD, targets_cBPC))
   return loss_sum, count.astype(jnp.float32)
-
-
-# The parameters `llama.lm_head` reads, untied and tied.
-_HEAD = {False: ("lm_head",), True: ("embed_tokens",)}
 
 
 def _chunk_nll(config, head, h_BCD, targets_BC):

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import jax
@@ -7,6 +8,7 @@ import pytest
 
 from longlora_jax import (LlamaConfig, forward, init_params,
                           load_hf)
+from longlora_jax.model.llama import lm_head_params
 from tests.references import hf_models
 from tests.references.hf_models import torch  # None without PyTorch
 
@@ -194,3 +196,13 @@ def test_nf4_frozen_kernels_under_lora():
   stacks = {f"[2,{d},{f}]" for d, f in ((64, 64), (64, 16), (16, 64),
                                         (64, 96), (96, 64))}
   assert not [s for s in stacks if f"f32{s}" in hlo or f"bf16{s}" in hlo]
+
+
+def test_lm_head_params_is_the_tied_embedding_or_the_head():
+  tied = LlamaConfig(vocab_size=11, hidden_size=8, intermediate_size=16,
+                     num_hidden_layers=1, num_attention_heads=2,
+                     tie_word_embeddings=True)
+  params = {"embed_tokens": "E", "lm_head": "W", "layers": "L"}
+  assert lm_head_params(tied, params) == {"embed_tokens": "E"}
+  untied = dataclasses.replace(tied, tie_word_embeddings=False)
+  assert lm_head_params(untied, params) == {"lm_head": "W"}
