@@ -24,6 +24,26 @@ def test_rms_norm_against_float64(weight_f32, offset):
                              rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("weight_f32", [False, True])
+@pytest.mark.parametrize("offset", [False, True])
+def test_weight_gradient_at_batch_one_is_one_reduction(weight_f32, offset):
+  # d/dw sum(g * norm(x) * w) = sum over batch and tokens of g * normed,
+  # taken by one reduction over both axes at once: a reduction over the
+  # tokens alone (what `w * normed` gives at batch 1) is XLA:CPU's slow one.
+  rng = np.random.default_rng(1)
+  x, g = rng.standard_normal((2, 1, 7, 16))
+  w = rng.standard_normal(16)
+  loss = lambda w: jnp.sum(jnp.asarray(g, jnp.float32) * rms_norm(
+      jnp.asarray(x, jnp.float32), w, 1e-5, weight_f32, offset))
+  w32 = jnp.asarray(w, jnp.float32)
+  normed = _float64_rms_norm(x, np.ones(16), 1e-5)
+  np.testing.assert_allclose(jax.grad(loss)(w32), (g * normed).sum((0, 1)),
+                             rtol=1e-5, atol=1e-5)
+  sums = [e.params["axes"] for e in jax.make_jaxpr(jax.grad(loss))(w32).eqns
+          if e.primitive.name == "reduce_sum"]
+  assert (0, 1) in sums and (1,) not in sums, sums
+
+
 def test_initial_values_follow_transformers():
   x = jnp.ones((1, 3, 4))
   norm = RMSNorm(1e-6, jnp.float32).init(jax.random.key(0), x)["params"]
