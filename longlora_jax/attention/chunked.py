@@ -97,30 +97,26 @@ def _tile(x, index, block, axis):
 
 
 def _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
-            window=None, softcap=None):
+            window=None, softcap=None, key_major=False):
   """Scaled float32 scores of query block i against key block j: `[batch,
-  kv_heads, Q, t, s]` (t, s: the query and key blocks), -inf where the mask
-  hides the key when `masked` (a tile below the diagonal and without
-  documents hides none)."""
-  s_BKQts = soft_cap(jnp.einsum(
-      "BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
-      preferred_element_type=jnp.float32) * q_BKQtH.shape[-1] ** -0.5, softcap)
+  kv_heads, Q, t, s]` (t, s: the query and key blocks), or laid out
+  `[batch, kv_heads, s, Q, t]` when `key_major`; -inf where the mask hides
+  the key when `masked` (a tile below the diagonal and without documents
+  hides none)."""
+  if key_major:  # [B, K, s, Q, t]
+    scores = jnp.einsum("BKsH,BKHQt->BKsQt", k_BKsH,
+                        jnp.einsum("BKQtH->BKHQt", q_BKQtH),
+                        preferred_element_type=jnp.float32)
+  else:  # [B, K, Q, t, s]
+    scores = jnp.einsum("BKQtH,BKsH->BKQts", q_BKQtH, k_BKsH,
+                        preferred_element_type=jnp.float32)
+  scores = soft_cap(scores * q_BKQtH.shape[-1] ** -0.5, softcap)
   if not masked:
-    return s_BKQts
+    return scores
   mask_Bts = _tile_mask(i, j, block, segment_ids_BT, window)
-  return jnp.where(mask_Bts[:, None, None], s_BKQts, -jnp.inf)
-
-
-def _scores_key_major(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
-                      window=None, softcap=None):
-  """`_scores` laid out key-major, `[batch, kv_heads, s, Q, t]`."""
-  s_BKsQt = soft_cap(jnp.einsum(
-      "BKsH,BKHQt->BKsQt", k_BKsH, jnp.einsum("BKQtH->BKHQt", q_BKQtH),
-      preferred_element_type=jnp.float32) * q_BKQtH.shape[-1] ** -0.5, softcap)
-  if not masked:
-    return s_BKsQt
-  mask_Bst = jnp.swapaxes(_tile_mask(i, j, block, segment_ids_BT, window), 1, 2)
-  return jnp.where(mask_Bst[:, None, :, None], s_BKsQt, -jnp.inf)
+  mask = (jnp.swapaxes(mask_Bts, 1, 2)[:, None, :, None] if key_major
+          else mask_Bts[:, None, None])
+  return jnp.where(mask, scores, -jnp.inf)
 
 
 def _tile_mask(i, j, block, segment_ids_BT, window):
@@ -250,8 +246,8 @@ def _flash_bwd(block, window, softcap, residuals, dout_BKQTH):
       dq_BKQTH, dk_BKsH, dv_BKsH = carry
       q_BKQtH = _tile(q_BKQTH, i, block, 3)
       do_BKQtH = _tile(dout_BKQTH, i, block, 3)
-      s_BKsQt = _scores_key_major(q_BKQtH, k_BKsH, i, j, block,
-                                  segment_ids_BT, masked, window, softcap)
+      s_BKsQt = _scores(q_BKQtH, k_BKsH, i, j, block, segment_ids_BT, masked,
+                        window, softcap, key_major=True)
       p_BKsQt = jnp.exp(s_BKsQt - rows(_tile(lse_BKQT, i, block, 3)))
       dv_BKsH += jnp.einsum("BKsQt,BKQtH->BKsH", p_BKsQt.astype(dtype),
                             do_BKQtH, preferred_element_type=jnp.float32)
