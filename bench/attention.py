@@ -195,9 +195,8 @@ def measure(method: str, seq: int, args, dtype) -> dict:
             lambda: compiled(*inputs), args.repeats).median_s
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it
       result[prefix + "error"] = f"{type(e).__name__}: {str(e)[:200]}"
-  stats = jax.devices()[0].memory_stats() or {}
-  if inputs is not None and "peak_bytes_in_use" in stats:
-    result["peak_bytes"] = int(stats["peak_bytes_in_use"])
+  if inputs is not None and timing.peak_bytes() is not None:
+    result["peak_bytes"] = timing.peak_bytes()
   return result
 
 

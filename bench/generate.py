@@ -3,7 +3,8 @@
 Random weights of a given shape (speed does not depend on their values):
 a prompt of each length is prefilled in chunks over the KV cache, then
 `--decode` tokens are generated one by one. Compilation is excluded (each
-shape runs once untimed first).
+shape runs once untimed first). On a GPU each row also gives the device's
+peak memory so far (the process's running maximum).
 
   python -m bench.generate --model llama2-7b --prompts 4096 16384 32768
   python -m bench.generate --hidden 512 --layers 8 --heads 8   # CPU-sized
@@ -14,6 +15,7 @@ import datetime
 import time
 from pathlib import Path
 
+from bench import timing
 from longlora_jax.core import cli
 
 
@@ -82,11 +84,14 @@ def main(argv=None):
     run(args.decode + 1)
     # The first token ends the prefill; the others are one decode step each.
     prefill_s, decode_s = times[0] - t0, times[-1] - times[0]
+    peak = timing.peak_bytes()
     rows.append({"prompt": prompt, "prefill_s": prefill_s,
                  "prefill_tok_s": prompt / prefill_s,
-                 "decode_tok_s": args.decode / decode_s})
+                 "decode_tok_s": args.decode / decode_s,
+                 "peak_gib": None if peak is None else peak / 2**30})
     print(f"prompt {prompt:>6}: prefill {prompt / prefill_s:9.0f} tok/s "
-          f"({prefill_s:.2f} s), decode {args.decode / decode_s:7.2f} tok/s",
+          f"({prefill_s:.2f} s), decode {args.decode / decode_s:7.2f} tok/s"
+          + ("" if peak is None else f", peak {peak / 2**30:.2f} GiB"),
           flush=True)
   result = {
       "date": datetime.date.today().isoformat(), "jax": jax.__version__,
@@ -98,7 +103,7 @@ def main(argv=None):
   if args.json:
     from longlora_jax.core.files import write_json
     write_json(args.json, result)
-  return result
+  return 0
 
 
 if __name__ == "__main__":

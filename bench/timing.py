@@ -65,3 +65,11 @@ def timed(run: Callable[[], Any], repeats: int, *, warmup: int = 1,
     times.append(wall if own is None else own)
     results.append(result)
   return Timing(tuple(times), tuple(results), warmup_s, first)
+
+
+def peak_bytes() -> int | None:
+  """The first device's running maximum of allocated bytes since the
+  process started (None where the backend keeps no count: the CPU)."""
+  import jax
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
