@@ -1,9 +1,12 @@
 """Check a GPU box: versions, the fused S²-Attn paths against references,
-train steps of a 7B-shaped model, the attention benchmark, tile sweeps and
-the compile-only memory plan of the same step.
+train steps of a 7B-shaped model, the attention benchmark, a tile sweep and
+the compile-only memory plan of the same step. On request, the whole 7B:
+its train step at 32k and 100k tokens and offloaded at 200k, generation
+after a 100k prompt, and a wide sweep of the Pallas kernels' tiles.
 
   python -m eval.gpu_check                  # a GPU box (times: BENCHMARKS.md)
   python -m eval.gpu_check --smoke          # anywhere: tiny sizes, interpreter
+  python -m eval.gpu_check --sections train_7b generate_7b --budget 560
 
 Writes OUT/gpu_check.json (every number) and OUT/gpu_check.md (a summary),
 and exits 1 when a correctness check fails. Each section runs in its own
@@ -24,7 +27,7 @@ from longlora_jax.core import cli
 from longlora_jax.core.files import check_writable, write_json, write_text
 
 # Section -> (seconds it may take, seconds it needs to start), in the order
-# they run: what matters most first (`gpu_check_sections` holds them).
+# they run: what matters most first (`bench.gpu_sections` holds them).
 SECTIONS = {
     "env": (60, 10),
     "correctness": (200, 40),
@@ -34,7 +37,13 @@ SECTIONS = {
     "sweep": (60, 30),
     "plan": (45, 20),
     "train_offload": (75, 40),
+    # On request only: each takes minutes.
+    "train_7b": (360, 150),
+    "generate_7b": (200, 90),
+    "train_7b_offload": (300, 150),
+    "sweep_wide": (330, 60),
 }
+DEFAULT_SECTIONS = list(SECTIONS)[:8]
 
 def parse_args(argv=None):
   p = cli.Parser(__doc__)
@@ -45,8 +54,9 @@ def parse_args(argv=None):
   p.add_argument("--smoke", action="store_true",
                  help="tiny sizes on any backend, Pallas interpreter; the "
                  "sections' own time limits do not apply, only --budget")
-  p.add_argument("--sections", nargs="+", choices=sorted(SECTIONS),
-                 default=list(SECTIONS), help="default: all, in order")
+  p.add_argument("--sections", nargs="+", choices=list(SECTIONS),
+                 default=DEFAULT_SECTIONS,
+                 help=f"default: {' '.join(DEFAULT_SECTIONS)}")
   p.add_argument("--section", help=argparse.SUPPRESS)  # child process
   return p.parse_args(argv)
 
@@ -107,7 +117,7 @@ def _run_section(args, name: str, limit: float) -> dict:
 def _child(args) -> int:
   from bench import gpu_sections as sections
   save = lambda result: write_json(args.out / f".{args.section}.json", result)
-  save(getattr(sections, args.section)(args.smoke, save))
+  save(sections.SECTIONS[args.section](args.smoke, save))
   return 0
 
 
@@ -152,14 +162,15 @@ def summarize(report: dict) -> str:
   runs = [r for k, v in s.items() if k.startswith("train")
           for r in v.get("runs", [])]
   if runs:
-    lines += ["", "| S² impl | offload | ctx | tokens/s | MFU | step s | "
-              "peak GiB | planned GiB | compile s |", "| --- | --- | ---: | "
-              "---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| S² impl | layers | offload | ctx | tokens/s | MFU | "
+              "step s | peak GiB | planned GiB | compile s |", "| --- | ---: "
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in runs:
       mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
       lines.append(
-          f"| {r['implementation']} | {r.get('offload', 'none')} | "
-          f"{r['ctx']} | {r['tokens_per_s']:,.0f} "
+          f"| {r['implementation']} | {r.get('layers', '?')} | "
+          f"{r.get('offload', 'none')} | {r['ctx']} | "
+          f"{r['tokens_per_s']:,.0f} "
           f"| {mfu} | {r['step_s']:.3f} | {r['peak_gib']:.2f} | "
           f"{r['planned_gib']:.2f} | {r['compile_s']} |")
   bench = s.get("bench", {}).get("results", [])
@@ -170,14 +181,23 @@ def summarize(report: dict) -> str:
     lines += [f"| {r['method']} | {r['seq']} | {ms(r, 'fwd_time_s')} | "
               f"{ms(r, 'time_s')} | {(r.get('temp_bytes') or 0) / 2**20:.0f} |"
               for r in bench]
-  sweep = s.get("sweep", {}).get("configs", [])
-  if sweep:
-    lines += ["", "| Pallas tiles (changed from the default) | fwd+bwd ms |",
-              "| --- | ---: |"]
-    lines += [f"| {c['changes'] or 'default'} | "
-              f"{1e3 * c['time_s']:.2f} |" if c.get("time_s") else
-              f"| {c['changes']} | {c.get('error', '-')[:80]} |"
-              for c in sweep]
+  generated = s.get("generate_7b", {}).get("results", [])
+  if generated:
+    gib = lambda x: "-" if x is None else f"{x:.2f}"
+    lines += ["", "| generation, prompt | prefill s | prefill tok/s | "
+              "decode tok/s | peak GiB |", "| ---: | ---: | ---: | ---: | "
+              "---: |"]
+    lines += [f"| {r['prompt']} | {r['prefill_s']:.2f} | "
+              f"{r['prefill_tok_s']:,.0f} | {r['decode_tok_s']:.2f} | "
+              f"{gib(r.get('peak_gib'))} |" for r in generated]
+  for name in ("sweep", "sweep_wide"):
+    sweep = s.get(name, {}).get("configs", [])
+    if sweep:
+      lines += ["", f"| {name}: Pallas tiles (changed from the default) | "
+                "kernel | fwd+bwd ms |", "| --- | --- | ---: |"]
+      lines += [f"| {c['changes'] or 'default'} | {c.get('kernel', 's2')} | "
+                + (f"{1e3 * c['time_s']:.2f} |" if c.get("time_s") else
+                   f"{c.get('error', '-')[:80]} |") for c in sweep]
   plan = s.get("plan", {})
   if plan.get("per_device_gib"):
     lines += ["", f"- compile-only plan ({plan.get('compiler')}): "

@@ -1,26 +1,31 @@
 import json
+import math
 import os
 import subprocess
 import sys
 
-from eval.gpu_check import failures, summarize
+from eval.gpu_check import DEFAULT_SECTIONS, SECTIONS, failures, summarize
 from tests.conftest import ROOT
 
 
 def test_smoke_run_checks_every_section(tmp_path):
   # Tiny sizes on the CPU, the Pallas kernel through its interpreter and
-  # the cuDNN grouping through XLA: what a GPU box runs, section by section.
+  # the cuDNN grouping through XLA: what a GPU box runs, section by section,
+  # the default ones and those it runs on request.
   env = {**os.environ, "PYTHONPATH": ROOT}
   proc = subprocess.run(
       [sys.executable, "-m", "eval.gpu_check", "--smoke", "--budget", "1500",
-       "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
-      text=True, timeout=1600)
+       "--out", str(tmp_path), "--sections", *SECTIONS], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=1600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((tmp_path / "gpu_check.json").read_text())
   sections = report["sections"]
+  assert DEFAULT_SECTIONS == ["env", "correctness", "train_pallas",
+                              "train_cudnn", "bench", "sweep", "plan",
+                              "train_offload"]
   assert {k: v["status"] for k, v in sections.items()} == dict.fromkeys(
-      ["env", "correctness", "train_pallas", "train_cudnn", "bench", "sweep",
-       "plan", "train_offload"], "ok")
+      DEFAULT_SECTIONS + ["train_7b", "generate_7b", "train_7b_offload",
+                          "sweep_wide"], "ok")
   checks = sections["correctness"]["checks"]
   assert len(checks) == 16 and {c["status"] for c in checks} == {"pass"}
   assert {c["name"].split("_")[0] for c in checks} == {"pallas", "cudnn"}
@@ -41,6 +46,21 @@ def test_smoke_run_checks_every_section(tmp_path):
   assert (offloaded["offload"], kept["offload"]) == ("activations,optimizer",
                                                      "none")
   assert offloaded["losses"] == kept["losses"]
+  # The whole model's step with "auto" attention, and offloaded: the same
+  # model and data, so the same losses.
+  whole, = sections["train_7b"]["runs"]
+  whole_offloaded, = sections["train_7b_offload"]["runs"]
+  assert (whole["implementation"], whole_offloaded["offload"]) == (
+      "auto", "activations")
+  assert whole["losses"] == whole_offloaded["losses"]
+  assert all(math.isfinite(x) for x in whole["losses"])
+  prompt, = sections["generate_7b"]["results"]
+  assert prompt["prompt"] == 256 and prompt["decode_tok_s"] > 0
+  # Each kernel's configurations give its default's values and gradients.
+  wide = sections["sweep_wide"]["configs"]
+  assert [c["kernel"] for c in wide] == ["s2"] * 3 + ["window"] * (
+      1 + bool(sections["sweep_wide"]["best"]))
+  assert all(c["max_rel_err_vs_default"] < 1e-4 for c in wide)
   summary = (tmp_path / "gpu_check.md").read_text()
   assert summary.endswith("correctness: all checks passed\n")
   assert "| pallas_7b_bfloat16_flash | pass |" in summary
