@@ -12,6 +12,7 @@ reproduce. Running still needs the real GPU.
 import contextlib
 import dataclasses
 import importlib.util
+from pathlib import Path
 
 # JAX's CUDA plugins (each carries XLA:GPU): CUDA 12 and CUDA 13.
 PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
@@ -157,6 +158,29 @@ def devices(target: str, count: int) -> list:
         f"nvidia-cuda-runtime-cu12, or use --target cpu "
         f"({type(e).__name__}: {e})") from None
   return list(topology.devices)
+
+
+def compile_to_ptx(fn, args, devices, dump_dir):
+  """Compiles `fn` for `args` (ShapeDtypeStructs placed on the compile-only
+  `devices`) with XLA:GPU, dumping into `dump_dir`: the executable and
+  each GPU kernel's PTX by its entry name (XLA's fusions and the Triton
+  kernels of Pallas calls alike)."""
+  import re
+
+  import jax
+  import numpy as np
+  # The mesh names the GPU the Triton kernels are for (jax >= 0.11); XLA
+  # >= 0.11 dumps PTX only for the kernels xla_dump_emitter_re matches.
+  with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("x",))):
+    lowered = jax.jit(fn).trace(*args).lower()
+  compiled = lowered.compile({"xla_dump_to": str(dump_dir),
+                              "xla_dump_emitter_re": ".*"})
+  kernels = {}
+  for path in sorted(Path(dump_dir).glob("*.ptx")):
+    ptx = path.read_text()
+    if entry := re.search(r"\.entry (\w+)", ptx):
+      kernels[entry.group(1)] = ptx
+  return compiled, kernels
 
 
 @contextlib.contextmanager

@@ -95,13 +95,9 @@ def test_compiles_for_an_h100_reading_the_cache_in_place(tmp_path):
             ((32, 1, 32, S, 128), jnp.bfloat16), ((), jnp.int32),
             ((), jnp.int32)]
   args = [jax.ShapeDtypeStruct(s, d, sharding=on) for s, d in shapes]
-  with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("x",))):
-    lowered = jax.jit(pallas_cached_attention).trace(*args).lower()
-  compiled = lowered.compile({"xla_dump_to": str(tmp_path),
-                              "xla_dump_emitter_re": ".*"})
+  compiled, kernels = gpu_target.compile_to_ptx(pallas_cached_attention, args,
+                                                devices, tmp_path)
   assert compiled.memory_analysis().temp_size_in_bytes < 2**20
-  kernels = {m.group(1): ptx for p in tmp_path.glob("*.ptx")
-             if (m := re.search(r"\.entry (\w+)", ptx := p.read_text()))}
   assert re.search(r"^\.target sm_90a\b", kernels["cached_attention"], re.M)
   assert "wgmma.mma_async" in kernels["cached_attention"]
 

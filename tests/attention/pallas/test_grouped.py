@@ -239,13 +239,7 @@ def _compile_for(target, fn, shapes, dump_dir):
   device = jax.sharding.SingleDeviceSharding(devices[0])
   args = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device)
           for s in shapes]
-  # The mesh names the GPU the Triton kernels are for (jax >= 0.11); XLA
-  # >= 0.11 dumps PTX only for the kernels xla_dump_emitter_re matches.
-  with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("x",))):
-    lowered = jax.jit(fn).trace(*args).lower()
-  lowered.compile({"xla_dump_to": str(dump_dir), "xla_dump_emitter_re": ".*"})
-  return {m.group(1): ptx for p in dump_dir.glob("*.ptx")
-          if (m := re.search(r"\.entry (\w+)", ptx := p.read_text()))}
+  return gpu_target.compile_to_ptx(fn, args, devices, dump_dir)[1]
 
 
 @pytest.mark.parametrize("target, arch, mma", [
