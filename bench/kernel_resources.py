@@ -26,8 +26,8 @@ def parse_args(argv=None):
   p.add_argument("--target", default="h100", help="compile-only GPU "
                  "(longlora_jax.perf.gpu_target.GPUS)")
   p.add_argument("--seq", type=cli.count, default=32768)
-  p.add_argument("--heads", type=cli.count, default=32)
-  p.add_argument("--head-dim", type=int, choices=(64, 128), default=128)
+  cli.option(p, "--heads")
+  cli.option(p, "--head-dim", choices=(64, 128))
   p.add_argument("--sweep", action="store_true",
                  help="also each change of eval.gpu_check's tile sweeps")
   p.add_argument("--json", metavar="OUT", type=Path)
