@@ -8,24 +8,28 @@ from eval.gpu_check import DEFAULT_SECTIONS, SECTIONS, failures, summarize
 from tests.conftest import ROOT
 
 
-def test_smoke_run_checks_every_section(tmp_path):
+def _smoke(tmp_path, sections):
   # Tiny sizes on the CPU, the Pallas kernel through its interpreter and
-  # the cuDNN grouping through XLA: what a GPU box runs, section by section,
-  # the default ones and those it runs on request.
+  # the cuDNN grouping through XLA: what a GPU box runs, section by section.
   env = {**os.environ, "PYTHONPATH": ROOT}
   proc = subprocess.run(
       [sys.executable, "-m", "eval.gpu_check", "--smoke", "--budget", "1500",
-       "--out", str(tmp_path), "--sections", *SECTIONS], cwd=ROOT, env=env,
+       "--out", str(tmp_path), "--sections", *sections], cwd=ROOT, env=env,
       capture_output=True, text=True, timeout=1600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   report = json.loads((tmp_path / "gpu_check.json").read_text())
-  sections = report["sections"]
+  assert {k: v["status"] for k, v in report["sections"].items()} == \
+      dict.fromkeys(sections, "ok")
+  summary = (tmp_path / "gpu_check.md").read_text()
+  assert summary.endswith("correctness: all checks passed\n")
+  return report["sections"], summary
+
+
+def test_smoke_run_checks_every_default_section(tmp_path):
   assert DEFAULT_SECTIONS == ["env", "correctness", "train_pallas",
                               "train_cudnn", "bench", "sweep", "plan",
                               "train_offload"]
-  assert {k: v["status"] for k, v in sections.items()} == dict.fromkeys(
-      DEFAULT_SECTIONS + ["train_7b", "generate_7b", "train_7b_offload",
-                          "sweep_wide"], "ok")
+  sections, summary = _smoke(tmp_path, DEFAULT_SECTIONS)
   checks = sections["correctness"]["checks"]
   assert len(checks) == 16 and {c["status"] for c in checks} == {"pass"}
   assert {c["name"].split("_")[0] for c in checks} == {"pallas", "cudnn"}
@@ -46,6 +50,14 @@ def test_smoke_run_checks_every_section(tmp_path):
   assert (offloaded["offload"], kept["offload"]) == ("activations,optimizer",
                                                      "none")
   assert offloaded["losses"] == kept["losses"]
+  assert "| pallas_7b_bfloat16_flash | pass |" in summary
+
+
+def test_smoke_run_checks_the_sections_run_on_request(tmp_path):
+  on_request = [s for s in SECTIONS if s not in DEFAULT_SECTIONS]
+  assert on_request == ["train_7b", "generate_7b", "train_7b_offload",
+                        "sweep_wide"]
+  sections, summary = _smoke(tmp_path, on_request)
   # The whole model's step with "auto" attention, and offloaded: the same
   # model and data, so the same losses.
   whole, = sections["train_7b"]["runs"]
@@ -61,9 +73,9 @@ def test_smoke_run_checks_every_section(tmp_path):
   assert [c["kernel"] for c in wide] == ["s2"] * 3 + ["window"] * (
       1 + bool(sections["sweep_wide"]["best"]))
   assert all(c["max_rel_err_vs_default"] < 1e-4 for c in wide)
-  summary = (tmp_path / "gpu_check.md").read_text()
-  assert summary.endswith("correctness: all checks passed\n")
-  assert "| pallas_7b_bfloat16_flash | pass |" in summary
+  assert "| auto | 2 | activations | 256 |" in summary
+  assert "| generation, prompt |" in summary and "| 256 | " in summary
+  assert "| {'block_q_dkv': 16} | s2 |" in summary
 
 
 def test_a_failed_check_fails_the_command():
