@@ -16,7 +16,7 @@ def demo(tmp_path_factory):
 
 def test_ruler_cli_writes_json_and_both_plots(demo, tmp_path, capsys):
   argv = ["--ckpt", str(demo), "--lengths", "0.75k", "1k", "--samples", "3",
-          "--tasks", "niah_single_1", "niah_single_2", "vt", "fwe", "qa_2",
+          "--tasks", "niah_single_1", "niah_single_2", "vt", "qa_2",
           "--depths", "0", "50", "100", "--out", str(tmp_path),
           "--dtype", "float32"]
   ruler.main(argv)
