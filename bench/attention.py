@@ -195,8 +195,9 @@ def measure(method: str, seq: int, args, dtype) -> dict:
             lambda: compiled(*inputs), args.repeats).median_s
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: report it
       result[prefix + "error"] = f"{type(e).__name__}: {str(e)[:200]}"
-  if inputs is not None and timing.peak_bytes() is not None:
-    result["peak_bytes"] = timing.peak_bytes()
+  peak = timing.peak_bytes()
+  if inputs is not None and peak is not None:
+    result["peak_bytes"] = peak
   return result
 
 

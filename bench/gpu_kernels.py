@@ -183,21 +183,27 @@ def _dispatch(smoke):
   return found
 
 
-def bench(smoke, save):
+def run_json(module, args, env=None) -> dict:
+  """What `python -m module *args --json FILE` writes to FILE, run in a
+  process of its own (which takes its own share of the GPU)."""
   with tempfile.TemporaryDirectory() as tmp:
-    result = f"{tmp}/bench.json"
-    if smoke:
-      args = ["--seqs", "256", "--methods", "pallas", "s2_dense", "dense",
-              "--heads", "4", "--head-dim", "64", "--interpret",
-              "--repeats", "1"]
-    else:
-      args = ["--seqs", "8192", "16384", "32768", "--methods", "pallas",
-              "s2_cudnn", "full_cudnn", "--heads", "32", "--head-dim", "128",
-              "--dtype", "bfloat16", "--time-max-seq", "32768",
-              "--dense-max-seq", "32768", "--repeats", "5"]
-    subprocess.run([sys.executable, "-m", "bench.attention", *args,
-                    "--forward", "--json", result], check=True)
+    result = f"{tmp}/result.json"
+    subprocess.run([sys.executable, "-m", module, *args, "--json", result],
+                   check=True, env=env)
     return json.loads(open(result).read())
+
+
+def bench(smoke, save):
+  if smoke:
+    args = ["--seqs", "256", "--methods", "pallas", "s2_dense", "dense",
+            "--heads", "4", "--head-dim", "64", "--interpret",
+            "--repeats", "1"]
+  else:
+    args = ["--seqs", "8192", "16384", "32768", "--methods", "pallas",
+            "s2_cudnn", "full_cudnn", "--heads", "32", "--head-dim", "128",
+            "--dtype", "bfloat16", "--time-max-seq", "32768",
+            "--dense-max-seq", "32768", "--repeats", "5"]
+  return run_json("bench.attention", [*args, "--forward"])
 
 
 # Tile changes from the default (`default_config`), one at a time: the
@@ -223,16 +229,17 @@ SWEEP_WIDE = (
 
 
 def _time_configs(shape, changes, smoke, save, seconds, window=False,
-                  earlier=()):
+                  earlier=(), reference=None):
   """Forward + backward time of the Pallas S² kernel (or, `window`, of the
   context-parallel window kernel over 8 slices) per configuration, each
-  checked against the first's output and gradients; `save` records them
-  after the `earlier` ones."""
+  checked against `reference` (default: the first's output and gradients);
+  `save` records them after the `earlier` ones. Returns the entries and
+  the reference."""
   G = shape[1] // 4
   base = pallas_grouped.default_config(shape[4])
   fn = _context_windows if window else pallas_grouped.pallas_s2_attention
   q, k, v, w = _inputs(shape, jnp.bfloat16, seed=0)
-  configs, reference = [], None
+  configs = []
   deadline = math.inf if smoke else time.time() + seconds
   for change in changes:
     if time.time() > deadline:
@@ -257,7 +264,7 @@ def _time_configs(shape, changes, smoke, save, seconds, window=False,
     print(json.dumps(entry), flush=True)
     configs.append(entry)
     save(dict(shape=shape, group_size=G, configs=[*earlier, *configs]))
-  return configs
+  return configs, reference
 
 
 def _sweep_shape(smoke):
@@ -267,8 +274,8 @@ def _sweep_shape(smoke):
 def sweep(smoke, save):
   """The quick tile sweep (`SWEEP`) of the S² kernel at 32k."""
   shape = _sweep_shape(smoke)
-  configs = _time_configs(shape, SWEEP[:2] if smoke else SWEEP, smoke, save,
-                          seconds=45)
+  configs, _ = _time_configs(shape, SWEEP[:2] if smoke else SWEEP, smoke,
+                             save, seconds=45)
   return dict(shape=shape, group_size=shape[1] // 4, configs=configs)
 
 
@@ -279,8 +286,8 @@ def sweep_wide(smoke, save):
   cuDNN path's 15.33 ms on an H100)."""
   shape = _sweep_shape(smoke)
   wide = SWEEP_WIDE[:2] if smoke else SWEEP_WIDE
-  configs = _time_configs(shape, [{}] + [c for _, c in wide], smoke, save,
-                          seconds=200)
+  configs, default_s2 = _time_configs(
+      shape, [{}] + [c for _, c in wide], smoke, save, seconds=200)
   default = configs[0].get("time_s", math.inf)
   best = {}  # kernel -> (time, change)
   for (kernel, change), entry in zip(wide, configs[1:]):
@@ -289,9 +296,10 @@ def sweep_wide(smoke, save):
       best[kernel] = (t, change)
   combined = {k: v for _, change in best.values() for k, v in change.items()}
   if len(best) > 1:
-    configs += _time_configs(shape, [{}, combined], smoke, save,
-                             seconds=40, earlier=configs)[1:]
-  windows = _time_configs(shape, [{}] + [combined] * bool(combined), smoke,
-                          save, seconds=60, window=True, earlier=configs)
+    configs += _time_configs(shape, [combined], smoke, save, seconds=40,
+                             earlier=configs, reference=default_s2)[0]
+  windows, _ = _time_configs(shape, [{}] + [combined] * bool(combined),
+                             smoke, save, seconds=60, window=True,
+                             earlier=configs)
   return dict(shape=shape, group_size=shape[1] // 4, configs=configs + windows,
               best=combined)

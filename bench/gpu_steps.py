@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import timing
-from bench.gpu_kernels import on_gpu
+from bench.gpu_kernels import on_gpu, run_json
 from longlora_jax.attention.dispatch import AttentionSpec
 from longlora_jax.model.config import LlamaConfig, preset
 from longlora_jax.model.flops import peak_flops, step_flops
@@ -155,11 +155,8 @@ def generate_7b(smoke, save):
             "--decode", "32"]
   # Its plan (61.9 GiB at 100k) passes the 60 GiB of an 80 GB GPU that JAX
   # takes by default; 0.9 gives it 72.
-  env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".9", **os.environ}
-  with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run([sys.executable, "-m", "bench.generate", *args, "--json",
-                    f"{tmp}/generate.json"], check=True, env=env)
-    return json.loads(open(f"{tmp}/generate.json").read())
+  return run_json("bench.generate", args, env={
+      "XLA_PYTHON_CLIENT_MEM_FRACTION": ".9", **os.environ})
 
 
 def plan(smoke, save):

@@ -12,6 +12,7 @@ reproduce. Running still needs the real GPU.
 import contextlib
 import dataclasses
 import importlib.util
+import re
 from pathlib import Path
 
 # JAX's CUDA plugins (each carries XLA:GPU): CUDA 12 and CUDA 13.
@@ -165,8 +166,6 @@ def compile_to_ptx(fn, args, devices, dump_dir):
   `devices`) with XLA:GPU, dumping into `dump_dir`: the executable and
   each GPU kernel's PTX by its entry name (XLA's fusions and the Triton
   kernels of Pallas calls alike)."""
-  import re
-
   import jax
   import numpy as np
   # The mesh names the GPU the Triton kernels are for (jax >= 0.11); XLA
