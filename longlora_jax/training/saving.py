@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -135,20 +136,30 @@ class Writer:
     """Waits for the last save; after a failure (`failed`), without
     reporting another."""
     try:
-      self.poll(wait=True)
-      self.mngr.close()
+      try:
+        self.poll(wait=True)
+      finally:
+        self.mngr.close()  # Also after a failed poll: it joins the saver.
     except Exception:
       if not failed:
         raise
     finally:
       if failed:
-        # Orbax's background threads may still have been writing into the
-        # failed save's temporary directory when it was first removed; they
-        # have all stopped now that the manager is closed.
+        # Orbax stops waiting at a save's first failed write, while its
+        # other writes (each on a thread of its own) go on into the
+        # temporary directory and can recreate it after it was removed.
+        _join_orbax_threads()
         _remove_unfinished(Path(self.mngr.directory))
 
   def _reported(self, step: int):
     return _save_errors(Path(self.mngr.directory), step, self.good)
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+  for thread in threading.enumerate():
+    if (thread is not threading.current_thread()
+        and type(thread).__module__.startswith("orbax.")):
+      thread.join(timeout_s)
 
 
 def _remove_unfinished(directory: Path, step: int | str = "*") -> None:

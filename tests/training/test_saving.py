@@ -1,10 +1,13 @@
 import re
 import shutil
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from orbax.checkpoint._src.futures import future as commit_future
 
 from longlora_jax import CheckpointError, LlamaConfig, LongLoraError, init_params
 from longlora_jax.model import lora
@@ -198,6 +201,48 @@ def test_a_failed_background_save_is_reported_at_the_next_poll():
       "device); training stopped; the last good checkpoint is "
       "/runs/x/checkpoints/6: free space there or write elsewhere (another "
       "--out), then continue with --resume")
+
+
+class _LateWriteSave:
+  """Stands for a CheckpointManager whose save wrote two items on two
+  orbax commit threads: the first failed, and orbax reported it while the
+  second was still writing into the temporary directory."""
+
+  def __init__(self, directory):
+    self.directory = directory
+
+  def save(self, step, **kwargs):
+    tmp = self.directory / f"{step}.orbax-checkpoint-tmp"
+    tmp.mkdir(parents=True)
+
+    async def record():
+      self.failed.wait()
+      time.sleep(0.2)  # Still writing when the writer cleans up.
+      (tmp / "record").mkdir(parents=True, exist_ok=True)
+      (tmp / "record" / "metadata").write_text("{}")
+
+    self.failed = threading.Event()
+    self.late = commit_future.CommitFuture(record(), name="late_record")
+
+  def is_saving_in_progress(self):
+    return False
+
+  def wait_until_finished(self):
+    self.failed.set()
+    raise OSError(28, "No space left on device")
+
+  def close(self):
+    self.wait_until_finished()
+
+
+def test_a_failed_save_leaves_no_temporary_directory(tmp_path):
+  writer = saving.Writer(_LateWriteSave(tmp_path), last_good=None)
+  with pytest.raises(LongLoraError, match="no space left on device"):
+    writer.save(_state().replace(step=jnp.asarray(3)), {})
+    writer.poll(wait=True)
+  writer.close(failed=True)
+  writer.mngr.late.result()  # Once every write has stopped:
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_a_full_disk_stops_the_writer(small_fs):
