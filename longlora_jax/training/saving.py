@@ -135,21 +135,20 @@ class Writer:
   def close(self, failed: bool = False) -> None:
     """Waits for the last save; after a failure (`failed`), without
     reporting another."""
-    try:
+    errors = []
+    for finish in (functools.partial(self.poll, wait=True), self.mngr.close):
       try:
-        self.poll(wait=True)
-      finally:
-        self.mngr.close()  # Also after a failed poll: it joins the saver.
-    except Exception:
-      if not failed:
-        raise
-    finally:
-      if failed:
-        # Orbax stops waiting at a save's first failed write, while its
-        # other writes (each on a thread of its own) go on into the
-        # temporary directory and can recreate it after it was removed.
-        _join_orbax_threads()
-        _remove_unfinished(Path(self.mngr.directory))
+        finish()  # The manager is closed after a failed poll too.
+      except Exception as exc:  # noqa: BLE001 - the first is reported
+        errors.append(exc)
+    if failed or errors:
+      # Orbax stops waiting at a save's first failed write, while its
+      # other writes (each on a thread of its own) go on into the
+      # temporary directory and can recreate it after it was removed.
+      _join_orbax_threads()
+      _remove_unfinished(Path(self.mngr.directory))
+    if errors and not failed:
+      raise errors[0]
 
   def _reported(self, step: int):
     return _save_errors(Path(self.mngr.directory), step, self.good)

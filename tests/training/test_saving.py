@@ -186,6 +186,9 @@ class _FailingSave:
           "write 12996 bytes to file 5: No space left on device "
           "[os_error_code='28']")
 
+  def close(self):
+    pass
+
 
 def test_a_failed_background_save_is_reported_at_the_next_poll():
   writer = saving.Writer(_FailingSave(), last_good=4)
@@ -201,6 +204,19 @@ def test_a_failed_background_save_is_reported_at_the_next_poll():
       "device); training stopped; the last good checkpoint is "
       "/runs/x/checkpoints/6: free space there or write elsewhere (another "
       "--out), then continue with --resume")
+
+
+def test_closing_reports_a_last_save_that_failed():
+  writer = saving.Writer(_FailingSave(), last_good=None)
+  state = _state()
+  writer.save(state.replace(step=jnp.asarray(6)), {})
+  writer.save(state.replace(step=jnp.asarray(8)), {})
+  with pytest.raises(LongLoraError) as error:
+    writer.close()
+  assert str(error.value).startswith(
+      "saving checkpoint /runs/x/checkpoints/8 failed (no space left on "
+      "device); training stopped; the last good checkpoint is "
+      "/runs/x/checkpoints/6: ")
 
 
 class _LateWriteSave:
