@@ -43,9 +43,13 @@ def test_equals_official_longlora(tiny_hf):
     want = hf_model.model.layers[layer].input_layernorm.weight.grad.numpy()
     got = grads["layers"]["input_layernorm"]["weight"][layer]
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
+  # Each token's row sums its positions' gradients through every layer: in
+  # float32 each side is up to 5e-7 from its own float64 run (measured), so
+  # 1e-6 apart is noise (one entry of 8,192 reached 1.5e-6 with
+  # transformers 5.25).
   np.testing.assert_allclose(grads["embed_tokens"]["embedding"],
                              hf_model.model.embed_tokens.weight.grad.numpy(),
-                             atol=1e-6, rtol=1e-4)
+                             atol=3e-6, rtol=1e-4)
 
 
 def test_refusals():
