@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -190,7 +191,7 @@ def run_json(module, args, env=None) -> dict:
     result = f"{tmp}/result.json"
     subprocess.run([sys.executable, "-m", module, *args, "--json", result],
                    check=True, env=env)
-    return json.loads(open(result).read())
+    return json.loads(Path(result).read_text())
 
 
 def bench(smoke, save):
